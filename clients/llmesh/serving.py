@@ -1,0 +1,93 @@
+"""Building and running grpc.aio servers the same way everywhere.
+
+Every llmesh server exposes grpc.health.v1 and server reflection, binds to loopback unless told
+otherwise, refuses to share its port, and drains in the documented order: health NOT_SERVING,
+then the caller's own shutdown (revoke lease), then ``server.stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.enable_retries", 1),
+]
+
+
+class Server:
+    """A grpc.aio server with health and reflection.
+
+    Args:
+        services: pairs of (add_XServicer_to_server function, servicer instance, full service name).
+        listen: host:port to bind; port 0 picks a free port.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[tuple[Callable[[object, grpc.aio.Server], None], object, str]],
+        *,
+        listen: str = "127.0.0.1:0",
+    ) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = []
+        for add, servicer, name in services:
+            add(servicer, self.server)
+            self.service_names.append(name)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        host, _, port = listen.rpartition(":")
+        bound = self.server.add_insecure_port(listen)
+        if bound == 0:
+            raise OSError(f"could not bind {listen}: the port is in use or the host is not local")
+        self.host = host.strip("[]") or "127.0.0.1"
+        self.port = bound
+        if port not in ("0", str(bound)):
+            raise OSError(f"asked for port {port} but grpc bound {bound}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", ", ".join(self.service_names), self.address)
+
+    async def set_not_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            result = self.health.set(name, status)
+            if hasattr(result, "__await__"):
+                await result
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.set_not_serving()
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()

@@ -1,0 +1,109 @@
+"""The etcd key layout shared by the control plane and the workers.
+
+Everything llmesh knows lives under one namespace (default ``/llmesh``)::
+
+    {ns}/placement                                   fencing counter, bumped by every placement txn
+    {ns}/models/{model}                              Model (desired state; no replicas)     durable
+    {ns}/workers/{worker_id}                         Worker                                 worker lease
+    {ns}/assignments/{worker_id}/{model}/{index}     Replica (what the worker must load)    durable
+    {ns}/replicas/{model}/{worker_id}/{gen}/{index}  Replica (state, address, in-flight)    worker lease
+
+Values are protobuf messages in their JSON form, so ``etcdctl get --prefix /llmesh`` stays
+readable. Keys under a worker lease vanish when the worker dies; durable keys are written only
+by the control plane, in revision-fenced transactions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+M = TypeVar("M", bound=Message)
+
+DEFAULT_NAMESPACE = "/llmesh"
+DEFAULT_ETCD = "127.0.0.1:2379"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds the keys of one namespace."""
+
+    ns: str = DEFAULT_NAMESPACE
+
+    @property
+    def root(self) -> bytes:
+        return f"{self.ns}/".encode()
+
+    @property
+    def placement(self) -> bytes:
+        return f"{self.ns}/placement".encode()
+
+    @property
+    def models(self) -> bytes:
+        return f"{self.ns}/models/".encode()
+
+    def model(self, name: str) -> bytes:
+        return f"{self.ns}/models/{name}".encode()
+
+    @property
+    def workers(self) -> bytes:
+        return f"{self.ns}/workers/".encode()
+
+    def worker(self, worker_id: str) -> bytes:
+        return f"{self.ns}/workers/{worker_id}".encode()
+
+    @property
+    def assignments(self) -> bytes:
+        return f"{self.ns}/assignments/".encode()
+
+    def worker_assignments(self, worker_id: str) -> bytes:
+        return f"{self.ns}/assignments/{worker_id}/".encode()
+
+    def assignment(self, worker_id: str, model: str, index: int) -> bytes:
+        return f"{self.ns}/assignments/{worker_id}/{model}/{index}".encode()
+
+    @property
+    def replicas(self) -> bytes:
+        return f"{self.ns}/replicas/".encode()
+
+    def model_replicas(self, model: str) -> bytes:
+        return f"{self.ns}/replicas/{model}/".encode()
+
+    def replica(self, model: str, worker_id: str, generation: int, index: int) -> bytes:
+        return f"{self.ns}/replicas/{model}/{worker_id}/{generation}/{index}".encode()
+
+    def kind_of(self, key: bytes) -> str:
+        """The first path segment after the namespace: models, workers, assignments, ..."""
+        rest = key.decode()[len(self.ns) + 1 :]
+        return rest.split("/", 1)[0]
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize a message for etcd (compact JSON)."""
+    return json_format.MessageToJson(
+        msg, indent=None, preserving_proto_field_name=True, sort_keys=True
+    ).encode()
+
+
+def decode(data: bytes, cls: type[M]) -> M:
+    """Parse a value written by :func:`encode`; unknown fields from newer versions are kept out."""
+    return json_format.Parse(data, cls(), ignore_unknown_fields=True)
+
+
+def parse_endpoint(endpoint: str | None = None) -> tuple[str, int]:
+    """Split ``host:port`` (or ``http://host:port``) into its parts.
+
+    The default is ``LLMESH_ETCD`` or 127.0.0.1:2379. When several comma-separated endpoints
+    are given, the first is used.
+    """
+    endpoint = (endpoint or os.environ.get("LLMESH_ETCD") or DEFAULT_ETCD).split(",")[0].strip()
+    for scheme in ("http://", "https://"):
+        endpoint = endpoint.removeprefix(scheme)
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r} must look like HOST:PORT, e.g. 127.0.0.1:2379")
+    return host.strip("[]"), int(port)

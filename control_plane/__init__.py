@@ -1,0 +1,1 @@
+"""llmesh control_plane."""

@@ -1,0 +1,1 @@
+"""llmesh inference_worker/engines."""

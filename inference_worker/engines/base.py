@@ -1,0 +1,135 @@
+"""The engine seam: one async interface in front of every inference library.
+
+The inference servicer knows only :class:`Engine`. Engines raise ``llmesh.errors`` exceptions
+(or ``ValueError`` for bad input); the servicer translates them to gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmesh.errors import Unimplemented
+
+
+@dataclass
+class SamplingParams:
+    """Generation parameters with engine defaults applied (see GenerationParams in common.proto)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationChunk:
+    """What an engine yields while generating.
+
+    Intermediate chunks carry new text (``delta``, possibly several tokens merged) and their
+    token ids. The last chunk has ``finish_reason`` set ("stop", "length", "stop_string" or
+    "aborted") and the token counts.
+    """
+
+    delta: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ModelMeta:
+    """What GetModelMeta reports."""
+
+    backend: str
+    architectures: list[str] = field(default_factory=list)
+    max_model_len: int = 0
+    support_stream: bool = False
+    support_chat_template: bool = False
+    embedding_dim: int = 0
+    max_concurrency: int = 1
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build an engine: what the control plane's Model record says."""
+
+    model_name: str
+    model_path: str
+    backend: str
+    infer_params: Mapping[str, str] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """One loaded model. Lifecycle: ``await start()`` once, use, ``await stop()`` once.
+
+    Operations an engine does not offer raise :class:`llmesh.errors.Unimplemented`.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests one replica serves at once; more are refused with RESOURCE_EXHAUSTED."""
+        return int(self.config.infer_params.get("max_concurrency", "8"))
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model. Raises with a clear message when the directory is unusable."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Abort everything in flight and free the model."""
+
+    @abc.abstractmethod
+    def meta(self) -> ModelMeta:
+        """Describe the loaded model."""
+
+    def generate(
+        self, request_id: str, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream a generation for a raw prompt.
+
+        Deltas that pile up while the consumer is slow are merged into one chunk (a bounded
+        per-request buffer), never queued without bound. Closing the iterator early (the
+        consumer's ``aclose()`` or a cancelled task) aborts the request in the engine.
+        """
+        raise Unimplemented(f"backend {self.config.backend!r} does not generate text")
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a running request; True when one was found. Its stream ends with "aborted"."""
+        return False
+
+    def active_requests(self) -> set[str]:
+        """Ids of requests the engine holds state for (tests assert it is empty after aborts)."""
+        return set()
+
+    async def embed(self, texts: Sequence[str], *, normalize: bool) -> list[list[float]]:
+        raise Unimplemented(f"backend {self.config.backend!r} does not embed")
+
+    async def rerank(self, query: str, documents: Sequence[str]) -> tuple[list[float], str]:
+        """Scores in document order and the method used ("cross-encoder" / "bi-encoder-cosine")."""
+        raise Unimplemented(f"backend {self.config.backend!r} does not rerank")
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[str]]:
+        raise Unimplemented(f"backend {self.config.backend!r} has no tokenizer")
+
+    async def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool
+    ) -> str:
+        raise Unimplemented(f"backend {self.config.backend!r} has no chat template")
+
+    async def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens in a prompt, for the context-length check before generating."""
+        ids, _ = await self.tokenize(prompt, add_special_tokens=True)
+        return len(ids)
