@@ -51,18 +51,26 @@ class EtcdServer:
             pytest.fail("etcd is not installed: run `apt-get install etcd-server` (see README)")
         url = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self.log = open(self.data_dir.parent / f"etcd-{self.client_port}.log", "wb")  # noqa: SIM115
+        self.log = open(self.data_dir.parent / f"etcd-{self.client_port}.log", "wb")
         self.proc = subprocess.Popen(
             [
                 etcd,
-                "--name", "test",
-                "--data-dir", str(self.data_dir),
-                "--listen-client-urls", url,
-                "--advertise-client-urls", url,
-                "--listen-peer-urls", peer,
-                "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"test={peer}",
-                "--log-level", "error",
+                "--name",
+                "test",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"test={peer}",
+                "--log-level",
+                "error",
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from llmesh.errors import FailedPrecondition, InvalidArgument, NotFound
-from llmesh.v1 import common_pb2, control_plane_service_pb2 as cp
+from llmesh.v1 import common_pb2
+from llmesh.v1 import control_plane_service_pb2 as cp
 
 Policy = int  # llmesh.v1.LoadBalancePolicy value
 

@@ -49,7 +49,9 @@ class Server:
         listen: str = "127.0.0.1:0",
     ) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = (
+            health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = []
         for add, servicer, name in services:

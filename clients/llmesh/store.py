@@ -2,11 +2,11 @@
 
 Everything llmesh knows lives under one namespace (default ``/llmesh``)::
 
-    {ns}/placement                                   fencing counter, bumped by every placement txn
-    {ns}/models/{model}                              Model (desired state; no replicas)     durable
-    {ns}/workers/{worker_id}                         Worker                                 worker lease
-    {ns}/assignments/{worker_id}/{model}/{index}     Replica (what the worker must load)    durable
-    {ns}/replicas/{model}/{worker_id}/{gen}/{index}  Replica (state, address, in-flight)    worker lease
+    {ns}/placement                               fencing counter, bumped by each placement txn
+    {ns}/models/{model}                          Model (desired state, no replicas)   durable
+    {ns}/workers/{worker_id}                     Worker                               lease
+    {ns}/assignments/{worker_id}/{model}/{index} Replica (what the worker must load)  durable
+    {ns}/replicas/{model}/{worker_id}/{gen}/{i}  Replica (state, address, in-flight)  lease
 
 Values are protobuf messages in their JSON form, so ``etcdctl get --prefix /llmesh`` stays
 readable. Keys under a worker lease vanish when the worker dies; durable keys are written only
@@ -105,5 +105,7 @@ def parse_endpoint(endpoint: str | None = None) -> tuple[str, int]:
         endpoint = endpoint.removeprefix(scheme)
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"etcd endpoint {endpoint!r} must look like HOST:PORT, e.g. 127.0.0.1:2379")
+        raise ValueError(
+            f"etcd endpoint {endpoint!r} must look like HOST:PORT, e.g. 127.0.0.1:2379"
+        )
     return host.strip("[]"), int(port)

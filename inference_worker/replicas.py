@@ -1,0 +1,335 @@
+"""Model replicas hosted by this worker, and the loop that reconciles them with etcd.
+
+The control plane writes assignments (``{ns}/assignments/{worker}/{model}/{index}``); the
+:class:`Reconciler` watches them, loads an engine per assignment, publishes the replica's
+state (LOADING → READY / FAILED) and its in-flight count under the worker's lease, and drains
+and unloads replicas whose assignment disappears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aetcd
+from llmesh.errors import FailedPrecondition, NotFound, ResourceExhausted
+from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.session import WorkerSession
+from llmesh.store import Keys, decode
+from llmesh.v1 import common_pb2
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+log = logging.getLogger(__name__)
+
+READY = common_pb2.REPLICA_STATE_READY
+LOADING = common_pb2.REPLICA_STATE_LOADING
+FAILED = common_pb2.REPLICA_STATE_FAILED
+DRAINING = common_pb2.REPLICA_STATE_DRAINING
+
+ReplicaKey = tuple[str, int, int]  # (model, generation, index)
+
+
+@dataclass
+class HostedReplica:
+    """One engine instance serving one replica of a model."""
+
+    status: common_pb2.Replica
+    model: cp.Model
+    engine: Engine | None = None
+    inflight: int = 0
+    request_ids: set[str] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> ReplicaKey:
+        return (self.status.model, self.status.generation, self.status.index)
+
+    @property
+    def ready(self) -> bool:
+        return self.status.state == READY and self.engine is not None
+
+
+class ReplicaManager:
+    """The replicas on this worker, their concurrency slots and the request-id index.
+
+    Args:
+        session: where replica status is published.
+        engine_factory: builds an engine from an EngineConfig (``engines.create_engine``).
+        publish_interval: in-flight counts are published at most this often, in seconds.
+    """
+
+    def __init__(
+        self,
+        session: WorkerSession,
+        engine_factory: Callable[[EngineConfig], Engine],
+        *,
+        publish_interval: float = 0.2,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.session = session
+        self.engine_factory = engine_factory
+        self.publish_interval = publish_interval
+        self.drain_timeout = drain_timeout
+        self.replicas: dict[ReplicaKey, HostedReplica] = {}
+        self.requests: dict[str, HostedReplica] = {}
+        self._dirty: set[ReplicaKey] = set()
+        self._dirty_event = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._publisher = asyncio.create_task(self._publish_loop(), name="load-publisher")
+
+    # ---- lookups used by the servicer -------------------------------------------------------
+
+    def find(self, model: str, replica: int | None = None) -> HostedReplica:
+        """The READY replica of ``model`` with the fewest in-flight requests (or the pinned one)."""
+        hosted = [r for r in self.replicas.values() if r.status.model == model]
+        if replica is not None:
+            hosted = [r for r in hosted if r.status.index == replica]
+        if not hosted:
+            where = f"replica {replica} of model" if replica is not None else "model"
+            raise NotFound(
+                f"{where} {model!r} is not hosted on this worker; ask the control plane "
+                "(AssignWorker) which worker serves it"
+            )
+        ready = [r for r in hosted if r.ready]
+        if not ready:
+            r = max(hosted, key=lambda h: h.status.generation)
+            state = common_pb2.ReplicaState.Name(r.status.state).removeprefix("REPLICA_STATE_")
+            reason = f": {r.status.reason}" if r.status.reason else ""
+            raise FailedPrecondition(f"model {model!r} is {state} on this worker{reason}")
+        newest = max(r.status.generation for r in ready)
+        return min((r for r in ready if r.status.generation == newest), key=lambda r: r.inflight)
+
+    @contextlib.asynccontextmanager
+    async def slot(
+        self, replica: HostedReplica, request_id: str | None = None
+    ) -> AsyncIterator[None]:
+        """Hold one of the replica's concurrency slots for the duration of a request."""
+        if not replica.ready:
+            raise FailedPrecondition(f"model {replica.status.model!r} is draining on this worker")
+        limit = replica.status.max_concurrency
+        if replica.inflight >= limit:
+            raise ResourceExhausted(
+                f"model {replica.status.model!r} replica {replica.status.index} is serving "
+                f"{replica.inflight} requests, its limit; retry later, deploy more replicas "
+                "(--num_workers) or raise infer_params max_concurrency"
+            )
+        if request_id is not None:
+            if request_id in self.requests:
+                raise FailedPrecondition(
+                    f"request id {request_id!r} is already running; use a unique request_id"
+                )
+            self.requests[request_id] = replica
+            replica.request_ids.add(request_id)
+        replica.inflight += 1
+        replica.idle.clear()
+        self._mark(replica)
+        try:
+            yield
+        finally:
+            replica.inflight -= 1
+            if request_id is not None:
+                self.requests.pop(request_id, None)
+                replica.request_ids.discard(request_id)
+            if replica.inflight == 0:
+                replica.idle.set()
+            self._mark(replica)
+
+    async def abort(self, request_id: str) -> bool:
+        replica = self.requests.get(request_id)
+        if replica is None or replica.engine is None:
+            return False
+        return await replica.engine.abort(request_id)
+
+    # ---- load / unload ----------------------------------------------------------------------
+
+    def _mark(self, replica: HostedReplica) -> None:
+        self._dirty.add(replica.key)
+        self._dirty_event.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            keys, self._dirty = self._dirty, set()
+            for key in keys:
+                r = self.replicas.get(key)
+                if r is not None and r.status.inflight != r.inflight:
+                    r.status.inflight = r.inflight
+                    await self.session.publish_replica(r.status)
+            # Rate-limit: under load the count changes per request, etcd needn't see each one.
+            await asyncio.sleep(self.publish_interval)
+
+    def spawn(self, coro: object, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def load(self, assignment: common_pb2.Replica, model: cp.Model, address: str) -> None:
+        """Load one replica: publish LOADING, start the engine, publish READY or FAILED."""
+        status = common_pb2.Replica(
+            model=assignment.model,
+            index=assignment.index,
+            worker_id=assignment.worker_id,
+            address=address,
+            state=LOADING,
+            generation=assignment.generation,
+        )
+        hosted = HostedReplica(status=status, model=model)
+        hosted.idle.set()
+        if hosted.key in self.replicas:
+            return
+        self.replicas[hosted.key] = hosted
+        await self.session.publish_replica(status)
+        log.info(
+            "loading %s replica %d (%s, %s)",
+            model.name,
+            status.index,
+            model.backend,
+            model.model_path,
+        )
+        try:
+            engine = self.engine_factory(
+                EngineConfig(
+                    model_name=model.name,
+                    model_path=model.model_path,
+                    backend=model.backend or "transformers",
+                    infer_params=dict(model.infer_params),
+                )
+            )
+            await engine.start()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as FAILED with the reason
+            log.warning("loading %s replica %d failed: %s", model.name, status.index, exc)
+            status.state = FAILED
+            status.reason = str(exc) or type(exc).__name__
+            await self.session.publish_replica(status)
+            return
+        if self.replicas.get(hosted.key) is not hosted:
+            # Unassigned while loading: free it at once.
+            await engine.stop()
+            return
+        hosted.engine = engine
+        status.max_concurrency = engine.max_concurrency
+        status.state = READY
+        await self.session.publish_replica(status)
+        log.info("%s replica %d READY", model.name, status.index)
+
+    async def unload(self, key: ReplicaKey, *, drain: bool = True) -> None:
+        """Stop routing to a replica, let in-flight requests finish (bounded), free it."""
+        hosted = self.replicas.get(key)
+        if hosted is None:
+            return
+        if hosted.engine is not None and drain:
+            hosted.status.state = DRAINING
+            await self.session.publish_replica(hosted.status)
+            try:
+                await asyncio.wait_for(hosted.idle.wait(), timeout=self.drain_timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s replica %d: drain timed out, aborting", key[0], key[2])
+        self.replicas.pop(key, None)
+        if hosted.engine is not None:
+            await hosted.engine.stop()
+        await self.session.remove_replica(hosted.status)
+        log.info("unloaded %s replica %d (generation %d)", key[0], key[2], key[1])
+
+    async def drain_all(self, timeout: float) -> None:
+        """Mark every replica DRAINING and wait (bounded) for in-flight requests to end."""
+        for hosted in self.replicas.values():
+            if hosted.status.state == READY:
+                hosted.status.state = DRAINING
+        waits = [h.idle.wait() for h in self.replicas.values()]
+        if waits:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), timeout=timeout)
+
+    async def close(self) -> None:
+        self._publisher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for hosted in list(self.replicas.values()):
+            if hosted.engine is not None:
+                with contextlib.suppress(Exception):
+                    await hosted.engine.stop()
+        self.replicas.clear()
+
+
+class Reconciler:
+    """Watches this worker's assignments in etcd and loads / unloads replicas to match."""
+
+    def __init__(
+        self, client: aetcd.Client, keys: Keys, worker: cp.Worker, manager: ReplicaManager
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.worker = worker
+        self.manager = manager
+        self._task: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reconcile")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        prefix = self.keys.worker_assignments(self.worker.id)
+        backoff = 0.2
+        while True:
+            try:
+                listing = await self.client.get_prefix(prefix)
+                revision = listing.header.revision
+                wanted: dict[ReplicaKey, common_pb2.Replica] = {}
+                for kv in listing:
+                    a = decode(kv.value, common_pb2.Replica)
+                    wanted[(a.model, a.generation, a.index)] = a
+                await self._converge(wanted)
+                self.synced.set()
+                watch = await self.client.watch_prefix(prefix, start_revision=revision + 1)
+                backoff = 0.2
+                async for event in watch:
+                    key = event.kv.key
+                    if event.kind == aetcd.rtypes.EventKind.PUT:
+                        a = decode(event.kv.value, common_pb2.Replica)
+                        wanted[(a.model, a.generation, a.index)] = a
+                        # A new generation at the same index replaces the old one.
+                        for k in list(wanted):
+                            if k[0] == a.model and k[2] == a.index and k[1] != a.generation:
+                                wanted.pop(k)
+                    else:
+                        model, index = key.decode()[len(prefix.decode()) :].rsplit("/", 1)
+                        for k in list(wanted):
+                            if k[0] == model and k[2] == int(index):
+                                wanted.pop(k)
+                    await self._converge(wanted)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd outage: keep serving, retry
+                log.warning("assignment watch failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _converge(self, wanted: dict[ReplicaKey, common_pb2.Replica]) -> None:
+        for key in list(self.manager.replicas):
+            if key not in wanted:
+                self.manager.spawn(self.manager.unload(key), name=f"unload-{key}")
+        for key, assignment in wanted.items():
+            if key in self.manager.replicas:
+                continue
+            got = await self.client.get(self.keys.model(assignment.model))
+            if got is None:
+                continue  # being undeployed; its assignment delete follows
+            model = decode(got.value, cp.Model)
+            if model.generation != assignment.generation:
+                continue
+            self.manager.spawn(
+                self.manager.load(assignment, model, self.worker.address),
+                name=f"load-{key}",
+            )
