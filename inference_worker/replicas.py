@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aetcd
+
 from llmesh.errors import FailedPrecondition, NotFound, ResourceExhausted
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.session import WorkerSession

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aetcd
+
 from llmesh import tracing
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.replicas import Reconciler, ReplicaManager

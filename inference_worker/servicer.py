@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import json_format
+
 from llmesh.errors import InvalidArgument, rpc_handler
 from llmesh.inference_worker.engines.base import GenerationChunk, SamplingParams
 from llmesh.inference_worker.replicas import HostedReplica, ReplicaManager

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 import aetcd
+
 from llmesh.store import Keys, encode
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything llmesh needs on a fresh Debian machine: etcd, a venv, the package.
+# Idempotent: re-running it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
+  echo "== installing etcd (Debian etcd-server, etcd-client)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  python3 -m venv .venv
+fi
+
+echo "== installing llmesh into .venv"
+# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch
+# would pull several GB of CUDA packages.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[worker,test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import llmesh, torch, transformers, sentence_transformers, aetcd, grpc" \
+  || { echo "install failed: see the pip output above" >&2; exit 1; }
+echo "== installed: $(.venv/bin/llmesh --version 2>/dev/null || echo llmesh)"
