@@ -132,6 +132,7 @@ def test_worker_sigterm_drains_in_flight(
         prompt="a long story",
         params=common_pb2.GenerationParams(max_tokens=60, temperature=0.0),
     )
+    start.params.extra.update({"ignore_eos": True})
     call = infer.Chat(iter([inf.ChatRequest(start=start)]), timeout=60)
     first = next(call)
     assert not first.finished

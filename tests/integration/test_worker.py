@@ -23,7 +23,16 @@ from llmesh.v1 import inference_service_pb2 as inf
 
 from .conftest import Mesh
 
-LONG = common_pb2.GenerationParams(max_tokens=400, temperature=0.0)
+
+
+def _params(max_tokens: int, *, ignore_eos: bool = True) -> common_pb2.GenerationParams:
+    """Greedy params; ignore_eos keeps the untrained test model generating to max_tokens."""
+    p = common_pb2.GenerationParams(max_tokens=max_tokens, temperature=0.0)
+    p.extra.update({"ignore_eos": ignore_eos})
+    return p
+
+
+LONG = _params(400)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +150,7 @@ def test_client_disconnect_frees_slot(stub: Any, served: Any) -> None:
 
 
 def test_deadline_frees_slot(stub: Any, served: Any) -> None:
-    c = ChatCall(stub, _start(params=common_pb2.GenerationParams(max_tokens=4000)), timeout=0.5)
+    c = ChatCall(stub, _start(params=_params(4000)), timeout=0.5)
     with pytest.raises(grpc.RpcError) as err:
         list(c.call)
     c.close_requests()
