@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -30,11 +29,9 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGTERM the child when its parent dies (Linux)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _guarded(cmd: list[str]) -> list[str]:
+    """Wrap a command so it gets SIGTERM when this process dies (see _exit_with_parent)."""
+    return [sys.executable, "-m", "llmesh._exit_with_parent", str(os.getpid()), *cmd]
 
 
 def _free_port() -> int:
@@ -81,28 +78,29 @@ class LocalEtcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         log_file = open(self.data_dir.parent / "etcd.log", "ab")
         self.proc = subprocess.Popen(
-            [
-                etcd,
-                "--name",
-                "llmesh",
-                "--data-dir",
-                str(self.data_dir),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                peer,
-                "--initial-advertise-peer-urls",
-                peer,
-                "--initial-cluster",
-                f"llmesh={peer}",
-                "--log-level",
-                "warn",
-            ],
+            _guarded(
+                [
+                    etcd,
+                    "--name",
+                    "llmesh",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--listen-client-urls",
+                    url,
+                    "--advertise-client-urls",
+                    url,
+                    "--listen-peer-urls",
+                    peer,
+                    "--initial-advertise-peer-urls",
+                    peer,
+                    "--initial-cluster",
+                    f"llmesh={peer}",
+                    "--log-level",
+                    "warn",
+                ]
+            ),
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
         )
         _wait_port("127.0.0.1", self.port, self.proc, 20)
 
@@ -170,10 +168,7 @@ async def _up(args: argparse.Namespace) -> int:
             print(f"control     {cp.address}", flush=True)
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
-                proc = subprocess.Popen(  # noqa: ASYNC220
-                    _worker_command(args, endpoint, i),
-                    preexec_fn=_die_with_parent,
-                )
+                proc = subprocess.Popen(_guarded(_worker_command(args, endpoint, i)))  # noqa: ASYNC220
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
             print(
@@ -215,7 +210,11 @@ async def _wait_workers(
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    return asyncio.run(_up(args))
+    try:
+        return asyncio.run(_up(args))
+    except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_control_plane(args: argparse.Namespace) -> int:

@@ -138,6 +138,11 @@ class Selector:
             key = _ident(r)
             self.local_inflight[key] = self.local_inflight.get(key, 0) + 1
 
+    def observed(self, r: common_pb2.Replica) -> None:
+        """``r`` published a new in-flight count, which includes what was sent to it so far."""
+        with self._lock:
+            self.local_inflight.pop(_ident(r), None)
+
     def finished(self, r: common_pb2.Replica) -> None:
         with self._lock:
             key = _ident(r)

@@ -33,7 +33,8 @@ class Proc:
         )
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_healthy(self, address: str, timeout: float = 60) -> None:

@@ -259,8 +259,9 @@ def test_inflight_is_published_to_etcd(served: Any, stub: Any) -> None:
     c = ChatCall(stub, _start())
     next(c.call)
     deadline = time.monotonic() + 5
-    seen = 0
-    while time.monotonic() < deadline and seen < 1:
+    seen = -1
+    # Earlier tests' counts may still be in flight to etcd: wait for exactly this request.
+    while time.monotonic() < deadline and seen != 1:
         (replica,) = cps.GetModel(cp.GetModelRequest(name="chat")).model.replicas
         seen = replica.inflight
         time.sleep(0.05)

@@ -1,0 +1,310 @@
+"""Writing desired state: deploy, undeploy and re-place replicas in revision-fenced transactions.
+
+Every write compares the placement key's mod_revision with what the mirror read and bumps it,
+so two control planes (or a control plane and its own stale mirror) never place against
+capacity that changed underneath them: the loser's compare fails, it catches up to the winner's
+revision and decides again. The counter stored in the placement key gives each new deployment
+its generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+
+from llmesh.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from llmesh.store import Keys, encode
+from llmesh.v1 import common_pb2
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+from .etcd import EtcdKV, Op, absent, delete_op, mod_revision_is, put_op
+from .placement import capacities, place
+from .registry import Fence, Registry
+from .spec import describe_difference, same_spec
+from .views import current_replicas, with_replicas
+
+log = logging.getLogger(__name__)
+
+_STATE = common_pb2.ReplicaState
+
+
+class Deployer:
+    """Deploys and undeploys models through fenced etcd transactions.
+
+    Args:
+        registry: the mirror to plan from and to wait on.
+        kv: the etcd client to write with.
+        keys: the namespace's key layout.
+        max_attempts: how many times a write is retried after losing a race.
+    """
+
+    def __init__(
+        self, registry: Registry, kv: EtcdKV, keys: Keys, *, max_attempts: int = 16
+    ) -> None:
+        self.registry = registry
+        self.kv = kv
+        self.keys = keys
+        self.max_attempts = max_attempts
+
+    def _bump(self, fence: Fence) -> tuple[int, Op]:
+        counter = fence.counter + 1
+        return counter, put_op(self.keys.placement, str(counter).encode())
+
+    async def _catch_up(self, revision: int) -> None:
+        try:
+            await self.registry.wait_for_revision(revision)
+        except Unavailable:
+            # The write is committed either way; readers just see it a little later.
+            log.warning("registry did not reach revision %d in time", revision)
+
+    async def deploy(self, spec: cp.Model) -> cp.Model:
+        """Deploy a normalized spec, or return the deployed model when it is the same spec.
+
+        Returns:
+            The model as stored (generation set, no replicas).
+
+        Raises:
+            AlreadyExists: a model with that name is deployed with a different spec.
+            FailedPrecondition: the live workers lack the capacity; nothing is written.
+            Unavailable: etcd is unreachable.
+        """
+        name = spec.name
+        # Decide on state at least as new as this call, so a worker that just registered or a
+        # deployment another control plane just made is taken into account.
+        await self.registry.sync()
+        for _ in range(self.max_attempts):
+            existing = self.registry.models().get(name)
+            if existing is not None:
+                if same_spec(existing, spec):
+                    return _copy(existing)
+                raise AlreadyExists(
+                    f"model {name!r} is already deployed with a different spec "
+                    f"({describe_difference(existing, spec)}); undeploy it first"
+                )
+            fence = self.registry.fence()
+            caps = capacities(
+                self.registry.workers().values(),
+                self.registry.all_assignments(),
+                self.registry.models(),
+            )
+            plan = place(spec, caps)
+            generation, bump = self._bump(fence)
+            stored = _copy(spec)
+            stored.generation = generation
+            ops = [bump, put_op(self.keys.model(name), encode(stored))]
+            for index, worker_id in sorted(plan.items()):
+                assignment = common_pb2.Replica(
+                    model=name, index=index, worker_id=worker_id, generation=generation
+                )
+                ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+            response = await self.kv.txn(
+                [
+                    mod_revision_is(self.keys.placement, fence.mod_revision),
+                    absent(self.keys.model(name)),
+                ],
+                ops,
+            )
+            await self._catch_up(response.header.revision)
+            if response.succeeded:
+                log.info(
+                    "deployed %s generation %d: %s",
+                    name,
+                    generation,
+                    ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
+                )
+                return stored
+            log.debug("deploy of %s lost a placement race; retrying", name)
+        raise Unavailable(
+            f"could not deploy {name!r}: placement changed under it {self.max_attempts} times "
+            "in a row; retry"
+        )
+
+    async def undeploy(self, name: str) -> cp.Model:
+        """Delete the model and all its assignments in one transaction.
+
+        Returns:
+            The spec that was undeployed.
+
+        Raises:
+            NotFound: no model of that name is deployed.
+            Unavailable: etcd is unreachable.
+        """
+        await self.registry.sync()
+        for _ in range(self.max_attempts):
+            spec = self.registry.models().get(name)
+            if spec is None:
+                raise NotFound(f"model {name!r} is not deployed (ListModels shows what is)")
+            spec = _copy(spec)
+            fence = self.registry.fence()
+            _, bump = self._bump(fence)
+            ops = [bump, delete_op(self.keys.model(name))]
+            for worker_id, index in self.registry.assignments(name):
+                ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
+            response = await self.kv.txn(
+                [
+                    mod_revision_is(self.keys.placement, fence.mod_revision),
+                    mod_revision_is(self.keys.model(name), self.registry.model_revision(name)),
+                ],
+                ops,
+            )
+            await self._catch_up(response.header.revision)
+            if response.succeeded:
+                log.info("undeployed %s generation %d", name, spec.generation)
+                return spec
+        raise Unavailable(
+            f"could not undeploy {name!r}: placement changed under it {self.max_attempts} times "
+            "in a row; retry"
+        )
+
+    async def replace(self, lost_workers: set[str]) -> int:
+        """Move replicas assigned to ``lost_workers`` onto live workers with capacity.
+
+        Replicas that fit nowhere stay where they are and are tried again next time.
+
+        Returns:
+            How many replicas were moved.
+        """
+        moved = 0
+        for name in sorted(self.registry.all_assignments()):
+            for _ in range(self.max_attempts):
+                result = await self._replace_model(name, lost_workers)
+                if result is not None:
+                    moved += result
+                    break
+        return moved
+
+    async def _replace_model(self, name: str, lost: set[str]) -> int | None:
+        """One fenced attempt for one model; None means the race was lost (retry)."""
+        spec = self.registry.models().get(name)
+        assignments = self.registry.assignments(name)
+        moving = sorted((w, i) for w, i in assignments if w in lost)
+        if spec is None or not moving:
+            return 0
+        fence = self.registry.fence()
+        live = self.registry.workers()
+        caps = capacities(live.values(), self.registry.all_assignments(), self.registry.models())
+        hosting = Counter(w for w, _ in assignments if w not in lost and w in live)
+        plan = place(spec, caps, indexes=[i for _, i in moving], hosting=hosting, partial=True)
+        if not plan:
+            log.warning(
+                "cannot re-place replicas %s of %s: no live worker has room",
+                [i for _, i in moving],
+                name,
+            )
+            return 0
+        _, bump = self._bump(fence)
+        ops = [bump]
+        for worker_id, index in moving:
+            if index in plan:
+                ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
+                assignment = common_pb2.Replica(
+                    model=name, index=index, worker_id=plan[index], generation=spec.generation
+                )
+                ops.append(
+                    put_op(self.keys.assignment(plan[index], name, index), encode(assignment))
+                )
+        response = await self.kv.txn(
+            [
+                mod_revision_is(self.keys.placement, fence.mod_revision),
+                mod_revision_is(self.keys.model(name), self.registry.model_revision(name)),
+            ],
+            ops,
+        )
+        await self._catch_up(response.header.revision)
+        if not response.succeeded:
+            return None
+        log.info(
+            "re-placed %s replicas from lost workers: %s",
+            name,
+            ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
+        )
+        return len(plan)
+
+    async def wait_ready(self, name: str, generation: int, *, timeout: float) -> cp.Model:
+        """Wait until every replica of this generation is READY.
+
+        Raises:
+            FailedPrecondition: a replica FAILED (with its reason), or the model was undeployed.
+            DeadlineExceeded: not all READY in time; says which are not.
+        """
+
+        def check() -> cp.Model | None:
+            spec = self.registry.models().get(name)
+            if spec is None or spec.generation != generation:
+                raise FailedPrecondition(f"model {name!r} was undeployed while waiting for it")
+            replicas = current_replicas(self.registry, spec)
+            for r in replicas:
+                if r.state == _STATE.REPLICA_STATE_FAILED:
+                    raise FailedPrecondition(
+                        f"replica {r.index} of model {name!r} failed on worker {r.worker_id}: "
+                        f"{r.reason or 'no reason given'}; the model stays deployed, undeploy it, "
+                        "fix the cause and deploy again"
+                    )
+            ready = {r.index for r in replicas if r.state == _STATE.REPLICA_STATE_READY}
+            if ready.issuperset(range(spec.num_replicas)):
+                return with_replicas(self.registry, spec)
+            return None
+
+        try:
+            return await self.registry.wait_until(check, timeout=timeout)
+        except TimeoutError:
+            spec = self.registry.models().get(name)
+            pending = _describe_pending(
+                current_replicas(self.registry, spec) if spec else [], want_ready=True
+            )
+            raise DeadlineExceeded(
+                f"model {name!r} is deployed, but not every replica is READY after "
+                f"{timeout:g} s ({pending}); it stays deployed: watch it with GetModel, or "
+                "check the worker's log"
+            ) from None
+
+    async def wait_unloaded(self, name: str, generation: int, *, timeout: float) -> None:
+        """Wait until no replica of ``name`` up to ``generation`` is published any more.
+
+        Raises:
+            DeadlineExceeded: some replicas are still unloading; names them.
+        """
+
+        def leftovers() -> list[common_pb2.Replica]:
+            return sorted(
+                (r for (_, gen, _), r in self.registry.replicas(name).items() if gen <= generation),
+                key=lambda r: (r.index, r.worker_id),
+            )
+
+        try:
+            await self.registry.wait_until(
+                lambda: True if not leftovers() else None, timeout=timeout
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model {name!r} is undeployed, but replicas are still unloading after "
+                f"{timeout:g} s ({_describe_pending(leftovers(), want_ready=False)}); "
+                "they finish on their own"
+            ) from None
+
+
+def _copy(model: cp.Model) -> cp.Model:
+    out = cp.Model()
+    out.CopyFrom(model)
+    return out
+
+
+def _describe_pending(replicas: Sequence[common_pb2.Replica], *, want_ready: bool) -> str:
+    parts = []
+    for r in replicas:
+        if want_ready and r.state == _STATE.REPLICA_STATE_READY:
+            continue
+        if r.state == _STATE.REPLICA_STATE_UNSPECIFIED:
+            # A placeholder: assigned to a worker that is not registered.
+            parts.append(f"replica {r.index} waits for worker {r.worker_id} to register")
+            continue
+        state = _STATE.Name(r.state).removeprefix("REPLICA_STATE_")
+        parts.append(f"replica {r.index} on {r.worker_id or '?'} is {state}")
+    return "; ".join(parts) or "no replica has reported"

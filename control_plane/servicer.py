@@ -1,0 +1,203 @@
+"""The ControlPlaneService servicer: admin API and routing, answered from the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmesh.errors import InvalidArgument, NotFound, Unavailable, rpc_handler
+from llmesh.routing import Selector
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
+
+from .deployments import Deployer
+from .registry import Change, Registry
+from .spec import normalize
+from .views import current_replicas, with_replicas, worker_views
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READY_TIMEOUT = 300.0
+DEFAULT_UNDEPLOY_TIMEOUT = 60.0
+# A watcher waits this long after a change before sending, so a burst (a worker flipping several
+# replicas, a txn and the statuses it triggers) goes out as one message.
+WATCH_COALESCE_SECONDS = 0.05
+
+
+class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
+    """Implements llmesh.v1.ControlPlaneService.
+
+    Args:
+        registry: the mirror of etcd every read is served from.
+        deployer: writes deployments to etcd.
+        selector: picks replicas for AssignWorker; one per control plane so round-robin and
+            least-loaded see all of this control plane's assignments.
+    """
+
+    def __init__(
+        self, registry: Registry, deployer: Deployer, *, selector: Selector | None = None
+    ) -> None:
+        self.registry = registry
+        self.deployer = deployer
+        self.selector = selector or Selector()
+        self._closing = asyncio.Event()
+        self._watchers: set[asyncio.Event] = set()
+        self._unsubscribe = registry.subscribe(self._on_change)
+
+    def _on_change(self, change: Change) -> None:
+        # A worker's newly published in-flight count already includes the requests this control
+        # plane sent it, so its local count starts over.
+        if change.everything:
+            self.selector.local_inflight.clear()
+        for replica in change.replicas:
+            self.selector.observed(replica)
+
+    def close(self) -> None:
+        """Stop accepting watches and end the open ones (they get UNAVAILABLE and reconnect)."""
+        self._closing.set()
+        self._unsubscribe()
+        for event in self._watchers:
+            event.set()
+
+    async def _lookup(self, name: str) -> cp.Model:
+        """The model's spec, or NotFound once etcd confirms it is not deployed."""
+        if not name:
+            raise InvalidArgument('name is required: the model\'s name, e.g. "chat"')
+        spec = self.registry.models().get(name)
+        if spec is None and self.registry.connected:
+            # The mirror may not have seen a deploy made through another control plane a moment
+            # ago; a miss is rare enough to afford a linearizable check.
+            try:
+                await self.registry.sync(timeout=1.0)
+            except Unavailable as err:
+                log.debug("sync before NOT_FOUND failed: %s", err)
+            spec = self.registry.models().get(name)
+        if spec is None:
+            raise NotFound(
+                f"model {name!r} is not deployed; deploy it first (llmesh deploy --model {name} "
+                "...) or see ListModels"
+            )
+        return spec
+
+    @rpc_handler
+    async def DeployModel(
+        self, request: cp.DeployModelRequest, context: grpc.aio.ServicerContext
+    ) -> cp.DeployModelResponse:
+        if not request.HasField("model"):
+            raise InvalidArgument(
+                "model is required: pass at least model.name and model.model_path"
+            )
+        if request.timeout_seconds < 0:
+            raise InvalidArgument(
+                f"timeout_seconds must be 0 (default 300) or more, got {request.timeout_seconds:g}"
+            )
+        spec = normalize(request.model)
+        stored = await self.deployer.deploy(spec)
+        if request.wait_ready:
+            timeout = request.timeout_seconds or DEFAULT_READY_TIMEOUT
+            model = await self.deployer.wait_ready(stored.name, stored.generation, timeout=timeout)
+        else:
+            model = with_replicas(self.registry, stored)
+        return cp.DeployModelResponse(model=model)
+
+    @rpc_handler
+    async def UndeployModel(
+        self, request: cp.UndeployModelRequest, context: grpc.aio.ServicerContext
+    ) -> cp.UndeployModelResponse:
+        if not request.name:
+            raise InvalidArgument("name is required: the model to undeploy")
+        if request.timeout_seconds < 0:
+            raise InvalidArgument(
+                f"timeout_seconds must be 0 (default 60) or more, got {request.timeout_seconds:g}"
+            )
+        removed = await self.deployer.undeploy(request.name)
+        if request.wait:
+            await self.deployer.wait_unloaded(
+                removed.name,
+                removed.generation,
+                timeout=request.timeout_seconds or DEFAULT_UNDEPLOY_TIMEOUT,
+            )
+        return cp.UndeployModelResponse()
+
+    @rpc_handler
+    async def GetModel(
+        self, request: cp.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> cp.GetModelResponse:
+        spec = await self._lookup(request.name)
+        return cp.GetModelResponse(model=with_replicas(self.registry, spec))
+
+    @rpc_handler
+    async def ListModels(
+        self, request: cp.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> cp.ListModelsResponse:
+        models = self.registry.models()
+        return cp.ListModelsResponse(
+            models=[with_replicas(self.registry, models[name]) for name in sorted(models)]
+        )
+
+    @rpc_handler
+    async def ListWorkers(
+        self, request: cp.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> cp.ListWorkersResponse:
+        return cp.ListWorkersResponse(workers=worker_views(self.registry))
+
+    @rpc_handler
+    async def AssignWorker(
+        self, request: cp.AssignWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> cp.AssignWorkerResponse:
+        spec = await self._lookup(request.model)
+        replica = self.selector.select(
+            spec.name,
+            current_replicas(self.registry, spec),
+            purpose=request.purpose,
+            policy=request.policy,
+            pinned_replica=request.pinned_replica if request.HasField("pinned_replica") else None,
+            purpose_pins=dict(request.purpose_pins),
+            affinity_key=request.affinity_key,
+        )
+        self.selector.started(replica)
+        return cp.AssignWorkerResponse(replica=replica)
+
+    @rpc_handler
+    async def WatchModel(
+        self, request: cp.WatchModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cp.WatchModelResponse]:
+        if self._closing.is_set():
+            raise Unavailable("the control plane is shutting down; watch through another one")
+        spec = await self._lookup(request.name)
+        name, generation = spec.name, spec.generation
+        # One "something changed" flag per watcher: the registry never waits for a slow client;
+        # the watcher sends the newest snapshot when it is ready for the next message.
+        dirty = asyncio.Event()
+
+        def on_change(change: Change) -> None:
+            if change.affects(name):
+                dirty.set()
+
+        unsubscribe = self.registry.subscribe(on_change)
+        self._watchers.add(dirty)
+        try:
+            last_sent: bytes | None = None
+            last_model = spec
+            while True:
+                dirty.clear()
+                current = self.registry.models().get(name)
+                if current is None or current.generation != generation:
+                    # A new generation is a new deployment: this stream's deployment has ended.
+                    yield cp.WatchModelResponse(model=last_model, deleted=True)
+                    return
+                model = with_replicas(self.registry, current)
+                data = model.SerializeToString(deterministic=True)
+                if data != last_sent:
+                    yield cp.WatchModelResponse(model=model)
+                    last_sent, last_model = data, model
+                await dirty.wait()
+                if self._closing.is_set():
+                    raise Unavailable("the control plane is shutting down; watch again")
+                await asyncio.sleep(WATCH_COALESCE_SECONDS)
+        finally:
+            self._watchers.discard(dirty)
+            unsubscribe()

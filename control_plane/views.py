@@ -1,0 +1,86 @@
+"""Building the API's read models (Model with replicas, Worker with usage) from the registry.
+
+A model's ``replicas`` are the published statuses of its current generation, plus a placeholder
+for each assignment whose worker has not published a status yet:
+
+* ``REPLICA_STATE_LOADING`` (reason empty): the assigned worker is live and has not reported
+  yet; it is picking the assignment up or loading the model.
+* ``REPLICA_STATE_UNSPECIFIED`` (reason says so): the assigned worker is not registered, because
+  it died or has not started. It may come back; otherwise the reconcile loop moves the replica.
+
+Placeholders carry model, index, worker_id and generation (and the worker's address when
+known), never ``inflight``; AssignWorker never picks them because they are not READY.
+"""
+
+from __future__ import annotations
+
+from llmesh.v1 import common_pb2
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+from .placement import capacities
+from .registry import Registry
+
+
+def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Replica]:
+    """The replicas of the model's current generation, sorted by (index, worker_id)."""
+    generation = spec.generation
+    workers = registry.workers()
+    out: dict[tuple[str, int], common_pb2.Replica] = {}
+    for (worker_id, gen, index), status in registry.replicas(spec.name).items():
+        if gen != generation:
+            continue  # an older deployment draining, or a newer one the mirror is ahead on
+        replica = common_pb2.Replica()
+        replica.CopyFrom(status)
+        if not replica.address and worker_id in workers:
+            replica.address = workers[worker_id].address
+        out[(worker_id, index)] = replica
+    for (worker_id, index), assignment in registry.assignments(spec.name).items():
+        if (worker_id, index) in out or assignment.generation not in (0, generation):
+            continue
+        placeholder = common_pb2.Replica(
+            model=spec.name, index=index, worker_id=worker_id, generation=generation
+        )
+        worker = workers.get(worker_id)
+        if worker is not None:
+            placeholder.state = common_pb2.REPLICA_STATE_LOADING
+            placeholder.address = worker.address
+        else:
+            placeholder.state = common_pb2.REPLICA_STATE_UNSPECIFIED
+            placeholder.reason = (
+                f"worker {worker_id} is not registered (it stopped, or has not started yet)"
+            )
+        out[(worker_id, index)] = placeholder
+    return sorted(out.values(), key=lambda r: (r.index, r.worker_id))
+
+
+def model_view(registry: Registry, name: str) -> cp.Model | None:
+    """The model with its replicas, or None when it is not deployed."""
+    spec = registry.models().get(name)
+    if spec is None:
+        return None
+    return with_replicas(registry, spec)
+
+
+def with_replicas(registry: Registry, spec: cp.Model) -> cp.Model:
+    """A copy of ``spec`` with ``replicas`` filled from the registry."""
+    model = cp.Model()
+    model.CopyFrom(spec)
+    del model.replicas[:]
+    model.replicas.extend(current_replicas(registry, spec))
+    return model
+
+
+def worker_views(registry: Registry) -> list[cp.Worker]:
+    """Live workers sorted by id, with cpus_used, gpus_used and replicas ("model/index")."""
+    caps = capacities(registry.workers().values(), registry.all_assignments(), registry.models())
+    out = []
+    for worker_id in sorted(registry.workers()):
+        worker = cp.Worker()
+        worker.CopyFrom(registry.workers()[worker_id])
+        cap = caps[worker_id]
+        worker.cpus_used = cap.cpus_used
+        worker.gpus_used = cap.gpus_used
+        del worker.replicas[:]
+        worker.replicas.extend(cap.replicas)
+        out.append(worker)
+    return out
