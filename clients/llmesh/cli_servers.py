@@ -101,6 +101,8 @@ class LocalEtcd:
             ),
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order.
+            start_new_session=True,
         )
         _wait_port("127.0.0.1", self.port, self.proc, 20)
 
@@ -168,7 +170,9 @@ async def _up(args: argparse.Namespace) -> int:
             print(f"control     {cp.address}", flush=True)
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
-                proc = subprocess.Popen(_guarded(_worker_command(args, endpoint, i)))  # noqa: ASYNC220
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    _guarded(_worker_command(args, endpoint, i)), start_new_session=True
+                )
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
             print(
@@ -225,6 +229,9 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def _cmd_inference_worker(args: argparse.Namespace) -> int:
+    # Model loading progress bars are noise in a server log.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from llmesh.inference_worker.server import serve_forever
 
     asyncio.run(
@@ -244,7 +251,10 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `up`, `control-plane` and `inference-worker` on the CLI's subparsers."""
+    """Register `up`, `control-plane`, `inference-worker` and `demo` on the CLI's subparsers."""
+    from llmesh.demo import add_demo_command
+
+    add_demo_command(subparsers)
     up = subparsers.add_parser(
         "up",
         help="run etcd, the control plane and inference workers on this machine",

