@@ -1,1 +1,44 @@
-"""llmesh inference_worker/engines."""
+"""Engine adapters and the factory that picks one by backend name.
+
+Importing this package is cheap on purpose: the control plane imports :data:`BACKENDS` to
+validate deploys and must not pull in torch. Engine modules load only in :func:`create_engine`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from llmesh.errors import InvalidArgument
+from llmesh.inference_worker.engines.base import Engine, EngineConfig
+
+__all__ = ["BACKENDS", "create_engine"]
+
+# backend name -> (module, class); modules are imported on first use.
+_ENGINES: dict[str, tuple[str, str]] = {
+    "transformers": ("llmesh.inference_worker.engines.transformers_engine", "TransformersEngine"),
+    "embedding": ("llmesh.inference_worker.engines.embedding", "EmbeddingEngine"),
+    "rerank": ("llmesh.inference_worker.engines.rerank", "RerankEngine"),
+}
+
+BACKENDS: tuple[str, ...] = tuple(_ENGINES)
+"""Backend names a deploy may ask for."""
+
+
+def create_engine(config: EngineConfig) -> Engine:
+    """Build (not start) the engine for ``config.backend``.
+
+    Args:
+        config: The model record: name, local path, backend and infer_params.
+
+    Raises:
+        InvalidArgument: unknown backend, or infer_params the engine does not accept.
+    """
+    try:
+        module_name, class_name = _ENGINES[config.backend]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown backend {config.backend!r} for model {config.model_name}; "
+            f"valid backends are {', '.join(BACKENDS)}"
+        ) from None
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(config)

@@ -32,7 +32,7 @@ def _params(max_tokens: int, *, ignore_eos: bool = True) -> common_pb2.Generatio
     return p
 
 
-LONG = _params(400)
+LONG = _params(1500)  # a second or more on CPU: long enough to cancel mid-stream
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_client_disconnect_frees_slot(stub: Any, served: Any) -> None:
 
 
 def test_deadline_frees_slot(stub: Any, served: Any) -> None:
-    c = ChatCall(stub, _start(params=_params(4000)), timeout=0.5)
+    c = ChatCall(stub, _start(params=_params(2000)), timeout=0.3)
     with pytest.raises(grpc.RpcError) as err:
         list(c.call)
     c.close_requests()

@@ -1,0 +1,778 @@
+"""The ``transformers`` backend: a HuggingFace causal LM with our own streaming decode loop.
+
+Each request decodes token by token with the KV cache in a thread of a pool sized by
+``max_concurrency``; the asyncio side reads a per-request collector, so a slow consumer gets
+merged deltas instead of an ever-growing queue.
+
+infer_params understood (all strings, as the control plane stores them):
+
+``max_concurrency``
+    Requests decoded at once (default 8); the servicer refuses more with RESOURCE_EXHAUSTED.
+``max_model_len``
+    Context length in tokens, prompt plus completion (default: the model's
+    ``max_position_embeddings``; cannot exceed it).
+``dtype``
+    ``float32`` / ``float16`` / ``bfloat16`` / ``auto`` (the checkpoint's). Default: float32 on
+    CPU, ``auto`` on GPU.
+``device``
+    ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (GPU when one is available).
+``torch_threads``
+    Passed to ``torch.set_num_threads`` at start. The setting is process-wide in torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import inspect
+import logging
+import math
+import os
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmesh.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from llmesh.inference_worker.engines.base import (
+    Engine,
+    EngineConfig,
+    GenerationChunk,
+    ModelMeta,
+    SamplingParams,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+INFER_PARAMS = ("max_concurrency", "max_model_len", "dtype", "device", "torch_threads")
+_DTYPES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+# Architectures that AutoModelForCausalLM can serve; anything else (BertModel, ...ForSequence
+# Classification) is refused at start with a hint instead of loading with random heads.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Temperatures below this decode greedily: dividing logits by ~0 overflows to inf/NaN.
+_GREEDY_EPS = 1e-5
+# How many prompt tokens seed the incremental detokenizer, so that the first generated token
+# decodes with its leading space (SentencePiece drops it at the start of a decode).
+_DETOK_CONTEXT = 6
+
+
+def check_infer_params(
+    config: EngineConfig, accepted: Sequence[str], *, backend: str
+) -> dict[str, str]:
+    """Refuse infer_params keys this engine does not understand; return them as a dict.
+
+    Args:
+        config: The engine config whose ``infer_params`` to check.
+        accepted: Keys the engine understands.
+        backend: Backend name for the message.
+    """
+    params = dict(config.infer_params)
+    unknown = sorted(k for k in params if k not in accepted)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown infer_params key {unknown[0]!r} for backend {backend!r} "
+            f"(model {config.model_name}); accepted keys are {', '.join(accepted)}"
+        )
+    return params
+
+
+def int_param(params: Mapping[str, str], key: str, *, minimum: int = 1) -> int | None:
+    """An integer infer_param (None when unset), at least ``minimum``."""
+    raw = params.get(key)
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise InvalidArgument(
+            f"infer_params {key}={raw!r} is not an integer; give a whole number >= {minimum}"
+        ) from None
+    if value < minimum:
+        raise InvalidArgument(f"infer_params {key}={value} is too small; it must be >= {minimum}")
+    return value
+
+
+def resolve_device(params: Mapping[str, str]) -> str:
+    """The torch device named by the ``device`` infer_param (``cpu`` when unset)."""
+    import torch
+
+    raw = str(params.get("device", "cpu")).strip().lower() or "cpu"
+    if raw == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if raw == "cpu":
+        return "cpu"
+    if raw == "gpu" or raw == "cuda" or raw.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise FailedPrecondition(
+                f"infer_params device={raw!r} asks for a GPU but torch sees none on this worker; "
+                "use device=cpu, or device=auto to take a GPU only where there is one"
+            )
+        return "cuda" if raw == "gpu" else raw
+    raise InvalidArgument(
+        f"infer_params device={raw!r} is not a device; use cpu, cuda, cuda:N or auto"
+    )
+
+
+def check_model_dir(config: EngineConfig) -> str:
+    """The model directory as an absolute path; a clear error when it is not a model."""
+    path = os.path.abspath(os.path.expanduser(config.model_path))
+    if not config.model_path:
+        raise InvalidArgument(f"model {config.model_name} has an empty model_path")
+    if not os.path.isdir(path):
+        raise InvalidArgument(
+            f"model_path {config.model_path!r} of model {config.model_name} is not a directory "
+            "on this worker; models load from local HuggingFace-layout directories"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FailedPrecondition(
+            f"model_path {config.model_path!r} of model {config.model_name} has no config.json; "
+            "point it at a HuggingFace-layout model directory"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-request state shared by the decode thread and the asyncio generator
+
+
+@dataclass
+class _Request:
+    """A collector: the decode thread appends, the async generator takes everything at once."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    ignore_eos: bool
+    loop: asyncio.AbstractEventLoop
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    # True while a wakeup is scheduled and not yet consumed: one call_soon_threadsafe per
+    # batch of tokens, however fast the decoder runs ahead of the consumer.
+    notified: bool = False
+
+    def push(
+        self,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        *,
+        finish_reason: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Called from the decode thread."""
+        with self.lock:
+            if text:
+                self.text.append(text)
+            self.token_ids.extend(token_ids)
+            self.completion_tokens += len(token_ids)
+            if finish_reason is not None:
+                self.finish_reason = finish_reason
+            if error is not None:
+                self.error = error
+            notify = not self.notified
+            self.notified = True
+        if notify:
+            # The loop may be closed when a worker shuts down mid-request; nobody listens then.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.wakeup.set)
+
+    def take(self) -> tuple[GenerationChunk, BaseException | None]:
+        """Called on the event loop: everything accumulated since the last take."""
+        with self.lock:
+            self.notified = False
+            chunk = GenerationChunk(
+                delta="".join(self.text),
+                token_ids=self.token_ids,
+                finish_reason=self.finish_reason,
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=self.completion_tokens,
+            )
+            self.text = []
+            self.token_ids = []
+            return chunk, self.error
+
+
+class _Detokenizer:
+    """Incremental detokenization over a short window of ids.
+
+    Decoding the window with and without the newest ids and emitting the difference keeps
+    SentencePiece spaces right; text ending in U+FFFD (an incomplete UTF-8 sequence split
+    across byte tokens) is held back until the following token completes it.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-_DETOK_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held back, replacement characters included (the stream is over)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+
+class _StopStrings:
+    """Finds stop strings in the growing output and holds back a tail that may start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.released = 0
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """Append new text; return (text safe to release now, whether a stop string matched)."""
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += piece
+        if not self.stops:
+            out, self.released = self.text[self.released :], len(self.text)
+            return out, False
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            end = max(min(hits), self.released)
+            out, self.released = self.text[self.released : end], end
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(stop[:k]):
+                    hold = k
+                    break
+        end = max(len(self.text) - hold, self.released)
+        out, self.released = self.text[self.released : end], end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.released = self.text[self.released :], len(self.text)
+        return out
+
+
+class _Sampler:
+    """Turns last-position logits into a token id with the request's sampling parameters."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: str) -> None:
+        import torch
+
+        self.params = params
+        self.greedy = params.temperature < _GREEDY_EPS
+        self.generator = torch.Generator(device=device)
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(params.seed))
+        self.seen: torch.Tensor | None = None
+        self.prompt_ids = list(prompt_ids)
+        self.device = device
+
+    def sample(self, logits: torch.Tensor) -> int:
+        import torch
+
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0:
+            if self.seen is None:
+                # Sized from the logits, which can be wider than the tokenizer's vocabulary.
+                self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                if self.prompt_ids:
+                    self.seen[torch.tensor(self.prompt_ids, device=logits.device)] = True
+            picked = logits[self.seen]
+            logits[self.seen] = torch.where(
+                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+            )
+        if self.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            logits = logits / p.temperature
+            if 0 < p.top_k < logits.shape[-1]:
+                kth = torch.topk(logits, p.top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if p.top_p < 1.0:
+                sorted_logits, order = torch.sort(logits, descending=True)
+                probs = torch.softmax(sorted_logits, dim=-1)
+                # Drop tokens once the mass before them already reaches top_p; the first
+                # token always stays.
+                drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
+                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+            probs = torch.softmax(logits, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.seen is not None:
+            self.seen[token] = True
+        return token
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformersEngine(Engine):
+    """A causal LM from a local directory, decoded with our own loop on CPU or GPU.
+
+    Args:
+        config: ``model_path`` is a HuggingFace-layout directory; see the module docstring for
+            the ``infer_params`` keys.
+
+    Thread safety: all requests share one model. A forward pass in eval/inference mode reads
+    the weights only and each request owns its KV cache, so concurrent decode threads are
+    safe; tokenizer encoding is serialized by a lock (fast tokenizers may mutate their
+    truncation/padding state during ``encode``).
+    """
+
+    backend = "transformers"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        params = check_infer_params(config, INFER_PARAMS, backend=self.backend)
+        self._max_concurrency = int_param(params, "max_concurrency") or 8
+        self._max_model_len_param = int_param(params, "max_model_len")
+        self._torch_threads = int_param(params, "torch_threads")
+        dtype = str(params.get("dtype", "")).strip().lower()
+        if dtype and dtype not in _DTYPES:
+            raise InvalidArgument(
+                f"infer_params dtype={params['dtype']!r} is not supported; "
+                "use float32, float16, bfloat16 or auto"
+            )
+        self._dtype_param = _DTYPES.get(dtype)
+        self._params = params
+
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device = "cpu"
+        self._dtype_name = ""
+        self._max_model_len = 0
+        self._eos_ids: frozenset[int] = frozenset()
+        self._vocab_size = 0
+        self._architectures: list[str] = []
+        self._logits_to_keep = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # Guards _active, which decode threads shrink as they finish.
+        self._lock = threading.Lock()
+        self._active: dict[str, _Request] = {}
+        self._encode_lock = threading.Lock()
+        self._stopping = False
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests decoded at once (infer_param ``max_concurrency``, default 8)."""
+        return self._max_concurrency
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load model and tokenizer in a worker thread; errors say what is wrong with the dir."""
+        if self._model is not None:
+            return
+        path = check_model_dir(self.config)
+        device = resolve_device(self._params)
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+        await asyncio.to_thread(self._load, path, device)
+        self._stopping = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._max_concurrency,
+            thread_name_prefix=f"decode-{self.config.model_name}",
+        )
+        log.info(
+            "loaded %s from %s on %s (%s, context %d, concurrency %d)",
+            self.config.model_name,
+            path,
+            self._device,
+            self._dtype_name,
+            self._max_model_len,
+            self._max_concurrency,
+        )
+
+    def _load(self, path: str, device: str) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        name = self.config.model_name
+        try:
+            hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FailedPrecondition(
+                f"model_path {path!r} of model {name} has a config.json transformers cannot "
+                f"read: {exc}"
+            ) from exc
+        architectures = list(getattr(hf_config, "architectures", None) or [])
+        if architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+            raise FailedPrecondition(
+                f"model {name} at {path!r} is a {', '.join(architectures)}, not a causal "
+                "language model; the transformers backend generates text, so deploy it with "
+                "backend embedding or rerank instead"
+            )
+        context = _context_length(hf_config)
+        if self._max_model_len_param is not None:
+            if context and self._max_model_len_param > context:
+                raise InvalidArgument(
+                    f"infer_params max_model_len={self._max_model_len_param} exceeds the "
+                    f"context of model {name} ({context} tokens); use at most {context}"
+                )
+            context = self._max_model_len_param
+        if self._dtype_param is not None:
+            dtype_arg: Any = (
+                "auto" if self._dtype_param == "auto" else getattr(torch, self._dtype_param)
+            )
+        else:
+            # float16 matmuls are slow or missing on many CPUs; float32 is the safe default.
+            dtype_arg = torch.float32 if device == "cpu" else "auto"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise FailedPrecondition(
+                f"model {name} at {path!r} has no usable tokenizer: {exc}"
+            ) from exc
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype_arg, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise FailedPrecondition(
+                f"model {name} at {path!r} cannot be loaded as a causal language model: {exc}"
+            ) from exc
+        model.to(device)
+        model.eval()
+        if not context:
+            context = _sane_max_length(getattr(tokenizer, "model_max_length", 0)) or 2048
+        eos: set[int] = set()
+        for source in (getattr(model, "generation_config", None), hf_config, tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(int(v) for v in value)
+        self._model = model
+        self._tokenizer = tokenizer
+        self._device = device
+        self._dtype_name = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self._max_model_len = context
+        self._eos_ids = frozenset(eos)
+        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._architectures = architectures or [type(model).__name__]
+        # Computing logits for the last position only saves a vocab-sized matmul per prompt
+        # token; older remote-code models do not take the argument.
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    async def stop(self) -> None:
+        """Abort every request, wait for the decode threads (one step each), free the model."""
+        self._stopping = True
+        with self._lock:
+            for req in self._active.values():
+                req.aborted.set()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=False)
+        device = self._device
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _require_loaded(self) -> tuple[Any, Any]:
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or tokenizer is None or self._stopping:
+            raise FailedPrecondition(
+                f"model {self.config.model_name} is not loaded (engine not started or stopped)"
+            )
+        return model, tokenizer
+
+    # -- metadata and text utilities ---------------------------------------------------------
+
+    def meta(self) -> ModelMeta:
+        """Backend, architectures, context length, streaming and chat-template support."""
+        _, tokenizer = self._require_loaded()
+        return ModelMeta(
+            backend=self.backend,
+            architectures=list(self._architectures),
+            max_model_len=self._max_model_len,
+            support_stream=True,
+            support_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            max_concurrency=self._max_concurrency,
+            extra={
+                "device": self._device,
+                "dtype": self._dtype_name,
+                "vocab_size": str(self._vocab_size),
+            },
+        )
+
+    def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        _, tokenizer = self._require_loaded()
+        with self._encode_lock:
+            return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        _, tokenizer = self._require_loaded()
+        # A chat template may already start the prompt with BOS; adding another confuses
+        # Llama-style models.
+        bos = getattr(tokenizer, "bos_token", None)
+        return self._encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool) -> tuple[list[int], list[str]]:
+        """Token ids and their string pieces (as the tokenizer's vocabulary spells them)."""
+        _, tokenizer = self._require_loaded()
+        ids = await asyncio.to_thread(self._encode, text, add_special_tokens=add_special_tokens)
+        return ids, [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+    async def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens ``generate`` will feed the model for this prompt."""
+        return len(await asyncio.to_thread(self._encode_prompt, prompt))
+
+    async def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool
+    ) -> str:
+        """Render messages with the tokenizer's chat template."""
+        _, tokenizer = self._require_loaded()
+        if not getattr(tokenizer, "chat_template", None):
+            raise FailedPrecondition(
+                f"model {self.config.model_name} has no chat template in its tokenizer config; "
+                "send a raw prompt instead, or use a client-side template"
+            )
+        conversation = [dict(m) for m in messages]
+        try:
+            rendered = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja2 errors, including the template's raise_exception()
+            raise InvalidArgument(
+                f"the chat template of model {self.config.model_name} rejected the messages: {exc}"
+            ) from exc
+        return str(rendered)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _check_params(self, params: SamplingParams) -> bool:
+        """Validate sampling parameters; returns the ``ignore_eos`` extra."""
+
+        def bad(name: str, value: object, valid: str) -> InvalidArgument:
+            return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
+
+        if not (isinstance(params.temperature, (int, float)) and params.temperature >= 0):
+            raise bad("temperature", params.temperature, "use a value >= 0 (0 means greedy)")
+        if not math.isfinite(params.temperature):
+            raise bad("temperature", params.temperature, "use a finite value >= 0")
+        if not (0 < params.top_p <= 1):
+            raise bad("top_p", params.top_p, "it must be in (0, 1]")
+        if params.top_k < 0:
+            raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
+        if params.max_tokens < 1:
+            raise bad("max_tokens", params.max_tokens, "it must be >= 1")
+        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
+            raise bad("repetition_penalty", params.repetition_penalty, "it must be > 0 (1 = none)")
+        for tid in params.stop_token_ids:
+            if not 0 <= tid < self._vocab_size:
+                raise bad("stop_token_ids", tid, f"token ids are in [0, {self._vocab_size})")
+        if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
+            raise bad("seed", params.seed, "it must fit in 64 bits")
+        ignore_eos = params.extra.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
+        return ignore_eos
+
+    async def generate(
+        self, request_id: str, prompt: str, params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream a completion of a raw prompt.
+
+        Chunks carry the text (and token ids) produced since the previous chunk; the last one
+        has ``finish_reason`` ("stop", "length", "stop_string" or "aborted") and token counts.
+        Token ids cover every generated token, including an EOS / stop token and tokens of a
+        matched stop string, whose text is not returned. ``params.extra["ignore_eos"]`` keeps
+        generating past EOS (for benchmarks).
+
+        Raises:
+            InvalidArgument: bad parameters, a duplicate active ``request_id``, or a prompt
+                that leaves no room in the context. Raised before any decoding starts.
+            FailedPrecondition: the engine is not started.
+        """
+        self._require_loaded()
+        ignore_eos = self._check_params(params)
+        if request_id in self._active:
+            raise _duplicate(request_id)
+        prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise InvalidArgument("the prompt is empty and the tokenizer adds no BOS; give text")
+        room = self._max_model_len - n_prompt
+        if room < 1:
+            raise InvalidArgument(
+                f"prompt has {n_prompt} tokens but model {self.config.model_name} accepts at "
+                f"most {self._max_model_len - 1} (context {self._max_model_len}, with room for "
+                "at least one generated token); shorten it or lower the history you send"
+            )
+        executor = self._executor
+        if executor is None or self._stopping:
+            raise Unavailable(f"model {self.config.model_name} is shutting down")
+        req = _Request(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            max_new_tokens=min(params.max_tokens, room),
+            ignore_eos=ignore_eos,
+            loop=asyncio.get_running_loop(),
+        )
+        with self._lock:
+            if request_id in self._active:
+                raise _duplicate(request_id)
+            self._active[request_id] = req
+        try:
+            executor.submit(self._decode, req)
+        except RuntimeError:  # the pool was shut down between the check and here
+            with self._lock:
+                self._active.pop(request_id, None)
+            raise Unavailable(f"model {self.config.model_name} is shutting down") from None
+        try:
+            while True:
+                await req.wakeup.wait()
+                req.wakeup.clear()
+                chunk, error = req.take()
+                if error is not None:
+                    raise Internal(
+                        f"generation for request {request_id} failed: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+                if chunk.finish_reason is not None:
+                    yield chunk
+                    return
+                if chunk.delta or chunk.token_ids:
+                    yield chunk
+        finally:
+            # Consumer gone (aclose, GeneratorExit, cancellation) or done: either way the
+            # decode thread must stop; it sees the flag before its next step.
+            req.aborted.set()
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a running request; its stream ends with "aborted". True when it was active."""
+        with self._lock:
+            req = self._active.get(request_id)
+        if req is None:
+            return False
+        req.aborted.set()
+        return True
+
+    def active_requests(self) -> set[str]:
+        """Ids whose decode thread has not finished yet."""
+        with self._lock:
+            return set(self._active)
+
+    def _decode(self, req: _Request) -> None:
+        """Runs in a pool thread: decode until a finish condition, pushing text as it goes."""
+        finish, tail, tail_ids = "aborted", "", []
+        error: BaseException | None = None
+        try:
+            import torch
+
+            # Grad mode is thread-local, so inference mode must be entered in this thread.
+            with torch.inference_mode():
+                finish, tail, tail_ids = self._decode_loop(req)
+        except BaseException as exc:  # reported to the consumer, never lost in the pool
+            log.exception("decode of request %s failed", req.request_id)
+            error = exc
+        finally:
+            # Leave the active set before the final push, so a consumer that sees the final
+            # chunk also sees active_requests() without this id.
+            with self._lock:
+                if self._active.get(req.request_id) is req:
+                    del self._active[req.request_id]
+            req.push(tail, tail_ids, finish_reason=finish, error=error)
+
+    def _decode_loop(self, req: _Request) -> tuple[str, str, list[int]]:
+        """The token loop; returns (finish_reason, last text, last token ids) for the final push."""
+        import torch
+
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or req.aborted.is_set():
+            return "aborted", "", []
+        device = self._device
+        stop_ids = set(req.params.stop_token_ids)
+        if not req.ignore_eos:
+            stop_ids |= self._eos_ids
+        sampler = _Sampler(req.params, req.prompt_ids, device)
+        detok = _Detokenizer(tokenizer, req.prompt_ids)
+        stops = _StopStrings(req.params.stop)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        input_ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)
+        past: Any = None
+        for step in range(req.max_new_tokens):
+            if req.aborted.is_set():
+                text, matched = stops.add(detok.flush())
+                return "aborted", text if matched else text + stops.flush(), []
+            out = model(input_ids=input_ids, past_key_values=past, use_cache=True, **extra)
+            past = out.past_key_values
+            token = sampler.sample(out.logits[0, -1])
+            piece = detok.add(token)
+            finish: str | None = None
+            if token in stop_ids:
+                finish = "stop"
+            elif step == req.max_new_tokens - 1:
+                finish = "length"  # max_tokens, or the end of the context window
+            if finish is not None:
+                piece += detok.flush()
+            text, matched = stops.add(piece)
+            if matched:
+                return "stop_string", text, [token]
+            if finish is not None:
+                return finish, text + stops.flush(), [token]
+            req.push(text, [token])
+            input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+        raise AssertionError("unreachable: max_new_tokens >= 1 always finishes in the loop")
+
+
+def _duplicate(request_id: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"request_id {request_id!r} is already generating on this replica; use a unique id"
+    )
+
+
+def _sane_max_length(value: Any) -> int:
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    return int(value) if isinstance(value, int) and 0 < value < 10_000_000 else 0
+
+
+def _context_length(hf_config: Any) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(hf_config, "text_config", None)
+    return _context_length(text_config) if text_config is not None else 0
