@@ -41,6 +41,7 @@ class HostedReplica:
     model: cp.Model
     engine: Engine | None = None
     inflight: int = 0
+    served: int = 0  # requests admitted since load, for stats and tests
     request_ids: set[str] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -125,6 +126,7 @@ class ReplicaManager:
             self.requests[request_id] = replica
             replica.request_ids.add(request_id)
         replica.inflight += 1
+        replica.served += 1
         replica.idle.clear()
         self._mark(replica)
         try:

@@ -24,7 +24,6 @@ from llmesh.v1 import inference_service_pb2 as inf
 from .conftest import Mesh
 
 
-
 def _params(max_tokens: int, *, ignore_eos: bool = True) -> common_pb2.GenerationParams:
     """Greedy params; ignore_eos keeps the untrained test model generating to max_tokens."""
     p = common_pb2.GenerationParams(max_tokens=max_tokens, temperature=0.0)
