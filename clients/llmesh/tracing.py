@@ -54,9 +54,19 @@ def configure(service_name: str) -> bool:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         else:
             log.warning("unknown OTEL_TRACES_EXPORTER %r ignored", name)
+    install(provider)
+    return True
+
+
+def install(provider: trace.TracerProvider) -> None:
+    """Use ``provider`` for llmesh spans from now on (tests pass one with an in-memory exporter).
+
+    OpenTelemetry allows one global provider per process; this sets it and turns llmesh's
+    server spans on.
+    """
+    global _configured
     trace.set_tracer_provider(provider)
     _configured = True
-    return True
 
 
 def _tracer() -> trace.Tracer:

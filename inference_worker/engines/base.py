@@ -7,11 +7,30 @@ The inference servicer knows only :class:`Engine`. Engines raise ``llmesh.errors
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping, Sequence
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from llmesh.errors import Unimplemented
+
+T = TypeVar("T")
+
+# transformers builds models on the "meta" device by patching torch globally while it loads, so
+# two loads in one process at once corrupt each other ("Cannot copy out of meta tensor").
+# Every engine loads through load_model(), one at a time per process.
+_MODEL_LOAD_LOCK = threading.Lock()
+
+
+def _locked(fn: Callable[..., T], *args: Any) -> T:
+    with _MODEL_LOAD_LOCK:
+        return fn(*args)
+
+
+async def load_model(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking model-loading function in a thread, one load per process at a time."""
+    return await asyncio.to_thread(_locked, fn, *args)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmesh.errors import FailedPrecondition, InvalidArgument
-from llmesh.inference_worker.engines.base import Engine, EngineConfig, ModelMeta
+from llmesh.inference_worker.engines.base import Engine, EngineConfig, ModelMeta, load_model
 from llmesh.inference_worker.engines.transformers_engine import (
     check_infer_params,
     check_model_dir,
@@ -93,7 +93,7 @@ class EmbeddingEngine(Engine):
 
             torch.set_num_threads(self._torch_threads)
         self._architectures = read_architectures(self._path)
-        self._model = await asyncio.to_thread(self._load)
+        self._model = await load_model(self._load)
         log.info("loaded %s (%s) from %s", self.config.model_name, self.backend, self._path)
 
     def _load(self) -> Any:

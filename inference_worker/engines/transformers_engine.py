@@ -42,6 +42,7 @@ from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     ModelMeta,
     SamplingParams,
+    load_model,
 )
 
 if TYPE_CHECKING:
@@ -404,7 +405,7 @@ class TransformersEngine(Engine):
             import torch
 
             torch.set_num_threads(self._torch_threads)
-        await asyncio.to_thread(self._load, path, device)
+        await load_model(self._load, path, device)
         self._stopping = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._max_concurrency,
