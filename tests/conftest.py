@@ -51,7 +51,7 @@ class EtcdServer:
             pytest.fail("etcd is not installed: run `apt-get install etcd-server` (see README)")
         url = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self.log = open(self.data_dir.parent / f"etcd-{self.client_port}.log", "wb")
+        self.log = open(self.data_dir.parent / f"etcd-{self.client_port}.log", "ab")
         self.proc = subprocess.Popen(
             [
                 etcd,
@@ -86,7 +86,11 @@ class EtcdServer:
                 time.sleep(0.05)
         else:
             pytest.fail("etcd did not start listening within 20 s")
+        self.wait_writable(deadline)
+
+    def wait_writable(self, deadline: float) -> None:
         # Listening is not ready: wait until a put succeeds.
+        url = f"http://127.0.0.1:{self.client_port}"
         ctl = shutil.which("etcdctl")
         env = {**os.environ, "ETCDCTL_API": "3"}
         while ctl and time.monotonic() < deadline:
@@ -98,6 +102,7 @@ class EtcdServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
+        """Stop etcd; start() brings it back on the same ports with the same data."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -7,6 +7,7 @@ then the caller's own shutdown (revoke lease), then ``server.stop(grace)``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 
@@ -26,11 +27,37 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 
+# Control-plane calls are idempotent (a repeated deploy with the same spec is a no-op), so a
+# call that meets UNAVAILABLE — a restarting control plane, a channel still in reconnect
+# backoff — is retried by gRPC itself a few times before the caller sees it. Token streams to
+# workers are never retried this way: the SDK decides that, before the first token only.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "llmesh.v1.ControlPlaneService"}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    # Peers in a mesh come back in seconds; don't sit in gRPC's default backoff (up to 2 min).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,54 @@ def test_worker_sigterm_drains_in_flight(
     assert rest[-1].finish_reason != common_pb2.FINISH_REASON_ABORTED
     assert worker.proc.wait(30) == 0
     assert not stub.ListWorkers(cp.ListWorkersRequest()).workers
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmesh", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_cli_deploy_query_tables_undeploy(spawn: Any, tmp_path: Path) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    up = spawn("up", "--listen", address, "--workers", "1", name="up")
+    up.wait_output("ready", timeout=90)
+    made = _cli("make-test-model", str(tmp_path / "tiny"))
+    assert made.returncode == 0, made.stderr
+    cp_opt = ["--control_plane", address]
+    deployed = _cli(
+        "deploy",
+        *cp_opt,
+        "--model",
+        "chat",
+        "--model_path",
+        str(tmp_path / "tiny"),
+        "--infer_params",
+        "max_concurrency=3",
+        'max_model_len="1024"',
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    answer = _cli("query", *cp_opt, "--model", "chat", "--query", "What is the capital of France?")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip()
+    models = _cli("models", *cp_opt)
+    assert models.returncode == 0 and "chat" in models.stdout and "transformers" in models.stdout
+    workers = _cli("workers", *cp_opt)
+    assert (
+        workers.returncode == 0 and "worker-0" in workers.stdout and address not in workers.stdout
+    )
+    bad = _cli("deploy", *cp_opt, "--model", "x", "--model_path", "/nope", "--infer_params", "=v")
+    assert bad.returncode == 2 and "'=v'" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _cli("query", *cp_opt, "--model", "nope", "--query", "hi")
+    assert (
+        missing.returncode == 1 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    )
+    gone = _cli("undeploy", *cp_opt, "--model", "chat")
+    assert gone.returncode == 0, gone.stderr
+    assert "chat" not in _cli("models", *cp_opt).stdout
+    assert up.stop(signal.SIGTERM, timeout=60) == 0
