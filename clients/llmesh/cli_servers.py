@@ -15,110 +15,18 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from llmesh.local_etcd import LocalEtcd, guarded, stop_child
 from llmesh.store import DEFAULT_NAMESPACE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-
-
-def _guarded(cmd: list[str]) -> list[str]:
-    """Wrap a command so it gets SIGTERM when this process dies (see _exit_with_parent)."""
-    return [sys.executable, "-m", "llmesh._exit_with_parent", str(os.getpid()), *cmd]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"child exited with code {proc.returncode} before listening")
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on {host}:{port} within {timeout:.0f}s")
-
-
-class LocalEtcd:
-    """An etcd child process on a free loopback port with its own data dir."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = _free_port()
-        self.peer_port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
-        if not os.path.exists(etcd):
-            raise SystemExit(
-                "error: etcd is not installed; run `sudo apt-get install etcd-server` "
-                "or pass --etcd HOST:PORT to use a running one"
-            )
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        url = f"http://127.0.0.1:{self.port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        log_file = open(self.data_dir.parent / "etcd.log", "ab")
-        self.proc = subprocess.Popen(
-            _guarded(
-                [
-                    etcd,
-                    "--name",
-                    "llmesh",
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--listen-client-urls",
-                    url,
-                    "--advertise-client-urls",
-                    url,
-                    "--listen-peer-urls",
-                    peer,
-                    "--initial-advertise-peer-urls",
-                    peer,
-                    "--initial-cluster",
-                    f"llmesh={peer}",
-                    "--log-level",
-                    "warn",
-                ]
-            ),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Own session: a terminal's Ctrl-C reaches only `up`, which stops children in order.
-            start_new_session=True,
-        )
-        _wait_port("127.0.0.1", self.port, self.proc, 20)
-
-    def stop(self) -> None:
-        _stop_child(self.proc, 10)
-
-
-def _stop_child(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str]:
@@ -161,7 +69,9 @@ async def _up(args: argparse.Namespace) -> int:
             endpoint = args.etcd
         else:
             etcd = LocalEtcd(state_dir / "etcd")
-            await asyncio.to_thread(etcd.start)
+            # In the main thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that
+            # started the child exits, and a pool thread may exit before we do.
+            etcd.start()
             endpoint = etcd.endpoint
             print(f"etcd        {endpoint} (data in {etcd.data_dir})", flush=True)
         async with run_control_plane(
@@ -171,7 +81,7 @@ async def _up(args: argparse.Namespace) -> int:
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
                 proc = subprocess.Popen(  # noqa: ASYNC220
-                    _guarded(_worker_command(args, endpoint, i)), start_new_session=True
+                    guarded(_worker_command(args, endpoint, i)), start_new_session=True
                 )
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
@@ -186,10 +96,10 @@ async def _up(args: argparse.Namespace) -> int:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
             print("stopping: workers drain, then the control plane, then etcd", flush=True)
-            await asyncio.gather(*(asyncio.to_thread(_stop_child, p, 30) for p in workers))
+            await asyncio.gather(*(asyncio.to_thread(stop_child, p, 30) for p in workers))
     finally:
         for proc in workers:
-            _stop_child(proc, 5)
+            stop_child(proc, 5)
         if etcd is not None:
             etcd.stop()
             if not args.data_dir:
@@ -216,7 +126,7 @@ async def _wait_workers(
 def _cmd_up(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_up(args))
-    except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:
+    except (RuntimeError, TimeoutError, ConnectionError, OSError) as exc:  # incl. no etcd
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -13,13 +13,12 @@ from typing import Any
 import grpc
 import pytest
 
+from llmesh.local_etcd import free_port
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
-
-from ..conftest import free_port
 
 
 def _children(pid: int) -> list[int]:

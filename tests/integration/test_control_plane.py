@@ -787,9 +787,9 @@ async def test_reconcile_moves_replicas_off_a_lost_worker(
 
 
 async def test_etcd_outage_degrades_and_recovers(tmp_path: Any, etcd_namespace: str) -> None:
-    from tests.conftest import EtcdServer
+    from llmesh.local_etcd import LocalEtcd
 
-    server = EtcdServer(tmp_path / "etcd")
+    server = LocalEtcd(tmp_path / "etcd", log_level="error")
     server.start()
     try:
         host, port = parse_endpoint(server.endpoint)

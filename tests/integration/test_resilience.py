@@ -11,13 +11,13 @@ import grpc
 import pytest
 
 from llmesh import ByzerLLM
+from llmesh.local_etcd import LocalEtcd
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
 
-from ..conftest import EtcdServer
 from .conftest import Mesh
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -84,7 +84,7 @@ def test_undeploy_drains_in_flight_requests_then_unloads(mesh: Mesh, test_model_
 def test_etcd_outage_keeps_streams_alive_and_worker_reregisters(
     tmp_path: Path, test_model_dir: Path
 ) -> None:
-    etcd = EtcdServer(tmp_path / "etcd")
+    etcd = LocalEtcd(tmp_path / "etcd", log_level="error")
     etcd.start()
     mesh = Mesh(etcd.endpoint, "/llmesh-outage")
     try:

@@ -1,0 +1,110 @@
+"""An etcd server as a child process: `llmesh up` runs one, and so does the test suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def guarded(cmd: list[str]) -> list[str]:
+    """Wrap a command so it gets SIGTERM when this process dies (see _exit_with_parent)."""
+    return [sys.executable, "-m", "llmesh._exit_with_parent", str(os.getpid()), *cmd]
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class LocalEtcd:
+    """A single-member etcd on free loopback ports with its own data dir.
+
+    ``stop()`` then ``start()`` brings it back on the same ports with the same data, which is
+    how tests play an etcd outage. The child dies with this process (PR_SET_PDEATHSIG) and
+    runs in its own session, so a terminal's Ctrl-C reaches only the parent.
+
+    Args:
+        data_dir: etcd's data directory; its log goes to ``data_dir`` + ".log".
+        log_level: etcd's --log-level.
+    """
+
+    def __init__(self, data_dir: Path, *, log_level: str = "warn") -> None:
+        self.data_dir = data_dir
+        self.log_path = data_dir.with_name(data_dir.name + ".log")
+        self.log_level = log_level
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        """Start etcd and return once it answers /health."""
+        etcd = shutil.which("etcd") or "/usr/bin/etcd"
+        if not os.path.exists(etcd):
+            raise FileNotFoundError(
+                "etcd is not installed; run `sudo apt-get install etcd-server` "
+                "or pass --etcd HOST:PORT to use a running one"
+            )
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        url = f"http://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                guarded(
+                    [
+                        etcd,
+                        *("--name", "llmesh", "--data-dir", str(self.data_dir)),
+                        *("--listen-client-urls", url, "--advertise-client-urls", url),
+                        *("--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer),
+                        *("--initial-cluster", f"llmesh={peer}", "--log-level", self.log_level),
+                    ]
+                ),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._wait_healthy(url, timeout)
+
+    def _wait_healthy(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"etcd exited with code {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+                    if json.load(resp).get("health") == "true":
+                        return
+            except (OSError, urllib.error.URLError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"etcd at {url} was not healthy within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        stop_child(self.proc, 10)
