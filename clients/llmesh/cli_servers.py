@@ -33,7 +33,7 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
     cmd = [
         sys.executable,
         "-m",
-        "llmesh.cli",
+        "llmesh",
         "inference-worker",
         "--etcd",
         etcd,

@@ -69,6 +69,12 @@ def install(provider: trace.TracerProvider) -> None:
     _configured = True
 
 
+def disable() -> None:
+    """Stop making llmesh server spans (OpenTelemetry keeps its one global provider)."""
+    global _configured
+    _configured = False
+
+
 def _tracer() -> trace.Tracer:
     return trace.get_tracer("llmesh")
 

@@ -130,10 +130,11 @@ class EmbeddingEngine(Engine):
         await asyncio.to_thread(self._run_lock.acquire)
         self._run_lock.release()
         del model
-        gc.collect()
         if self._device.startswith("cuda"):
             import torch
 
+            # Only CUDA needs the memory back at once; a full collection stalls the worker.
+            gc.collect()
             torch.cuda.empty_cache()
 
     def _require(self) -> Any:

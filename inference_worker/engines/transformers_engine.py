@@ -504,10 +504,12 @@ class TransformersEngine(Engine):
         device = self._device
         self._model = None
         self._tokenizer = None
-        gc.collect()
         if device.startswith("cuda"):
             import torch
 
+            # A full collection holds the GIL for about a second on a big heap, stalling every
+            # other replica's streams on this worker; only CUDA needs the memory back at once.
+            gc.collect()
             torch.cuda.empty_cache()
 
     def _require_loaded(self) -> tuple[Any, Any]:

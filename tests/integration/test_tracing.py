@@ -48,4 +48,5 @@ def test_one_trace_spans_client_control_plane_and_worker(
                 assert s.parent is not None and s.parent.span_id in client_ids, s.name
     finally:
         mesh.close()
+        tracing.disable()
         exporter.shutdown()
