@@ -193,6 +193,7 @@ class ReplicaManager:
             model.backend,
             model.model_path,
         )
+        engine: Engine | None = None
         try:
             engine = self.engine_factory(
                 EngineConfig(
@@ -203,9 +204,13 @@ class ReplicaManager:
                 )
             )
             await engine.start()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported as FAILED with the reason
+        except BaseException as exc:
+            # A half-loaded engine may hold weights: free them before reporting.
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.stop()
+            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+                raise
             log.warning("loading %s replica %d failed: %s", model.name, status.index, exc)
             status.state = FAILED
             status.reason = str(exc) or type(exc).__name__
