@@ -127,3 +127,24 @@ def test_etcd_outage_keeps_streams_alive_and_worker_reregisters(
     finally:
         mesh.close()
         etcd.stop()
+
+
+def test_a_model_that_cannot_load_is_failed_with_its_reason(mesh: Mesh, tmp_path: Path) -> None:
+    address = mesh.start_control_plane()
+    worker = mesh.start_worker("w0")
+    stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(address))
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeployModel(
+            cp.DeployModelRequest(
+                model=cp.Model(name="broken", model_path=missing),
+                wait_ready=True,
+                timeout_seconds=60,
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert missing in err.value.details()
+    (replica,) = stub.GetModel(cp.GetModelRequest(name="broken")).model.replicas
+    assert replica.state == common_pb2.REPLICA_STATE_FAILED and missing in replica.reason
+    stub.UndeployModel(cp.UndeployModelRequest(name="broken", wait=True, timeout_seconds=30))
+    assert not worker.manager.replicas
