@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc2\x02\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12&\n\x05\x65xtra\x18\t \x01(\x0b\x32\x17.google.protobuf.StructB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xc2\x01\n\x07Replica\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.ReplicaState\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08inflight\x18\x07 \x01(\x05\x12\x17\n\x0fmax_concurrency\x18\x08 \x01(\x05\x12\x12\n\ngeneration\x18\t \x01(\x03*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04*\x97\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmesh/v1/common.proto\x12\tllmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfa\x02\n\x10GenerationParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12&\n\x05\x65xtra\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x11structured_output\x18\n \x01(\x0b\x32\x1b.llmesh.v1.StructuredOutputB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"F\n\x10StructuredOutput\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\r\n\x05regex\x18\x02 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x03 \x03(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xc2\x01\n\x07Replica\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.ReplicaState\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x10\n\x08inflight\x18\x07 \x01(\x05\x12\x17\n\x0fmax_concurrency\x18\x08 \x01(\x05\x12\x12\n\ngeneration\x18\t \x01(\x03*\x99\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x04*\x97\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_LOADING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x18\n\x14REPLICA_STATE_FAILED\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=717
-  _globals['_FINISHREASON']._serialized_end=870
-  _globals['_REPLICASTATE']._serialized_start=873
-  _globals['_REPLICASTATE']._serialized_end=1024
+  _globals['_FINISHREASON']._serialized_start=845
+  _globals['_FINISHREASON']._serialized_end=998
+  _globals['_REPLICASTATE']._serialized_start=1001
+  _globals['_REPLICASTATE']._serialized_end=1152
   _globals['_CHATMESSAGE']._serialized_start=67
   _globals['_CHATMESSAGE']._serialized_end=111
   _globals['_GENERATIONPARAMS']._serialized_start=114
-  _globals['_GENERATIONPARAMS']._serialized_end=436
-  _globals['_USAGE']._serialized_start=438
-  _globals['_USAGE']._serialized_end=517
-  _globals['_REPLICA']._serialized_start=520
-  _globals['_REPLICA']._serialized_end=714
+  _globals['_GENERATIONPARAMS']._serialized_end=492
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=494
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=564
+  _globals['_USAGE']._serialized_start=566
+  _globals['_USAGE']._serialized_end=645
+  _globals['_REPLICA']._serialized_start=648
+  _globals['_REPLICA']._serialized_end=842
 # @@protoc_insertion_point(module_scope)
