@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 
 import aetcd
 
-from llmesh.errors import FailedPrecondition, NotFound, ResourceExhausted
+from llmesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.session import WorkerSession
 from llmesh.store import Keys, decode
@@ -99,6 +105,11 @@ class ReplicaManager:
         if not ready:
             r = max(hosted, key=lambda h: h.status.generation)
             state = common_pb2.ReplicaState.Name(r.status.state).removeprefix("REPLICA_STATE_")
+            if r.status.state == DRAINING:
+                # Retryable: the client should go to another replica (its routes lag a little).
+                raise Unavailable(
+                    f"model {model!r} is draining on this worker; retry on another replica"
+                )
             reason = f": {r.status.reason}" if r.status.reason else ""
             raise FailedPrecondition(f"model {model!r} is {state} on this worker{reason}")
         newest = max(r.status.generation for r in ready)
@@ -110,7 +121,10 @@ class ReplicaManager:
     ) -> AsyncIterator[None]:
         """Hold one of the replica's concurrency slots for the duration of a request."""
         if not replica.ready:
-            raise FailedPrecondition(f"model {replica.status.model!r} is draining on this worker")
+            raise Unavailable(
+                f"model {replica.status.model!r} is draining on this worker; "
+                "retry on another replica"
+            )
         limit = replica.status.max_concurrency
         if replica.inflight >= limit:
             raise ResourceExhausted(
@@ -120,7 +134,7 @@ class ReplicaManager:
             )
         if request_id is not None:
             if request_id in self.requests:
-                raise FailedPrecondition(
+                raise AlreadyExists(
                     f"request id {request_id!r} is already running; use a unique request_id"
                 )
             self.requests[request_id] = replica
@@ -212,6 +226,8 @@ class ReplicaManager:
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
                 raise
             log.warning("loading %s replica %d failed: %s", model.name, status.index, exc)
+            if self.replicas.get(hosted.key) is not hosted:
+                return  # unassigned meanwhile: nothing to report, its key is already gone
             status.state = FAILED
             status.reason = str(exc) or type(exc).__name__
             await self.session.publish_replica(status)
@@ -239,9 +255,11 @@ class ReplicaManager:
             except asyncio.TimeoutError:
                 log.warning("%s replica %d: drain timed out, aborting", key[0], key[2])
         self.replicas.pop(key, None)
-        if hosted.engine is not None:
-            await hosted.engine.stop()
-        await self.session.remove_replica(hosted.status)
+        try:
+            if hosted.engine is not None:
+                await hosted.engine.stop()
+        finally:
+            await self.session.remove_replica(hosted.status)
         log.info("unloaded %s replica %d (generation %d)", key[0], key[2], key[1])
 
     async def drain_all(self, timeout: float) -> None:
@@ -277,6 +295,8 @@ class Reconciler:
         self.manager = manager
         self._task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
+        self._wanted: dict[ReplicaKey, common_pb2.Replica] = {}
+        self._unloading: set[ReplicaKey] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconcile")
@@ -294,29 +314,20 @@ class Reconciler:
             try:
                 listing = await self.client.get_prefix(prefix)
                 revision = listing.header.revision
-                wanted: dict[ReplicaKey, common_pb2.Replica] = {}
+                wanted = self._wanted = {}
                 for kv in listing:
                     a = decode(kv.value, common_pb2.Replica)
                     wanted[(a.model, a.generation, a.index)] = a
-                await self._converge(wanted)
+                await self._converge()
                 self.synced.set()
                 watch = await self.client.watch_prefix(prefix, start_revision=revision + 1)
                 backoff = 0.2
-                async for event in watch:
-                    key = event.kv.key
-                    if event.kind == aetcd.rtypes.EventKind.PUT:
-                        a = decode(event.kv.value, common_pb2.Replica)
-                        wanted[(a.model, a.generation, a.index)] = a
-                        # A new generation at the same index replaces the old one.
-                        for k in list(wanted):
-                            if k[0] == a.model and k[2] == a.index and k[1] != a.generation:
-                                wanted.pop(k)
-                    else:
-                        model, index = key.decode()[len(prefix.decode()) :].rsplit("/", 1)
-                        for k in list(wanted):
-                            if k[0] == model and k[2] == int(index):
-                                wanted.pop(k)
-                    await self._converge(wanted)
+                try:
+                    await self._follow(watch, prefix, wanted)
+                finally:
+                    # Unregister from etcd and aetcd, or the dead watch keeps queueing events.
+                    with contextlib.suppress(Exception):
+                        await watch.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd outage: keep serving, retry
@@ -324,12 +335,42 @@ class Reconciler:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _converge(self, wanted: dict[ReplicaKey, common_pb2.Replica]) -> None:
+    async def _follow(
+        self, watch: object, prefix: bytes, wanted: dict[ReplicaKey, common_pb2.Replica]
+    ) -> None:
+        async for event in watch:  # type: ignore[attr-defined]
+            key = event.kv.key
+            if event.kind == aetcd.rtypes.EventKind.PUT:
+                a = decode(event.kv.value, common_pb2.Replica)
+                wanted[(a.model, a.generation, a.index)] = a
+                # A new generation at the same index replaces the old one.
+                for k in list(wanted):
+                    if k[0] == a.model and k[2] == a.index and k[1] != a.generation:
+                        wanted.pop(k)
+            else:
+                model, index = key.decode()[len(prefix.decode()) :].rsplit("/", 1)
+                for k in list(wanted):
+                    if k[0] == model and k[2] == int(index):
+                        wanted.pop(k)
+            await self._converge()
+
+    async def _unload(self, key: ReplicaKey) -> None:
+        try:
+            await self.manager.unload(key)
+        finally:
+            self._unloading.discard(key)
+        # Assigned again while draining (a re-placement keeps the generation): load it anew.
+        if key in self._wanted:
+            await self._converge()
+
+    async def _converge(self) -> None:
+        wanted = self._wanted
         for key in list(self.manager.replicas):
-            if key not in wanted:
-                self.manager.spawn(self.manager.unload(key), name=f"unload-{key}")
-        for key, assignment in wanted.items():
-            if key in self.manager.replicas:
+            if key not in wanted and key not in self._unloading:
+                self._unloading.add(key)
+                self.manager.spawn(self._unload(key), name=f"unload-{key}")
+        for key, assignment in list(wanted.items()):
+            if key in self.manager.replicas or key in self._unloading:
                 continue
             got = await self.client.get(self.keys.model(assignment.model))
             if got is None:

@@ -26,6 +26,14 @@ from llmesh.v1 import control_plane_service_pb2 as cp
 log = logging.getLogger(__name__)
 
 
+# Without keepalives a half-open connection to etcd hangs the assignment watch for minutes.
+ETCD_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
+
+
 def detect_gpus() -> int:
     """GPUs visible to torch, 0 when torch or CUDA is absent."""
     try:
@@ -110,9 +118,8 @@ async def run_inference_worker(
         kind="inference",
     )
     host, port = parse_endpoint(etcd)
-    client = aetcd.Client(host=host, port=port, timeout=10)
+    client = aetcd.Client(host=host, port=port, timeout=10, options=ETCD_CHANNEL_OPTIONS)
     keys = Keys(namespace)
-    await server.start()
     session = WorkerSession(client, keys, worker, ttl=lease_ttl)
     try:
         await session.__aenter__()
@@ -122,6 +129,8 @@ async def run_inference_worker(
         raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
     manager = ReplicaManager(session, engine_factory or _default_engine_factory)
     servicer.manager = manager
+    # Serve only once requests have somewhere to go; replicas load after that.
+    await server.start()
     reconciler = Reconciler(client, keys, worker, manager)
     reconciler.start()
     running = InferenceWorker(worker, server, session, manager, reconciler)

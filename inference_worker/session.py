@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 
 import aetcd
 
@@ -25,22 +24,18 @@ log = logging.getLogger(__name__)
 class WorkerSession:
     """Lease + keepalive + the keys published under the lease.
 
+    Writes that fail (etcd briefly unreachable) are not lost: the key is marked dirty and the
+    keepalive loop writes it again, every tick, until etcd takes it.
+
     Args:
         client: a connected aetcd client.
         keys: the namespace's key builder.
         worker: the worker record to publish.
         ttl: lease time-to-live in seconds; a dead worker leaves routing within ttl + ~1 s.
-        on_reregister: called after a lost lease was replaced, so callers can re-publish.
     """
 
     def __init__(
-        self,
-        client: aetcd.Client,
-        keys: Keys,
-        worker: cp.Worker,
-        *,
-        ttl: int = 5,
-        on_reregister: Callable[[], None] | None = None,
+        self, client: aetcd.Client, keys: Keys, worker: cp.Worker, *, ttl: int = 5
     ) -> None:
         self.client = client
         self.keys = keys
@@ -48,34 +43,68 @@ class WorkerSession:
         self.ttl = max(2, int(ttl))
         self.lease: aetcd.Lease | None = None
         self.done = asyncio.Event()
+        # What etcd should hold under our lease; a key absent here but in _dirty is a delete.
         self._published: dict[bytes, bytes] = {}
+        self._dirty: set[bytes] = set()
         self._keepalive: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        # One flush at a time, so two writes of one key cannot land out of order.
+        self._flush_lock = asyncio.Lock()
 
     async def __aenter__(self) -> WorkerSession:
-        await self._grant_and_publish()
+        self._published[self.keys.worker(self.worker.id)] = encode(self.worker)
+        await self._grant()
+        await self._flush()
+        if self._dirty:
+            raise ConnectionError("etcd refused the worker record")
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="lease-keepalive")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _grant_and_publish(self) -> None:
+    async def _grant(self) -> None:
+        lease = await asyncio.wait_for(self.client.lease(self.ttl), timeout=self.ttl)
         async with self._lock:
-            self.lease = await self.client.lease(self.ttl)
-            self._published[self.keys.worker(self.worker.id)] = encode(self.worker)
-            for key, value in list(self._published.items()):
-                await self.client.put(key, value, lease=self.lease)
-        log.info(
-            "worker %s registered with lease %x (ttl %ss)", self.worker.id, self.lease.id, self.ttl
-        )
+            self.lease = lease
+            # Everything we hold must be written again under the new lease.
+            self._dirty |= set(self._published)
+        log.info("worker %s registered with lease %x (ttl %ss)", self.worker.id, lease.id, self.ttl)
+
+    async def _write(self, key: bytes) -> bool:
+        value = self._published.get(key)
+        try:
+            if value is None:
+                await asyncio.wait_for(self.client.delete(key), timeout=self.ttl)
+            else:
+                await asyncio.wait_for(
+                    self.client.put(key, value, lease=self.lease), timeout=self.ttl
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried by the keepalive loop
+            log.warning("writing %s to etcd failed (%s); retrying", key.decode(), exc)
+            return False
+        return True
+
+    async def _flush(self) -> None:
+        """Write every dirty key; those that fail stay dirty for the next tick."""
+        async with self._flush_lock:
+            for key in list(self._dirty):
+                self._dirty.discard(key)
+                if not await self._write(key):
+                    self._dirty.add(key)
+                    return  # etcd is down; don't hammer it key by key
 
     async def _keepalive_loop(self) -> None:
         interval = self.ttl / 3
         while not self.done.is_set():
             await asyncio.sleep(interval)
             try:
-                resp = await self.client.refresh_lease(self.lease.id)
+                # Bounded by the interval: a refresh that takes longer is as good as lost.
+                resp = await asyncio.wait_for(
+                    self.client.refresh_lease(self.lease.id), timeout=interval
+                )
                 if getattr(resp, "TTL", 1) <= 0:
                     raise LookupError("lease expired")
             except asyncio.CancelledError:
@@ -83,30 +112,30 @@ class WorkerSession:
             except Exception as exc:  # noqa: BLE001 - any failure means: get a new lease
                 if self.done.is_set():
                     return
-                log.warning("lease keepalive failed (%s); re-registering", exc)
+                log.warning("lease keepalive failed (%r); re-registering", exc)
                 try:
-                    await self._grant_and_publish()
+                    await self._grant()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc2:  # noqa: BLE001 - etcd down: keep trying
-                    log.warning("re-register failed: %s", exc2)
+                    log.warning("re-register failed: %r", exc2)
+                    continue
+            if self._dirty:
+                await self._flush()
 
     async def put(self, key: bytes, value: bytes) -> None:
-        """Publish a key under the lease (remembered, re-published after a lease loss)."""
+        """Publish a key under the lease (written again after a failure or a lease loss)."""
         self._published[key] = value
-        if self.done.is_set():
-            return
-        try:
-            await self.client.put(key, value, lease=self.lease)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the keepalive loop re-publishes later
-            log.warning("publishing %s failed: %s", key.decode(), exc)
+        self._dirty.add(key)
+        if not self.done.is_set():
+            await self._flush()
 
     async def delete(self, key: bytes) -> None:
+        """Remove a published key (retried like puts)."""
         self._published.pop(key, None)
-        with contextlib.suppress(Exception):
-            await self.client.delete(key)
+        self._dirty.add(key)
+        if not self.done.is_set():
+            await self._flush()
 
     async def publish_replica(self, replica: common_pb2.Replica) -> None:
         key = self.keys.replica(replica.model, replica.worker_id, replica.generation, replica.index)

@@ -98,7 +98,8 @@ class Server:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 needs brackets
+        return f"{host}:{self.port}"
 
     async def start(self) -> None:
         await self.server.start()
