@@ -393,8 +393,14 @@ class EtcdRegistry(Registry):
         for event in response.events:
             deleted = event.type == event.DELETE
             _apply(self._state, self.keys, event.kv.key, None if deleted else event.kv, batch)
-        # header.revision covers every event of this watch up to it (progress responses too).
-        self._revision = max(self._revision, response.header.revision)
+        if response.events:
+            # Not header.revision: while etcd catches up an unsynced watcher it sends a partial
+            # batch stamped with the store's current revision, with more events to follow.
+            self._revision = max(self._revision, response.events[-1].kv.mod_revision)
+        elif not response.created and not response.canceled:
+            # An empty response is a progress notification; etcd sends those only to synced
+            # watchers, so everything up to header.revision has been delivered.
+            self._revision = max(self._revision, response.header.revision)
         self._notify(batch.change() if response.events else None)
 
     # -- reads -----------------------------------------------------------------------------

@@ -75,6 +75,11 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             except Unavailable as err:
                 log.debug("sync before NOT_FOUND failed: %s", err)
             spec = self.registry.models().get(name)
+        if spec is None and not self.registry.connected:
+            raise Unavailable(
+                f"model {name!r} is not in this control plane's last known state and etcd is "
+                "unreachable, so it may have been deployed since; retry when etcd is back"
+            )
         if spec is None:
             raise NotFound(
                 f"model {name!r} is not deployed; deploy it first (llmesh deploy --model {name} "
