@@ -12,7 +12,11 @@ import grpc
 from google.protobuf import json_format
 
 from llmesh.errors import InvalidArgument, rpc_handler
-from llmesh.inference_worker.engines.base import GenerationChunk, SamplingParams
+from llmesh.inference_worker.engines.base import (
+    GenerationChunk,
+    SamplingParams,
+    StructuredOutput,
+)
 from llmesh.inference_worker.replicas import HostedReplica, ReplicaManager
 from llmesh.v1 import common_pb2, inference_service_pb2_grpc
 from llmesh.v1 import inference_service_pb2 as inf
@@ -37,6 +41,11 @@ def sampling_params(p: common_pb2.GenerationParams) -> SamplingParams:
     out.stop_token_ids = list(p.stop_token_ids)
     if p.HasField("extra"):
         out.extra = json_format.MessageToDict(p.extra)
+    if p.HasField("structured_output"):
+        so = p.structured_output
+        out.structured_output = StructuredOutput(
+            json_schema=so.json_schema, regex=so.regex, choice=list(so.choice)
+        )
     return out
 
 
@@ -106,17 +115,25 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             prompt = await self._prompt(replica, list(start.messages), start.prompt)
             stream = engine.generate(request_id, prompt, params)
 
+            cancelled = asyncio.Event()
+
             async def read_cancels() -> None:
                 # The rest of the client stream: a cancel message (or half-close) ends here.
                 with contextlib.suppress(Exception):
                     async for msg in request_iterator:
                         if msg.WhichOneof("kind") == "cancel":
+                            cancelled.set()
                             await engine.abort(request_id)
                             return
 
             reader = asyncio.create_task(read_cancels(), name=f"cancel-reader-{request_id}")
+            aborted = False
             try:
                 async for chunk in stream:
+                    if cancelled.is_set() and not aborted:
+                        # A cancel read while the prompt was still being tokenized found no
+                        # request to abort; the engine knows it by now.
+                        aborted = await engine.abort(request_id) or chunk.finish_reason is not None
                     if chunk.finish_reason is not None:
                         yield inf.ChatResponse(
                             request_id=request_id,
@@ -184,7 +201,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
         free = max(replica.status.max_concurrency - replica.inflight, 0)
         lanes = min(len(todo), free) or 1  # no free slot: the first lane raises RESOURCE_EXHAUSTED
-        await asyncio.gather(*(lane() for _ in range(lanes)))
+        tasks = [asyncio.create_task(lane()) for _ in range(lanes)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the first failure fails the call ...
+        finally:
+            for task in tasks:  # ... and stops the other lanes instead of finishing the batch
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return inf.GenerateResponse(generations=[r for r in results if r is not None])
 
     @rpc_handler

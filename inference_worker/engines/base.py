@@ -34,6 +34,20 @@ async def load_model(fn: Callable[..., T], *args: Any) -> T:
 
 
 @dataclass
+class StructuredOutput:
+    """A shape the output must have, enforced while decoding (StructuredOutput in common.proto).
+
+    Exactly one field is set: ``json_schema`` (JSON Schema as JSON text), ``regex`` (the whole
+    output matches it) or ``choice`` (the output is exactly one of the strings). Engines
+    validate it and raise ``InvalidArgument`` naming the offending field.
+    """
+
+    json_schema: str = ""
+    regex: str = ""
+    choice: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SamplingParams:
     """Generation parameters with engine defaults applied (see GenerationParams in common.proto)."""
 
@@ -46,6 +60,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    structured_output: StructuredOutput | None = None
 
 
 @dataclass

@@ -18,6 +18,16 @@ infer_params understood (all strings, as the control plane stores them):
     ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (GPU when one is available).
 ``torch_threads``
     Passed to ``torch.set_num_threads`` at start. The setting is process-wide in torch.
+
+Structured output (``SamplingParams.structured_output``) is enforced while decoding with
+xgrammar: every step masks the logits to the tokens the grammar allows next, so the output is
+valid by construction, whatever the model. EOS is allowed only where the grammar is complete, and
+the request finishes with "stop" as soon as the grammar is complete and nothing but EOS could
+follow (``ignore_eos`` does not make it run on). JSON is produced compactly (no free
+whitespace, separators ``", "`` and ``": "``), which keeps weak models from looping on
+newlines. When ``max_tokens`` (or the context) runs out first the request finishes with
+"length" and the text is a valid *prefix* only, e.g. JSON cut off mid-string: callers must treat
+"length" as incomplete output. Compiled grammars are cached per engine.
 """
 
 from __future__ import annotations
@@ -27,10 +37,13 @@ import concurrent.futures
 import contextlib
 import gc
 import inspect
+import json
 import logging
 import math
 import os
+import re
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +55,7 @@ from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     ModelMeta,
     SamplingParams,
+    StructuredOutput,
     load_model,
 )
 
@@ -70,6 +84,12 @@ _GREEDY_EPS = 1e-5
 # How many prompt tokens seed the incremental detokenizer, so that the first generated token
 # decodes with its leading space (SentencePiece drops it at the start of a decode).
 _DETOK_CONTEXT = 6
+# Compiled grammars kept per engine (least recently used dropped first); compiling a JSON schema
+# against a large vocabulary takes from milliseconds to seconds, and clients resend the same one.
+_GRAMMAR_CACHE_SIZE = 32
+# xgrammar errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed-check
+# expression; callers need only the sentence after it.
+_XGR_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed:.*? is false:\s*)?")
 
 
 def check_infer_params(
@@ -161,6 +181,9 @@ class _Request:
     max_new_tokens: int
     ignore_eos: bool
     loop: asyncio.AbstractEventLoop
+    # An xgrammar CompiledGrammar when the request has structured output; the decode thread
+    # makes the request's own matcher from it.
+    grammar: Any = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -302,11 +325,15 @@ class _Sampler:
         self.prompt_ids = list(prompt_ids)
         self.device = device
 
-    def sample(self, logits: torch.Tensor) -> int:
+    def sample(self, logits: torch.Tensor, constraint: _Constraint | None = None) -> int:
         import torch
 
         p = self.params
         logits = logits.float()
+        if constraint is not None:
+            # Disallowed tokens become -inf before anything else: penalties keep them -inf, and
+            # greedy, top-k, top-p and multinomial then only ever see allowed tokens.
+            constraint.apply(logits)
         if p.repetition_penalty != 1.0:
             if self.seen is None:
                 # Sized from the logits, which can be wider than the tokenizer's vocabulary.
@@ -337,6 +364,149 @@ class _Sampler:
         if self.seen is not None:
             self.seen[token] = True
         return token
+
+
+class _Constraint:
+    """One request's grammar state: masks logits to what may come next, follows the tokens.
+
+    Not thread-safe; each request owns one, used only by its decode thread.
+    """
+
+    def __init__(self, compiled: Any) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.vocab = int(compiled.tokenizer_info.vocab_size)
+        self.bitmask = xgr.allocate_token_bitmask(1, self.vocab)
+        self.stop_ids = [int(t) for t in self.matcher.stop_token_ids]
+        # True when ``bitmask`` already holds the mask for the next token (filled by accept()).
+        self.filled = False
+        self.need_apply = True
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the logits of tokens the grammar does not allow next to -inf, in place."""
+        if not self.filled:
+            # False means every token is allowed: nothing to mask.
+            self.need_apply = bool(self.matcher.fill_next_token_bitmask(self.bitmask))
+        self.filled = False
+        if self.need_apply:
+            mask = self.bitmask
+            if logits.device.type != "cpu":
+                mask = mask.to(logits.device, non_blocking=True)
+            # (1, vocab) is the shape every xgrammar kernel takes; the view writes through.
+            self._xgr.apply_token_bitmask_inplace(
+                logits.view(1, -1), mask, vocab_size=min(self.vocab, int(logits.shape[-1]))
+            )
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; True when the output is finished (nothing but EOS may follow)."""
+        if not self.matcher.accept_token(token):
+            raise RuntimeError(f"sampled token {token} is not allowed by the output grammar")
+        if self.matcher.is_terminated():  # it accepted a stop token
+            return True
+        if not self.matcher.is_completed():
+            return False
+        # The grammar could end here, but it might also go on (a number, an open-ended regex):
+        # finish only when the next mask allows stop tokens alone, which saves a forward pass
+        # for the EOS and keeps ignore_eos from running on.
+        self.need_apply = bool(self.matcher.fill_next_token_bitmask(self.bitmask))
+        self.filled = True
+        return self.need_apply and not self._allows_more_than_stop()
+
+    def _allows_more_than_stop(self) -> bool:
+        import torch
+
+        words = self.bitmask[0].to(torch.int64) & 0xFFFFFFFF
+        for t in self.stop_ids:
+            if 0 <= t < self.vocab:
+                words[t // 32] &= ~(1 << (t % 32)) & 0xFFFFFFFF
+        tail = self.vocab % 32
+        if tail:
+            words[-1] &= (1 << tail) - 1
+        return bool(words.any())
+
+
+def _grammar_source(so: StructuredOutput) -> tuple[str, str]:
+    """Check a StructuredOutput; return (kind, text) for the compiler.
+
+    Kinds are the field names: ``json_schema`` and ``regex`` carry the text as given,
+    ``choice`` becomes an EBNF alternation of string literals.
+    """
+    set_fields = [
+        name
+        for name, value in (
+            ("json_schema", so.json_schema),
+            ("regex", so.regex),
+            ("choice", so.choice),
+        )
+        if value
+    ]
+    if not set_fields:
+        raise InvalidArgument(
+            "structured_output has no field set; set exactly one of json_schema, regex, choice"
+        )
+    if len(set_fields) > 1:
+        raise InvalidArgument(
+            f"structured_output sets {' and '.join(set_fields)}; set exactly one of "
+            "json_schema, regex, choice"
+        )
+    kind = set_fields[0]
+    if kind == "json_schema":
+        try:
+            schema = json.loads(so.json_schema)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"structured_output.json_schema is not valid JSON: {exc}; send the schema "
+                "as JSON text"
+            ) from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidArgument(
+                "structured_output.json_schema must be a JSON object (or true/false), got "
+                f"{type(schema).__name__}"
+            )
+        return kind, so.json_schema
+    if kind == "regex":
+        return kind, so.regex
+    if not all(isinstance(c, str) for c in so.choice):
+        raise InvalidArgument("structured_output.choice must be a list of strings")
+    # JSON string escapes (\", \\, \n, \uXXXX) are valid in xgrammar's EBNF literals.
+    alternatives = dict.fromkeys(json.dumps(c, ensure_ascii=False) for c in so.choice)
+    return kind, "root ::= " + " | ".join(alternatives)
+
+
+def _without_special_tokens(xgr: Any, info: Any, tokenizer: Any) -> Any:
+    """``info`` with the tokenizer's special tokens (other than stop tokens) made unusable.
+
+    xgrammar reads added tokens such as ``<|user|>`` as their literal text, so a grammar would
+    let them spell string content; the detokenizer skips special tokens, and the returned
+    text would then lack characters the grammar counted. Tokens with an empty string are
+    special to xgrammar and never allowed.
+    """
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
+    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(token, "special", False):
+            special.add(int(i))
+    special -= set(info.stop_token_ids)
+    special -= set(info.special_token_ids)
+    vocab = list(info.decoded_vocab)
+    special = {i for i in special if 0 <= i < len(vocab)}
+    if not special:
+        return info
+    for i in special:
+        vocab[i] = b""
+    return xgr.TokenizerInfo(
+        vocab,
+        xgr.VocabType.RAW,
+        vocab_size=info.vocab_size,
+        stop_token_ids=list(info.stop_token_ids),
+        add_prefix_space=info.add_prefix_space,
+    )
+
+
+def _xgr_message(exc: BaseException) -> str:
+    msg = _XGR_NOISE.sub("", str(exc).strip()).strip() or type(exc).__name__
+    return msg if len(msg) <= 400 else msg[:397] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +557,11 @@ class TransformersEngine(Engine):
         self._active: dict[str, _Request] = {}
         self._encode_lock = threading.Lock()
         self._stopping = False
+        # Structured output: the xgrammar compiler (made on first use, it reads the whole
+        # vocabulary) and an LRU of compiled grammars, shared by requests under this lock.
+        self._grammar_lock = threading.Lock()
+        self._grammar_compiler: Any = None
+        self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     @property
     def max_concurrency(self) -> int:
@@ -504,6 +679,9 @@ class TransformersEngine(Engine):
         device = self._device
         self._model = None
         self._tokenizer = None
+        with self._grammar_lock:
+            self._grammar_compiler = None
+            self._grammars.clear()
         if device.startswith("cuda"):
             import torch
 
@@ -632,6 +810,10 @@ class TransformersEngine(Engine):
         ignore_eos = self._check_params(params)
         if request_id in self._active:
             raise _duplicate(request_id)
+        grammar = None
+        if params.structured_output is not None:
+            kind, source = _grammar_source(params.structured_output)
+            grammar = await asyncio.to_thread(self._compile_grammar, kind, source)
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -653,6 +835,7 @@ class TransformersEngine(Engine):
             max_new_tokens=min(params.max_tokens, room),
             ignore_eos=ignore_eos,
             loop=asyncio.get_running_loop(),
+            grammar=grammar,
         )
         with self._lock:
             if request_id in self._active:
@@ -683,6 +866,59 @@ class TransformersEngine(Engine):
             # Consumer gone (aclose, GeneratorExit, cancellation) or done: either way the
             # decode thread must stop; it sees the flag before its next step.
             req.aborted.set()
+
+    def _compiler(self) -> Any:
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                _, tokenizer = self._require_loaded()
+                try:
+                    import xgrammar as xgr
+                except ImportError:
+                    raise FailedPrecondition(
+                        "structured output needs the xgrammar package on this worker; install "
+                        "the worker extra (pip install 'llmesh[worker]')"
+                    ) from None
+                # The model's logits can be wider than the tokenizer's vocabulary (embedding
+                # padding); xgrammar masks the extra ids out when told the full width.
+                info = xgr.TokenizerInfo.from_huggingface(
+                    tokenizer,
+                    vocab_size=max(self._vocab_size, len(tokenizer)),
+                    stop_token_ids=sorted(self._eos_ids) or None,
+                )
+                info = _without_special_tokens(xgr, info, tokenizer)
+                self._grammar_compiler = xgr.GrammarCompiler(
+                    info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
+                )
+            return self._grammar_compiler
+
+    def _compile_grammar(self, kind: str, source: str) -> Any:
+        """A compiled grammar for ``(kind, source)``, from the cache when possible."""
+        key = (kind, source)
+        with self._grammar_lock:
+            compiled = self._grammars.get(key)
+            if compiled is not None:
+                self._grammars.move_to_end(key)
+                return compiled
+        compiler = self._compiler()
+        # Compiled outside the lock: a slow schema must not hold up requests with cached ones;
+        # two requests racing on the same new schema just compile it twice.
+        try:
+            if kind == "json_schema":
+                compiled = compiler.compile_json_schema(source, any_whitespace=False)
+            elif kind == "regex":
+                compiled = compiler.compile_regex(source)
+            else:
+                compiled = compiler.compile_grammar(source)
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar's bad-input errors
+            raise InvalidArgument(
+                f"structured_output.{kind} cannot be enforced: {_xgr_message(exc)}"
+            ) from None
+        with self._grammar_lock:
+            self._grammars[key] = compiled
+            self._grammars.move_to_end(key)
+            while len(self._grammars) > _GRAMMAR_CACHE_SIZE:
+                self._grammars.popitem(last=False)
+        return compiled
 
     async def abort(self, request_id: str) -> bool:
         """Stop a running request; its stream ends with "aborted". True when it was active."""
@@ -731,6 +967,7 @@ class TransformersEngine(Engine):
         if not req.ignore_eos:
             stop_ids |= self._eos_ids
         sampler = _Sampler(req.params, req.prompt_ids, device)
+        constraint = _Constraint(req.grammar) if req.grammar is not None else None
         detok = _Detokenizer(tokenizer, req.prompt_ids)
         stops = _StopStrings(req.params.stop)
         extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
@@ -742,11 +979,13 @@ class TransformersEngine(Engine):
                 return "aborted", text if matched else text + stops.flush(), []
             out = model(input_ids=input_ids, past_key_values=past, use_cache=True, **extra)
             past = out.past_key_values
-            token = sampler.sample(out.logits[0, -1])
+            token = sampler.sample(out.logits[0, -1], constraint)
             piece = detok.add(token)
             finish: str | None = None
             if token in stop_ids:
                 finish = "stop"
+            elif constraint is not None and constraint.accept(token):
+                finish = "stop"  # the grammar is complete: EOS (even with ignore_eos) or nothing
             elif step == req.max_new_tokens - 1:
                 finish = "length"  # max_tokens, or the end of the context window
             if finish is not None:
