@@ -9,13 +9,30 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["ByzerLLM", "LLMResponse", "__version__"]
+# Where each lazily imported public name lives. Lazy so that `import llmesh.v1...` in servers
+# does not pull the SDK in.
+_LAZY: dict[str, str] = {
+    "ByzerLLM": "llmesh.client",
+    "LLMResponse": "llmesh.client",
+    "LLMRequest": "llmesh.client",
+    "LLMFunctionCallResponse": "llmesh.client",
+    "LLMClassResponse": "llmesh.client",
+    "EventName": "llmesh.client",
+    "InferBackend": "llmesh.client",
+    "Role": "llmesh.client",
+    "Template": "llmesh.templates",
+    "Templates": "llmesh.templates",
+    "prompt": "llmesh.decorators",
+    "AsyncByzerLLM": "llmesh.aio",
+}
+
+__all__ = [*sorted(_LAZY), "__version__"]
 
 
 def __getattr__(name: str):
-    # Lazy so that `import llmesh.v1...` in servers does not pull the SDK in.
-    if name in ("ByzerLLM", "LLMResponse"):
-        from llmesh import client
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return getattr(client, name)
-    raise AttributeError(name)
+    return getattr(importlib.import_module(module), name)

@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 an llmesh error (printed as one ``error: ...`` line), 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,11 +28,12 @@ from llmesh.client import (
 )
 from llmesh.errors import LLMeshError
 from llmesh.infer_params import ACCEPTED_FORMS, InferParamsAction
+from llmesh.templates import TEMPLATE_NAMES
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 
-# Every user-facing string in one table, so a translation can be added beside it later.
-MESSAGES: dict[str, str] = {
+# Every user-facing string in one table per language; MESSAGES holds the active one.
+MESSAGES_EN: dict[str, str] = {
     "desc": "llmesh: serve LLMs on a gRPC mesh (Byzer-LLM compatible)",
     "help_control_plane": "control plane address host:port "
     "(default: $LLMESH_CONTROL_PLANE or 127.0.0.1:50051)",
@@ -53,7 +55,8 @@ MESSAGES: dict[str, str] = {
     "help_timeout": "seconds to wait for the replicas to become READY",
     "help_query_model": "name of the deployed model",
     "help_query_text": "the user query / prompt",
-    "help_template": "chat template: auto (the model's own), default (User:/Assistant:), empty",
+    "help_template": "chat template: auto (the model's own), default (User:/Assistant:), empty, "
+    "or a Byzer-LLM template (qwen, llama, yi, deepseek_code_chat, ...)",
     "help_max_tokens": "most tokens to generate",
     "help_dir": "directory to write the model into",
     "deploy_success": "Model {0} deployed successfully: {1}/{2} replicas READY",
@@ -65,7 +68,70 @@ MESSAGES: dict[str, str] = {
     "no_models": "No models deployed.",
     "no_workers": "No workers registered.",
     "test_model_written": "Test model written to {0}",
+    "default_suffix": " (default: %(default)s)",
 }
+
+# Chinese texts, chosen when $LANG starts with "zh" (as Byzer-LLM's ``byzerllm`` command does).
+MESSAGES_ZH: dict[str, str] = {
+    "desc": "llmesh：在 gRPC 网格上部署和调用大模型（兼容 Byzer-LLM）",
+    "help_control_plane": "控制平面地址 host:port"
+    "（默认：$LLMESH_CONTROL_PLANE 或 127.0.0.1:50051）",
+    "help_deploy": "部署一个模型",
+    "help_undeploy": "卸载一个模型",
+    "help_query": "向已部署的模型提问，并流式输出回答",
+    "help_models": "列出已部署的模型及其副本",
+    "help_workers": "列出在线的工作节点",
+    "help_make_test_model": "把本地小测试模型写入 DIR（不下载任何东西）",
+    "help_num_workers": "要运行的副本数",
+    "help_gpus_per_worker": "每个副本占用的 GPU 数",
+    "help_cpus_per_worker": "每个副本占用的 CPU 数",
+    "help_model_path": "模型目录（HuggingFace 格式），以工作节点上的路径为准",
+    "help_pretrained_model_type": "预训练模型类型，随部署一起记录",
+    "help_udf_name": "部署后的模型名称",
+    "help_infer_params": f"推理引擎参数；每一项的写法：{ACCEPTED_FORMS}",
+    "help_infer_backend": "推理后端：transformers、vllm、deepspeed、embedding、rerank",
+    "help_no_wait": "部署记录下来后立即返回，不等待副本就绪",
+    "help_timeout": "等待副本就绪的秒数",
+    "help_query_model": "已部署的模型名称",
+    "help_query_text": "用户的问题 / 提示词",
+    "help_template": "对话模板：auto（模型自带）、default（User:/Assistant:）、empty，"
+    "或 Byzer-LLM 模板（qwen、llama、yi、deepseek_code_chat 等）",
+    "help_max_tokens": "最多生成的 token 数",
+    "help_dir": "写入模型的目录",
+    "deploy_success": "模型 {0} 部署成功：{1}/{2} 个副本已就绪",
+    "deploy_accepted": "模型 {0} 的部署已受理；{1} 个副本正在加载（可用 `llmesh models` 查看）",
+    "already_deployed": "模型 {0} 已经部署过了",
+    "undeploy_success": "模型 {0} 卸载成功",
+    "not_deployed": "模型 {0} 没有部署，无需操作",
+    "no_models": "没有已部署的模型。",
+    "no_workers": "没有已注册的工作节点。",
+    "test_model_written": "测试模型已写入 {0}",
+    "default_suffix": "（默认：%(default)s）",
+}
+
+LOCALES: dict[str, dict[str, str]] = {"en": MESSAGES_EN, "zh": MESSAGES_ZH}
+
+
+def cli_language(lang: str | None = None) -> str:
+    """``"zh"`` when ``lang`` (default: ``$LANG``) names a Chinese locale, else ``"en"``."""
+    value = os.environ.get("LANG", "en") if lang is None else lang
+    return "zh" if value.split(".")[0].lower().startswith("zh") else "en"
+
+
+def set_language(lang: str | None = None) -> str:
+    """Switch the CLI's texts to ``lang`` (a locale such as ``zh_CN.UTF-8``; default $LANG).
+
+    Returns:
+        The language chosen, ``"en"`` or ``"zh"``.
+    """
+    chosen = cli_language(lang)
+    MESSAGES.clear()
+    MESSAGES.update(LOCALES[chosen])
+    return chosen
+
+
+#: The active texts (see :func:`set_language`).
+MESSAGES: dict[str, str] = dict(LOCALES[cli_language()])
 
 #: ``query --template`` names and the role mappings they stand for (None: the model's own
 #: chat template, applied by the worker).
@@ -73,6 +139,15 @@ QUERY_TEMPLATES: dict[str, dict[str, Any] | None] = {
     "auto": None,
     "default": DEFAULT_ROLE_MAPPING,
     "empty": EMPTY_ROLE_MAPPING,
+    **{
+        name: factory().role_mapping
+        for name, factory in TEMPLATE_NAMES.items()
+        if name not in ("default", "empty")
+    },
+}
+#: Generation settings that go with a ``query --template`` (e.g. the template's stop token ids).
+QUERY_TEMPLATE_CONFIG: dict[str, dict[str, Any]] = {
+    name: factory().generation_config for name, factory in TEMPLATE_NAMES.items()
 }
 
 
@@ -168,7 +243,7 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """``llmesh query``: stream a model's answer to stdout as it arrives."""
-    llm_config: dict[str, Any] = {}
+    llm_config: dict[str, Any] = dict(QUERY_TEMPLATE_CONFIG.get(args.template, {}))
     if args.max_tokens is not None:
         llm_config["max_tokens"] = args.max_tokens
     role_mapping = QUERY_TEMPLATES[args.template]
@@ -278,30 +353,30 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--pretrained_model_type",
         default="custom/auto",
-        help=MESSAGES["help_pretrained_model_type"] + " (default: %(default)s)",
+        help=MESSAGES["help_pretrained_model_type"] + MESSAGES["default_suffix"],
     )
     deploy.add_argument(
         "--infer_backend",
         default="transformers",
-        help=MESSAGES["help_infer_backend"] + " (default: %(default)s)",
+        help=MESSAGES["help_infer_backend"] + MESSAGES["default_suffix"],
     )
     deploy.add_argument(
         "--num_workers",
         type=_positive_int,
         default=1,
-        help=MESSAGES["help_num_workers"] + " (default: %(default)s)",
+        help=MESSAGES["help_num_workers"] + MESSAGES["default_suffix"],
     )
     deploy.add_argument(
         "--gpus_per_worker",
         type=_non_negative_float,
         default=0.0,
-        help=MESSAGES["help_gpus_per_worker"] + " (default: %(default)s)",
+        help=MESSAGES["help_gpus_per_worker"] + MESSAGES["default_suffix"],
     )
     deploy.add_argument(
         "--cpus_per_worker",
         type=_positive_float,
         default=1.0,
-        help=MESSAGES["help_cpus_per_worker"] + " (default: %(default)s)",
+        help=MESSAGES["help_cpus_per_worker"] + MESSAGES["default_suffix"],
     )
     deploy.add_argument(
         "--infer_params",
@@ -318,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive_float,
         default=300.0,
-        help=MESSAGES["help_timeout"] + " (default: %(default)s)",
+        help=MESSAGES["help_timeout"] + MESSAGES["default_suffix"],
     )
 
     undeploy = add("undeploy", "help_undeploy", cmd_undeploy)
@@ -331,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         default="auto",
         choices=sorted(QUERY_TEMPLATES),
-        help=MESSAGES["help_template"] + " (default: %(default)s)",
+        help=MESSAGES["help_template"] + MESSAGES["default_suffix"],
     )
     query.add_argument(
         "--max_tokens", type=_positive_int, default=None, help=MESSAGES["help_max_tokens"]
@@ -362,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 on success, 1 for an llmesh error, 2 for bad usage (argparse errors, a bad
         ``--infer_params`` token, other invalid values), 130 when interrupted.
     """
+    set_language()
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))

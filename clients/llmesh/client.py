@@ -19,19 +19,23 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import copy
 import dataclasses
+import enum
 import json
 import logging
 import os
-import queue
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
+from llmesh import decorators
+from llmesh import functions as fn
 from llmesh.errors import (
+    FailedPrecondition,
     InvalidArgument,
     LLMeshError,
     NotFound,
@@ -39,16 +43,54 @@ from llmesh.errors import (
     Unavailable,
     Unimplemented,
 )
+from llmesh.functions import (
+    ExecuteCodeResponse,
+    FunctionCallList,
+    LLMClassResponse,
+    LLMFunctionCallResponse,
+)
+from llmesh.llm_config import (
+    CONFIG_PREFIXES,
+    MAX_TOKENS_KEYS,
+    GenerationConfig,
+    _as_float,
+    _as_int,
+    _byzer_flags,
+    generation_config,
+    strip_config_prefix,
+)
 from llmesh.routes import (
     CONTROL_CALL_TIMEOUT_S,
     ChannelPool,
-    ReplicaId,
     RouteCache,
     call_unary,
-    replica_id,
     rpc_errors,
 )
 from llmesh.routing import parse_policy
+from llmesh.streams import (
+    CANCEL_GRACE_S,
+    FINISH_REASONS,
+    AioChannels,
+    _Attempts,
+    _ChatCall,
+    _name_worker,
+    _normalize_pairs,
+    _param_str,
+    _Progress,
+    aio_chat_stream,
+    iterate_in_thread,
+    meta_dict,
+    rerank_output,
+)
+from llmesh.templates import (
+    DEFAULT_ROLE_MAPPING,
+    EMPTY_ROLE_MAPPING,
+    TEMPLATE_NAMES,
+    Template,
+    Templates,
+    identity,
+    render_with_role_mapping,
+)
 from llmesh.tracing import client_span
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -62,10 +104,6 @@ T = TypeVar("T")
 
 DEFAULT_CONTROL_PLANE = "127.0.0.1:50051"
 CONTROL_PLANE_ENV = "LLMESH_CONTROL_PLANE"
-
-#: How long closing a stream early waits for the worker's final (ABORTED) message before the
-#: RPC itself is cancelled.
-CANCEL_GRACE_S = 2.0
 
 
 def default_control_plane() -> str:
@@ -120,6 +158,29 @@ class Role:
     System = "system"
 
 
+class EventName(enum.Enum):
+    """Points in a model call where :meth:`ByzerLLM.add_event_callback` hooks run.
+
+    ``BEFORE_CALL_MODEL`` callbacks are called as ``callback(llm, model, input_value)`` after
+    the context-length checks and before the request leaves; ``input_value`` is a list with
+    one dict per prompt (``instruction``, ``history`` and the generation config).
+    ``AFTER_CALL_MODEL`` callbacks are called as ``callback(model, result)`` with the raw
+    result, a list of ``{"predict": text, "input": ..., "metadata": {...}}`` dicts.
+
+    A callback returns ``(continue, value)``. ``(True, _)`` lets the call go on;
+    ``(False, value)`` stops it and ``value`` (a list in the raw result shape) is used as the
+    model's result: before the call the model is not asked at all, after it the result is
+    replaced.
+    """
+
+    BEFORE_CALL_MODEL = "before_call_model"
+    AFTER_CALL_MODEL = "after_call_model"
+
+
+EventCallbackResult = tuple[bool, Any]
+EventCallback = Callable[..., EventCallbackResult]
+
+
 class InferBackend:
     """Engine names for ``setup_infer_backend``.
 
@@ -157,163 +218,6 @@ class SingleOutputMeta(dict[str, Any]):
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
-
-
-FINISH_REASONS: dict[int, str | None] = {
-    common_pb2.FINISH_REASON_UNSPECIFIED: None,
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    # OpenAI (and so most user code) reports a matched stop string as a plain stop.
-    common_pb2.FINISH_REASON_STOP_STRING: "stop",
-    common_pb2.FINISH_REASON_ABORTED: "abort",
-}
-
-
-# --------------------------------------------------------------------------------------------
-# llm_config -> GenerationParams
-# --------------------------------------------------------------------------------------------
-
-#: Byzer-LLM prefixes engine parameters with "gen." or "generation."; both are stripped.
-CONFIG_PREFIXES = ("gen.", "generation.")
-#: Spellings of the output-length limit, most specific first.
-MAX_TOKENS_KEYS = ("max_tokens", "max_new_tokens", "max_length")
-#: Byzer-LLM's internal flags that mean nothing to a worker.
-_DROPPED_KEYS = frozenset({"stream", "abort"})
-
-
-@dataclasses.dataclass
-class GenerationConfig:
-    """What an ``llm_config`` dict asks for.
-
-    Attributes:
-        params: sampling and stopping parameters for the worker.
-        request_id: the caller's request id (``gen.request_id``), or "" to let the SDK make one.
-        timeout: deadline for the call in seconds (``timeout_s``), or None.
-        affinity_key: requests with the same key go to the same replica (``affinity_key``).
-    """
-
-    params: common_pb2.GenerationParams
-    request_id: str = ""
-    timeout: float | None = None
-    affinity_key: str = ""
-
-
-def strip_config_prefix(key: str) -> str:
-    """``"gen.temperature"`` and ``"generation.temperature"`` become ``"temperature"``."""
-    for prefix in CONFIG_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
-def _as_float(key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}")
-    try:
-        return float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}") from None
-
-
-def _as_int(key: str, value: Any) -> int:
-    number = _as_float(key, value)
-    if not number.is_integer():
-        raise InvalidArgument(f"llm_config[{key!r}] must be a whole number, got {value!r}")
-    return int(number)
-
-
-def _as_int_list(key: str, value: Any) -> list[int]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [_as_int(key, item) for item in items]
-
-
-def _as_str_list(key: str, value: Any) -> list[str]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-        raise InvalidArgument(
-            f"llm_config[{key!r}] must be a string or a list of strings, got {value!r}"
-        )
-    if any(s == "" for s in items):
-        raise InvalidArgument(f"llm_config[{key!r}] holds an empty stop string")
-    return list(items)
-
-
-def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
-    """Turn a Byzer-LLM ``llm_config`` dict into a :class:`GenerationConfig`.
-
-    Keys may carry Byzer-LLM's ``gen.`` / ``generation.`` prefix. Known keys become typed
-    fields: ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` (also ``max_new_tokens`` and
-    ``max_length``, the first one present in that order wins), ``stop`` (string or list),
-    ``stop_token_ids`` (int or list; Byzer-LLM's ``stopping_sequences`` is read as ``stop``),
-    ``repetition_penalty``, ``seed``; ``request_id`` names the request (for ``abort``);
-    ``timeout_s`` sets the call deadline; ``affinity_key`` keeps related requests on one
-    replica. Keys set to None are skipped. Every other key goes to ``params.extra`` for engines
-    that understand it.
-
-    Args:
-        llm_config: the dict given to ``chat_oai`` / ``stream_chat_oai``; None means empty.
-
-    Raises:
-        InvalidArgument: a known key has a value of the wrong type, or an unknown key's value
-            cannot be carried as JSON.
-    """
-    params = common_pb2.GenerationParams()
-    out = GenerationConfig(params=params)
-    flat: dict[str, Any] = {}
-    for raw_key, value in (llm_config or {}).items():
-        if value is None:
-            continue
-        flat[strip_config_prefix(str(raw_key))] = value
-    extra: dict[str, Any] = {}
-    for key, value in flat.items():
-        if key == "temperature":
-            params.temperature = _as_float(key, value)
-        elif key == "top_p":
-            params.top_p = _as_float(key, value)
-        elif key == "top_k":
-            params.top_k = _as_int(key, value)
-        elif key in MAX_TOKENS_KEYS:
-            continue  # resolved below, by precedence rather than by dict order
-        elif key in ("stop", "stopping_sequences"):
-            params.stop.extend(s for s in _as_str_list(key, value) if s not in params.stop)
-        elif key == "stop_token_ids":
-            params.stop_token_ids.extend(_as_int_list(key, value))
-        elif key == "repetition_penalty":
-            params.repetition_penalty = _as_float(key, value)
-        elif key == "seed":
-            params.seed = _as_int(key, value)
-        elif key == "request_id":
-            out.request_id = str(value)
-        elif key == "timeout_s":
-            out.timeout = _as_float(key, value)
-            if out.timeout <= 0:
-                raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {value!r}")
-        elif key == "affinity_key":
-            out.affinity_key = str(value)
-        elif key in _DROPPED_KEYS:
-            continue
-        else:
-            extra[key] = value
-    for key in MAX_TOKENS_KEYS:
-        if key in flat:
-            params.max_tokens = _as_int(key, flat[key])
-            if params.max_tokens <= 0:
-                raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {flat[key]!r}")
-            break
-    if extra:
-        try:
-            params.extra.update(extra)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(
-                f"llm_config has a value that is not JSON-like ({exc}); "
-                "use strings, numbers, booleans, lists and dicts"
-            ) from None
-    return out
-
-
-def _byzer_flags(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Flags with their ``gen.`` / ``generation.`` prefix removed, for non-generation calls."""
-    return {strip_config_prefix(str(k)): v for k, v in (config or {}).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,47 +259,6 @@ def to_chat_messages(conversations: Sequence[Mapping[str, Any]]) -> list[common_
     return messages
 
 
-#: Byzer-LLM's plain "User:/Assistant:" prompt format (its ``default`` template).
-DEFAULT_ROLE_MAPPING: dict[str, Any] = {
-    "user_role": "User:",
-    "assistant_role": "Assistant:",
-    "system_msg": "You are a helpful assistant.",
-}
-#: No role markers at all: the messages' texts, one per line (Byzer-LLM's ``empty`` template).
-EMPTY_ROLE_MAPPING: dict[str, Any] = {"user_role": "", "assistant_role": "", "system_msg": ""}
-
-
-def render_with_role_mapping(
-    conversations: Sequence[Mapping[str, Any]], role_mapping: Mapping[str, Any]
-) -> str:
-    """Render a conversation into one prompt with a Byzer-LLM ``role_mapping``.
-
-    Each message becomes a line: system messages as their text (or ``system_msg_func(t, v)``),
-    user messages as ``user_role + text`` (or ``user_role_func(t, v)``), assistant messages as
-    ``assistant_role + text`` (or ``assistant_role_func(t, v)``). When the last message is from
-    the user, ``assistant_role`` is appended so the model answers.
-    """
-    user_role = str(role_mapping.get("user_role", ""))
-    assistant_role = str(role_mapping.get("assistant_role", ""))
-    lines: list[str] = []
-    for item in conversations:
-        role, content = item.get("role"), str(item.get("content") or "")
-        if role == "system":
-            func = role_mapping.get("system_msg_func")
-            lines.append(func(t=role_mapping.get("system_msg", ""), v=content) if func else content)
-        elif role == "user":
-            func = role_mapping.get("user_role_func")
-            lines.append(func(t=user_role, v=content) if func else f"{user_role}{content}")
-        elif role == "assistant":
-            func = role_mapping.get("assistant_role_func")
-            lines.append(
-                func(t=assistant_role, v=content) if func else f"{assistant_role}{content}"
-            )
-    if conversations and conversations[-1].get("role") == "user":
-        lines.append(assistant_role)
-    return "\n".join(lines)
-
-
 def _echo_input(
     conversations: Sequence[Mapping[str, Any]], prompt: str | None, llm_config: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -406,225 +269,51 @@ def _echo_input(
     return {"instruction": conversations[-1].get("content", ""), "history": history, **llm_config}
 
 
-# --------------------------------------------------------------------------------------------
-# Streams and results
-# --------------------------------------------------------------------------------------------
+def _to_response(item: Any, clean: Callable[[str], str]) -> LLMResponse:
+    """A raw result item (``{"predict", "input", "metadata"}``) as an :class:`LLMResponse`.
 
-
-class _ChatCall:
-    """One ``InferenceService.Chat`` call whose request side is fed from a queue.
-
-    The start message goes first; a cancel can be queued later on the same stream. The request
-    side stays open until :meth:`end_requests`, so the worker never mistakes the end of our
-    input for the end of our interest.
+    Event callbacks may also hand back ready :class:`LLMResponse` objects.
     """
-
-    def __init__(
-        self,
-        stub: inf_grpc.InferenceServiceStub,
-        start: inf.ChatStart,
-        *,
-        timeout: float | None,
-        metadata: Sequence[tuple[str, str]],
-    ) -> None:
-        self._requests: queue.SimpleQueue[inf.ChatRequest | None] = queue.SimpleQueue()
-        self._requests.put(inf.ChatRequest(start=start))
-        self._ended = False
-        self.call = stub.Chat(self._request_iterator(), timeout=timeout, metadata=metadata)
-
-    def _request_iterator(self) -> Iterator[inf.ChatRequest]:
-        while True:
-            item = self._requests.get()
-            if item is None:
-                return
-            yield item
-
-    def end_requests(self) -> None:
-        """Half-close the request side (lets grpc's sender thread finish)."""
-        if not self._ended:
-            self._ended = True
-            self._requests.put(None)
-
-    def cancel(self, grace: float = CANCEL_GRACE_S) -> None:
-        """Stop the request on the worker: send ChatCancel, wait briefly, then cancel the RPC.
-
-        The cancel message lets the worker abort the engine request and answer with its final
-        message; cancelling the RPC afterwards covers a worker that does not answer in time
-        (the worker sees the RPC cancelled either way).
-        """
-        if self.call.done():
-            self.end_requests()
-            return
-        self._requests.put(inf.ChatRequest(cancel=inf.ChatCancel()))
-        timer = threading.Timer(grace, self.call.cancel)
-        timer.daemon = True
-        timer.start()
-        try:
-            with contextlib.suppress(LLMeshError), rpc_errors():
-                for response in self.call:
-                    if response.finished:
-                        break
-        finally:
-            timer.cancel()
-            self.end_requests()
-            self.call.cancel()  # no-op when the RPC already ended
-
-
-class _Attempts:
-    """Retry bookkeeping for one request.
-
-    UNAVAILABLE before any output: the worker is marked down and the request is retried once
-    on another replica. RESOURCE_EXHAUSTED: every other READY replica is tried in turn. When no
-    replica is left, the last worker error is raised.
-    """
-
-    def __init__(self) -> None:
-        self.tried: set[ReplicaId] = set()
-        self.retried_unavailable = False
-        self.last_error: LLMeshError | None = None
-
-    def failed(self, routes: RouteCache, replica: common_pb2.Replica, exc: LLMeshError) -> None:
-        """Record a failed attempt; re-raise ``exc`` when no retry is allowed."""
-        self.tried.add(replica_id(replica))
-        if isinstance(exc, Unavailable):
-            routes.mark_down(replica.address)
-            if self.retried_unavailable:
-                raise exc
-            self.retried_unavailable = True
-        elif not isinstance(exc, ResourceExhausted):
-            raise exc
-        log.debug("replica %s of %s failed (%s); trying another", replica.index, replica.model, exc)
-        self.last_error = exc
-
-
-def _name_worker(replica: common_pb2.Replica, exc: LLMeshError) -> LLMeshError:
-    """Say which worker was unreachable; grpc's own message names only a socket error."""
-    if not isinstance(exc, Unavailable):
-        return exc
-    named = Unavailable(
-        f"worker {replica.worker_id or '?'} at {replica.address} "
-        f"(model {replica.model!r} replica {replica.index}) is unavailable: {exc}"
+    if isinstance(item, LLMResponse):
+        output = clean(item.output) if isinstance(item.output, str) else item.output
+        return LLMResponse(output=output, input=item.input, metadata=dict(item.metadata))
+    if not isinstance(item, Mapping) or "predict" not in item:
+        raise InvalidArgument(
+            "an event callback returned a result item without 'predict'; return a list of "
+            "{'predict': text, 'input': ..., 'metadata': {...}} dicts"
+        )
+    output = item["predict"]
+    return LLMResponse(
+        output=clean(output) if isinstance(output, str) else output,
+        input=item.get("input", {}),
+        metadata=dict(item.get("metadata") or {}),
     )
-    named.__cause__ = exc.__cause__
-    return named
 
 
-class _Progress:
-    """Accumulates a Chat stream into text and Byzer-LLM metadata."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.started = time.monotonic()
-        self.first_token_at: float | None = None
-        self.parts: list[str] = []
-        self.generated = 0
-        self.prompt_tokens = 0
-        self.finish_reason: str | None = None
-        self.finished = False
-
-    def add(self, response: inf.ChatResponse) -> None:
-        if response.request_id:
-            self.request_id = response.request_id
-        if response.delta or response.token_ids:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
-            self.parts.append(response.delta)
-            self.generated += len(response.token_ids)
-        if response.finished:
-            self.finished = True
-            self.finish_reason = FINISH_REASONS.get(response.finish_reason)
-            if response.HasField("usage"):
-                self.prompt_tokens = response.usage.prompt_tokens
-                self.generated = response.usage.completion_tokens or self.generated
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
-    def metadata(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.started
-        first = (self.first_token_at - self.started) if self.first_token_at is not None else 0.0
-        return {
-            "request_id": self.request_id,
-            "input_tokens_count": self.prompt_tokens,
-            "generated_tokens_count": self.generated,
-            "finish_reason": self.finish_reason,
-            "time_cost": elapsed,
-            "first_token_time": first,
-            "speed": self.generated / elapsed if elapsed > 0 else 0.0,
-        }
+#: llm_config keys the SDK itself reads and never sends: ``structured_output`` (False turns
+#: schema enforcement off) and ``max_tool_calls`` (most tool calls the enforced schema allows).
+_SDK_KEYS = frozenset({"structured_output", "max_tool_calls"})
 
 
-def rerank_output(
-    pairs: Sequence[tuple[str, str]], scores: Sequence[float], *, single: bool
-) -> tuple[tuple[str, str], float] | list[tuple[tuple[str, str], float]]:
-    """Shape rerank scores as Byzer-LLM's rerank models returned them.
+def _structured_refused(start: inf.ChatStart, exc: LLMeshError) -> bool:
+    """True when the engine refused the request because it cannot enforce the schema."""
+    return start.params.HasField("structured_output") and "structured" in str(exc)
 
-    One pair gives ``((query, passage), score)``; several give a list of those, best first.
+
+def _advance(steps: Generator[Any, Any, Any], value: Any) -> tuple[bool, Any]:
+    """Send ``value`` into ``steps``: ``(False, next request)`` or ``(True, final result)``.
+
+    StopIteration is turned into a return value because it cannot cross
+    ``asyncio.to_thread``.
     """
-    scored = [((q, p), float(s)) for (q, p), s in zip(pairs, scores, strict=True)]
-    if single:
-        return scored[0]
-    return sorted(scored, key=lambda item: item[1], reverse=True)
+    try:
+        return False, steps.send(value)
+    except StopIteration as stop:
+        return True, stop.value
 
 
-def _normalize_pairs(
-    sentence_pairs: Sequence[Sequence[str]] | Sequence[str],
-) -> tuple[list[tuple[str, str]], bool]:
-    """Return the pairs and whether one bare pair was given (Byzer-LLM accepts both)."""
-    if (
-        isinstance(sentence_pairs, (list, tuple))
-        and len(sentence_pairs) == 2
-        and all(isinstance(s, str) for s in sentence_pairs)
-    ):
-        query, passage = sentence_pairs
-        return [(str(query), str(passage))], True
-    pairs: list[tuple[str, str]] = []
-    for i, pair in enumerate(sentence_pairs):
-        if (
-            not isinstance(pair, (list, tuple))
-            or len(pair) != 2
-            or not all(isinstance(s, str) for s in pair)
-        ):
-            raise InvalidArgument(
-                f"sentence_pairs[{i}] must be a (query, passage) pair of strings, got {pair!r}"
-            )
-        pairs.append((pair[0], pair[1]))
-    return pairs, False
-
-
-def _param_str(value: Any) -> str:
-    """infer_params travel as strings; non-strings are written as JSON (True -> "true")."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
-def meta_dict(response: inf.GetModelMetaResponse) -> dict[str, Any]:
-    """Byzer-LLM's meta dict from a GetModelMeta response.
-
-    Typed fields win over same-named keys in the free-form ``extra`` map.
-    """
-    meta: dict[str, Any] = dict(response.extra)
-    meta.update(
-        {
-            "model": response.model,
-            # Byzer-LLM marks self-hosted models "proprietary" and hosted APIs "saas".
-            "model_deploy_type": "proprietary",
-            "backend": response.backend,
-            "architectures": list(response.architectures),
-            "max_model_len": response.max_model_len,
-            "support_stream": response.support_stream,
-            "support_chat_template": response.support_chat_template,
-            # chat_oai sends the messages themselves; the worker applies the chat template.
-            "message_format": True,
-            "embedding_dim": response.embedding_dim,
-            "model_path": response.model_path,
-            "max_concurrency": response.max_concurrency,
-        }
-    )
-    return meta
-
+#: Most concurrent requests one batched ``chat`` call makes.
+MAX_BATCH_THREADS = 8
 
 # --------------------------------------------------------------------------------------------
 # The client
@@ -665,6 +354,22 @@ class ByzerLLM:
         self.pin_model_worker_mapping: dict[str, int] | None = None
         self.mapping_role_mapping: dict[str, dict[str, Any]] = {}
         self.mapping_extra_generation_params: dict[str, dict[str, Any]] = {}
+        self.mapping_clean_func: dict[str, Callable[[str], str]] = {}
+        self.mapping_auto_use_apply_chat_template: dict[str, bool] = {}
+        self.mapping_max_input_length: dict[str, int] = {}
+        self.mapping_max_output_length: dict[str, int] = {}
+        self.mapping_max_model_length: dict[str, int] = {}
+        self.mapping_function_calling_format_func: dict[str, Callable[..., str]] = {}
+        self.mapping_response_class_format_func: dict[str, Callable[..., str]] = {}
+        self.mapping_response_class_format_after_chat_func: dict[str, Callable[..., str]] = {}
+        self.mapping_impl_func_format_func: dict[str, Callable[..., str]] = {}
+        self.mapping_base_system_message: dict[str, str] = {}
+        self.mapping_sys_response_class_format_func: dict[str, Callable[..., str]] = {}
+        self.mapping_sys_function_calling_format_func: dict[str, Callable[..., str]] = {}
+        self.mapping_sys_response_class_format_after_chat_func: dict[str, Callable[..., str]] = {}
+        self.mapping_sys_impl_func_format_func: dict[str, Callable[..., str]] = {}
+        self.func_impl_cache: dict[str, Callable[..., Any]] = {}
+        self.event_callbacks: dict[EventName, list[EventCallback]] = {}
         self.meta_cache: dict[str, dict[str, Any]] = {}
         self._pool = ChannelPool()
         self._control = cp_grpc.ControlPlaneServiceStub(self._pool.get(self.control_plane))
@@ -672,6 +377,7 @@ class ByzerLLM:
         if "first_route_timeout" in kwargs:
             route_kwargs["first_snapshot_timeout"] = float(kwargs["first_route_timeout"])
         self._routes = RouteCache(self._pool.get(self.control_plane), **route_kwargs)
+        self._aio_channels = AioChannels()
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -846,6 +552,182 @@ class ByzerLLM:
         self.mapping_extra_generation_params[model] = {**current, **extra_generation_params}
         return self
 
+    def setup_template(self, model: str, template: Template | str) -> ByzerLLM:
+        """Choose how this model's chats become a prompt.
+
+        Args:
+            model: the model name.
+            template: a :class:`~llmesh.templates.Template` (e.g. ``Templates.qwen()``), one
+                of their names (``"qwen"``, ``"llama"``, ``"deepseek_code_chat"``, ...), or
+                ``"auto"``: ask the model's meta. llmesh workers render messages with the
+                tokenizer's chat template, so ``auto`` keeps messages as they are (and drops
+                a role mapping set earlier); a model without message support and with a QWen
+                architecture gets ``Templates.qwen()``; a model with neither a chat template
+                nor message support is an error.
+
+        Raises:
+            InvalidArgument: an unknown template name, or ``auto`` for a model that cannot
+                render messages.
+        """
+        if isinstance(template, str):
+            if template == "auto":
+                return self._setup_auto_template(model)
+            factory = TEMPLATE_NAMES.get(template)
+            if factory is None:
+                raise InvalidArgument(
+                    f"unknown template {template!r}; use 'auto' or one of "
+                    f"{', '.join(TEMPLATE_NAMES)}"
+                )
+            template = factory()
+        self.mapping_role_mapping[model] = dict(template.role_mapping)
+        self.setup_extra_generation_params(model, template.generation_config)
+        self.mapping_clean_func[model] = template.clean_func
+        hooks = (
+            (self.mapping_function_calling_format_func, template.function_calling_format_func),
+            (self.mapping_response_class_format_func, template.response_class_format_func),
+            (
+                self.mapping_response_class_format_after_chat_func,
+                template.response_class_format_after_chat_func,
+            ),
+        )
+        for mapping, func in hooks:
+            if func is not None:
+                mapping[model] = func
+            else:
+                mapping.pop(model, None)
+        return self
+
+    def _setup_auto_template(self, model: str) -> ByzerLLM:
+        meta = self.get_meta(model)
+        if meta.get("model_deploy_type") == "saas" or meta.get("message_format"):
+            self.mapping_role_mapping.pop(model, None)
+            self.mapping_auto_use_apply_chat_template[model] = True
+            return self
+        if "QWenLMHeadModel" in meta.get("architectures", []):
+            return self.setup_template(model, Templates.qwen())
+        if not meta.get("support_chat_template"):
+            raise InvalidArgument(
+                f"model {model!r} has no chat template, so template 'auto' cannot render its "
+                "chats; pass a template such as Templates.default()"
+            )
+        self.mapping_role_mapping.pop(model, None)
+        self.mapping_auto_use_apply_chat_template[model] = True
+        return self
+
+    def setup_max_model_length(self, model: str, max_model_length: int) -> ByzerLLM:
+        """Refuse requests whose prompt plus output would exceed this many tokens.
+
+        Args:
+            model: the model name.
+            max_model_length: the model's context length, in tokens.
+        """
+        self.mapping_max_model_length[model] = int(max_model_length)
+        return self
+
+    def setup_max_input_length(self, model: str, max_input_length: int) -> ByzerLLM:
+        """Refuse prompts longer than this many tokens (checked before sending).
+
+        Args:
+            model: the model name.
+            max_input_length: the longest prompt, in tokens.
+        """
+        self.mapping_max_input_length[model] = int(max_input_length)
+        return self
+
+    def setup_max_output_length(self, model: str, max_output_length: int) -> ByzerLLM:
+        """Generate at most this many tokens when a call does not say (``max_tokens``).
+
+        Args:
+            model: the model name.
+            max_output_length: tokens; also what the context check assumes the output needs.
+        """
+        self.mapping_max_output_length[model] = int(max_output_length)
+        return self
+
+    def get_max_model_length(self, model: str) -> int | None:
+        """The context length set with :meth:`setup_max_model_length`, or None."""
+        return self.mapping_max_model_length.get(model)
+
+    def get_max_input_length(self, model: str) -> int | None:
+        """The prompt limit set with :meth:`setup_max_input_length`, or None."""
+        return self.mapping_max_input_length.get(model)
+
+    def get_max_output_length(self, model: str) -> int:
+        """The output length set for the model, else ``default_max_output_length``."""
+        return self.mapping_max_output_length.get(model, self.default_max_output_length)
+
+    def setup_function_calling_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
+        """Build this model's tools prompt with ``func(prompt, tools, tool_choice) -> str``."""
+        self.mapping_function_calling_format_func[model] = func
+        return self
+
+    def setup_response_class_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
+        """Build this model's response-class prompt with ``func(prompt, cls=...) -> str``."""
+        self.mapping_response_class_format_func[model] = func
+        return self
+
+    def setup_impl_func_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
+        """Build this model's impl prompt with ``func(prompt, impl_func, cls=...) -> str``."""
+        self.mapping_impl_func_format_func[model] = func
+        return self
+
+    def setup_response_class_format_after_chat_func(
+        self, model: str, func: Callable[..., str]
+    ) -> ByzerLLM:
+        """Build this model's "restate as JSON" prompt with ``func(cls) -> str``."""
+        self.mapping_response_class_format_after_chat_func[model] = func
+        return self
+
+    def setup_base_system_messages(self, model: str, base_system_message: str) -> ByzerLLM:
+        """The system message ``enable_default_sys_message=True`` adds for this model."""
+        self.mapping_base_system_message[model] = base_system_message
+        return self
+
+    def setup_sys_response_class_format_func(
+        self, model: str, func: Callable[..., str]
+    ) -> ByzerLLM:
+        """Like :meth:`setup_response_class_format_func`, with the default system message."""
+        self.mapping_sys_response_class_format_func[model] = func
+        return self
+
+    def setup_sys_function_calling_format_func(
+        self, model: str, func: Callable[..., str]
+    ) -> ByzerLLM:
+        """Like :meth:`setup_function_calling_format_func`, with the default system message."""
+        self.mapping_sys_function_calling_format_func[model] = func
+        return self
+
+    def setup_sys_response_class_format_after_chat_func(
+        self, model: str, func: Callable[..., str]
+    ) -> ByzerLLM:
+        """Kept for Byzer-LLM code; like Byzer-LLM, ``chat_oai`` does not consult it."""
+        self.mapping_sys_response_class_format_after_chat_func[model] = func
+        return self
+
+    def setup_sys_impl_func_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
+        """Like :meth:`setup_impl_func_format_func`, with the default system message."""
+        self.mapping_sys_impl_func_format_func[model] = func
+        return self
+
+    # -- events ---------------------------------------------------------------------------
+
+    def add_event_callback(self, event_name: EventName, callback: EventCallback) -> None:
+        """Run ``callback`` at ``event_name`` on every chat call (see :class:`EventName`).
+
+        Args:
+            event_name: ``EventName.BEFORE_CALL_MODEL`` or ``EventName.AFTER_CALL_MODEL``.
+            callback: returns ``(continue, value)``; ``(False, value)`` short-circuits.
+        """
+        self.event_callbacks.setdefault(event_name, []).append(callback)
+
+    def _trigger_event(self, event_name: EventName, *args: Any, **kwargs: Any) -> Any:
+        """Run the callbacks in order; the first that says stop gives the value (else None)."""
+        for callback in self.event_callbacks.get(event_name, ()):
+            keep_going, value = callback(*args, **kwargs)
+            if not keep_going:
+                return value
+        return None
+
     # -- helpers --------------------------------------------------------------------------
 
     def _model_or_default(self, model: str | None, default: str | None, setter: str) -> str:
@@ -1000,6 +882,183 @@ class ByzerLLM:
 
     # -- chat -----------------------------------------------------------------------------
 
+    def _structured_allowed(self, model: str, flags: Mapping[str, Any]) -> bool:
+        """Whether to ask the engine for constrained decoding on this call.
+
+        On unless the call says ``llm_config["structured_output"] = False`` or the model's
+        meta says ``structured_output`` is false. Engines that cannot enforce it fall back to
+        the prompt alone (see :meth:`_query_chat`).
+        """
+        if "structured_output" in flags:
+            return bool(flags["structured_output"])
+        try:
+            flag = self.get_meta(model).get("structured_output")
+        except LLMeshError:
+            return True
+        return str(flag).strip().lower() not in ("false", "0", "no")
+
+    def _has_length_limits(self, model: str) -> bool:
+        return not self.force_skip_context_length_check and bool(
+            self.get_max_input_length(model)
+            or self.get_max_model_length(model)
+            or model in self.mapping_max_output_length
+        )
+
+    def _check_context_length(self, model: str, start: inf.ChatStart) -> None:
+        """Byzer-LLM's context-length checks, before the request leaves.
+
+        Only runs when a limit was set for the model (``setup_max_input_length``,
+        ``setup_max_model_length`` or ``setup_max_output_length``) and
+        ``force_skip_context_length_check`` is off. Without an explicit ``max_tokens`` the
+        call generates at most ``get_max_output_length(model)`` tokens. When the prompt
+        cannot be measured (tokenizer unavailable) the checks are skipped, as in Byzer-LLM.
+
+        Raises:
+            InvalidArgument: the prompt is longer than ``max_input_length``, or prompt plus
+                output would not fit ``max_model_length``.
+        """
+        if not self._has_length_limits(model):
+            return
+        max_input = self.get_max_input_length(model)
+        max_model = self.get_max_model_length(model)
+        if not start.params.HasField("max_tokens"):
+            start.params.max_tokens = self.get_max_output_length(model)
+        if not (max_input or max_model):
+            return
+        try:
+            if start.prompt:
+                text, special = start.prompt, True
+            else:
+                conversations = [{"role": m.role, "content": m.content} for m in start.messages]
+                text, special = self.apply_chat_template(model, conversations), False
+            ids = self.tokenize(model, text, {"add_special_tokens": special})[0].output[0]
+        except LLMeshError as exc:
+            log.debug("context-length check of %s skipped: %s", model, exc)
+            return
+        input_size = len(ids)
+        if max_input and input_size > max_input:
+            raise InvalidArgument(
+                f"input length {input_size} is larger than max_input_length {max_input}"
+            )
+        output_size = start.params.max_tokens
+        if max_model and input_size + output_size > max_model:
+            raise InvalidArgument(
+                f"input_size ({input_size}) + max_output_length {output_size} is larger than "
+                f"model context length {max_model}"
+            )
+
+    def _query_chat(
+        self,
+        model: str,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None,
+        llm_config: Mapping[str, Any],
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[LLMResponse]:
+        """One chat call with length checks, event callbacks and the model's clean_func.
+
+        Args:
+            model: the model.
+            conversations: the messages to send.
+            role_mapping: render a prompt with it; None sends messages (chat template).
+            llm_config: the merged generation config (model defaults and the call's).
+            schema: a JSON schema to enforce while decoding, or None.
+        """
+        flags = {strip_config_prefix(str(k)): v for k, v in llm_config.items()}
+        structured = schema is not None and self._structured_allowed(model, flags)
+        config, start, input_value = self._query_parts(
+            model, conversations, role_mapping, llm_config, schema if structured else None
+        )
+        self._check_context_length(model, start)
+        result = self._trigger_event(EventName.BEFORE_CALL_MODEL, self, model, input_value)
+        if result is None:
+            result = self._after_call(model, input_value, self._run_chat(model, start, config))
+        return self._responses(model, result)
+
+    async def _aquery_chat(
+        self,
+        model: str,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None,
+        llm_config: Mapping[str, Any],
+        schema: Mapping[str, Any] | None = None,
+    ) -> list[LLMResponse]:
+        """:meth:`_query_chat` over grpc.aio; blocking look-ups run on a worker thread."""
+        flags = {strip_config_prefix(str(k)): v for k, v in llm_config.items()}
+        structured = schema is not None and await asyncio.to_thread(
+            self._structured_allowed, model, flags
+        )
+        config, start, input_value = self._query_parts(
+            model, conversations, role_mapping, llm_config, schema if structured else None
+        )
+        if self._has_length_limits(model):
+            await asyncio.to_thread(self._check_context_length, model, start)
+        result = self._trigger_event(EventName.BEFORE_CALL_MODEL, self, model, input_value)
+        if result is None:
+            progress = await self._arun_chat(model, start, config)
+            result = self._after_call(model, input_value, progress)
+        return self._responses(model, result)
+
+    def _query_parts(
+        self,
+        model: str,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None,
+        llm_config: Mapping[str, Any],
+        schema: Mapping[str, Any] | None,
+    ) -> tuple[GenerationConfig, inf.ChatStart, list[dict[str, Any]]]:
+        wire = {k: v for k, v in llm_config.items() if strip_config_prefix(str(k)) not in _SDK_KEYS}
+        config = generation_config(wire)
+        if schema is not None:
+            config.params.structured_output.json_schema = json.dumps(schema, ensure_ascii=False)
+        start, prompt = self._chat_start(conversations, model, role_mapping, config)
+        return config, start, [_echo_input(conversations, prompt, llm_config)]
+
+    def _after_call(
+        self, model: str, input_value: list[dict[str, Any]], progress: _Progress
+    ) -> list[Any]:
+        result = [
+            {"predict": progress.text, "input": input_value[0], "metadata": progress.metadata()}
+        ]
+        replaced = self._trigger_event(EventName.AFTER_CALL_MODEL, model, result)
+        return result if replaced is None else replaced
+
+    def _responses(self, model: str, result: Sequence[Any]) -> list[LLMResponse]:
+        clean = self.mapping_clean_func.get(model, identity)
+        return [_to_response(item, clean) for item in result]
+
+    async def _arun_chat(
+        self, model: str, start: inf.ChatStart, config: GenerationConfig
+    ) -> _Progress:
+        progress = _Progress(start.request_id)
+        try:
+            async with contextlib.aclosing(aio_chat_stream(self, model, start, config)) as stream:
+                async for response in stream:
+                    progress.add(response)
+        except (Unimplemented, FailedPrecondition) as exc:
+            if not _structured_refused(start, exc):
+                raise
+            log.info("model %s cannot enforce structured output (%s); prompt only", model, exc)
+            start.params.ClearField("structured_output")
+            config.params.ClearField("structured_output")
+            return await self._arun_chat(model, start, config)
+        return progress
+
+    def _run_chat(self, model: str, start: inf.ChatStart, config: GenerationConfig) -> _Progress:
+        progress = _Progress(start.request_id)
+        try:
+            for response in self._chat_stream(model, start, config):
+                progress.add(response)
+        except (Unimplemented, FailedPrecondition) as exc:
+            # An engine that cannot enforce the schema: the prompt alone has to do.
+            if not _structured_refused(start, exc):
+                raise
+            log.info("model %s cannot enforce structured output (%s); prompt only", model, exc)
+            start.params.ClearField("structured_output")
+            config.params.ClearField("structured_output")
+            return self._run_chat(model, start, config)
+        return progress
+
     def chat_oai(
         self,
         conversations: Sequence[Mapping[str, Any]],
@@ -1016,63 +1075,230 @@ class ByzerLLM:
         model: str | None = None,
         role_mapping: Mapping[str, Any] | None = None,
         llm_config: Mapping[str, Any] | None = None,
-    ) -> list[LLMResponse]:
+    ) -> list[Any]:
         """Chat with a model and return the whole answer.
 
+        With ``tools`` / ``response_class`` the last message is rewritten into a prompt that
+        asks for JSON (the per-model ``setup_*_format_func`` hooks can replace it), and the
+        engine is asked to enforce the matching JSON schema while decoding
+        (``GenerationParams.structured_output``), so the answer parses even from a small
+        model. ``llm_config["structured_output"] = False`` turns the enforcement off; engines
+        without it get the prompt alone.
+
+        Security: model output is never executed unless asked: ``execute_tool=True`` calls
+        your ``tools`` (Python functions) with the arguments the model chose;
+        ``execute_impl_func=True`` runs the Python code the model wrote, in this process.
+
         Args:
-            conversations: OpenAI-style messages, ``[{"role": "user", "content": "hi"}]``.
-            tools: function calling; not available yet (raises Unimplemented).
-            tool_choice: function calling; not available yet.
-            execute_tool: function calling; not available yet.
-            impl_func: function implementation; not available yet.
-            execute_impl_func: function implementation; not available yet.
-            impl_func_params: function implementation; not available yet.
-            func_params: function calling; not available yet.
-            response_class: structured responses; not available yet.
-            response_after_chat: structured responses; not available yet.
-            enable_default_sys_message: Byzer-LLM's built-in system prompt; not available yet.
+            conversations: OpenAI-style messages, ``[{"role": "user", "content": "hi"}]``;
+                not modified.
+            tools: Python functions (or JSON descriptions as strings) the model may call.
+            tool_choice: the one tool the model must call.
+            execute_tool: call the chosen tools and return :class:`LLMFunctionCallResponse`.
+            impl_func: a function stub (signature + docstring) for the model to implement;
+                needs ``response_class`` for its result.
+            execute_impl_func: run the generated code and return :class:`LLMClassResponse`.
+            impl_func_params: keyword arguments for the generated function.
+            func_params: extra keyword arguments for every executed tool (and for the
+                generated function when ``impl_func_params`` is not given).
+            response_class: a pydantic model class or a JSON-schema string; the answer is
+                parsed into it (:class:`LLMClassResponse`).
+            response_after_chat: chat freely first, then ask the model to restate its answer
+                as ``response_class`` (two calls).
+            enable_default_sys_message: add a system message describing the JSON abilities
+                (``setup_base_system_messages`` replaces it) and use the short ``sys_*``
+                prompts.
             model: the model; defaults to ``setup_default_model_name``.
             role_mapping: render the prompt with this Byzer-LLM role mapping instead of the
                 model's chat template.
             llm_config: generation parameters (see :func:`generation_config`).
 
         Returns:
-            One :class:`LLMResponse` in a list: ``output`` is the answer, ``metadata`` holds
-            ``request_id``, ``input_tokens_count``, ``generated_tokens_count``,
-            ``finish_reason``, ``time_cost``, ``first_token_time`` and ``speed``.
+            A list with one result: :class:`LLMResponse` (``output`` is the answer,
+            ``metadata`` holds ``request_id``, ``input_tokens_count``,
+            ``generated_tokens_count``, ``finish_reason``, ``time_cost``,
+            ``first_token_time``, ``speed``); :class:`LLMClassResponse` with
+            ``response_class`` (or ``impl_func`` + ``execute_impl_func``);
+            :class:`LLMFunctionCallResponse` with ``tools`` + ``execute_tool``.
+
+        Raises:
+            InvalidArgument: ``response_class`` together with tools, ``impl_func`` without
+                ``response_class``, or a response class that is neither pydantic nor a string.
         """
-        unsupported = {
-            "tools": bool(tools),
-            "tool_choice": tool_choice is not None,
-            "execute_tool": execute_tool,
-            "impl_func": impl_func is not None,
-            "execute_impl_func": execute_impl_func,
-            "impl_func_params": impl_func_params is not None,
-            "func_params": func_params is not None,
-            "response_class": response_class is not None,
-            "response_after_chat": bool(response_after_chat),
-            "enable_default_sys_message": enable_default_sys_message,
-        }
-        asked = [name for name, used in unsupported.items() if used]
-        if asked:
-            raise Unimplemented(
-                f"chat_oai({', '.join(asked)}=...) is not supported by llmesh yet; "
-                "plain chat works, function calling and response classes come in a later version"
-            )
+        steps = self._chat_oai_steps(
+            conversations,
+            tools,
+            tool_choice,
+            execute_tool,
+            impl_func,
+            execute_impl_func,
+            impl_func_params,
+            func_params,
+            response_class,
+            response_after_chat,
+            enable_default_sys_message,
+            model,
+            role_mapping,
+            llm_config,
+        )
+        done, value = _advance(steps, None)
+        while not done:
+            done, value = _advance(steps, self._query_chat(*value))
+        return value
+
+    async def async_chat_oai(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        tools: Sequence[Callable[..., Any] | str] | None = None,
+        tool_choice: Callable[..., Any] | str | None = None,
+        execute_tool: bool = False,
+        impl_func: Callable[..., Any] | None = None,
+        execute_impl_func: bool = False,
+        impl_func_params: Mapping[str, Any] | None = None,
+        func_params: Mapping[str, Any] | None = None,
+        response_class: Any = None,
+        response_after_chat: Any = False,
+        enable_default_sys_message: bool = False,
+        model: str | None = None,
+        role_mapping: Mapping[str, Any] | None = None,
+        llm_config: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """:meth:`chat_oai` for asyncio code (an llmesh addition); same arguments and results.
+
+        The model is called over grpc.aio on the running loop; prompt building, parsing and
+        any tool or generated code run on a worker thread, so they never block the loop.
+        """
+        steps = self._chat_oai_steps(
+            conversations,
+            tools,
+            tool_choice,
+            execute_tool,
+            impl_func,
+            execute_impl_func,
+            impl_func_params,
+            func_params,
+            response_class,
+            response_after_chat,
+            enable_default_sys_message,
+            model,
+            role_mapping,
+            llm_config,
+        )
+        done, value = await asyncio.to_thread(_advance, steps, None)
+        while not done:
+            responses = await self._aquery_chat(*value)
+            done, value = await asyncio.to_thread(_advance, steps, responses)
+        return value
+
+    def _chat_oai_steps(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        tools: Sequence[Callable[..., Any] | str] | None,
+        tool_choice: Callable[..., Any] | str | None,
+        execute_tool: bool,
+        impl_func: Callable[..., Any] | None,
+        execute_impl_func: bool,
+        impl_func_params: Mapping[str, Any] | None,
+        func_params: Mapping[str, Any] | None,
+        response_class: Any,
+        response_after_chat: Any,
+        enable_default_sys_message: bool,
+        model: str | None,
+        role_mapping: Mapping[str, Any] | None,
+        llm_config: Mapping[str, Any] | None,
+    ) -> Generator[tuple[Any, ...], list[LLMResponse], list[Any]]:
+        """``chat_oai`` without its transport: yields the model calls it needs (the arguments
+        of :meth:`_query_chat`), is sent their responses, returns the final results."""
         name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
-        merged = self._config_for(name, llm_config)
-        config = generation_config(merged)
-        start, prompt = self._chat_start(conversations, name, role_mapping, config)
-        progress = _Progress(start.request_id)
-        for response in self._chat_stream(name, start, config):
-            progress.add(response)
-        return [
-            LLMResponse(
-                output=progress.text,
-                input=_echo_input(conversations, prompt, merged),
-                metadata=progress.metadata(),
+        if role_mapping is None:
+            role_mapping = self.mapping_role_mapping.get(name)
+        tools = list(tools or [])
+        if response_class is not None and (tools or tool_choice is not None):
+            raise InvalidArgument("give either tools (function calling) or response_class")
+        if impl_func is not None and response_class is None:
+            raise InvalidArgument("impl_func needs response_class: the class its result has")
+        if response_class is not None:
+            fn.class_schema(response_class)  # fail early on a bad class
+        to_chat_messages(conversations)  # validate before copying
+        messages = [copy.copy(dict(m)) for m in conversations]
+        if enable_default_sys_message:
+            base = self.mapping_base_system_message.get(name) or fn.base_ability_format()
+            if messages[0].get("role") == "system":
+                messages[0]["content"] = f"{base}\n{messages[0].get('content') or ''}"
+            else:
+                messages.insert(0, {"role": "system", "content": base})
+        last = messages[-1]
+        content = str(last.get("content") or "")
+        sys_hooks = enable_default_sys_message
+        schema: dict[str, Any] | None = None
+        if tools or tool_choice is not None:
+            hook = (
+                self.mapping_sys_function_calling_format_func.get(
+                    name, fn.sys_function_calling_format
+                )
+                if sys_hooks
+                else self.mapping_function_calling_format_func.get(name, fn.function_calling_format)
             )
-        ]
+            last["content"] = hook(content, tools, tool_choice)
+            flags = _byzer_flags(self._config_for(name, llm_config))
+            max_calls = None
+            if "max_tool_calls" in flags:
+                max_calls = _as_int("max_tool_calls", flags["max_tool_calls"])
+            schema = fn.tool_calls_schema(tools, tool_choice, max_calls)
+        elif impl_func is not None:
+            hook = (
+                self.mapping_sys_impl_func_format_func.get(name, fn.sys_function_impl_format)
+                if sys_hooks
+                else self.mapping_impl_func_format_func.get(name, fn.function_impl_format)
+            )
+            last["content"] = hook(content, impl_func, cls=response_class)
+        elif response_class is not None and not response_after_chat:
+            hook = (
+                self.mapping_sys_response_class_format_func.get(name, fn.sys_response_class_format)
+                if sys_hooks
+                else self.mapping_response_class_format_func.get(name, fn.response_class_format)
+            )
+            last["content"] = hook(content, cls=response_class)
+            schema = fn.class_schema(response_class)
+        merged = self._config_for(name, llm_config)
+        responses = yield (name, messages, role_mapping, merged, schema)
+
+        if impl_func is not None:
+            if not execute_impl_func:
+                return responses
+            return [
+                fn.execute_generate_func(
+                    func_name=impl_func.__name__,
+                    impl_func_params=impl_func_params or func_params,
+                    response=r,
+                    response_class=response_class,
+                )
+                for r in responses
+            ]
+        if response_class is not None:
+            if response_after_chat:
+                after = self.mapping_response_class_format_after_chat_func.get(
+                    name, fn.response_class_format_after_chat
+                )
+                restated = []
+                for r in responses:
+                    again = yield (
+                        name,
+                        [
+                            *messages,
+                            {"role": "assistant", "content": r.output},
+                            {"role": "user", "content": after(response_class)},
+                        ],
+                        role_mapping,
+                        merged,
+                        fn.class_schema(response_class),
+                    )
+                    restated.append(again[0])
+                responses = restated
+            return [fn.execute_response_format(r, response_class) for r in responses]
+        if execute_tool:
+            return [fn.execute_function_calling(r, tools, func_params) for r in responses]
+        return responses
 
     def stream_chat_oai(
         self,
@@ -1084,9 +1310,10 @@ class ByzerLLM:
         """Chat with a model and yield the answer as it grows.
 
         Each item is ``(text_so_far, metadata)`` as in Byzer-LLM: the text is the whole answer
-        up to now, not the newest piece. The last item carries the finish reason and the token
-        counts. Breaking out of the loop (or closing the generator) cancels the request on the
-        worker.
+        up to now (after the model's ``clean_func``), not the newest piece. The metadata
+        carries ``request_id`` from the first item (for :meth:`abort`); the last item carries
+        the finish reason and the token counts. Breaking out of the loop (or closing the
+        generator) cancels the request on the worker.
 
         Args:
             conversations: OpenAI-style messages.
@@ -1101,21 +1328,292 @@ class ByzerLLM:
         name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
         config = generation_config(self._config_for(name, llm_config))
         start, _ = self._chat_start(conversations, name, role_mapping, config)
+        self._check_context_length(name, start)
         return self._stream_texts(name, start, config)
 
     def _stream_texts(
         self, model: str, start: inf.ChatStart, config: GenerationConfig
     ) -> Iterator[tuple[str, SingleOutputMeta]]:
         progress = _Progress(start.request_id)
+        clean = self.mapping_clean_func.get(model, identity)
         stream = self._chat_stream(model, start, config)
         try:
             for response in stream:
                 before = len(progress.parts)
                 progress.add(response)
                 if len(progress.parts) > before or response.finished:
-                    yield progress.text, SingleOutputMeta(progress.metadata())
+                    yield clean(progress.text), SingleOutputMeta(progress.metadata())
         finally:
             stream.close()  # cancels on the worker when the caller stopped early
+
+    async def async_stream_chat_oai(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        llm_config: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[tuple[str, SingleOutputMeta]]:
+        """:meth:`stream_chat_oai` for asyncio code (note Byzer-LLM's argument order).
+
+        The stream is a grpc.aio call on the running event loop (no thread per stream).
+        Leaving the ``async for`` early, closing the generator or cancelling the task cancels
+        the request on the worker. Errors are the same typed exceptions as the sync calls.
+
+        Yields:
+            ``(text_so_far, SingleOutputMeta)``.
+        """
+        name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
+        config = generation_config(self._config_for(name, llm_config))
+        start, _ = self._chat_start(conversations, name, role_mapping, config)
+        if self._has_length_limits(name):  # the checks may call the tokenizer (blocking)
+            await asyncio.to_thread(self._check_context_length, name, start)
+        progress = _Progress(start.request_id)
+        clean = self.mapping_clean_func.get(name, identity)
+        async with contextlib.aclosing(aio_chat_stream(self, name, start, config)) as stream:
+            async for response in stream:
+                before = len(progress.parts)
+                progress.add(response)
+                if len(progress.parts) > before or response.finished:
+                    yield clean(progress.text), SingleOutputMeta(progress.metadata())
+
+    async def aclose_async_channels(self) -> None:
+        """Close the grpc.aio channels the running event loop used (``async_*`` calls)."""
+        await self._aio_channels.close()
+
+    def _instruction_conversations(
+        self, instruction: str, role_mapping: Mapping[str, Any] | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Byzer-LLM's ``chat`` prompt for one instruction: (messages, role mapping to use)."""
+        user = [{"role": "user", "content": instruction}]
+        if role_mapping is None:
+            return user, None
+        if not role_mapping.get("user_role"):
+            # Byzer-LLM sent such instructions as the raw prompt.
+            return user, dict(EMPTY_ROLE_MAPPING)
+        system = str(role_mapping.get("system_msg", ""))
+        if "system_msg_func" in role_mapping:
+            # The template's system_msg is a layout, not a message: fill it with a neutral one.
+            system = "You are a helpful assistant. Think carefully and answer correctly."
+        return [{"role": "system", "content": system}, *user], dict(role_mapping)
+
+    def chat(
+        self,
+        model: str | None,
+        request: LLMRequest | str,
+        extract_params: Mapping[str, Any] | None = None,
+    ) -> list[LLMResponse]:
+        """Byzer-LLM's older completion API: one instruction or a batch.
+
+        Each instruction is one user turn. With a role mapping for the model (from
+        :meth:`setup_role_mapping` / :meth:`setup_template`) it is rendered as Byzer-LLM did
+        (a system line, the user line, the assistant opener); otherwise the model's chat
+        template renders it. A batch runs concurrently, one request per instruction.
+
+        Args:
+            model: the model; defaults to ``setup_default_model_name``.
+            request: an :class:`LLMRequest` (``instruction`` is a text or a list of texts;
+                ``max_length``, ``top_p``, ``temperature`` become the generation config) or
+                a plain text.
+            extract_params: more ``llm_config`` entries; they win over the request's fields.
+
+        Returns:
+            One :class:`LLMResponse` per instruction, in order.
+        """
+        queries = self._chat_queries(model, request, extract_params)
+
+        def one(query: tuple[Any, ...]) -> LLMResponse:
+            return self._query_chat(*query)[0]
+
+        if len(queries) == 1:
+            return [one(queries[0])]
+        workers = min(len(queries), MAX_BATCH_THREADS)
+        with concurrent.futures.ThreadPoolExecutor(workers, "llmesh-chat") as pool:
+            return list(pool.map(one, queries))
+
+    async def async_chat(
+        self,
+        model: str | None,
+        request: LLMRequest | str,
+        extract_params: Mapping[str, Any] | None = None,
+    ) -> list[LLMResponse]:
+        """:meth:`chat` over grpc.aio (an llmesh addition); a batch runs concurrently."""
+        queries = self._chat_queries(model, request, extract_params)
+        results = await asyncio.gather(*(self._aquery_chat(*q) for q in queries))
+        return [r[0] for r in results]
+
+    def _chat_queries(
+        self,
+        model: str | None,
+        request: LLMRequest | str,
+        extract_params: Mapping[str, Any] | None,
+    ) -> list[tuple[Any, ...]]:
+        """The :meth:`_query_chat` arguments for each instruction of a ``chat`` request."""
+        name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
+        if isinstance(request, str):
+            request = LLMRequest(instruction=request)
+        instructions = (
+            [request.instruction] if isinstance(request.instruction, str) else request.instruction
+        )
+        if not instructions or not all(isinstance(i, str) for i in instructions):
+            raise InvalidArgument("chat needs an instruction: a text or a non-empty list of texts")
+        merged = {
+            "max_length": request.max_length,
+            "top_p": request.top_p,
+            "temperature": request.temperature,
+            **self._config_for(name, extract_params),
+        }
+        mapping = self.mapping_role_mapping.get(name)
+        queries = []
+        for instruction in instructions:
+            messages, role_mapping = self._instruction_conversations(instruction, mapping)
+            queries.append((name, messages, role_mapping, merged))
+        return queries
+
+    def raw_chat(
+        self,
+        model: str | None,
+        request: LLMRequest | str,
+        extract_params: Mapping[str, Any] | None = None,
+    ) -> list[LLMResponse]:
+        """Same as :meth:`chat` (Byzer-LLM kept both names)."""
+        return self.chat(model, request, extract_params)
+
+    def generate_instruction_from_history(
+        self,
+        model: str,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt a conversation becomes for ``model``.
+
+        With ``setup_template(model, "auto")`` on a model with a chat template, the worker
+        renders it (``apply_chat_template``); otherwise ``role_mapping`` (default:
+        ``User:`` / ``Assistant:``) renders it locally.
+        """
+        if self.mapping_auto_use_apply_chat_template.get(model) and self.get_meta(model).get(
+            "support_chat_template"
+        ):
+            return self.apply_chat_template(model, list(conversations))
+        mapping = role_mapping or {"user_role": "User:", "assistant_role": "Assistant:"}
+        return render_with_role_mapping(conversations, mapping)
+
+    def execute_function_calling(
+        self,
+        response: LLMResponse,
+        tools: Sequence[Callable[..., Any] | str],
+        func_params: Mapping[str, Any] | None,
+    ) -> LLMFunctionCallResponse:
+        """Run the tools a tool-call answer chose (only the caller's own functions run)."""
+        return fn.execute_function_calling(response, tools, func_params)
+
+    def execute_generate_func(
+        self,
+        func_name: str,
+        impl_func_params: Mapping[str, Any] | None,
+        response: LLMResponse,
+        response_class: Any,
+    ) -> LLMClassResponse:
+        """Run model-written code for ``func_name`` (executes model output: trusted models only)."""
+        return fn.execute_generate_func(func_name, impl_func_params, response, response_class)
+
+    def execute_response_format(
+        self, response: LLMResponse, response_class: Any
+    ) -> LLMClassResponse:
+        """Parse an answer into ``response_class``."""
+        return fn.execute_response_format(response, response_class)
+
+    # -- prompt functions ---------------------------------------------------------------------
+
+    def prompt(
+        self, model: str | None = None, render: str | None = "simple", print_prompt: bool = False
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: the function's docstring is a prompt; calling it asks the model.
+
+        The function returns the answer text when annotated ``-> str``, or an instance of its
+        pydantic return class (asked for with ``response_class``).
+
+        Args:
+            model: the model; defaults to ``setup_default_model_name`` at call time.
+            render: ``"simple"`` (``{name}`` placeholders) or ``"jinja2"``.
+            print_prompt: print the rendered prompt before sending it.
+        """
+        return decorators.llm_prompt(self, model, render, print_prompt)
+
+    def response(
+        self,
+        instruction: str | None = None,
+        model: str | None = None,
+        verbose: bool | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: the function's one argument is the prompt, the answer its return class.
+
+        Args:
+            instruction: accepted for compatibility (Byzer-LLM ignored it too).
+            model: the model; defaults to ``setup_default_model_name`` at call time.
+            verbose: print how long the call took; defaults to the client's ``verbose``.
+        """
+        return decorators.llm_response(self, instruction, model, verbose)
+
+    def impl(
+        self,
+        instruction: str | None = None,
+        model: str | None = None,
+        verbose: bool | None = None,
+        skip_cache: bool = False,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: the model writes the function's body, which then runs.
+
+        The generated implementation is cached per (model, instruction, function) in
+        ``func_impl_cache``; :meth:`clear_impl_cache` forgets it. This executes
+        model-written Python in this process: use it only with models you trust.
+
+        Args:
+            instruction: what the function should do, beyond its docstring.
+            model: the model; defaults to ``setup_default_model_name`` at call time.
+            verbose: print the generated code and the time taken.
+            skip_cache: always ask the model (and do not cache).
+        """
+        return decorators.llm_impl(self, instruction, model, verbose, skip_cache)
+
+    def clear_impl_cache(
+        self,
+        model: str | None = None,
+        full_func_name: str | None = None,
+        instruction: str | None = None,
+    ) -> ByzerLLM:
+        """Forget cached ``impl`` implementations.
+
+        Args:
+            model: only this model's; with ``full_func_name`` also needs ``instruction``.
+            full_func_name: ``module.function`` of the decorated function.
+            instruction: the ``impl`` instruction.
+
+        With no argument everything is forgotten.
+
+        Raises:
+            InvalidArgument: ``model`` and ``full_func_name`` without ``instruction``.
+        """
+        if model is None and full_func_name is None and instruction is None:
+            self.func_impl_cache.clear()
+            return self
+        if model is not None and full_func_name is not None and instruction is None:
+            raise InvalidArgument(
+                "clear_impl_cache(model=..., full_func_name=...) also needs instruction"
+            )
+        if model is not None:
+            prefix = f"{model}_"
+            if instruction is not None:
+                prefix += f"{instruction}_{full_func_name or ''}"
+            for key in [k for k in self.func_impl_cache if k.startswith(prefix)]:
+                del self.func_impl_cache[key]
+            return self
+        if full_func_name is not None:
+            suffix = (
+                f"_{full_func_name}" if instruction is None else f"_{instruction}_{full_func_name}"
+            )
+            for key in [k for k in self.func_impl_cache if k.endswith(suffix)]:
+                del self.func_impl_cache[key]
+        return self
 
     # -- embeddings and rerank --------------------------------------------------------------
 
@@ -1527,18 +2025,44 @@ class ByzerLLM:
         )
 
 
+def default_chat_wrapper(
+    llm: ByzerLLM,
+    conversations: Sequence[Mapping[str, Any]] | None = None,
+    llm_config: Mapping[str, Any] | None = None,
+) -> list[LLMResponse]:
+    """Byzer-LLM's plain chat entry point for agents: ``llm.chat_oai(conversations, ...)``."""
+    return llm.chat_oai(conversations=conversations or [], llm_config=llm_config)
+
+
 __all__ = [
+    "CANCEL_GRACE_S",
+    "CONFIG_PREFIXES",
     "DEFAULT_ROLE_MAPPING",
     "EMPTY_ROLE_MAPPING",
+    "FINISH_REASONS",
+    "MAX_TOKENS_KEYS",
     "ByzerLLM",
+    "EventCallback",
+    "EventCallbackResult",
+    "EventName",
+    "ExecuteCodeResponse",
+    "FunctionCallList",
     "GenerationConfig",
     "InferBackend",
+    "LLMClassResponse",
+    "LLMFunctionCallResponse",
     "LLMRequest",
     "LLMResponse",
     "Role",
     "SingleOutputMeta",
+    "Template",
+    "Templates",
+    "default_chat_wrapper",
     "default_control_plane",
     "generation_config",
+    "iterate_in_thread",
+    "meta_dict",
     "render_with_role_mapping",
+    "rerank_output",
     "to_chat_messages",
 ]

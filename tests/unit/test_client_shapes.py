@@ -16,7 +16,6 @@ from llmesh.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
-    Unimplemented,
 )
 from llmesh.routes import RouteCache, replica_id, rpc_errors
 from llmesh.v1 import common_pb2
@@ -417,21 +416,6 @@ def test_extra_generation_params_merge(llm: c.ByzerLLM) -> None:
     llm.setup_extra_generation_params("chat", {"b": 2})
     assert llm._config_for("chat", {"a": 3}) == {"a": 3, "b": 2}
     assert llm._config_for("other", None) == {}
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"tools": [lambda: None]},
-        {"tool_choice": "f"},
-        {"response_class": dict},
-        {"impl_func": lambda: None},
-        {"enable_default_sys_message": True},
-    ],
-)
-def test_chat_oai_advanced_features_are_unimplemented(llm: c.ByzerLLM, kwargs: dict) -> None:
-    with pytest.raises(Unimplemented, match="not supported by llmesh yet"):
-        llm.chat_oai([{"role": "user", "content": "hi"}], model="chat", **kwargs)
 
 
 def test_model_name_is_required(llm: c.ByzerLLM) -> None:

@@ -1,0 +1,146 @@
+"""An asyncio face for :class:`~llmesh.client.ByzerLLM`: every call as a coroutine.
+
+``AsyncByzerLLM`` wraps a ``ByzerLLM`` (made for you, or yours). Streams
+(``stream_chat_oai`` / ``async_stream_chat_oai``) are grpc.aio calls on the running loop;
+leaving one early cancels the request on the worker. ``chat_oai``, ``chat`` and ``raw_chat``
+call the model over grpc.aio too (``chat_oai``'s prompt building, parsing and tool execution
+run on a worker thread). The other calls (``emb``, ``tokenize``, ``deploy``, ...) run the
+sync client on a worker thread with :func:`asyncio.to_thread`, so an event loop never blocks
+on the mesh (a grpc.aio transport for them is not written yet).
+``setup_*`` methods stay synchronous (they only record settings) and return the async client,
+so fluent chains keep working (``setup_template`` is a coroutine: ``"auto"`` asks the meta)::
+
+    llm = AsyncByzerLLM().setup_default_model_name("chat")
+    (answer,) = await llm.chat_oai([{"role": "user", "content": "hi"}])
+    async for text, meta in llm.stream_chat_oai([{"role": "user", "content": "hi"}]):
+        ...
+
+The calls share the sync client's channels, route cache and retry logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from llmesh.client import ByzerLLM, SingleOutputMeta
+
+#: ByzerLLM methods that talk to the mesh; each becomes a coroutine here.
+ASYNC_CALLS = (
+    "emb",
+    "emb_query",
+    "emb_rerank",
+    "tokenize",
+    "apply_chat_template",
+    "get_meta",
+    "abort",
+    "deploy",
+    "undeploy",
+    "is_model_exist",
+    "get_model",
+    "list_models",
+    "list_workers",
+    "setup_template",
+)
+
+
+class AsyncByzerLLM:
+    """Byzer-LLM's client API with coroutines instead of blocking calls.
+
+    Args:
+        control_plane: ``host:port`` of the control plane (see :class:`ByzerLLM`).
+        llm: an existing sync client to wrap instead of making one (it is not closed by
+            :meth:`close` then).
+        **kwargs: options for the ``ByzerLLM`` made here.
+    """
+
+    def __init__(
+        self, control_plane: str | None = None, *, llm: ByzerLLM | None = None, **kwargs: Any
+    ) -> None:
+        self._owned = llm is None
+        self.sync = llm if llm is not None else ByzerLLM(control_plane, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.sync, name)
+        if name in ASYNC_CALLS:
+
+            @functools.wraps(attr)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                result = await asyncio.to_thread(attr, *args, **kwargs)
+                return self if result is self.sync else result
+
+            return call
+        if callable(attr) and name.startswith("setup"):
+
+            @functools.wraps(attr)
+            def setup(*args: Any, **kwargs: Any) -> Any:
+                result = attr(*args, **kwargs)
+                return self if result is self.sync else result
+
+            return setup
+        return attr
+
+    async def chat_oai(
+        self, conversations: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> list[Any]:
+        """:meth:`ByzerLLM.chat_oai` over grpc.aio (see :meth:`ByzerLLM.async_chat_oai`)."""
+        return await self.sync.async_chat_oai(conversations, **kwargs)
+
+    async def chat(
+        self,
+        model: str | None,
+        request: Any,
+        extract_params: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """:meth:`ByzerLLM.chat` over grpc.aio; a batch runs concurrently."""
+        return await self.sync.async_chat(model, request, extract_params)
+
+    async def raw_chat(
+        self,
+        model: str | None,
+        request: Any,
+        extract_params: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """Same as :meth:`chat`."""
+        return await self.sync.async_chat(model, request, extract_params)
+
+    def stream_chat_oai(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        model: str | None = None,
+        role_mapping: Mapping[str, Any] | None = None,
+        llm_config: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[tuple[str, SingleOutputMeta]]:
+        """:meth:`ByzerLLM.stream_chat_oai` as an async iterator of ``(text_so_far, meta)``."""
+        return self.sync.async_stream_chat_oai(
+            conversations, role_mapping=role_mapping, model=model, llm_config=llm_config
+        )
+
+    def async_stream_chat_oai(
+        self,
+        conversations: Sequence[Mapping[str, Any]],
+        role_mapping: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        llm_config: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[tuple[str, SingleOutputMeta]]:
+        """Byzer-LLM's name (and argument order) for :meth:`stream_chat_oai`."""
+        return self.stream_chat_oai(
+            conversations, model=model, role_mapping=role_mapping, llm_config=llm_config
+        )
+
+    async def close(self) -> None:
+        """Close this loop's grpc.aio channels, and the wrapped client when this object made it."""
+        await self.sync.aclose_async_channels()
+        if self._owned:
+            await asyncio.to_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncByzerLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["ASYNC_CALLS", "AsyncByzerLLM"]

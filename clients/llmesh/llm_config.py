@@ -1,0 +1,156 @@
+"""Byzer-LLM's ``llm_config`` dicts turned into ``GenerationParams`` for the workers.
+
+Keys may carry Byzer-LLM's ``gen.`` / ``generation.`` prefix; known keys become typed fields,
+the rest travel in ``params.extra`` for engines that understand them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from llmesh.errors import InvalidArgument
+from llmesh.v1 import common_pb2
+
+#: Byzer-LLM prefixes engine parameters with "gen." or "generation."; both are stripped.
+CONFIG_PREFIXES = ("gen.", "generation.")
+#: Spellings of the output-length limit, most specific first.
+MAX_TOKENS_KEYS = ("max_tokens", "max_new_tokens", "max_length")
+#: Byzer-LLM's internal flags that mean nothing to a worker.
+_DROPPED_KEYS = frozenset({"stream", "abort"})
+
+
+@dataclasses.dataclass
+class GenerationConfig:
+    """What an ``llm_config`` dict asks for.
+
+    Attributes:
+        params: sampling and stopping parameters for the worker.
+        request_id: the caller's request id (``gen.request_id``), or "" to let the SDK make one.
+        timeout: deadline for the call in seconds (``timeout_s``), or None.
+        affinity_key: requests with the same key go to the same replica (``affinity_key``).
+    """
+
+    params: common_pb2.GenerationParams
+    request_id: str = ""
+    timeout: float | None = None
+    affinity_key: str = ""
+
+
+def strip_config_prefix(key: str) -> str:
+    """``"gen.temperature"`` and ``"generation.temperature"`` become ``"temperature"``."""
+    for prefix in CONFIG_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _as_float(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}")
+    try:
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}") from None
+
+
+def _as_int(key: str, value: Any) -> int:
+    number = _as_float(key, value)
+    if not number.is_integer():
+        raise InvalidArgument(f"llm_config[{key!r}] must be a whole number, got {value!r}")
+    return int(number)
+
+
+def _as_int_list(key: str, value: Any) -> list[int]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [_as_int(key, item) for item in items]
+
+
+def _as_str_list(key: str, value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise InvalidArgument(
+            f"llm_config[{key!r}] must be a string or a list of strings, got {value!r}"
+        )
+    if any(s == "" for s in items):
+        raise InvalidArgument(f"llm_config[{key!r}] holds an empty stop string")
+    return list(items)
+
+
+def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
+    """Turn a Byzer-LLM ``llm_config`` dict into a :class:`GenerationConfig`.
+
+    Keys may carry Byzer-LLM's ``gen.`` / ``generation.`` prefix. Known keys become typed
+    fields: ``temperature``, ``top_p``, ``top_k``, ``max_tokens`` (also ``max_new_tokens`` and
+    ``max_length``, the first one present in that order wins), ``stop`` (string or list),
+    ``stop_token_ids`` (int or list; Byzer-LLM's ``stopping_sequences`` is read as ``stop``),
+    ``repetition_penalty``, ``seed``; ``request_id`` names the request (for ``abort``);
+    ``timeout_s`` sets the call deadline; ``affinity_key`` keeps related requests on one
+    replica. Keys set to None are skipped. Every other key goes to ``params.extra`` for engines
+    that understand it.
+
+    Args:
+        llm_config: the dict given to ``chat_oai`` / ``stream_chat_oai``; None means empty.
+
+    Raises:
+        InvalidArgument: a known key has a value of the wrong type, or an unknown key's value
+            cannot be carried as JSON.
+    """
+    params = common_pb2.GenerationParams()
+    out = GenerationConfig(params=params)
+    flat: dict[str, Any] = {}
+    for raw_key, value in (llm_config or {}).items():
+        if value is None:
+            continue
+        flat[strip_config_prefix(str(raw_key))] = value
+    extra: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key == "temperature":
+            params.temperature = _as_float(key, value)
+        elif key == "top_p":
+            params.top_p = _as_float(key, value)
+        elif key == "top_k":
+            params.top_k = _as_int(key, value)
+        elif key in MAX_TOKENS_KEYS:
+            continue  # resolved below, by precedence rather than by dict order
+        elif key in ("stop", "stopping_sequences"):
+            params.stop.extend(s for s in _as_str_list(key, value) if s not in params.stop)
+        elif key == "stop_token_ids":
+            params.stop_token_ids.extend(_as_int_list(key, value))
+        elif key == "repetition_penalty":
+            params.repetition_penalty = _as_float(key, value)
+        elif key == "seed":
+            params.seed = _as_int(key, value)
+        elif key == "request_id":
+            out.request_id = str(value)
+        elif key == "timeout_s":
+            out.timeout = _as_float(key, value)
+            if out.timeout <= 0:
+                raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {value!r}")
+        elif key == "affinity_key":
+            out.affinity_key = str(value)
+        elif key in _DROPPED_KEYS:
+            continue
+        else:
+            extra[key] = value
+    for key in MAX_TOKENS_KEYS:
+        if key in flat:
+            params.max_tokens = _as_int(key, flat[key])
+            if params.max_tokens <= 0:
+                raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {flat[key]!r}")
+            break
+    if extra:
+        try:
+            params.extra.update(extra)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"llm_config has a value that is not JSON-like ({exc}); "
+                "use strings, numbers, booleans, lists and dicts"
+            ) from None
+    return out
+
+
+def _byzer_flags(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Flags with their ``gen.`` / ``generation.`` prefix removed, for non-generation calls."""
+    return {strip_config_prefix(str(k)): v for k, v in (config or {}).items()}
