@@ -160,44 +160,146 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def chinese() -> bool:
+    """Whether the CLI speaks Chinese now (``$LANG`` or ``llmesh.cli.set_language``)."""
+    from llmesh.cli import MESSAGES, MESSAGES_ZH
+
+    return MESSAGES.get("desc") == MESSAGES_ZH["desc"]
+
+
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `up`, `control-plane`, `inference-worker` and `demo` on the CLI's subparsers."""
     from llmesh.demo import add_demo_command
 
+    zh = chinese()
+
+    def t(en: str, zh_text: str) -> str:
+        return zh_text if zh else en
+
     add_demo_command(subparsers)
     up = subparsers.add_parser(
         "up",
-        help="run etcd, the control plane and inference workers on this machine",
-        description="Start a local mesh: etcd (unless --etcd), the control plane and workers.",
+        help=t(
+            "run etcd, the control plane and inference workers on this machine",
+            "在本机运行 etcd、控制平面和推理工作节点",
+        ),
+        description=t(
+            "Start a local mesh: etcd (unless --etcd), the control plane and workers.",
+            "启动本地网格：etcd（除非指定 --etcd）、控制平面和工作节点。",
+        ),
     )
-    up.add_argument("--listen", default=DEFAULT_LISTEN, help="control plane address")
-    up.add_argument("--host", default="127.0.0.1", help="address the workers bind")
-    up.add_argument("--etcd", default=None, help="use this etcd HOST:PORT instead of a child")
-    up.add_argument("--workers", type=int, default=1, help="inference workers to start")
-    up.add_argument("--worker-cpus", type=float, default=None, help="CPUs each worker declares")
-    up.add_argument("--worker-gpus", type=float, default=None, help="GPUs each worker declares")
-    up.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="etcd key namespace")
-    up.add_argument("--lease-ttl", type=int, default=5, help="worker lease TTL in seconds")
-    up.add_argument("--data-dir", default=None, help="keep etcd data here (default: temporary)")
+    up.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=t("control plane address", "控制平面地址")
+    )
+    up.add_argument(
+        "--host", default="127.0.0.1", help=t("address the workers bind", "工作节点绑定的地址")
+    )
+    up.add_argument(
+        "--etcd",
+        default=None,
+        help=t(
+            "use this etcd HOST:PORT instead of a child", "使用这个 etcd（HOST:PORT），不启动子进程"
+        ),
+    )
+    up.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help=t("inference workers to start", "要启动的推理工作节点数"),
+    )
+    up.add_argument(
+        "--worker-cpus",
+        type=float,
+        default=None,
+        help=t("CPUs each worker declares", "每个工作节点声明的 CPU 数"),
+    )
+    up.add_argument(
+        "--worker-gpus",
+        type=float,
+        default=None,
+        help=t("GPUs each worker declares", "每个工作节点声明的 GPU 数"),
+    )
+    up.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
+    up.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=5,
+        help=t("worker lease TTL in seconds", "工作节点租约的存活时间（秒）"),
+    )
+    up.add_argument(
+        "--data-dir",
+        default=None,
+        help=t("keep etcd data here (default: temporary)", "etcd 数据保存目录（默认：临时目录）"),
+    )
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
         "control-plane",
-        help="run a control plane (stateless; run several against one etcd)",
+        help=t(
+            "run a control plane (stateless; run several against one etcd)",
+            "运行控制平面（无状态；可对同一个 etcd 运行多个）",
+        ),
     )
-    cpl.add_argument("--listen", default=DEFAULT_LISTEN, help="address to bind")
-    cpl.add_argument("--etcd", default=None, help="etcd HOST:PORT (default $LLMESH_ETCD)")
-    cpl.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="etcd key namespace")
+    cpl.add_argument("--listen", default=DEFAULT_LISTEN, help=t("address to bind", "绑定的地址"))
+    cpl.add_argument(
+        "--etcd",
+        default=None,
+        help=t("etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"),
+    )
+    cpl.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
     cpl.set_defaults(func=_cmd_control_plane)
 
-    iw = subparsers.add_parser("inference-worker", help="run an inference worker")
-    iw.add_argument("--listen", default="127.0.0.1:0", help="address to bind (port 0: any)")
-    iw.add_argument("--advertise", default=None, help="HOST:PORT clients dial (default: bound)")
-    iw.add_argument("--etcd", default=None, help="etcd HOST:PORT (default $LLMESH_ETCD)")
-    iw.add_argument("--namespace", default=DEFAULT_NAMESPACE, help="etcd key namespace")
-    iw.add_argument("--worker-id", default=None, help="stable id (default: HOSTNAME-PORT)")
-    iw.add_argument("--cpus", type=float, default=None, help="CPUs to declare (default: all)")
-    iw.add_argument("--gpus", type=float, default=None, help="GPUs to declare (default: detected)")
-    iw.add_argument("--lease-ttl", type=int, default=5, help="lease TTL in seconds")
-    iw.add_argument("--drain-grace", type=float, default=30.0, help="seconds to finish requests")
+    iw = subparsers.add_parser(
+        "inference-worker", help=t("run an inference worker", "运行推理工作节点")
+    )
+    iw.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help=t("address to bind (port 0: any)", "绑定的地址（端口 0：任意空闲端口）"),
+    )
+    iw.add_argument(
+        "--advertise",
+        default=None,
+        help=t(
+            "HOST:PORT clients dial (default: bound)", "客户端连接的 HOST:PORT（默认：绑定地址）"
+        ),
+    )
+    iw.add_argument(
+        "--etcd",
+        default=None,
+        help=t("etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"),
+    )
+    iw.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
+    iw.add_argument(
+        "--worker-id",
+        default=None,
+        help=t("stable id (default: HOSTNAME-PORT)", "固定的节点 id（默认：主机名-端口）"),
+    )
+    iw.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help=t("CPUs to declare (default: all)", "声明的 CPU 数（默认：全部）"),
+    )
+    iw.add_argument(
+        "--gpus",
+        type=float,
+        default=None,
+        help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
+    )
+    iw.add_argument(
+        "--lease-ttl", type=int, default=5, help=t("lease TTL in seconds", "租约存活时间（秒）")
+    )
+    iw.add_argument(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        help=t("seconds to finish requests", "停机时留给进行中请求的秒数"),
+    )
     iw.set_defaults(func=_cmd_inference_worker)

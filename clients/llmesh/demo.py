@@ -144,12 +144,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     """Register `llmesh demo`."""
+    from llmesh.cli_servers import chinese
+
+    zh = chinese()
     demo = subparsers.add_parser(
-        "demo", help="start a local mesh, deploy models, chat, embed and rerank, then stop"
+        "demo",
+        help="启动本地网格，部署模型，对话、向量化和重排序，然后停止"
+        if zh
+        else "start a local mesh, deploy models, chat, embed and rerank, then stop",
     )
     demo.add_argument(
         "--cache-dir",
         default=os.environ.get("LLMESH_CACHE", "~/.cache/llmesh"),
-        help="where the small test chat model is written",
+        help="小测试对话模型的写入目录" if zh else "where the small test chat model is written",
     )
     demo.set_defaults(func=run_demo)

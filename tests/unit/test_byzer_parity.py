@@ -645,9 +645,13 @@ def test_cli_language_from_lang(monkeypatch: pytest.MonkeyPatch, capsys: Any) ->
     monkeypatch.setenv("LANG", "zh_CN.UTF-8")
     assert cli.main(["deploy", "--help"]) == 0
     assert "部署后的模型名称" in capsys.readouterr().out
+    assert cli.main(["up", "--help"]) == 0  # the server subcommands speak it too
+    assert "工作节点租约的存活时间" in capsys.readouterr().out
     monkeypatch.setenv("LANG", "en_US.UTF-8")
     assert cli.main(["deploy", "--help"]) == 0
     assert "name of the deployed model" in capsys.readouterr().out
+    assert cli.main(["inference-worker", "--help"]) == 0
+    assert "seconds to finish requests" in capsys.readouterr().out
 
 
 def test_cli_query_templates_cover_byzers() -> None:
