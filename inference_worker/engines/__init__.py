@@ -18,6 +18,7 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "transformers": ("llmesh.inference_worker.engines.transformers_engine", "TransformersEngine"),
     "embedding": ("llmesh.inference_worker.engines.embedding", "EmbeddingEngine"),
     "rerank": ("llmesh.inference_worker.engines.rerank", "RerankEngine"),
+    "vllm": ("llmesh.inference_worker.engines.vllm_engine", "VLLMEngine"),
 }
 
 BACKENDS: tuple[str, ...] = tuple(_ENGINES)
