@@ -65,7 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INFER_PARAMS = ("max_concurrency", "max_model_len", "dtype", "device", "torch_threads")
-_DTYPES = {
+# Names infer_params may use for a dtype (shared with the vLLM engine).
+DTYPES = {
     "auto": "auto",
     "float32": "float32",
     "fp32": "float32",
@@ -534,12 +535,12 @@ class TransformersEngine(Engine):
         self._max_model_len_param = int_param(params, "max_model_len")
         self._torch_threads = int_param(params, "torch_threads")
         dtype = str(params.get("dtype", "")).strip().lower()
-        if dtype and dtype not in _DTYPES:
+        if dtype and dtype not in DTYPES:
             raise InvalidArgument(
                 f"infer_params dtype={params['dtype']!r} is not supported; "
                 "use float32, float16, bfloat16 or auto"
             )
-        self._dtype_param = _DTYPES.get(dtype)
+        self._dtype_param = DTYPES.get(dtype)
         self._params = params
 
         self._model: Any = None

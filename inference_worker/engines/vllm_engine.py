@@ -54,6 +54,7 @@ from llmesh.inference_worker.engines.base import (
     load_model,
 )
 from llmesh.inference_worker.engines.transformers_engine import (
+    DTYPES,
     check_infer_params,
     check_model_dir,
     int_param,
@@ -71,17 +72,6 @@ INFER_PARAMS = (
     "enable_lora",
     "enforce_eager",
 )
-_DTYPES = {
-    "auto": "auto",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # vLLM's finish reasons -> ours ("stop" with a string stop_reason means a stop string matched).
@@ -141,12 +131,12 @@ class VLLMEngine(Engine):
         self._tp = int_param(params, "tensor_parallel_size") or 1
         self._mem_fraction = _fraction_param(params, "gpu_memory_utilization")
         raw_dtype = str(params.get("dtype", "auto")).strip().lower() or "auto"
-        if raw_dtype not in _DTYPES:
+        if raw_dtype not in DTYPES:
             raise InvalidArgument(
                 f"infer_params dtype={params['dtype']!r} is not a dtype; "
-                f"use one of {', '.join(sorted(_DTYPES))}"
+                f"use one of {', '.join(sorted(DTYPES))}"
             )
-        self._dtype = _DTYPES[raw_dtype]
+        self._dtype = DTYPES[raw_dtype]
         self._enable_lora = bool(_bool_param(params, "enable_lora"))
         self._enforce_eager = _bool_param(params, "enforce_eager")
         self._engine: Any = None

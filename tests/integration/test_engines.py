@@ -89,10 +89,10 @@ def chat_prompt(test_model_dir: Path) -> str:
 
 
 def test_unknown_backend_lists_valid_ones() -> None:
-    assert BACKENDS == ("transformers", "embedding", "rerank")
+    assert BACKENDS == ("transformers", "embedding", "rerank", "vllm")
     with pytest.raises(InvalidArgument, match="unknown backend 'nope'") as err:
         create_engine(EngineConfig("m", "/nowhere", "nope"))
-    assert "transformers, embedding, rerank" in str(err.value)
+    assert "transformers, embedding, rerank, vllm" in str(err.value)
 
 
 def test_importing_engines_does_not_import_torch() -> None:

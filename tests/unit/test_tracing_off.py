@@ -13,4 +13,3 @@ def test_off_by_default_adds_no_metadata(monkeypatch) -> None:
     with tracing.client_span("llmesh.v1.X/Y") as metadata:
         assert metadata == []
     assert tracing.outgoing_metadata() == []
-
