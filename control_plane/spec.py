@@ -8,8 +8,6 @@ import re
 from llmesh.errors import InvalidArgument
 from llmesh.v1 import control_plane_service_pb2 as cp
 
-# Used until inference_worker.engines exports BACKENDS (and if importing it fails).
-FALLBACK_BACKENDS: tuple[str, ...] = ("transformers", "embedding", "rerank")
 DEFAULT_BACKEND = "transformers"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 MAX_NAME_LENGTH = 200
@@ -28,13 +26,10 @@ SPEC_FIELDS = (
 
 def supported_backends() -> tuple[str, ...]:
     """The backend names inference workers understand."""
-    try:
-        # Imported lazily: the engines package is written separately, and must stay optional
-        # for a control plane installed without the worker extras.
-        from llmesh.inference_worker.engines import BACKENDS
-    except ImportError:
-        return FALLBACK_BACKENDS
-    return tuple(BACKENDS)
+    # Cheap: the engines package imports no engine (and no torch) until one is created.
+    from llmesh.inference_worker.engines import BACKENDS
+
+    return BACKENDS
 
 
 def normalize(model: cp.Model) -> cp.Model:
