@@ -61,6 +61,7 @@ from llmesh.llm_config import (
 )
 from llmesh.routes import (
     CONTROL_CALL_TIMEOUT_S,
+    WORKER_CALL_TIMEOUT_S,
     ChannelPool,
     RouteCache,
     call_unary,
@@ -772,8 +773,13 @@ class ByzerLLM:
     def _unavailable_control_plane(self, exc: Unavailable) -> Unavailable:
         return Unavailable(f"the control plane at {self.control_plane} is unavailable: {exc}")
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("this ByzerLLM client is closed; create a new one")
+
     def _control_call(self, method: str, request: Any, *, timeout: float) -> Any:
         """One unary control-plane call; an outage names the address that was tried."""
+        self._check_open()
         try:
             return call_unary(
                 getattr(self._control, method),
@@ -785,6 +791,7 @@ class ByzerLLM:
             raise self._unavailable_control_plane(exc) from exc
 
     def _worker(self, address: str) -> inf_grpc.InferenceServiceStub:
+        self._check_open()
         return inf_grpc.InferenceServiceStub(self._pool.get(address))
 
     def _worker_call(
@@ -1770,7 +1777,7 @@ class ByzerLLM:
             name,
             cp.PURPOSE_TOKENIZER,
             "InferenceService/Tokenize",
-            lambda stub, md: stub.Tokenize(req, metadata=md),
+            lambda stub, md: stub.Tokenize(req, metadata=md, timeout=WORKER_CALL_TIMEOUT_S),
         )
         return [
             LLMResponse(
@@ -1816,7 +1823,9 @@ class ByzerLLM:
             name,
             cp.PURPOSE_APPLY_CHAT_TEMPLATE,
             "InferenceService/ApplyChatTemplate",
-            lambda stub, md: stub.ApplyChatTemplate(req, metadata=md),
+            lambda stub, md: stub.ApplyChatTemplate(
+                req, metadata=md, timeout=WORKER_CALL_TIMEOUT_S
+            ),
         )
         return response.prompt
 
@@ -1844,7 +1853,7 @@ class ByzerLLM:
             name,
             cp.PURPOSE_META,
             "InferenceService/GetModelMeta",
-            lambda stub, md: stub.GetModelMeta(req, metadata=md),
+            lambda stub, md: stub.GetModelMeta(req, metadata=md, timeout=WORKER_CALL_TIMEOUT_S),
         )
         meta = meta_dict(response)
         self.meta_cache[name] = meta

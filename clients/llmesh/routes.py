@@ -40,6 +40,8 @@ FIRST_SNAPSHOT_TIMEOUT_S = 2.0
 DOWN_FOR_S = 5.0
 #: Deadline of the AssignWorker / GetModel fallbacks.
 CONTROL_CALL_TIMEOUT_S = 10.0
+# Small unary worker calls (tokenize, chat template, meta): a stuck worker must not hang them.
+WORKER_CALL_TIMEOUT_S = 30.0
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
 

@@ -580,3 +580,10 @@ def test_a_new_published_count_resets_the_local_count(routes: RouteCache) -> Non
     assert replica_id(a) not in routes.selector.local_inflight
     assert routes.selector.local_inflight[replica_id(b)] == 1
     assert watch.settled.is_set() and not watch.stale
+
+
+def test_calls_after_close_say_so() -> None:
+    llm = c.ByzerLLM(control_plane="127.0.0.1:1")
+    llm.close()
+    with pytest.raises(FailedPrecondition, match="closed"):
+        llm.list_models()
