@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from llmesh.errors import Unimplemented
+from llmesh.errors import InvalidArgument, Unimplemented
 
 T = TypeVar("T")
 
@@ -26,6 +26,20 @@ _MODEL_LOAD_LOCK = threading.Lock()
 def _locked(fn: Callable[..., T], *args: Any) -> T:
     with _MODEL_LOAD_LOCK:
         return fn(*args)
+
+
+def prompt_room(n_prompt: int, max_model_len: int, model_name: str) -> int:
+    """Tokens left for generation after a prompt, or InvalidArgument when there are none."""
+    if n_prompt == 0:
+        raise InvalidArgument("the prompt is empty and the tokenizer adds no BOS; give text")
+    room = max_model_len - n_prompt
+    if room < 1:
+        raise InvalidArgument(
+            f"prompt has {n_prompt} tokens but model {model_name} accepts at most "
+            f"{max_model_len - 1} (context {max_model_len}, with room for at least one "
+            "generated token); shorten it or lower the history you send"
+        )
+    return room
 
 
 async def load_model(fn: Callable[..., T], *args: Any) -> T:

@@ -57,6 +57,7 @@ from llmesh.inference_worker.engines.base import (
     SamplingParams,
     StructuredOutput,
     load_model,
+    prompt_room,
 )
 
 if TYPE_CHECKING:
@@ -817,15 +818,7 @@ class TransformersEngine(Engine):
             grammar = await asyncio.to_thread(self._compile_grammar, kind, source)
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise InvalidArgument("the prompt is empty and the tokenizer adds no BOS; give text")
-        room = self._max_model_len - n_prompt
-        if room < 1:
-            raise InvalidArgument(
-                f"prompt has {n_prompt} tokens but model {self.config.model_name} accepts at "
-                f"most {self._max_model_len - 1} (context {self._max_model_len}, with room for "
-                "at least one generated token); shorten it or lower the history you send"
-            )
+        room = prompt_room(n_prompt, self._max_model_len, self.config.model_name)
         executor = self._executor
         if executor is None or self._stopping:
             raise Unavailable(f"model {self.config.model_name} is shutting down")

@@ -52,6 +52,7 @@ from llmesh.inference_worker.engines.base import (
     ModelMeta,
     SamplingParams,
     load_model,
+    prompt_room,
 )
 from llmesh.inference_worker.engines.transformers_engine import (
     DTYPES,
@@ -401,15 +402,7 @@ class VLLMEngine(Engine):
             raise _duplicate(request_id)
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise InvalidArgument("the prompt is empty and the tokenizer adds no BOS; give text")
-        room = self._max_model_len - n_prompt
-        if room < 1:
-            raise InvalidArgument(
-                f"prompt has {n_prompt} tokens but model {self.config.model_name} accepts at "
-                f"most {self._max_model_len - 1} (context {self._max_model_len}, with room for "
-                "at least one generated token); shorten it or lower the history you send"
-            )
+        room = prompt_room(n_prompt, self._max_model_len, self.config.model_name)
         sampling = self._sampling_params(params, min(params.max_tokens, room))
         engine = self._require_engine()
         if request_id in self._active:
