@@ -48,6 +48,7 @@ class HostedReplica:
     engine: Engine | None = None
     inflight: int = 0
     served: int = 0  # requests admitted since load, for stats and tests
+    aborted: int = 0  # streams that ended "aborted" (cancel, Abort, disconnect, deadline, stop)
     request_ids: set[str] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -272,10 +273,16 @@ class ReplicaManager:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), timeout=timeout)
 
-    async def close(self) -> None:
+    async def close(self, unload_timeout: float = 30.0) -> None:
+        """Stop publishing, cancel loads, let unloads in progress finish, stop what is left."""
         self._publisher.cancel()
-        for task in list(self._tasks):
-            task.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            # An unload cancelled mid-way would leave its engine (and vLLM's processes) running.
+            if not task.get_name().startswith("unload-"):
+                task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=unload_timeout)
         for hosted in list(self.replicas.values()):
             if hosted.engine is not None:
                 with contextlib.suppress(Exception):

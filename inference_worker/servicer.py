@@ -61,6 +61,17 @@ def _messages(msgs: list[common_pb2.ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
+def _count_end(replica: HostedReplica, finish_reason: str | None, gone: bool) -> None:
+    """Count a stream on its replica's ``aborted`` counter if it ended aborted.
+
+    Aborted means a final "aborted" chunk (cancel message, Abort RPC, engine stop), or no final
+    chunk at all because the call went away (disconnect, deadline). A stream that failed with
+    an error is not an abort.
+    """
+    if finish_reason == "aborted" or (finish_reason is None and gone):
+        replica.aborted += 1
+
+
 def _usage(chunk: GenerationChunk) -> common_pb2.Usage:
     return common_pb2.Usage(
         prompt_tokens=chunk.prompt_tokens,
@@ -128,6 +139,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
             reader = asyncio.create_task(read_cancels(), name=f"cancel-reader-{request_id}")
             aborted = False
+            finish_reason: str | None = None
+            gone = False
             try:
                 async for chunk in stream:
                     if cancelled.is_set() and not aborted:
@@ -135,6 +148,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         # request to abort; the engine knows it by now.
                         aborted = await engine.abort(request_id) or chunk.finish_reason is not None
                     if chunk.finish_reason is not None:
+                        finish_reason = chunk.finish_reason
                         yield inf.ChatResponse(
                             request_id=request_id,
                             delta=chunk.delta,
@@ -148,8 +162,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         yield inf.ChatResponse(
                             request_id=request_id, delta=chunk.delta, token_ids=chunk.token_ids
                         )
+            except (asyncio.CancelledError, GeneratorExit):
+                gone = True  # client disconnect or deadline: the call went away mid-stream
+                raise
             finally:
                 reader.cancel()
+                _count_end(replica, finish_reason, gone)
                 # Closing the engine stream aborts the request in the engine (disconnect,
                 # deadline or cancel all land here) before the slot is released.
                 await stream.aclose()
@@ -161,11 +179,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         text: list[str] = []
         last = GenerationChunk()
         stream = replica.engine.generate(request_id, prompt, params)
+        gone = False
         try:
             async for chunk in stream:
                 text.append(chunk.delta)
                 last = chunk
+        except asyncio.CancelledError:
+            gone = True
+            raise
         finally:
+            _count_end(replica, last.finish_reason, gone)
             await stream.aclose()
         return inf.Generation(
             text="".join(text),
@@ -277,7 +300,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             embedding_dim=meta.embedding_dim,
             model_path=replica.model.model_path,
             max_concurrency=meta.max_concurrency,
-            extra=meta.extra,
+            # Counts since the replica loaded; engines do not know them, the replica does.
+            extra={
+                **meta.extra,
+                "served_requests": str(replica.served),
+                "aborted_requests": str(replica.aborted),
+            },
         )
 
     @rpc_handler

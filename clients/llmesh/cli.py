@@ -50,7 +50,8 @@ MESSAGES_EN: dict[str, str] = {
     "help_pretrained_model_type": "pretrained model type, recorded with the deployment",
     "help_udf_name": "name of the deployed model",
     "help_infer_params": f"engine parameters; each token is {ACCEPTED_FORMS}",
-    "help_infer_backend": "inference engine: transformers, vllm, deepspeed, embedding, rerank",
+    "help_infer_backend": "inference engine: transformers, vllm, embedding, rerank, or auto "
+    "(chosen from the model directory)",
     "help_no_wait": "return once the deployment is recorded, without waiting for READY",
     "help_timeout": "seconds to wait for the replicas to become READY",
     "help_query_model": "name of the deployed model",
@@ -89,7 +90,8 @@ MESSAGES_ZH: dict[str, str] = {
     "help_pretrained_model_type": "预训练模型类型，随部署一起记录",
     "help_udf_name": "部署后的模型名称",
     "help_infer_params": f"推理引擎参数；每一项的写法：{ACCEPTED_FORMS}",
-    "help_infer_backend": "推理后端：transformers、vllm、deepspeed、embedding、rerank",
+    "help_infer_backend": "推理后端：transformers、vllm、embedding、rerank，"
+    "或 auto（按模型目录自动选择）",
     "help_no_wait": "部署记录下来后立即返回，不等待副本就绪",
     "help_timeout": "等待副本就绪的秒数",
     "help_query_model": "已部署的模型名称",

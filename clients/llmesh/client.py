@@ -194,6 +194,7 @@ class InferBackend:
     DeepSpeed = "deepspeed"
     Embedding = "embedding"
     Rerank = "rerank"
+    Auto = "auto"
 
 
 def normalize_backend(name: str) -> str:

@@ -21,19 +21,33 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "vllm": ("llmesh.inference_worker.engines.vllm_engine", "VLLMEngine"),
 }
 
-BACKENDS: tuple[str, ...] = tuple(_ENGINES)
-"""Backend names a deploy may ask for."""
+BACKENDS: tuple[str, ...] = (*_ENGINES, "auto")
+"""Backend names a deploy may ask for; ``auto`` picks one of the others (see ``engines.auto``)."""
 
 
 def create_engine(config: EngineConfig) -> Engine:
     """Build (not start) the engine for ``config.backend``.
 
+    ``backend="auto"`` returns an :class:`~llmesh.inference_worker.engines.auto.AutoEngine`
+    that picks one of the others from the model directory and delegates to it.
+
     Args:
         config: The model record: name, local path, backend and infer_params.
 
     Raises:
-        InvalidArgument: unknown backend, or infer_params the engine does not accept.
+        InvalidArgument: unknown backend, infer_params the engine does not accept, or (auto) a
+            directory no rule recognises.
     """
+    if config.backend == "auto":
+        from llmesh.inference_worker.engines.auto import AutoEngine
+
+        # The generative engines' infer_params keys (their modules import neither torch nor
+        # vLLM), so auto refuses a key neither takes before anything loads.
+        accepted = {
+            name: tuple(importlib.import_module(_ENGINES[name][0]).INFER_PARAMS)
+            for name in ("transformers", "vllm")
+        }
+        return AutoEngine(config, engines=create_engine, backends=BACKENDS, accepted=accepted)
     try:
         module_name, class_name = _ENGINES[config.backend]
     except KeyError:
