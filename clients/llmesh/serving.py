@@ -27,15 +27,27 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 
-# Control-plane calls are idempotent (a repeated deploy with the same spec is a no-op), so a
-# call that meets UNAVAILABLE — a restarting control plane, a channel still in reconnect
-# backoff — is retried by gRPC itself a few times before the caller sees it. Token streams to
-# workers are never retried this way: the SDK decides that, before the first token only.
+# Control-plane reads and deploys are idempotent (a repeated deploy with the same spec is a
+# no-op), so a call that meets UNAVAILABLE — a restarting control plane, a channel still in
+# reconnect backoff — is retried by gRPC itself a few times before the caller sees it. Token
+# streams to workers are never retried this way: the SDK decides that, before the first token.
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": "llmesh.v1.ControlPlaneService"}],
+                # Not UndeployModel: if a first attempt committed and its reply was lost, a
+                # retry would answer NOT_FOUND for a model it did undeploy.
+                "name": [
+                    {"service": "llmesh.v1.ControlPlaneService", "method": m}
+                    for m in (
+                        "DeployModel",
+                        "GetModel",
+                        "ListModels",
+                        "ListWorkers",
+                        "AssignWorker",
+                        "WatchModel",
+                    )
+                ],
                 "retryPolicy": {
                     "maxAttempts": 5,
                     "initialBackoff": "0.2s",

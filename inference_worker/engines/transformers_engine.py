@@ -753,8 +753,13 @@ class TransformersEngine(Engine):
             )
         conversation = [dict(m) for m in messages]
         try:
-            rendered = tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            # Jinja rendering of a long conversation takes a while: keep it off the event loop
+            # that carries every other stream's tokens.
+            rendered = await asyncio.to_thread(
+                tokenizer.apply_chat_template,
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
             )
         except Exception as exc:  # jinja2 errors, including the template's raise_exception()
             raise InvalidArgument(
