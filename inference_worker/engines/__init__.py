@@ -19,6 +19,7 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "embedding": ("llmesh.inference_worker.engines.embedding", "EmbeddingEngine"),
     "rerank": ("llmesh.inference_worker.engines.rerank", "RerankEngine"),
     "vllm": ("llmesh.inference_worker.engines.vllm_engine", "VLLMEngine"),
+    "deepspeed": ("llmesh.inference_worker.engines.deepspeed_engine", "DeepSpeedEngine"),
 }
 
 BACKENDS: tuple[str, ...] = (*_ENGINES, "auto")

@@ -528,10 +528,12 @@ class TransformersEngine(Engine):
     """
 
     backend = "transformers"
+    # Subclasses (the deepspeed backend) accept more keys.
+    infer_params: tuple[str, ...] = INFER_PARAMS
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        params = check_infer_params(config, INFER_PARAMS, backend=self.backend)
+        params = check_infer_params(config, self.infer_params, backend=self.backend)
         self._max_concurrency = int_param(params, "max_concurrency") or 8
         self._max_model_len_param = int_param(params, "max_model_len")
         self._torch_threads = int_param(params, "torch_threads")

@@ -38,6 +38,7 @@ WAYS = ("message", "abort", "disconnect")
 
 INFER_PARAMS = {
     "transformers": {"max_concurrency": str(STREAMS)},
+    "deepspeed": {"max_concurrency": str(STREAMS)},
     "vllm": {
         "max_concurrency": str(STREAMS),
         "max_num_seqs": str(STREAMS),

@@ -89,7 +89,7 @@ def chat_prompt(test_model_dir: Path) -> str:
 
 
 def test_unknown_backend_lists_valid_ones() -> None:
-    assert BACKENDS == ("transformers", "embedding", "rerank", "vllm", "auto")
+    assert BACKENDS == ("transformers", "embedding", "rerank", "vllm", "deepspeed", "auto")
     with pytest.raises(InvalidArgument, match="unknown backend 'nope'") as err:
         create_engine(EngineConfig("m", "/nowhere", "nope"))
     assert "transformers, embedding, rerank, vllm" in str(err.value)
