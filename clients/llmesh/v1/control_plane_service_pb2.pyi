@@ -1,4 +1,5 @@
 from llmesh.v1 import common_pb2 as _common_pb2
+from llmesh.v1 import trainer_service_pb2 as _trainer_service_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -37,7 +38,7 @@ LOAD_BALANCE_POLICY_ROUND_ROBIN: LoadBalancePolicy
 LOAD_BALANCE_POLICY_RANDOM: LoadBalancePolicy
 
 class Model(_message.Message):
-    __slots__ = ("name", "model_path", "backend", "infer_params", "num_replicas", "cpus_per_replica", "gpus_per_replica", "pretrained_model_type", "replicas", "generation")
+    __slots__ = ("name", "model_path", "backend", "infer_params", "num_replicas", "cpus_per_replica", "gpus_per_replica", "pretrained_model_type", "replicas", "generation", "base_model")
     class InferParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +56,7 @@ class Model(_message.Message):
     PRETRAINED_MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_path: str
     backend: str
@@ -65,7 +67,8 @@ class Model(_message.Message):
     pretrained_model_type: str
     replicas: _containers.RepeatedCompositeFieldContainer[_common_pb2.Replica]
     generation: int
-    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., backend: _Optional[str] = ..., infer_params: _Optional[_Mapping[str, str]] = ..., num_replicas: _Optional[int] = ..., cpus_per_replica: _Optional[float] = ..., gpus_per_replica: _Optional[float] = ..., pretrained_model_type: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[_common_pb2.Replica, _Mapping]]] = ..., generation: _Optional[int] = ...) -> None: ...
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., backend: _Optional[str] = ..., infer_params: _Optional[_Mapping[str, str]] = ..., num_replicas: _Optional[int] = ..., cpus_per_replica: _Optional[float] = ..., gpus_per_replica: _Optional[float] = ..., pretrained_model_type: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[_common_pb2.Replica, _Mapping]]] = ..., generation: _Optional[int] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
     __slots__ = ("id", "address", "cpus", "gpus", "cpus_used", "gpus_used", "replicas", "kind")
@@ -191,3 +194,69 @@ class WatchModelResponse(_message.Message):
     model: Model
     deleted: bool
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
+class CreateTrainingJobRequest(_message.Message):
+    __slots__ = ("spec", "request_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: _trainer_service_pb2.TrainingJobSpec
+    request_id: str
+    def __init__(self, spec: _Optional[_Union[_trainer_service_pb2.TrainingJobSpec, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateTrainingJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: _trainer_service_pb2.TrainingJob
+    def __init__(self, job: _Optional[_Union[_trainer_service_pb2.TrainingJob, _Mapping]] = ...) -> None: ...
+
+class GetTrainingJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetTrainingJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: _trainer_service_pb2.TrainingJob
+    def __init__(self, job: _Optional[_Union[_trainer_service_pb2.TrainingJob, _Mapping]] = ...) -> None: ...
+
+class ListTrainingJobsRequest(_message.Message):
+    __slots__ = ("states",)
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[_trainer_service_pb2.TrainingJobState]
+    def __init__(self, states: _Optional[_Iterable[_Union[_trainer_service_pb2.TrainingJobState, str]]] = ...) -> None: ...
+
+class ListTrainingJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[_trainer_service_pb2.TrainingJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_trainer_service_pb2.TrainingJob, _Mapping]]] = ...) -> None: ...
+
+class CancelTrainingJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class CancelTrainingJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: _trainer_service_pb2.TrainingJob
+    def __init__(self, job: _Optional[_Union[_trainer_service_pb2.TrainingJob, _Mapping]] = ...) -> None: ...
+
+class WatchTrainingJobRequest(_message.Message):
+    __slots__ = ("id", "after_sequence")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    after_sequence: int
+    def __init__(self, id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchTrainingJobResponse(_message.Message):
+    __slots__ = ("job", "event")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    job: _trainer_service_pb2.TrainingJob
+    event: _trainer_service_pb2.TrainingJobEvent
+    def __init__(self, job: _Optional[_Union[_trainer_service_pb2.TrainingJob, _Mapping]] = ..., event: _Optional[_Union[_trainer_service_pb2.TrainingJobEvent, _Mapping]] = ...) -> None: ...

@@ -71,6 +71,31 @@ class ControlPlaneServiceStub:
                 request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelResponse.FromString,
                 _registered_method=True)
+        self.CreateTrainingJob = channel.unary_unary(
+                '/llmesh.v1.ControlPlaneService/CreateTrainingJob',
+                request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.GetTrainingJob = channel.unary_unary(
+                '/llmesh.v1.ControlPlaneService/GetTrainingJob',
+                request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/llmesh.v1.ControlPlaneService/ListTrainingJobs',
+                request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelTrainingJob = channel.unary_unary(
+                '/llmesh.v1.ControlPlaneService/CancelTrainingJob',
+                request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.WatchTrainingJob = channel.unary_stream(
+                '/llmesh.v1.ControlPlaneService/WatchTrainingJob',
+                request_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServiceServicer:
@@ -127,6 +152,42 @@ class ControlPlaneServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTrainingJob(self, request, context):
+        """Creates a training job; it waits QUEUED until a trainer worker has capacity.
+        A retried call with the same request_id returns the first call's job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrainingJob(self, request, context):
+        """Returns one training job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingJobs(self, request, context):
+        """Lists training jobs, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTrainingJob(self, request, context):
+        """Cancels a training job: a queued job ends at once, a running one once its ranks stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTrainingJob(self, request, context):
+        """Streams a training job's events (state changes, progress, logs, artifact) until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +225,31 @@ def add_ControlPlaneServiceServicer_to_server(servicer, server):
                     servicer.WatchModel,
                     request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelResponse.SerializeToString,
+            ),
+            'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingJob,
+                    request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobResponse.SerializeToString,
+            ),
+            'GetTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingJob,
+                    request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobResponse.SerializeToString,
+            ),
+            'ListTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingJobs,
+                    request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsResponse.SerializeToString,
+            ),
+            'CancelTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTrainingJob,
+                    request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobResponse.SerializeToString,
+            ),
+            'WatchTrainingJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrainingJob,
+                    request_deserializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +443,141 @@ class ControlPlaneService:
             '/llmesh.v1.ControlPlaneService/WatchModel',
             llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelRequest.SerializeToString,
             llmesh_dot_v1_dot_control__plane__service__pb2.WatchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ControlPlaneService/CreateTrainingJob',
+            llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobRequest.SerializeToString,
+            llmesh_dot_v1_dot_control__plane__service__pb2.CreateTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ControlPlaneService/GetTrainingJob',
+            llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobRequest.SerializeToString,
+            llmesh_dot_v1_dot_control__plane__service__pb2.GetTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ControlPlaneService/ListTrainingJobs',
+            llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsRequest.SerializeToString,
+            llmesh_dot_v1_dot_control__plane__service__pb2.ListTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.ControlPlaneService/CancelTrainingJob',
+            llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobRequest.SerializeToString,
+            llmesh_dot_v1_dot_control__plane__service__pb2.CancelTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmesh.v1.ControlPlaneService/WatchTrainingJob',
+            llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobRequest.SerializeToString,
+            llmesh_dot_v1_dot_control__plane__service__pb2.WatchTrainingJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
