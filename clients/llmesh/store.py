@@ -7,10 +7,16 @@ Everything llmesh knows lives under one namespace (default ``/llmesh``)::
     {ns}/workers/{worker_id}                     Worker                               lease
     {ns}/assignments/{worker_id}/{model}/{index} Replica (what the worker must load)  durable
     {ns}/replicas/{model}/{worker_id}/{gen}/{i}  Replica (state, address, in-flight)  lease
+    {ns}/jobs/{job_id}                           TrainingJob (spec, state, progress)  durable
+    {ns}/job_requests/{request_id}               job id (CreateTrainingJob idempotency) durable
+    {ns}/artifacts/{job_id}                      TrainingArtifact of a SUCCEEDED job  durable
 
 Values are protobuf messages in their JSON form, so ``etcdctl get --prefix /llmesh`` stays
 readable. Keys under a worker lease vanish when the worker dies; durable keys are written only
-by the control plane, in revision-fenced transactions.
+by the control plane, in revision-fenced transactions. The exception is a job record: the
+control plane creates, places and cancels it, and the trainer worker it is placed on moves it
+through RUNNING to its final state; both sides write it only with a compare on the record's
+mod_revision, and nobody changes a record in a final state, so each outcome is recorded once.
 """
 
 from __future__ import annotations
@@ -75,6 +81,26 @@ class Keys:
 
     def replica(self, model: str, worker_id: str, generation: int, index: int) -> bytes:
         return f"{self.ns}/replicas/{model}/{worker_id}/{generation}/{index}".encode()
+
+    @property
+    def jobs(self) -> bytes:
+        return f"{self.ns}/jobs/".encode()
+
+    def job(self, job_id: str) -> bytes:
+        """A TrainingJob record: spec, state, worker, progress, artifact."""
+        return f"{self.ns}/jobs/{job_id}".encode()
+
+    def job_request(self, request_id: str) -> bytes:
+        """Idempotency index of CreateTrainingJob: request_id -> job id."""
+        return f"{self.ns}/job_requests/{request_id}".encode()
+
+    @property
+    def artifacts(self) -> bytes:
+        return f"{self.ns}/artifacts/".encode()
+
+    def artifact(self, job_id: str) -> bytes:
+        """The TrainingArtifact a SUCCEEDED job published."""
+        return f"{self.ns}/artifacts/{job_id}".encode()
 
     def kind_of(self, key: bytes) -> str:
         """The first path segment after the namespace: models, workers, assignments, ..."""
