@@ -27,6 +27,7 @@ from llmesh.errors import Unavailable
 from llmesh.store import Keys, decode
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import trainer_service_pb2 as tr
 
 from .etcd import EtcdKV, KeyValue, WatchCompacted, WatchResponse, WatchStream
 
@@ -55,12 +56,16 @@ class Change:
     Attributes:
         models: names of models whose spec, assignments or replicas may have changed.
         replicas: replica status entries that were written (their new value) or deleted.
+        jobs: ids of training jobs whose record was written or deleted.
+        workers: ids of workers that registered, changed or went away.
         everything: the mirror was listed again; treat every model as changed.
     """
 
     models: frozenset[str] = frozenset()
     replicas: tuple[common_pb2.Replica, ...] = ()
     everything: bool = False
+    jobs: frozenset[str] = frozenset()
+    workers: frozenset[str] = frozenset()
 
     def affects(self, model: str) -> bool:
         """Whether ``model`` may look different after this change."""
@@ -80,6 +85,8 @@ class MirrorState:
     assignments: dict[str, dict[AssignmentId, common_pb2.Replica]] = field(default_factory=dict)
     replicas: dict[str, dict[ReplicaId, common_pb2.Replica]] = field(default_factory=dict)
     fence: Fence = Fence()
+    jobs: dict[str, tr.TrainingJob] = field(default_factory=dict)
+    job_revisions: dict[str, int] = field(default_factory=dict)
 
     def models_on_worker(self, worker_id: str) -> set[str]:
         """Models with an assignment or a replica status on ``worker_id``."""
@@ -94,9 +101,16 @@ class _Batch:
     def __init__(self) -> None:
         self.models: set[str] = set()
         self.replicas: list[common_pb2.Replica] = []
+        self.jobs: set[str] = set()
+        self.workers: set[str] = set()
 
     def change(self) -> Change:
-        return Change(models=frozenset(self.models), replicas=tuple(self.replicas))
+        return Change(
+            models=frozenset(self.models),
+            replicas=tuple(self.replicas),
+            jobs=frozenset(self.jobs),
+            workers=frozenset(self.workers),
+        )
 
 
 def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batch: _Batch) -> None:
@@ -132,6 +146,7 @@ def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batc
         elif kind == "workers" and len(parts) == 2:
             worker_id = parts[1]
             batch.models.update(state.models_on_worker(worker_id))
+            batch.workers.add(worker_id)
             state.workers.pop(worker_id, None)
             if kv is not None:
                 worker = decode(kv.value, cp.Worker)
@@ -164,6 +179,16 @@ def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batc
                 batch.replicas.append(old)
             if not per_model_r:
                 del state.replicas[model_name]
+        elif kind == "jobs" and len(parts) == 2:
+            job_id = parts[1]
+            batch.jobs.add(job_id)
+            state.jobs.pop(job_id, None)
+            state.job_revisions.pop(job_id, None)
+            if kv is not None:
+                job = decode(kv.value, tr.TrainingJob)
+                job.id = job_id
+                state.jobs[job_id] = job
+                state.job_revisions[job_id] = kv.mod_revision
     except (ParseError, ValueError) as err:
         # A value this version cannot read is treated as absent rather than stopping the mirror.
         log.warning("ignoring unreadable etcd key %s: %s", key.decode(errors="replace"), err)
@@ -225,6 +250,14 @@ class Registry(ABC):
     @abstractmethod
     def fence(self) -> Fence:
         """The placement fence as of :attr:`revision`."""
+
+    @abstractmethod
+    def jobs(self) -> Mapping[str, tr.TrainingJob]:
+        """Training job records by id."""
+
+    @abstractmethod
+    def job_revision(self, job_id: str) -> int:
+        """The mod_revision of the job's record, 0 when there is none."""
 
     @abstractmethod
     async def wait_for_revision(self, revision: int, *, timeout: float = 5.0) -> None:
@@ -433,6 +466,12 @@ class EtcdRegistry(Registry):
 
     def fence(self) -> Fence:
         return self._state.fence
+
+    def jobs(self) -> Mapping[str, tr.TrainingJob]:
+        return MappingProxyType(self._state.jobs)
+
+    def job_revision(self, job_id: str) -> int:
+        return self._state.job_revisions.get(job_id, 0)
 
     # -- read-your-writes ------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 from .deployments import Deployer
 from .etcd import EtcdKV
+from .jobs import JobScheduler
 from .reconcile import Reconciler
 from .registry import EtcdRegistry, Registry
 from .servicer import ControlPlaneServicer
@@ -76,10 +77,12 @@ async def run_control_plane(
     keys = Keys(namespace)
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
+    jobs_task: asyncio.Task[None] | None = None
     try:
         await registry.start(timeout=startup_timeout)
         deployer = Deployer(registry, kv, keys)
-        servicer = ControlPlaneServicer(registry, deployer)
+        scheduler = JobScheduler(registry, kv, keys)
+        servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],
             listen=listen,
@@ -88,6 +91,7 @@ async def run_control_plane(
         if reconcile_grace is not None:
             reconciler = Reconciler(registry, deployer, grace=reconcile_grace)
             reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
+        jobs_task = asyncio.create_task(scheduler.run(), name="job-scheduler")
         log.info(
             "control plane on %s, etcd %s, namespace %s", server.address, kv.endpoint, namespace
         )
@@ -102,10 +106,11 @@ async def run_control_plane(
             servicer.close()
             await server.stop(grace)
     finally:
-        if reconcile_task is not None:
-            reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reconcile_task
+        for task in (reconcile_task, jobs_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await registry.close()
         await kv.close()
 

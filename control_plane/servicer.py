@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.errors import InvalidArgument, NotFound, Unavailable, rpc_handler
+from llmesh.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
 from llmesh.routing import Selector
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 from .deployments import Deployer
+from .jobs import JobScheduler
 from .registry import Change, Registry
 from .spec import normalize
 from .views import current_replicas, with_replicas, worker_views
@@ -33,15 +34,23 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     Args:
         registry: the mirror of etcd every read is served from.
         deployer: writes deployments to etcd.
+        jobs: creates, cancels and watches training jobs; None answers the job RPCs with
+            UNIMPLEMENTED.
         selector: picks replicas for AssignWorker; one per control plane so round-robin and
             least-loaded see all of this control plane's assignments.
     """
 
     def __init__(
-        self, registry: Registry, deployer: Deployer, *, selector: Selector | None = None
+        self,
+        registry: Registry,
+        deployer: Deployer,
+        *,
+        jobs: JobScheduler | None = None,
+        selector: Selector | None = None,
     ) -> None:
         self.registry = registry
         self.deployer = deployer
+        self.jobs = jobs
         self.selector = selector or Selector()
         self._closing = asyncio.Event()
         self._watchers: set[asyncio.Event] = set()
@@ -206,3 +215,57 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         finally:
             self._watchers.discard(dirty)
             unsubscribe()
+
+    # -- training jobs -----------------------------------------------------------------------
+
+    def _scheduler(self) -> JobScheduler:
+        if self.jobs is None:
+            raise Unimplemented("this control plane was started without training jobs")
+        return self.jobs
+
+    @rpc_handler
+    async def CreateTrainingJob(
+        self, request: cp.CreateTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> cp.CreateTrainingJobResponse:
+        job = await self._scheduler().create(request.spec, request.request_id)
+        return cp.CreateTrainingJobResponse(job=job)
+
+    @rpc_handler
+    async def GetTrainingJob(
+        self, request: cp.GetTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> cp.GetTrainingJobResponse:
+        return cp.GetTrainingJobResponse(job=self._scheduler().get(_job_id(request.id)))
+
+    @rpc_handler
+    async def ListTrainingJobs(
+        self, request: cp.ListTrainingJobsRequest, context: grpc.aio.ServicerContext
+    ) -> cp.ListTrainingJobsResponse:
+        return cp.ListTrainingJobsResponse(jobs=self._scheduler().list(list(request.states)))
+
+    @rpc_handler
+    async def CancelTrainingJob(
+        self, request: cp.CancelTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> cp.CancelTrainingJobResponse:
+        job = await self._scheduler().cancel(_job_id(request.id))
+        return cp.CancelTrainingJobResponse(job=job)
+
+    @rpc_handler
+    async def WatchTrainingJob(
+        self, request: cp.WatchTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cp.WatchTrainingJobResponse]:
+        if self._closing.is_set():
+            raise Unavailable("the control plane is shutting down; watch through another one")
+        if request.after_sequence < 0:
+            raise InvalidArgument("after_sequence must be >= 0 (0 sends the whole history)")
+        async for response in self._scheduler().watch(
+            _job_id(request.id), request.after_sequence
+        ):
+            if self._closing.is_set():
+                raise Unavailable("the control plane is shutting down; watch again")
+            yield response
+
+
+def _job_id(job_id: str) -> str:
+    if not job_id:
+        raise InvalidArgument("id is required: the training job's id, as CreateTrainingJob gave it")
+    return job_id
