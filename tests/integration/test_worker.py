@@ -301,3 +301,40 @@ def test_concurrent_streams_do_not_block_each_other(stub: Any, served: Any) -> N
         t.join(60)
     assert len(results) == 2 and all(r[-1].finished for r in results)
     _wait_idle(served)
+
+
+def test_stalled_client_gets_merged_messages_and_never_slows_another(
+    stub: Any, served: Any
+) -> None:
+    """A client that stops reading: its stream merges deltas, other clients stream on.
+
+    The stalled client advertises a small HTTP/2 window, so the worker's writes to it block
+    after a few messages; the engine keeps generating into the request's bounded collector,
+    and when the client reads again it gets the backlog merged into few messages.
+    """
+    _, worker = served
+    stalled_channel = grpc.insecure_channel(
+        worker.address,
+        options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)],
+    )
+    stalled_stub = inference_service_pb2_grpc.InferenceServiceStub(stalled_channel)
+    stalled = ChatCall(stalled_stub, _start(params=_params(600)))
+    received = [next(stalled.call)]  # the stream is running; now stop reading
+    # While the stalled client reads nothing, another client's requests stream to the end.
+    for _ in range(3):
+        other = ChatCall(stub, _start(params=_params(48)))
+        messages = list(other.call)
+        other.close_requests()
+        assert messages[-1].finished and messages[-1].usage.completion_tokens == 48
+    received.extend(stalled.call)
+    stalled.close_requests()
+    final = received[-1]
+    assert final.finished and final.usage.completion_tokens == 600
+    text = "".join(m.delta for m in received)
+    assert text and sum(len(m.token_ids) for m in received) == 600
+    # The backlog built up while the client stalled arrives merged: one message carries
+    # dozens of tokens (a client that keeps reading gets one or two per message).
+    biggest = max(len(m.token_ids) for m in received)
+    assert biggest >= 32, f"largest message held {biggest} tokens: the backlog was not merged"
+    stalled_channel.close()
+    _wait_idle(served)
