@@ -80,6 +80,8 @@ class Deployer:
         # deployment another control plane just made is taken into account.
         await self.registry.sync()
         for _ in range(self.max_attempts):
+            if spec.base_model:
+                spec = self._adapter_spec(spec)
             existing = self.registry.models().get(name)
             if existing is not None:
                 if same_spec(existing, spec):
@@ -94,7 +96,11 @@ class Deployer:
                 self.registry.all_assignments(),
                 self.registry.models(),
             )
-            plan = place(spec, caps)
+            if spec.base_model:
+                # An adapter is served where its base model's replicas are, nowhere else.
+                plan = {i: w for w, i in self.registry.assignments(spec.base_model)}
+            else:
+                plan = place(spec, caps)
             generation, bump = self._bump(fence)
             stored = _copy(spec)
             stored.generation = generation
@@ -104,13 +110,14 @@ class Deployer:
                     model=name, index=index, worker_id=worker_id, generation=generation
                 )
                 ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
-            response = await self.kv.txn(
-                [
-                    mod_revision_is(self.keys.placement, fence.mod_revision),
-                    absent(self.keys.model(name)),
-                ],
-                ops,
-            )
+            compare = [
+                mod_revision_is(self.keys.placement, fence.mod_revision),
+                absent(self.keys.model(name)),
+            ]
+            if spec.base_model:
+                base_revision = self.registry.model_revision(spec.base_model)
+                compare.append(mod_revision_is(self.keys.model(spec.base_model), base_revision))
+            response = await self.kv.txn(compare, ops)
             await self._catch_up(response.header.revision)
             if response.succeeded:
                 log.info(
@@ -125,6 +132,28 @@ class Deployer:
             f"could not deploy {name!r}: placement changed under it {self.max_attempts} times "
             "in a row; retry"
         )
+
+    def _adapter_spec(self, spec: cp.Model) -> cp.Model:
+        """The adapter's spec with its base model's backend and replica count filled in."""
+        base = self.registry.models().get(spec.base_model)
+        if base is None:
+            raise FailedPrecondition(
+                f"base model {spec.base_model!r} of adapter {spec.name!r} is not deployed; "
+                "deploy the base model first"
+            )
+        if base.base_model:
+            raise FailedPrecondition(
+                f"{spec.base_model!r} is itself an adapter (of {base.base_model!r}); name a full "
+                "model as base_model"
+            )
+        out = _copy(spec)
+        out.backend = base.backend
+        out.num_replicas = base.num_replicas
+        return out
+
+    def adapters_of(self, name: str) -> list[str]:
+        """Deployed adapters whose base model is ``name``."""
+        return sorted(m.name for m in self.registry.models().values() if m.base_model == name)
 
     async def undeploy(self, name: str) -> cp.Model:
         """Delete the model and all its assignments in one transaction.
@@ -141,6 +170,11 @@ class Deployer:
             spec = self.registry.models().get(name)
             if spec is None:
                 raise NotFound(f"model {name!r} is not deployed (ListModels shows what is)")
+            adapters = self.adapters_of(name)
+            if adapters:
+                raise FailedPrecondition(
+                    f"model {name!r} serves adapters {', '.join(adapters)}; undeploy them first"
+                )
             spec = _copy(spec)
             fence = self.registry.fence()
             _, bump = self._bump(fence)
@@ -172,7 +206,13 @@ class Deployer:
             How many replicas were moved.
         """
         moved = 0
-        for name in sorted(self.registry.all_assignments()):
+        models = self.registry.models()
+        # Base models first: adapters then follow their base's new placement.
+        names = sorted(
+            self.registry.all_assignments(),
+            key=lambda n: (bool(models[n].base_model) if n in models else False, n),
+        )
+        for name in names:
             for _ in range(self.max_attempts):
                 result = await self._replace_model(name, lost_workers)
                 if result is not None:
@@ -183,6 +223,8 @@ class Deployer:
     async def _replace_model(self, name: str, lost: set[str]) -> int | None:
         """One fenced attempt for one model; None means the race was lost (retry)."""
         spec = self.registry.models().get(name)
+        if spec is not None and spec.base_model:
+            return await self._follow_base(spec)
         assignments = self.registry.assignments(name)
         moving = sorted((w, i) for w, i in assignments if w in lost)
         if spec is None or not moving:
@@ -226,6 +268,37 @@ class Deployer:
             ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
         )
         return len(plan)
+
+    async def _follow_base(self, spec: cp.Model) -> int | None:
+        """Give an adapter exactly its base model's placement; None means a lost race."""
+        name, base = spec.name, spec.base_model
+        want = set(self.registry.assignments(base))
+        have = set(self.registry.assignments(name))
+        if want == have:
+            return 0
+        fence = self.registry.fence()
+        _, bump = self._bump(fence)
+        ops = [bump]
+        for worker_id, index in sorted(have - want):
+            ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
+        for worker_id, index in sorted(want - have):
+            assignment = common_pb2.Replica(
+                model=name, index=index, worker_id=worker_id, generation=spec.generation
+            )
+            ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+        response = await self.kv.txn(
+            [
+                mod_revision_is(self.keys.placement, fence.mod_revision),
+                mod_revision_is(self.keys.model(name), self.registry.model_revision(name)),
+                mod_revision_is(self.keys.model(base), self.registry.model_revision(base)),
+            ],
+            ops,
+        )
+        await self._catch_up(response.header.revision)
+        if not response.succeeded:
+            return None
+        log.info("adapter %s follows base model %s to %s", name, base, sorted(want))
+        return len(want - have)
 
     async def wait_ready(self, name: str, generation: int, *, timeout: float) -> cp.Model:
         """Wait until every replica of this generation is READY.

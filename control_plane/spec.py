@@ -21,6 +21,7 @@ SPEC_FIELDS = (
     "cpus_per_replica",
     "gpus_per_replica",
     "pretrained_model_type",
+    "base_model",
 )
 
 
@@ -52,6 +53,8 @@ def normalize(model: cp.Model) -> cp.Model:
         raise InvalidArgument(
             "model.model_path is required: the model's local directory on the workers"
         )
+    if model.base_model:
+        return _normalize_adapter(model)
     backend = model.backend.strip() or DEFAULT_BACKEND
     backends = supported_backends()
     if backend not in backends:
@@ -99,3 +102,25 @@ def describe_difference(existing: cp.Model, wanted: cp.Model) -> str:
                 old, new = dict(old), dict(new)
             parts.append(f"{f} {old!r} -> {new!r}")
     return ", ".join(parts)
+
+
+def _normalize_adapter(model: cp.Model) -> cp.Model:
+    """An adapter rides on its base model's replicas: it takes no capacity or engine params."""
+    base = model.base_model
+    if "/" in base or not NAME_PATTERN.fullmatch(base):
+        raise InvalidArgument(f"model.base_model {base!r} is not a valid model name")
+    if base == model.name:
+        raise InvalidArgument("model.base_model names the adapter itself; name its base model")
+    if model.infer_params:
+        raise InvalidArgument(
+            f"adapter {model.name} takes no infer_params (it runs in base model {base}'s "
+            "engine); set them on the base model"
+        )
+    # backend and num_replicas come from the base model at deploy time; the replica and
+    # capacity fields a client may send by habit are ignored (an adapter takes no capacity).
+    return cp.Model(
+        name=model.name,
+        model_path=model.model_path,
+        pretrained_model_type=model.pretrained_model_type,
+        base_model=base,
+    )

@@ -51,6 +51,10 @@ class HostedReplica:
     aborted: int = 0  # streams that ended "aborted" (cancel, Abort, disconnect, deadline, stop)
     request_ids: set[str] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # A LoRA adapter replica shares its base replica's engine and names itself in every
+    # request; it never starts or stops the engine.
+    lora: str | None = None
+    base: HostedReplica | None = None
 
     @property
     def key(self) -> ReplicaKey:
@@ -77,11 +81,13 @@ class ReplicaManager:
         *,
         publish_interval: float = 0.2,
         drain_timeout: float = 30.0,
+        adapter_wait: float = 600.0,
     ) -> None:
         self.session = session
         self.engine_factory = engine_factory
         self.publish_interval = publish_interval
         self.drain_timeout = drain_timeout
+        self.adapter_wait = adapter_wait
         self.replicas: dict[ReplicaKey, HostedReplica] = {}
         self.requests: dict[str, HostedReplica] = {}
         self._dirty: set[ReplicaKey] = set()
@@ -185,8 +191,73 @@ class ReplicaManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _adapter_engine(self, hosted: HostedReplica) -> HostedReplica | None:
+        """Wait for the READY base replica an adapter replica rides on (same index).
+
+        Returns None when the adapter was unassigned meanwhile; raises FailedPrecondition
+        when the base failed or does not come up.
+        """
+        base, index = hosted.model.base_model, hosted.status.index
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.adapter_wait
+        while True:
+            if self.replicas.get(hosted.key) is not hosted:
+                return None
+            candidates = [
+                r
+                for r in self.replicas.values()
+                if r.status.model == base and r.status.index == index and r.base is None
+            ]
+            ready = [r for r in candidates if r.ready]
+            if ready:
+                return max(ready, key=lambda r: r.status.generation)
+            failed = [r for r in candidates if r.status.state == FAILED]
+            if failed:
+                raise FailedPrecondition(
+                    f"base model {base!r} replica {index} failed on this worker: "
+                    f"{failed[0].status.reason}"
+                )
+            if loop.time() > deadline:
+                raise FailedPrecondition(
+                    f"base model {base!r} replica {index} was not READY on this worker within "
+                    f"{self.adapter_wait:g} s"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _load_adapter(self, hosted: HostedReplica) -> None:
+        status, model = hosted.status, hosted.model
+        try:
+            base = await self._adapter_engine(hosted)
+            if base is None:
+                return
+            assert base.engine is not None
+            await base.engine.add_lora(model.name, model.model_path)
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load error is reported as FAILED
+            log.warning("loading adapter %s replica %d failed: %s", model.name, status.index, exc)
+            if self.replicas.get(hosted.key) is not hosted:
+                return
+            status.state = FAILED
+            status.reason = str(exc) or type(exc).__name__
+            await self.session.publish_replica(status)
+            return
+        if self.replicas.get(hosted.key) is not hosted or not base.ready:
+            with contextlib.suppress(Exception):
+                await base.engine.remove_lora(model.name)
+            return
+        hosted.engine, hosted.base, hosted.lora = base.engine, base, model.name
+        status.max_concurrency = base.status.max_concurrency
+        status.state = READY
+        await self.session.publish_replica(status)
+        log.info("adapter %s READY on %s replica %d", model.name, base.status.model, status.index)
+
     async def load(self, assignment: common_pb2.Replica, model: cp.Model, address: str) -> None:
-        """Load one replica: publish LOADING, start the engine, publish READY or FAILED."""
+        """Load one replica: publish LOADING, start the engine, publish READY or FAILED.
+
+        An adapter (``model.base_model`` set) is loaded into the running engine of this
+        worker's replica of the base model with the same index, without a restart.
+        """
         status = common_pb2.Replica(
             model=assignment.model,
             index=assignment.index,
@@ -208,6 +279,9 @@ class ReplicaManager:
             model.backend,
             model.model_path,
         )
+        if model.base_model:
+            await self._load_adapter(hosted)
+            return
         engine: Engine | None = None
         try:
             engine = self.engine_factory(
@@ -248,6 +322,10 @@ class ReplicaManager:
         hosted = self.replicas.get(key)
         if hosted is None:
             return
+        # Adapters riding on this replica's engine go first (each drains its own requests).
+        riders = [r.key for r in self.replicas.values() if r.base is hosted]
+        for rider in riders:
+            await self.unload(rider, drain=drain)
         if hosted.engine is not None and drain:
             hosted.status.state = DRAINING
             await self.session.publish_replica(hosted.status)
@@ -257,7 +335,11 @@ class ReplicaManager:
                 log.warning("%s replica %d: drain timed out, aborting", key[0], key[2])
         self.replicas.pop(key, None)
         try:
-            if hosted.engine is not None:
+            if hosted.base is not None and hosted.engine is not None and hosted.lora:
+                # Its requests have drained; the base model and other adapters keep serving.
+                with contextlib.suppress(NotFound):
+                    await hosted.engine.remove_lora(hosted.lora)
+            elif hosted.engine is not None:
                 await hosted.engine.stop()
         finally:
             await self.session.remove_replica(hosted.status)
@@ -284,7 +366,7 @@ class ReplicaManager:
         if tasks:
             await asyncio.wait(tasks, timeout=unload_timeout)
         for hosted in list(self.replicas.values()):
-            if hosted.engine is not None:
+            if hosted.engine is not None and hosted.base is None:
                 with contextlib.suppress(Exception):
                     await hosted.engine.stop()
         self.replicas.clear()

@@ -120,6 +120,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
         request_id = start.request_id or uuid.uuid4().hex
         params = sampling_params(start.params)
+        params.lora = replica.lora  # an adapter model decodes with its adapter
         async with self.manager.slot(replica, request_id):
             assert replica.engine is not None
             engine = replica.engine
@@ -205,6 +206,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise InvalidArgument("GenerateRequest.prompts is empty; give at least one prompt")
         replica = self.manager.find(request.model)
         params = sampling_params(request.params)
+        params.lora = replica.lora
         base = request.request_id or uuid.uuid4().hex
         ids = (
             [base]
