@@ -259,6 +259,15 @@ class AutoEngine(Engine):
     def active_requests(self) -> set[str]:
         return set() if self.inner is None else self.inner.active_requests()
 
+    async def add_lora(self, name: str, path: str) -> None:
+        await self._require().add_lora(name, path)
+
+    async def remove_lora(self, name: str) -> None:
+        await self._require().remove_lora(name)
+
+    def loras(self) -> list[str]:
+        return [] if self.inner is None else self.inner.loras()
+
     async def embed(self, texts: Sequence[str], *, normalize: bool) -> list[list[float]]:
         return await self._require().embed(texts, normalize=normalize)
 

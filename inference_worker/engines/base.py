@@ -75,6 +75,8 @@ class SamplingParams:
     seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     structured_output: StructuredOutput | None = None
+    # Name of a LoRA adapter loaded with Engine.add_lora; None decodes with the base model.
+    lora: str | None = None
 
 
 @dataclass
@@ -161,6 +163,47 @@ class Engine(abc.ABC):
     def active_requests(self) -> set[str]:
         """Ids of requests the engine holds state for (tests assert it is empty after aborts)."""
         return set()
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter into the running model, unmerged, for requests that name it.
+
+        Requests choose it with ``SamplingParams.lora = name``; requests without one keep
+        getting the base model's output.
+
+        Args:
+            name: The adapter's name (letters, digits, '.', '_', '-').
+            path: A local directory written by ``PeftModel.save_pretrained``
+                (``adapter_config.json`` plus ``adapter_model.safetensors`` or ``.bin``).
+
+        Raises:
+            AlreadyExists: an adapter with this name is loaded.
+            FailedPrecondition: naming the path and what is wrong: not a PEFT LoRA directory,
+                layers the model does not have, a rank above the engine's ``max_lora_rank``,
+                or an engine deployed without adapter support.
+            ResourceExhausted: the engine holds ``max_loras`` adapters already.
+            Unimplemented: this backend serves no adapters.
+        """
+        raise Unimplemented(
+            f"backend {self.config.backend!r} cannot load LoRA adapters; deploy model "
+            f"{self.config.model_name} with backend transformers or vllm to serve adapters"
+        )
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter; new requests naming it get NotFound.
+
+        Requests already decoding with it finish with it (the worker drains them first).
+
+        Raises:
+            NotFound: no adapter with this name is loaded.
+            Unimplemented: this backend serves no adapters.
+        """
+        raise Unimplemented(
+            f"backend {self.config.backend!r} cannot load LoRA adapters, so there is none to remove"
+        )
+
+    def loras(self) -> list[str]:
+        """Names of the loaded adapters (empty for backends without adapter support)."""
+        return []
 
     async def embed(self, texts: Sequence[str], *, normalize: bool) -> list[list[float]]:
         raise Unimplemented(f"backend {self.config.backend!r} does not embed")

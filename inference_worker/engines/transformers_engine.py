@@ -18,6 +18,17 @@ infer_params understood (all strings, as the control plane stores them):
     ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (GPU when one is available).
 ``torch_threads``
     Passed to ``torch.set_num_threads`` at start. The setting is process-wide in torch.
+``max_loras``
+    LoRA adapters the replica holds at once (default 4); ``add_lora`` beyond it is refused
+    with RESOURCE_EXHAUSTED.
+``max_lora_rank``
+    Largest adapter rank ``add_lora`` accepts (default 64).
+
+LoRA adapters (``add_lora`` / ``remove_lora``) load into the running model without merging:
+each targeted linear layer is wrapped once (``engines/lora.py``) and adds the low-rank update
+of the adapter the decoding thread's request named in ``SamplingParams.lora``; requests without
+one get exactly the base model's output. Requests with different adapters and the base model
+decode concurrently on the one model.
 
 Structured output (``SamplingParams.structured_output``) is enforced while decoding with
 xgrammar: every step masks the logits to the tokens the grammar allows next, so the output is
@@ -48,7 +59,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmesh.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from llmesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmesh.inference_worker.engines.base import (
     Engine,
     EngineConfig,
@@ -65,7 +84,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFER_PARAMS = ("max_concurrency", "max_model_len", "dtype", "device", "torch_threads")
+INFER_PARAMS = (
+    "max_concurrency",
+    "max_model_len",
+    "dtype",
+    "device",
+    "torch_threads",
+    "max_loras",
+    "max_lora_rank",
+)
+# LoRA defaults: adapters cost only their own weights here (nothing is reserved up front).
+_DEFAULT_MAX_LORAS = 4
+_DEFAULT_MAX_LORA_RANK = 64
 # Names infer_params may use for a dtype (shared with the vLLM engine).
 DTYPES = {
     "auto": "auto",
@@ -186,6 +216,9 @@ class _Request:
     # An xgrammar CompiledGrammar when the request has structured output; the decode thread
     # makes the request's own matcher from it.
     grammar: Any = None
+    # The request's lora.LoraAdapter (None: base model), held for the request's lifetime so that
+    # removing the adapter meanwhile does not change what this request decodes.
+    lora: Any = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -566,6 +599,14 @@ class TransformersEngine(Engine):
         self._grammar_lock = threading.Lock()
         self._grammar_compiler: Any = None
         self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        # LoRA adapters by name. Replaced, never mutated (under _lora_lock), so a request reads
+        # the mapping without a lock and keeps whatever adapter it found. _lora_pending holds
+        # names being loaded, so two add_lora calls for one name cannot both load.
+        self._max_loras = int_param(params, "max_loras") or _DEFAULT_MAX_LORAS
+        self._max_lora_rank = int_param(params, "max_lora_rank") or _DEFAULT_MAX_LORA_RANK
+        self._lora_lock = threading.Lock()
+        self._loras: Mapping[str, Any] = {}
+        self._lora_pending: set[str] = set()
 
     @property
     def max_concurrency(self) -> int:
@@ -683,6 +724,8 @@ class TransformersEngine(Engine):
         device = self._device
         self._model = None
         self._tokenizer = None
+        with self._lora_lock:
+            self._loras = {}
         with self._grammar_lock:
             self._grammar_compiler = None
             self._grammars.clear()
@@ -718,7 +761,102 @@ class TransformersEngine(Engine):
                 "device": self._device,
                 "dtype": self._dtype_name,
                 "vocab_size": str(self._vocab_size),
+                "loras": ",".join(self.loras()),
+                "max_loras": str(self._max_loras),
+                "max_lora_rank": str(self._max_lora_rank),
             },
+        )
+
+    # -- LoRA adapters ------------------------------------------------------------------------
+
+    def loras(self) -> list[str]:
+        """Names of the loaded adapters, sorted."""
+        return sorted(self._loras)
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter from ``path`` for requests with ``SamplingParams.lora=name``.
+
+        The model keeps serving meanwhile: the weights load in a thread, and the layers the
+        adapter targets are wrapped (once) while other requests decode.
+
+        Raises:
+            InvalidArgument: ``name`` is not a valid adapter name.
+            AlreadyExists: an adapter called ``name`` is loaded (or loading).
+            ResourceExhausted: ``max_loras`` adapters are loaded already.
+            FailedPrecondition: the engine is not started, or the directory is not a usable
+                PEFT LoRA adapter for this model (the message names the path and the problem).
+        """
+        from llmesh.inference_worker.engines import lora
+
+        self._require_loaded()
+        lora.check_name(name)
+        with self._lora_lock:
+            if name in self._loras or name in self._lora_pending:
+                raise AlreadyExists(
+                    f"adapter {name!r} is already loaded on model {self.config.model_name}; "
+                    "remove it first to load another version under this name"
+                )
+            if len(self._loras) + len(self._lora_pending) >= self._max_loras:
+                raise ResourceExhausted(
+                    f"model {self.config.model_name} holds {self._max_loras} LoRA adapters "
+                    f"already (infer_params max_loras={self._max_loras}); remove one, or "
+                    "redeploy the model with a larger max_loras"
+                )
+            self._lora_pending.add(name)
+        try:
+            adapter = await asyncio.to_thread(self._load_lora, name, path)
+            with self._lora_lock:
+                if self._model is None or self._stopping:
+                    raise Unavailable(f"model {self.config.model_name} is shutting down")
+                self._loras = {**self._loras, name: adapter}
+        finally:
+            with self._lora_lock:
+                self._lora_pending.discard(name)
+        log.info(
+            "model %s: loaded LoRA adapter %s from %s (rank %d, %d layers)",
+            self.config.model_name,
+            name,
+            adapter.path,
+            adapter.rank,
+            len(adapter.weights),
+        )
+
+    def _load_lora(self, name: str, path: str) -> Any:
+        """Blocking part of add_lora: read and check the adapter, wrap its layers."""
+        import torch
+
+        from llmesh.inference_worker.engines import lora
+
+        model = self._model
+        if model is None:
+            raise FailedPrecondition(f"model {self.config.model_name} is not loaded")
+        # Wrappers such as DeepSpeed's InferenceEngine keep the transformers model as .module.
+        inner = getattr(model, "module", None)
+        target = inner if isinstance(inner, torch.nn.Module) else model
+        config = lora.read_adapter_config(path)
+        adapter = lora.load_adapter(name, config, target, max_rank=self._max_lora_rank)
+        lora.install(target, adapter)
+        return adapter
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter: new requests naming it get NotFound.
+
+        Requests already decoding with it keep its weights until they finish; requests of
+        other adapters and of the base model are not affected.
+
+        Raises:
+            NotFound: no adapter called ``name`` is loaded.
+        """
+        with self._lora_lock:
+            if name not in self._loras:
+                raise self._lora_not_found(name)
+            self._loras = {k: v for k, v in self._loras.items() if k != name}
+        log.info("model %s: removed LoRA adapter %s", self.config.model_name, name)
+
+    def _lora_not_found(self, name: str) -> NotFound:
+        loaded = ", ".join(self.loras()) or "none"
+        return NotFound(
+            f"adapter {name!r} is not loaded on model {self.config.model_name} (loaded: {loaded})"
         )
 
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
@@ -819,6 +957,12 @@ class TransformersEngine(Engine):
         ignore_eos = self._check_params(params)
         if request_id in self._active:
             raise _duplicate(request_id)
+        adapter = None
+        if params.lora:
+            # Looked up once: the request keeps this adapter even if it is removed meanwhile.
+            adapter = self._loras.get(params.lora)
+            if adapter is None:
+                raise self._lora_not_found(params.lora)
         grammar = None
         if params.structured_output is not None:
             kind, source = _grammar_source(params.structured_output)
@@ -837,6 +981,7 @@ class TransformersEngine(Engine):
             ignore_eos=ignore_eos,
             loop=asyncio.get_running_loop(),
             grammar=grammar,
+            lora=adapter,
         )
         with self._lock:
             if request_id in self._active:
@@ -942,8 +1087,9 @@ class TransformersEngine(Engine):
         try:
             import torch
 
-            # Grad mode is thread-local, so inference mode must be entered in this thread.
-            with torch.inference_mode():
+            # Grad mode is thread-local, so inference mode must be entered in this thread;
+            # so is the current LoRA adapter, which the wrapped layers read.
+            with torch.inference_mode(), _lora_scope(req.lora):
                 finish, tail, tail_ids = self._decode_loop(req)
         except BaseException as exc:  # reported to the consumer, never lost in the pool
             log.exception("decode of request %s failed", req.request_id)
@@ -999,6 +1145,15 @@ class TransformersEngine(Engine):
             req.push(text, [token])
             input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
         raise AssertionError("unreachable: max_new_tokens >= 1 always finishes in the loop")
+
+
+def _lora_scope(adapter: Any) -> contextlib.AbstractContextManager[None]:
+    """The adapter made current for this thread's forward passes; nothing for the base model."""
+    if adapter is None:
+        return contextlib.nullcontext()
+    from llmesh.inference_worker.engines import lora
+
+    return lora.activate(adapter)
 
 
 def _duplicate(request_id: str) -> InvalidArgument:

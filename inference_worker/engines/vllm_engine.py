@@ -25,7 +25,15 @@ infer_params understood (all strings, as the control plane stores them):
     ``auto`` / ``float32`` / ``float16`` / ``bfloat16`` (and their short names). Default
     ``auto`` (the checkpoint's; vLLM on CPU turns float16 into bfloat16).
 ``enable_lora``
-    ``true`` / ``false``: reserve room for LoRA adapters (default false).
+    ``true`` / ``false``: serve LoRA adapters loaded with ``add_lora`` (default false). vLLM
+    reserves room for ``max_loras`` adapters of rank ``max_lora_rank`` in every targeted layer
+    up front.
+``max_loras``
+    Adapters the replica holds at once, all of which may run in one batch (default 4; only
+    with ``enable_lora=true``). ``add_lora`` beyond it is refused with RESOURCE_EXHAUSTED.
+``max_lora_rank``
+    Largest adapter rank accepted, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16;
+    only with ``enable_lora=true``).
 ``enforce_eager``
     ``true`` / ``false``: skip torch.compile / CUDA graphs. Default true on CPU (compiling
     costs minutes there and buys little for small models), false on GPU.
@@ -36,15 +44,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import math
 import os
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
+from llmesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from llmesh.inference_worker.engines.base import (
     Engine,
     EngineConfig,
@@ -72,11 +90,31 @@ INFER_PARAMS = (
     "dtype",
     "enable_lora",
     "enforce_eager",
+    "max_loras",
+    "max_lora_rank",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # vLLM's finish reasons -> ours ("stop" with a string stop_reason means a stop string matched).
 _FINISH = {"length": "length", "abort": "aborted", "error": "aborted"}
+# vLLM's LoRAConfig.max_lora_rank values (0.32); checked here so a bad value is refused before
+# the engine starts.
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_DEFAULT_MAX_LORAS = 4
+_DEFAULT_MAX_LORA_RANK = 16
+# vLLM wraps a worker's error as "Call to add_lora method failed: Worker failed with error
+# '<message>', please check the stack trace above ..."; the message is what callers need.
+_WORKER_ERROR = re.compile(r"failed with error '(?P<msg>.*)', please check", re.DOTALL)
+
+
+@dataclass(eq=False)
+class _Lora:
+    """A loaded adapter: vLLM's request object and the requests using it right now."""
+
+    request: Any  # vllm.lora.request.LoRARequest
+    in_flight: int = 0
+    # Removed from our table while requests still used it: the last one unloads it from vLLM.
+    removed: bool = False
 
 
 def _bool_param(params: Mapping[str, str], key: str) -> bool | None:
@@ -112,6 +150,12 @@ def _has_cuda() -> bool:
     return bool(current_platform.is_cuda_alike())
 
 
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 class VLLMEngine(Engine):
     """A causal LM served by vLLM's ``AsyncLLM`` (continuous batching, paged KV cache).
 
@@ -139,6 +183,21 @@ class VLLMEngine(Engine):
             )
         self._dtype = DTYPES[raw_dtype]
         self._enable_lora = bool(_bool_param(params, "enable_lora"))
+        max_loras = int_param(params, "max_loras")
+        max_lora_rank = int_param(params, "max_lora_rank")
+        if max_lora_rank is not None and max_lora_rank not in _LORA_RANKS:
+            raise InvalidArgument(
+                f"infer_params max_lora_rank={max_lora_rank} is not one vLLM supports; use one "
+                f"of {', '.join(map(str, _LORA_RANKS))}"
+            )
+        if not self._enable_lora and (max_loras is not None or max_lora_rank is not None):
+            key = "max_loras" if max_loras is not None else "max_lora_rank"
+            raise InvalidArgument(
+                f"infer_params {key} only applies with enable_lora=true; add enable_lora=true "
+                f"or drop {key}"
+            )
+        self._max_loras = max_loras or _DEFAULT_MAX_LORAS
+        self._max_lora_rank = max_lora_rank or _DEFAULT_MAX_LORA_RANK
         self._enforce_eager = _bool_param(params, "enforce_eager")
         self._engine: Any = None
         self._tokenizer: Any = None
@@ -148,6 +207,12 @@ class VLLMEngine(Engine):
         self._stopping = False
         # Our request ids -> True once abort() was asked for (the stream then ends "aborted").
         self._active: dict[str, bool] = {}
+        # LoRA adapters by name; names being loaded, with their ids (vLLM wants a unique int
+        # id per adapter). All touched on the event loop only, so no lock.
+        self._loras: dict[str, _Lora] = {}
+        self._lora_pending: dict[str, int] = {}
+        self._lora_ids = itertools.count(1)
+        self._lora_draining: set[_Lora] = set()  # removed, but requests still use them
 
     @property
     def max_concurrency(self) -> int:
@@ -193,6 +258,21 @@ class VLLMEngine(Engine):
         }
         if self._want_max_model_len is not None:
             kwargs["max_model_len"] = self._want_max_model_len
+        if self._enable_lora:
+            slots = self._max_loras
+            if not cuda and _is_cpu():
+                # vLLM's CPU LoRA ops (torch_ops bgmv, 0.32) index the stacked adapter weights
+                # with the "no adapter" id -1, i.e. the LAST slot: a base-model request batched
+                # next to adapter requests silently gets that slot's adapter added (vLLM PRs
+                # #48421 / #49656, open). vLLM fills slots first-free from 0 and we hold at most
+                # max_loras adapters in vLLM, so one extra slot stays all zeros forever and
+                # base requests add exactly 0 there.
+                slots += 1
+            # Cache = slots: we never register more adapters than fit in a batch, so vLLM
+            # never evicts one and reloads it from disk behind our back.
+            kwargs["max_loras"] = slots
+            kwargs["max_cpu_loras"] = slots
+            kwargs["max_lora_rank"] = self._max_lora_rank
         args = _engine_args(AsyncEngineArgs, kwargs)
 
         def build() -> Any:
@@ -238,6 +318,8 @@ class VLLMEngine(Engine):
             return
         for request_id in list(self._active):
             self._active[request_id] = True
+        self._loras.clear()
+        self._lora_draining.clear()
         with contextlib.suppress(Exception):
             if self._active:
                 await engine.abort(list(self._active))
@@ -282,8 +364,145 @@ class VLLMEngine(Engine):
                 "vocab_size": str(self._vocab_size),
                 "max_num_seqs": str(self._max_num_seqs),
                 "vllm_version": _vllm_version(),
+                **(
+                    {
+                        "loras": ",".join(self.loras()),
+                        "max_loras": str(self._max_loras),
+                        "max_lora_rank": str(self._max_lora_rank),
+                    }
+                    if self._enable_lora
+                    else {}
+                ),
             },
         )
+
+    # -- LoRA adapters ------------------------------------------------------------------------
+
+    def loras(self) -> list[str]:
+        """Names of the loaded adapters, sorted."""
+        return sorted(self._loras)
+
+    def _lora_not_found(self, name: str) -> NotFound:
+        loaded = ", ".join(self.loras()) or "none"
+        return NotFound(
+            f"adapter {name!r} is not loaded on model {self.config.model_name} (loaded: {loaded})"
+        )
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter into the running vLLM engine (``LoRARequest``).
+
+        Raises:
+            FailedPrecondition: the model was deployed without ``enable_lora=true``, the engine
+                is not started, or the directory is not a PEFT LoRA adapter vLLM can serve
+                for this model (the message names the path and the problem).
+            InvalidArgument: ``name`` is not a valid adapter name.
+            AlreadyExists: an adapter called ``name`` is loaded (or loading).
+            ResourceExhausted: ``max_loras`` adapters are loaded already.
+        """
+        from llmesh.inference_worker.engines import lora
+
+        if not self._enable_lora:
+            raise FailedPrecondition(
+                f"model {self.config.model_name} was deployed without LoRA support; deploy "
+                f"model {self.config.model_name} with infer_params enable_lora=true to serve "
+                "adapters"
+            )
+        self._require_engine()
+        lora.check_name(name)
+        if name in self._loras or name in self._lora_pending:
+            raise AlreadyExists(
+                f"adapter {name!r} is already loaded on model {self.config.model_name}; "
+                "remove it first to load another version under this name"
+            )
+        # Removed adapters whose last requests still run hold their vLLM slot until then.
+        held = len(self._loras) + len(self._lora_pending) + len(self._lora_draining)
+        if held >= self._max_loras:
+            raise ResourceExhausted(
+                f"model {self.config.model_name} holds {self._max_loras} LoRA adapters already "
+                f"(infer_params max_loras={self._max_loras}, counting removed adapters whose "
+                "requests are still running); remove one, or redeploy the model with a larger "
+                "max_loras"
+            )
+        lora_id = self._lora_pending[name] = next(self._lora_ids)
+        try:
+            # Our checks first: clearer messages than vLLM's, and no error traces in its logs.
+            config = await asyncio.to_thread(lora.read_adapter_config, path)
+            lora.check_rank(config, self._max_lora_rank)
+            from vllm.lora.request import LoRARequest
+
+            request = LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=config.path)
+            engine = self._require_engine()
+            await self._drop_stale_loras(engine)
+            try:
+                await engine.add_lora(request)
+            except Exception as exc:
+                if engine.errored:
+                    raise Unavailable(
+                        f"the vLLM engine of model {self.config.model_name} died loading "
+                        f"adapter {name}; redeploy the model"
+                    ) from exc
+                match = _WORKER_ERROR.search(str(exc))
+                why = match["msg"] if match else _first_line(exc)
+                raise FailedPrecondition(
+                    f"LoRA adapter at {config.path!r} cannot be served: vLLM refused it: {why}"
+                ) from exc
+            self._loras[name] = _Lora(request)
+        finally:
+            self._lora_pending.pop(name, None)
+        log.info(
+            "model %s: loaded LoRA adapter %s from %s (rank %d)",
+            self.config.model_name,
+            name,
+            config.path,
+            config.max_rank,
+        )
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload an adapter: new requests naming it get NotFound.
+
+        Requests still decoding with it finish with it; vLLM drops the adapter when the last
+        of them ends. Requests of other adapters and of the base model are not affected.
+
+        Raises:
+            NotFound: no adapter called ``name`` is loaded.
+        """
+        entry = self._loras.pop(name, None)
+        if entry is None:
+            raise self._lora_not_found(name)
+        if entry.in_flight:
+            entry.removed = True
+            self._lora_draining.add(entry)
+        else:
+            await self._unload(entry)
+        log.info("model %s: removed LoRA adapter %s", self.config.model_name, name)
+
+    async def _drop_stale_loras(self, engine: Any) -> None:
+        """Unload adapters vLLM holds that we do not know (an unload cut short by a cancel).
+
+        Keeps vLLM at no more than max_loras adapters, which the CPU slot workaround in
+        ``start()`` relies on.
+        """
+        known = {e.request.lora_int_id for e in (*self._loras.values(), *self._lora_draining)}
+        known.update(self._lora_pending.values())
+        for stale in set(await engine.list_loras()) - known:
+            log.warning(
+                "model %s: unloading stale vLLM adapter id %d", self.config.model_name, stale
+            )
+            await engine.remove_lora(stale)
+
+    async def _unload(self, entry: _Lora) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            await engine.remove_lora(entry.request.lora_int_id)
+        except Exception:  # logged: the adapter is gone from our table either way
+            log.warning(
+                "model %s: vLLM could not unload adapter %s",
+                self.config.model_name,
+                entry.request.lora_name,
+                exc_info=True,
+            )
 
     def _encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         self._require_engine()
@@ -400,6 +619,8 @@ class VLLMEngine(Engine):
         engine = self._require_engine()
         if request_id in self._active:
             raise _duplicate(request_id)
+        if params.lora and params.lora not in self._loras:
+            raise self._lora_not_found(params.lora)
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
         room = prompt_room(n_prompt, self._max_model_len, self.config.model_name)
@@ -407,8 +628,20 @@ class VLLMEngine(Engine):
         engine = self._require_engine()
         if request_id in self._active:
             raise _duplicate(request_id)
+        adapter: _Lora | None = None
+        if params.lora:
+            # Looked up again after the awaits above: it may have been removed meanwhile.
+            adapter = self._loras.get(params.lora)
+            if adapter is None:
+                raise self._lora_not_found(params.lora)
+            adapter.in_flight += 1
         self._active[request_id] = False
-        stream = engine.generate({"prompt_token_ids": prompt_ids}, sampling, request_id)
+        stream = engine.generate(
+            {"prompt_token_ids": prompt_ids},
+            sampling,
+            request_id,
+            lora_request=adapter.request if adapter is not None else None,
+        )
         completion = 0
         finished = False
         try:
@@ -471,6 +704,12 @@ class VLLMEngine(Engine):
             ) from exc
         finally:
             self._active.pop(request_id, None)
+            unload = None
+            if adapter is not None:
+                adapter.in_flight -= 1
+                if adapter.removed and adapter.in_flight == 0:
+                    self._lora_draining.discard(adapter)
+                    adapter.removed, unload = False, adapter
             # Closing vLLM's generator raises GeneratorExit inside it, which aborts the request
             # in the output processor and the engine core. Abort explicitly too: the stream may
             # not have started yet, and abort of a finished id is a no-op.
@@ -479,6 +718,10 @@ class VLLMEngine(Engine):
             if not finished and self._engine is not None:
                 with contextlib.suppress(Exception):
                     await self._engine.abort(request_id)
+            if unload is not None:
+                # After the abort above: vLLM would reload an adapter that a request it still
+                # schedules names.
+                await self._unload(unload)
 
     def _finish_reason(self, request_id: str, seq: Any) -> str:
         if self._active.get(request_id):
