@@ -24,6 +24,7 @@ _LAZY: dict[str, str] = {
     "Templates": "llmesh.templates",
     "prompt": "llmesh.decorators",
     "AsyncByzerLLM": "llmesh.aio",
+    "TrainingJobFailed": "llmesh.client",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]

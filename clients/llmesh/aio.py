@@ -6,7 +6,8 @@ leaving one early cancels the request on the worker. ``chat_oai``, ``chat`` and 
 call the model over grpc.aio too (``chat_oai``'s prompt building, parsing and tool execution
 run on a worker thread). The other calls (``emb``, ``tokenize``, ``deploy``, ...) run the
 sync client on a worker thread with :func:`asyncio.to_thread`, so an event loop never blocks
-on the mesh (a grpc.aio transport for them is not written yet).
+on the mesh (a grpc.aio transport for them is not written yet). ``watch_training_job`` is a
+grpc.aio stream as well; ``sft(detached=False)`` and ``merge_lora`` wait on a worker thread.
 ``setup_*`` methods stay synchronous (they only record settings) and return the async client,
 so fluent chains keep working (``setup_template`` is a coroutine: ``"auto"`` asks the meta)::
 
@@ -43,6 +44,20 @@ ASYNC_CALLS = (
     "list_models",
     "list_workers",
     "setup_template",
+    # training jobs; with detached=False (and merge_lora, wait_training_job) the wait for the
+    # job's end runs on that worker thread too.
+    "sft",
+    "pretrain",
+    "merge_lora",
+    "raw_sft",
+    "raw_pretrain",
+    "raw_merge_lora",
+    "create_training_job",
+    "get_training_job",
+    "list_training_jobs",
+    "cancel_training_job",
+    "wait_training_job",
+    "deploy_adapter",
 )
 
 
@@ -129,6 +144,16 @@ class AsyncByzerLLM:
         return self.stream_chat_oai(
             conversations, model=model, role_mapping=role_mapping, llm_config=llm_config
         )
+
+    def watch_training_job(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[tuple[Any, Any]]:
+        """:meth:`ByzerLLM.watch_training_job` as an async iterator of ``(job, event)``.
+
+        A grpc.aio stream on the running loop (see :meth:`ByzerLLM.async_watch_training_job`);
+        leaving the ``async for`` ends the watch, the job keeps running.
+        """
+        return self.sync.async_watch_training_job(job_id, after_sequence, timeout=timeout)
 
     async def close(self) -> None:
         """Close this loop's grpc.aio channels, and the wrapped client when this object made it."""

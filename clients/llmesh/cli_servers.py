@@ -1,7 +1,8 @@
-"""Server subcommands of the CLI: ``up``, ``control-plane`` and ``inference-worker``.
+"""Server subcommands of the CLI: ``up``, ``control-plane`` and the two kinds of worker.
 
 ``llmesh up`` is the embedded default: a local etcd child (unless ``--etcd`` is given), the
-control plane on 127.0.0.1:50051 and N inference workers as child processes. Ctrl-C or SIGTERM
+control plane on 127.0.0.1:50051, N inference workers and M trainer workers (``--trainers``,
+default 0) as child processes. Ctrl-C or SIGTERM
 stops them all — workers drain first, then the control plane, then etcd — and every child is
 also tied to this process with PR_SET_PDEATHSIG so none outlives it.
 """
@@ -53,6 +54,28 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
     return cmd
 
 
+def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmesh",
+        "trainer-worker",
+        "--etcd",
+        etcd,
+        "--namespace",
+        args.namespace,
+        "--listen",
+        f"{args.host}:0",
+        "--worker-id",
+        f"trainer-{index}",
+        "--lease-ttl",
+        str(args.lease_ttl),
+    ]
+    if args.jobs_dir:
+        cmd += ["--jobs-dir", args.jobs_dir]
+    return cmd
+
+
 async def _up(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import run_control_plane
 
@@ -84,9 +107,15 @@ async def _up(args: argparse.Namespace) -> int:
                     guarded(_worker_command(args, endpoint, i)), start_new_session=True
                 )
                 workers.append(proc)
+            for i in range(args.trainers):
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    guarded(_trainer_command(args, endpoint, i)), start_new_session=True
+                )
+                workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
             print(
-                f"workers     {len(workers)} registered; ready (Ctrl-C stops everything)",
+                f"workers     {args.workers} inference + {args.trainers} trainer registered; "
+                "ready (Ctrl-C stops everything)",
                 flush=True,
             )
             while not stop.is_set():
@@ -160,6 +189,26 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trainer_worker(args: argparse.Namespace) -> int:
+    from llmesh.trainer_worker.server import serve_forever
+
+    asyncio.run(
+        serve_forever(
+            listen=args.listen,
+            advertise=args.advertise,
+            etcd=args.etcd,
+            namespace=args.namespace,
+            worker_id=args.worker_id,
+            cpus=args.cpus,
+            gpus=args.gpus,
+            jobs_dir=args.jobs_dir,
+            lease_ttl=args.lease_ttl,
+            cancel_grace=args.cancel_grace,
+        )
+    )
+    return 0
+
+
 def chinese() -> bool:
     """Whether the CLI speaks Chinese now (``$LANG`` or ``llmesh.cli.set_language``)."""
     from llmesh.cli import MESSAGES, MESSAGES_ZH
@@ -168,7 +217,7 @@ def chinese() -> bool:
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `up`, `control-plane`, `inference-worker` and `demo` on the CLI's subparsers."""
+    """Register `up`, `control-plane`, `inference-worker`, `trainer-worker` and `demo`."""
     from llmesh.demo import add_demo_command
 
     zh = chinese()
@@ -206,6 +255,20 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help=t("inference workers to start", "要启动的推理工作节点数"),
+    )
+    up.add_argument(
+        "--trainers",
+        type=int,
+        default=0,
+        help=t("trainer workers to start", "要启动的训练工作节点数"),
+    )
+    up.add_argument(
+        "--jobs-dir",
+        default=None,
+        help=t(
+            "where trainer workers write job outputs (default: ~/.llmesh/jobs)",
+            "训练工作节点写入任务输出的目录（默认：~/.llmesh/jobs）",
+        ),
     )
     up.add_argument(
         "--worker-cpus",
@@ -303,3 +366,69 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         help=t("seconds to finish requests", "停机时留给进行中请求的秒数"),
     )
     iw.set_defaults(func=_cmd_inference_worker)
+
+    tw = subparsers.add_parser(
+        "trainer-worker",
+        help=t("run a trainer worker (fine-tuning jobs)", "运行训练工作节点（微调任务）"),
+    )
+    tw.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help=t("address to bind (port 0: any)", "绑定的地址（端口 0：任意空闲端口）"),
+    )
+    tw.add_argument(
+        "--advertise",
+        default=None,
+        help=t(
+            "HOST:PORT clients dial (default: bound)", "客户端连接的 HOST:PORT（默认：绑定地址）"
+        ),
+    )
+    tw.add_argument(
+        "--etcd",
+        default=None,
+        help=t("etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"),
+    )
+    tw.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
+    tw.add_argument(
+        "--worker-id",
+        default=None,
+        help=t(
+            "stable id; a restart with the same id finds its jobs (default: HOSTNAME-PORT)",
+            "固定的节点 id；以相同 id 重启可找回其任务（默认：主机名-端口）",
+        ),
+    )
+    tw.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help=t("CPUs to declare (default: all)", "声明的 CPU 数（默认：全部）"),
+    )
+    tw.add_argument(
+        "--gpus",
+        type=float,
+        default=None,
+        help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
+    )
+    tw.add_argument(
+        "--jobs-dir",
+        default="~/.llmesh/jobs",
+        help=t(
+            "where a job writes when its spec names no output_dir: JOBS_DIR/JOB_ID",
+            "任务未指定 output_dir 时的输出位置：JOBS_DIR/任务ID",
+        ),
+    )
+    tw.add_argument(
+        "--lease-ttl", type=int, default=5, help=t("lease TTL in seconds", "租约存活时间（秒）")
+    )
+    tw.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=10.0,
+        help=t(
+            "seconds a cancelled job's ranks get before they are killed",
+            "取消任务时，其进程被强制结束前的宽限秒数",
+        ),
+    )
+    tw.set_defaults(func=_cmd_trainer_worker)

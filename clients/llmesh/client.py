@@ -28,13 +28,15 @@ import enum
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from llmesh import decorators
+from llmesh import decorators, training
 from llmesh import functions as fn
 from llmesh.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     LLMeshError,
@@ -49,6 +51,7 @@ from llmesh.functions import (
     LLMClassResponse,
     LLMFunctionCallResponse,
 )
+from llmesh.jobs import is_final, kind_name, state_name, validate_spec
 from llmesh.llm_config import (
     CONFIG_PREFIXES,
     MAX_TOKENS_KEYS,
@@ -93,11 +96,13 @@ from llmesh.templates import (
     render_with_role_mapping,
 )
 from llmesh.tracing import client_span
+from llmesh.training import TrainingJobFailed
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
+from llmesh.v1 import trainer_service_pb2 as tr
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,11 @@ T = TypeVar("T")
 
 DEFAULT_CONTROL_PLANE = "127.0.0.1:50051"
 CONTROL_PLANE_ENV = "LLMESH_CONTROL_PLANE"
+#: Attempts of CreateTrainingJob on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id each time).
+CREATE_JOB_ATTEMPTS = 4
+#: Reconnects of a job watch in a row without a message before the outage is reported.
+WATCH_RECONNECTS = 8
+WATCH_BACKOFF_MAX_S = 3.0
 
 
 def default_control_plane() -> str:
@@ -1911,6 +1921,7 @@ class ByzerLLM:
         *,
         wait: bool = True,
         timeout: float = 300.0,
+        base_model: str | None = None,
     ) -> dict[str, Any]:
         """Deploy a model with the settings from ``setup_*``.
 
@@ -1926,6 +1937,9 @@ class ByzerLLM:
             infer_params: engine parameters; non-string values are sent as JSON.
             wait: block until every replica is READY (or one fails).
             timeout: how long to wait, in seconds.
+            base_model: deploy ``model_path`` as a LoRA adapter served on the replicas of this
+                deployed base model (see :meth:`deploy_adapter`); the replica settings then
+                come from the base model.
 
         Returns:
             The model's meta dict (see :meth:`get_meta`) once READY, as Byzer-LLM returned;
@@ -1946,6 +1960,7 @@ class ByzerLLM:
             cpus_per_replica=float(self.sys_conf.get("num_cpus", 1)),
             gpus_per_replica=float(self.sys_conf.get("num_gpus", 0)),
             pretrained_model_type=pretrained_model_type,
+            base_model=base_model or "",
         )
         self._control_call(
             "DeployModel",
@@ -2034,6 +2049,554 @@ class ByzerLLM:
             ).workers
         )
 
+    # -- training jobs (Byzer-LLM's sft / pretrain / merge_lora) ------------------------------
+
+    def create_training_job(
+        self, spec: tr.TrainingJobSpec, *, request_id: str | None = None
+    ) -> tr.TrainingJob:
+        """Submit a training job as it is (the building blocks of :meth:`sft` and friends).
+
+        A lost reply or an unreachable control plane is retried with the same ``request_id``,
+        so a retry never starts a second job.
+
+        Args:
+            spec: what to train; checked with :func:`llmesh.jobs.validate_spec` first.
+            request_id: idempotency key; a new UUID when None. A second call with the same
+                key returns the first call's job.
+
+        Returns:
+            The job, QUEUED (or further along when ``request_id`` was used before).
+        """
+        validate_spec(spec)
+        request = cp.CreateTrainingJobRequest(spec=spec, request_id=request_id or str(uuid.uuid4()))
+        delay = 0.2
+        for attempt in range(1, CREATE_JOB_ATTEMPTS + 1):
+            try:
+                return self._control_call(
+                    "CreateTrainingJob", request, timeout=CONTROL_CALL_TIMEOUT_S
+                ).job
+            except (Unavailable, DeadlineExceeded):
+                # Safe to repeat: the request_id makes the control plane answer with the job
+                # the first attempt created, if it got that far.
+                if attempt == CREATE_JOB_ATTEMPTS:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def get_training_job(self, job_id: str) -> tr.TrainingJob:
+        """The training job with its state, latest progress and artifact.
+
+        Args:
+            job_id: the id :meth:`sft` (or ``llmesh jobs``) gave.
+
+        Raises:
+            NotFound: no such job.
+        """
+        if not job_id:
+            raise InvalidArgument("get_training_job needs a job id (see list_training_jobs)")
+        return self._control_call(
+            "GetTrainingJob", cp.GetTrainingJobRequest(id=job_id), timeout=CONTROL_CALL_TIMEOUT_S
+        ).job
+
+    def list_training_jobs(
+        self, states: Sequence[str | int] | str | None = None
+    ) -> list[tr.TrainingJob]:
+        """Training jobs, newest first.
+
+        Args:
+            states: only jobs in these states, by name (``"running"``, ``"SUCCEEDED"``) or
+                ``TrainingJobState`` value; None for all.
+        """
+        request = cp.ListTrainingJobsRequest(states=training.parse_states(states))
+        return list(
+            self._control_call("ListTrainingJobs", request, timeout=CONTROL_CALL_TIMEOUT_S).jobs
+        )
+
+    def cancel_training_job(self, job_id: str) -> tr.TrainingJob:
+        """Ask for a job to stop; its ranks are stopped and it ends CANCELLED.
+
+        Cancelling a job that already ended changes nothing and is not an error.
+
+        Returns:
+            The job after the cancel was recorded (``cancel_requested`` set).
+
+        Raises:
+            NotFound: no such job.
+        """
+        if not job_id:
+            raise InvalidArgument("cancel_training_job needs a job id (see list_training_jobs)")
+        return self._control_call(
+            "CancelTrainingJob",
+            cp.CancelTrainingJobRequest(id=job_id),
+            timeout=CONTROL_CALL_TIMEOUT_S,
+        ).job
+
+    def watch_training_job(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> Iterator[tuple[tr.TrainingJob, tr.TrainingJobEvent | None]]:
+        """Follow a job: yields ``(job, event)`` until the job is final and its log is read.
+
+        ``job`` is the job as it is after ``event`` (progress, state and artifact applied);
+        ``event`` is None for a message that only carries the job (the first one, for
+        instance). A dropped stream (control plane restart) is resumed after the last event
+        seen, so no event is lost or repeated. Closing the iterator ends the watch; the job
+        keeps running.
+
+        Args:
+            job_id: the job.
+            after_sequence: skip events up to this sequence number (0: the whole history).
+            timeout: give up after this many seconds (the job keeps running).
+
+        Raises:
+            NotFound: no such job.
+            DeadlineExceeded: ``timeout`` passed before the job ended.
+        """
+        loop = training.WatchLoop(
+            job_id,
+            after_sequence,
+            timeout=timeout,
+            reconnects=WATCH_RECONNECTS,
+            backoff_max=WATCH_BACKOFF_MAX_S,
+        )
+        while True:
+            self._check_open()
+            request, remaining = loop.request()
+            call: Any = None
+            try:
+                with rpc_errors(), client_span("ControlPlaneService/WatchTrainingJob") as metadata:
+                    call = self._control.WatchTrainingJob(
+                        request, metadata=metadata, timeout=remaining
+                    )
+                    for response in call:
+                        item = loop.received(response)
+                        if item is not None:
+                            yield item
+            except (Unavailable, DeadlineExceeded) as exc:
+                loop.failed(
+                    self._unavailable_control_plane(exc) if isinstance(exc, Unavailable) else exc
+                )
+            finally:
+                if call is not None:
+                    call.cancel()  # also when the caller left early: ends the server stream
+            pause = loop.pause()
+            if pause is None:
+                return
+            time.sleep(pause)
+
+    async def async_watch_training_job(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[tuple[tr.TrainingJob, tr.TrainingJobEvent | None]]:
+        """:meth:`watch_training_job` as a grpc.aio stream on the running event loop.
+
+        Same items, resume and timeout rules; leaving the ``async for`` ends the stream.
+        """
+        loop = training.WatchLoop(
+            job_id,
+            after_sequence,
+            timeout=timeout,
+            reconnects=WATCH_RECONNECTS,
+            backoff_max=WATCH_BACKOFF_MAX_S,
+        )
+        while True:
+            self._check_open()
+            request, remaining = loop.request()
+            stub = cp_grpc.ControlPlaneServiceStub(self._aio_channels.get(self.control_plane))
+            call: Any = None
+            try:
+                with rpc_errors(), client_span("ControlPlaneService/WatchTrainingJob") as metadata:
+                    call = stub.WatchTrainingJob(request, metadata=metadata, timeout=remaining)
+                    async for response in call:
+                        item = loop.received(response)
+                        if item is not None:
+                            yield item
+            except (Unavailable, DeadlineExceeded) as exc:
+                loop.failed(
+                    self._unavailable_control_plane(exc) if isinstance(exc, Unavailable) else exc
+                )
+            finally:
+                if call is not None:
+                    call.cancel()
+            pause = loop.pause()
+            if pause is None:
+                return
+            await asyncio.sleep(pause)
+
+    def wait_training_job(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[tr.TrainingJob, tr.TrainingJobEvent | None], None] | None = None,
+    ) -> tr.TrainingJob:
+        """Wait until a job ends and return it; raise if it did not succeed.
+
+        Args:
+            job_id: the job.
+            timeout: give up after this many seconds (the job keeps running).
+            on_event: called with every ``(job, event)`` of :meth:`watch_training_job`.
+
+        Raises:
+            TrainingJobFailed: the job ended FAILED or CANCELLED (``exc.job.reason`` says why).
+            DeadlineExceeded: ``timeout`` passed first.
+        """
+        job: tr.TrainingJob | None = None
+        for job, event in self.watch_training_job(job_id, timeout=timeout):
+            if on_event is not None:
+                on_event(job, event)
+        if (
+            job is None
+            or not is_final(job.state)
+            or (job.state == tr.TRAINING_JOB_STATE_SUCCEEDED and not job.artifact.path)
+        ):
+            job = self.get_training_job(job_id)  # the record is the last word
+        if job.state != tr.TRAINING_JOB_STATE_SUCCEEDED:
+            raise training.TrainingJobFailed(job)
+        return job
+
+    def _submit(
+        self,
+        spec: tr.TrainingJobSpec,
+        *,
+        name: str,
+        detached: bool,
+        request_id: str | None,
+        timeout: float | None,
+    ) -> tr.TrainingJob:
+        job = self.create_training_job(spec, request_id=request_id)
+        log.info(
+            "training job %s (%s%s) is %s",
+            job.id,
+            kind_name(job.spec.kind),
+            f", {name}" if name else "",
+            state_name(job.state),
+        )
+        if detached:
+            return job
+        return self.wait_training_job(job.id, timeout=timeout)
+
+    def sft(
+        self,
+        sft_name: str,
+        local_data_dir_path: str,
+        local_model_path: str,
+        local_stage_path: str = "",
+        pretrained_model_type: str = "custom/auto",
+        num_cpus: float = 0,
+        num_gpus: float = 0,
+        detached: bool = True,
+        json_config: str | Mapping[str, Any] = "{}",
+        model_params: Mapping[str, Any] | None = None,
+        *,
+        num_ranks: int = 0,
+        method: str | None = None,
+        template: str | None = None,
+        resume: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> tr.TrainingJob:
+        """Fine-tune a model on a trainer worker (Byzer-LLM's ``sft``).
+
+        Paths are on the trainer worker's file system.
+
+        Args:
+            sft_name: a name for this run, used in log lines (the job id is the handle).
+            local_data_dir_path: ``data.jsonl`` (alpaca rows, or chat rows with ``messages``)
+                or a directory holding it.
+            local_model_path: the base model directory (HuggingFace layout).
+            local_stage_path: where the adapter / model and checkpoints go; empty lets the
+                worker choose (its jobs directory / job id).
+            pretrained_model_type: Byzer-LLM's model family; accepted and not needed.
+            num_cpus: CPUs the job reserves (0: one per rank).
+            num_gpus: GPUs the job reserves.
+            detached: return the QUEUED job at once (True, Byzer-LLM's default) or wait until
+                it ends and return it.
+            json_config: a DeepSpeed config as JSON text (or a dict); training keys in it
+                (``num_train_epochs``, ``lora_rank``, ...) count as ``model_params``, which win.
+            model_params: Byzer-LLM typed keys (``sft.int.num_train_epochs``,
+                ``sft.float.learning_rate``, ``sft.int.lora_rank``, ``sft.str.finetuning_type``)
+                or plain names (``max_steps``, ``lora_r``, ``target_modules``, ``method``).
+            num_ranks: ranks under the DeepSpeed launcher (0: one).
+            method: ``"lora"`` (default) or ``"full"``.
+            template: ``"auto"`` (default), ``"alpaca"`` or ``"chat"``.
+            resume: resume from a checkpoint in ``local_stage_path`` (default true).
+            request_id: idempotency key for the create call; a new UUID when None.
+            timeout: with ``detached=False``, how long to wait, in seconds.
+
+        Returns:
+            The ``TrainingJob`` (protobuf): QUEUED when detached, SUCCEEDED otherwise, with
+            ``artifact.path`` the adapter (LoRA) or model (full) directory.
+
+        Raises:
+            InvalidArgument: an unknown ``model_params`` key or a bad value, before anything
+                is sent.
+            TrainingJobFailed: not detached and the job FAILED or was CANCELLED.
+        """
+        del pretrained_model_type  # Byzer-LLM picked a training module by it; one runner here
+        spec = training.sft_spec(
+            local_data_dir_path=local_data_dir_path,
+            local_model_path=local_model_path,
+            local_stage_path=local_stage_path,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            json_config=json_config,
+            model_params=model_params,
+            num_ranks=num_ranks,
+            method=method,
+            template=template,
+            resume=resume,
+        )
+        return self._submit(
+            spec, name=sft_name, detached=detached, request_id=request_id, timeout=timeout
+        )
+
+    def pretrain(
+        self,
+        name: str,
+        local_data_dir_path: str,
+        local_model_path: str,
+        local_stage_path: str = "",
+        pretrained_model_type: str = "custom/auto",
+        num_cpus: float = 0,
+        num_gpus: float = 0,
+        detached: bool = True,
+        json_config: str | Mapping[str, Any] = "{}",
+        model_params: Mapping[str, Any] | None = None,
+        *,
+        num_ranks: int | None = None,
+        resume: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> tr.TrainingJob:
+        """Train a causal LM from its config on raw text (Byzer-LLM's ``pretrain``).
+
+        Args:
+            name: a name for this run, used in log lines.
+            local_data_dir_path: a .txt file, a directory of them, or jsonl rows with ``text``.
+            local_model_path: a directory with ``config.json`` and the tokenizer; the model is
+                built from that config with fresh weights.
+            local_stage_path: output directory; empty lets the worker choose.
+            pretrained_model_type: Byzer-LLM's model family; accepted and not needed.
+            num_cpus: CPUs the job reserves (0: one per rank).
+            num_gpus: GPUs the job reserves.
+            detached: return at once (True) or wait until the job ends.
+            json_config: the DeepSpeed config (JSON text or a dict).
+            model_params: ``pretrain.<type>.<name>`` keys (Byzer-LLM's ``sfft.`` prefix too:
+                ``sfft.int.max_length``, ``sfft.int.epoches``, ``sfft.int.steps_per_epoch``,
+                ``sfft.str.tokenizer_path``) or plain names.
+            num_ranks: ranks under the DeepSpeed launcher; None: one per whole GPU, at least 1.
+            resume: resume from a checkpoint in ``local_stage_path`` (default true).
+            request_id: idempotency key for the create call; a new UUID when None.
+            timeout: with ``detached=False``, how long to wait, in seconds.
+
+        Returns:
+            The ``TrainingJob``; when it SUCCEEDED, ``artifact.path`` is the model directory.
+
+        Raises:
+            InvalidArgument: an unknown key or a bad value.
+            TrainingJobFailed: not detached and the job FAILED or was CANCELLED.
+        """
+        del pretrained_model_type
+        spec = training.pretrain_spec(
+            local_data_dir_path=local_data_dir_path,
+            local_model_path=local_model_path,
+            local_stage_path=local_stage_path,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            json_config=json_config,
+            model_params=model_params,
+            num_ranks=num_ranks,
+            resume=resume,
+        )
+        return self._submit(
+            spec, name=name, detached=detached, request_id=request_id, timeout=timeout
+        )
+
+    def merge_lora(
+        self,
+        name: str,
+        local_model_path: str,
+        local_adpator_model_path: str,
+        local_target_path: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Merge a LoRA adapter into its base model and wait (Byzer-LLM's ``merge_lora``).
+
+        Args:
+            name: a name for this run, used in log lines.
+            local_model_path: the base model directory.
+            local_adpator_model_path: the adapter directory (Byzer-LLM's spelling).
+            local_target_path: where the merged model goes; empty lets the worker choose.
+            request_id: idempotency key for the create call; a new UUID when None.
+            timeout: how long to wait, in seconds.
+
+        Returns:
+            The merged model's directory, the job's artifact: ``<local_target_path>/model``
+            (the target directory also holds the job's event log), or under the worker's jobs
+            directory when ``local_target_path`` was empty. Byzer-LLM returned
+            ``local_target_path`` itself.
+
+        Raises:
+            TrainingJobFailed: the merge FAILED or was CANCELLED.
+        """
+        spec = training.merge_lora_spec(
+            local_model_path=local_model_path,
+            local_adapter_path=local_adpator_model_path,
+            local_target_path=local_target_path,
+        )
+        job = self._submit(spec, name=name, detached=False, request_id=request_id, timeout=timeout)
+        return job.artifact.path
+
+    def raw_sft(
+        self, train_params: Mapping[str, Any], sys_conf: Mapping[str, Any] | None = None
+    ) -> tr.TrainingJob:
+        """Byzer-LLM's ``raw_sft``: :meth:`sft` from Byzer's ``train_params`` keys.
+
+        ``name``, ``data_dir``, ``localModelDir``, ``localPathPrefix``, ``config`` and
+        ``detached`` (``"true"``; default false) are read; every other key (``sft.int.*``, ...)
+        is a model parameter. ``sys_conf`` gives ``num_cpus`` and ``num_gpus``.
+        """
+        params = dict(train_params)
+        conf = dict(sys_conf or {})
+        return self.sft(
+            str(params.pop("name", "")),
+            _required(params, "data_dir", "raw_sft"),
+            _required(params, "localModelDir", "raw_sft"),
+            str(params.pop("localPathPrefix", "")),
+            str(params.pop("pretrainedModelType", "")),
+            float(conf.get("num_cpus", 0)),
+            float(conf.get("num_gpus", 0)),
+            detached=str(params.pop("detached", "false")).lower() == "true",
+            json_config=params.pop("config", "{}"),
+            model_params=params,
+        )
+
+    def raw_pretrain(
+        self, train_params: Mapping[str, Any], sys_conf: Mapping[str, Any] | None = None
+    ) -> tr.TrainingJob:
+        """Byzer-LLM's ``raw_pretrain``: :meth:`pretrain` from Byzer's ``train_params`` keys.
+
+        ``name``, ``localDataDir``, ``localModelDir``, ``localPathPrefix``,
+        ``deepspeedConfig`` and ``detached`` are read; other keys (``sfft.int.*``, ...) are
+        model parameters. ``sys_conf`` gives ``num_cpus`` and ``num_gpus``.
+        """
+        params = dict(train_params)
+        conf = dict(sys_conf or {})
+        return self.pretrain(
+            str(params.pop("name", "")),
+            _required(params, "localDataDir", "raw_pretrain"),
+            _required(params, "localModelDir", "raw_pretrain"),
+            str(params.pop("localPathPrefix", "")),
+            str(params.pop("pretrainedModelType", "")),
+            float(conf.get("num_cpus", 0)),
+            float(conf.get("num_gpus", 0)),
+            detached=str(params.pop("detached", "false")).lower() == "true",
+            json_config=params.pop("deepspeedConfig", "{}"),
+            model_params=params,
+        )
+
+    def raw_merge_lora(
+        self, train_params: Mapping[str, Any], sys_conf: Mapping[str, Any] | None = None
+    ) -> str:
+        """Byzer-LLM's ``raw_merge_lora``: ``modelNameOrPath``, ``adapterNameOrPath``, ``savePath``.
+
+        Returns:
+            The merged model's directory (Byzer-LLM returned None).
+        """
+        del sys_conf  # Byzer-LLM ignored it too
+        params = dict(train_params)
+        unknown = sorted(set(params) - {"name", "modelNameOrPath", "adapterNameOrPath", "savePath"})
+        if unknown:
+            raise InvalidArgument(
+                f"raw_merge_lora does not know {unknown[0]!r}; it reads name, modelNameOrPath, "
+                "adapterNameOrPath and savePath"
+            )
+        return self.merge_lora(
+            str(params.get("name", "")),
+            _required(params, "modelNameOrPath", "raw_merge_lora"),
+            _required(params, "adapterNameOrPath", "raw_merge_lora"),
+            str(params.get("savePath", "")),
+        )
+
+    def deploy_adapter(
+        self,
+        name: str,
+        job_or_path: str | tr.TrainingJob,
+        base_model: str,
+        *,
+        infer_params: Mapping[str, Any] | None = None,
+        wait: bool = True,
+        timeout: float = 300.0,
+    ) -> dict[str, Any]:
+        """Serve a LoRA adapter on the replicas of a deployed base model.
+
+        Args:
+            name: the name clients use for the adapter model.
+            job_or_path: a SUCCEEDED LoRA job (its id or the ``TrainingJob``) whose artifact
+                is deployed, or an adapter directory path on the workers (anything with a
+                ``/`` in it is read as a path).
+            base_model: the deployed model whose replicas serve the adapter.
+            infer_params: engine parameters for the adapter.
+            wait: block until the adapter is READY.
+            timeout: how long to wait, in seconds.
+
+        Returns:
+            As :meth:`deploy`: the adapter's meta once READY, ``{}`` when ``wait`` is False.
+
+        Raises:
+            InvalidArgument: the job did not succeed or did not produce a LoRA adapter.
+            NotFound: no job with that id.
+        """
+        if not base_model:
+            raise InvalidArgument("deploy_adapter needs base_model, the deployed model to use")
+        if isinstance(job_or_path, tr.TrainingJob):
+            path = _adapter_path(job_or_path)
+        elif "/" in str(job_or_path) or str(job_or_path).startswith(("~", ".")):
+            path = str(job_or_path)
+        else:
+            try:
+                job = self.get_training_job(str(job_or_path))
+            except NotFound:
+                raise NotFound(
+                    f"no training job {job_or_path!r}; to deploy an adapter directory pass its "
+                    "path (with a '/', e.g. ./adapter)"
+                ) from None
+            path = _adapter_path(job)
+        return self.deploy(
+            model_path=path,
+            pretrained_model_type="custom/lora",
+            udf_name=name,
+            infer_params=infer_params,
+            wait=wait,
+            timeout=timeout,
+            base_model=base_model,
+        )
+
+
+def _required(params: dict[str, Any], key: str, method: str) -> str:
+    """Pop a key Byzer-LLM's raw_* methods need, with a clear error when it is missing."""
+    value = params.pop(key, None)
+    if not value:
+        raise InvalidArgument(f"{method} needs train_params[{key!r}]")
+    return str(value)
+
+
+def _adapter_path(job: tr.TrainingJob) -> str:
+    """The LoRA adapter a finished job produced, or why there is none."""
+    if job.state != tr.TRAINING_JOB_STATE_SUCCEEDED:
+        raise InvalidArgument(
+            f"training job {job.id} is {state_name(job.state)}; only a SUCCEEDED job has an "
+            "adapter to deploy"
+        )
+    if job.artifact.kind != tr.ARTIFACT_KIND_LORA_ADAPTER:
+        raise InvalidArgument(
+            f"training job {job.id} produced a full model at {job.artifact.path}, not a LoRA "
+            "adapter; deploy it with deploy(model_path=...)"
+        )
+    return job.artifact.path
+
 
 def default_chat_wrapper(
     llm: ByzerLLM,
@@ -2067,6 +2630,7 @@ __all__ = [
     "SingleOutputMeta",
     "Template",
     "Templates",
+    "TrainingJobFailed",
     "default_chat_wrapper",
     "default_control_plane",
     "generation_config",

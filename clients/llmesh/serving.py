@@ -46,6 +46,11 @@ _SERVICE_CONFIG = json.dumps(
                         "ListWorkers",
                         "AssignWorker",
                         "WatchModel",
+                        # Cancel returns a final job as it is; create is retried by the SDK
+                        # with its request_id instead (without one it is not idempotent).
+                        "GetTrainingJob",
+                        "ListTrainingJobs",
+                        "CancelTrainingJob",
                     )
                 ],
                 "retryPolicy": {

@@ -1,0 +1,946 @@
+"""Training jobs on the client side: Byzer-LLM's parameters, specs, progress lines, loss curves.
+
+The SDK (:meth:`llmesh.ByzerLLM.sft` / ``pretrain`` / ``merge_lora``) and the CLI (``llmesh
+sft``, ``llmesh job watch``) share what is here:
+
+- :func:`parse_params` reads Byzer-LLM's typed keys (``sft.int.num_train_epochs`` = ``"3"``);
+  :func:`sft_spec`, :func:`pretrain_spec` and :func:`merge_lora_spec` turn Byzer-LLM's
+  arguments into a ``TrainingJobSpec`` and check it with :func:`llmesh.jobs.validate_spec`,
+  so a bad key fails before anything is sent.
+- :class:`JobTracker` folds a ``WatchTrainingJob`` stream into ``(job, event)`` pairs and
+  remembers where to resume after a dropped stream.
+- :func:`format_progress` renders one progress-bar line; :class:`LossCurve` collects the loss
+  points and :func:`write_loss_png` draws them with matplotlib's Agg canvas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from llmesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LLMeshError,
+    Unavailable,
+)
+from llmesh.jobs import HYPERPARAMETERS, is_final, kind_name, state_name, validate_spec
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import trainer_service_pb2 as tr
+
+__all__ = [
+    "PARAM_TYPES",
+    "JobTracker",
+    "LossCurve",
+    "ProgressView",
+    "TrainingJobFailed",
+    "WatchLoop",
+    "format_age",
+    "format_duration",
+    "format_job_row",
+    "format_progress",
+    "merge_lora_spec",
+    "names_by_value",
+    "parse_params",
+    "parse_states",
+    "pretrain_spec",
+    "sft_spec",
+    "split_json_config",
+    "training_params",
+    "write_loss_png",
+]
+
+#: The value types of Byzer-LLM's typed keys (``<prefix>.<type>.<name>``).
+PARAM_TYPES = ("float", "int", "bool", "str", "list", "dict")
+
+# Hyperparameters by value type; together they are jobs.HYPERPARAMETERS (checked below).
+_INT_HPS = frozenset(
+    {
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "cutoff_len",
+        "save_steps",
+        "logging_steps",
+        "warmup_steps",
+        "seed",
+    }
+)
+_STR_HPS = frozenset({"lr_scheduler_type"})
+_FLOAT_HPS = frozenset(HYPERPARAMETERS) - _INT_HPS - _STR_HPS
+assert _FLOAT_HPS == {
+    "num_train_epochs",
+    "learning_rate",
+    "val_set_size",
+    "weight_decay",
+    "max_grad_norm",
+}, "jobs.HYPERPARAMETERS changed: sort the new key into _INT_HPS / _STR_HPS / _FLOAT_HPS"
+
+# Names Byzer-LLM (and HuggingFace / LazyLLM habits) use for our hyperparameters. Byzer's sft
+# config said max_seq_length; its pretrain said sfft.int.max_length and sfft.int.epoches.
+HP_ALIASES: dict[str, str] = {
+    "max_seq_length": "cutoff_len",
+    "max_length": "cutoff_len",
+    "num_epochs": "num_train_epochs",
+    "epochs": "num_train_epochs",
+    "epoches": "num_train_epochs",
+    "micro_batch_size": "per_device_train_batch_size",
+    "lr": "learning_rate",
+}
+# LoRA settings: Byzer's QLoRA config said lora_rank / lora_alpha / lora_dropout.
+LORA_KEYS: dict[str, str] = {
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "target_modules",
+    "lora_target_modules": "target_modules",
+}
+# Other spec fields a parameter may set, by the kinds that use them.
+_SPEC_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "method": ("method", (tr.TRAINING_JOB_KIND_SFT,)),
+    "finetuning_type": ("method", (tr.TRAINING_JOB_KIND_SFT,)),
+    "template": ("template", (tr.TRAINING_JOB_KIND_SFT,)),
+    "prompt_template_name": ("template", (tr.TRAINING_JOB_KIND_SFT,)),
+    "resume": ("resume", (tr.TRAINING_JOB_KIND_SFT, tr.TRAINING_JOB_KIND_PRETRAIN)),
+    "tokenizer_path": ("tokenizer_path", (tr.TRAINING_JOB_KIND_PRETRAIN,)),
+    # Byzer's pretrain ran sfft.int.steps_per_epoch steps per epoch: max_steps = that x epochs.
+    "steps_per_epoch": ("steps_per_epoch", (tr.TRAINING_JOB_KIND_PRETRAIN,)),
+}
+# Top-level DeepSpeed config keys that share a name with a training key: they stay in the
+# DeepSpeed config instead of being lifted into the hyperparameters.
+_DEEPSPEED_KEYS = frozenset({"gradient_accumulation_steps"})
+
+_METHODS = {"lora": tr.TRAINING_METHOD_LORA, "full": tr.TRAINING_METHOD_FULL}
+_TEMPLATES = ("auto", "alpaca", "chat")
+
+
+class TrainingJobFailed(LLMeshError):
+    """A job the caller waited for ended FAILED or CANCELLED; ``job`` holds it (and its reason)."""
+
+    # Client-side only (never sent): the wait itself worked, the job it waited for did not.
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, job: tr.TrainingJob) -> None:
+        state = state_name(job.state)
+        reason = job.reason or "no reason was recorded"
+        super().__init__(f"training job {job.id} ({kind_name(job.spec.kind)}) {state}: {reason}")
+        self.job = job
+        self.state = state
+
+
+# -- Byzer-LLM's typed parameters ---------------------------------------------------------------
+
+
+def _typed(key: str, tpe: str, value: Any) -> Any:
+    """Convert ``value`` to the type a Byzer-LLM key names; a bad value names the key."""
+    try:
+        if tpe == "float":
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tpe == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tpe == "bool":
+            # Byzer-LLM compared with "true" only, so True (a Python bool) read as false and any
+            # typo as false too; here both spellings work and anything else is an error.
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false"):
+                raise ValueError(value)
+            return text == "true"
+        if tpe == "str":
+            return str(value)
+        parsed = json.loads(value) if isinstance(value, str) else value
+        want = list if tpe == "list" else dict
+        if not isinstance(parsed, want):
+            raise ValueError(value)
+        return parsed
+    except (ValueError, TypeError):
+        example = {
+            "float": "0.0002",
+            "int": "3",
+            "bool": "true",
+            "str": "text",
+            "list": '["q_proj", "v_proj"]',
+            "dict": '{"a": 1}',
+        }[tpe]
+        raise InvalidArgument(
+            f"{key}={value!r} is not a {tpe}; give e.g. {key}={example}"
+        ) from None
+
+
+def parse_params(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Byzer-LLM's ``parse_params``: ``{"sft.int.x": "10"}`` -> ``{"x": 10}``.
+
+    Keys ``<prefix>.<type>.<name>`` are kept, with the value converted by ``<type>``: ``float``,
+    ``int``, ``bool`` (``"true"`` / ``"false"``), ``str``, ``list`` or ``dict`` (JSON text).
+    Keys without the prefix are skipped, as in Byzer-LLM.
+
+    Args:
+        params: the parameters, values as strings (or already typed).
+        prefix: e.g. ``"sft"``, ``"pretrain"``.
+
+    Raises:
+        InvalidArgument: a key with the prefix but an unknown type or no name, or a value that
+            is not of the type its key names (Byzer-LLM failed with a bare ValueError, or
+            kept the string for an unknown type).
+    """
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if not key.startswith(f"{prefix}."):
+            continue
+        parts = key.split(".")
+        if len(parts) != 3 or not parts[2]:
+            raise InvalidArgument(
+                f"model_params key {key!r} is not {prefix}.<type>.<name>; "
+                f"write e.g. {prefix}.int.logging_steps"
+            )
+        tpe, name = parts[1], parts[2]
+        if tpe not in PARAM_TYPES:
+            raise InvalidArgument(
+                f"model_params key {key!r} names the type {tpe!r}; use one of "
+                + ", ".join(PARAM_TYPES)
+            )
+        out[name] = _typed(key, tpe, value)
+    return out
+
+
+def training_params(
+    params: Mapping[str, Any] | None, prefixes: Sequence[str]
+) -> dict[str, tuple[str, Any]]:
+    """Typed keys under any of ``prefixes`` and plain keys, as ``{name: (given_key, value)}``.
+
+    Raises:
+        InvalidArgument: a dotted key under another prefix, a name given twice, or a typed key
+            :func:`parse_params` refuses.
+    """
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in (params or {}).items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"model_params keys must be non-empty strings, got {key!r}")
+        if "." in key:
+            prefix = key.split(".", 1)[0]
+            if prefix not in prefixes:
+                raise InvalidArgument(
+                    f"model_params key {key!r} has the prefix {prefix!r}; this job reads "
+                    + " or ".join(f"{p}.<type>.<name>" for p in prefixes)
+                    + " and plain names"
+                )
+            ((name, typed),) = parse_params({key: value}, prefix).items()
+        else:
+            name, typed = key, value
+        if name in out:
+            raise InvalidArgument(
+                f"model_params sets {name!r} twice ({out[name][0]!r} and {key!r}); keep one"
+            )
+        out[name] = (key, typed)
+    return out
+
+
+def split_json_config(json_config: str | Mapping[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """Split ``json_config`` into training keys and DeepSpeed JSON text.
+
+    Byzer-LLM's ``sft`` merged ``json_config`` into its QLoRA training settings, its
+    ``pretrain`` used it as the DeepSpeed config. Here keys that name a training setting
+    (hyperparameters and their aliases, LoRA keys, ``method``, ...) are lifted out and the rest
+    is the DeepSpeed config; ``"{}"`` means none.
+
+    Returns:
+        ``(training_keys, deepspeed_config_json)``; the text is empty when nothing is left.
+
+    Raises:
+        InvalidArgument: not JSON, or not a JSON object.
+    """
+    if json_config is None:
+        return {}, ""
+    if isinstance(json_config, Mapping):
+        config = dict(json_config)
+    else:
+        text = str(json_config).strip()
+        if not text:
+            return {}, ""
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(
+                f"json_config is not valid JSON ({exc}); give a JSON object such as "
+                '\'{"zero_optimization": {"stage": 2}}\''
+            ) from None
+        if not isinstance(config, dict):
+            raise InvalidArgument(f"json_config must be a JSON object, not {type(config).__name__}")
+    known = {*HYPERPARAMETERS, *HP_ALIASES, *LORA_KEYS, *_SPEC_KEYS}
+    lifted = {k: v for k, v in config.items() if k in known and k not in _DEEPSPEED_KEYS}
+    rest = {k: v for k, v in config.items() if k not in lifted}
+    return lifted, (json.dumps(rest) if rest else "")
+
+
+def _number_text(key: str, name: str, value: Any) -> str:
+    """A hyperparameter as the string the spec map holds, checked for its type."""
+    if name in _STR_HPS:
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"{key}={value!r} must be a name such as 'cosine'")
+        return value
+    if isinstance(value, bool):
+        raise InvalidArgument(f"{key}={value!r} must be a number, not a bool")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{key}={value!r} is not a number; give e.g. {key}=1") from None
+    if not math.isfinite(number) or number < 0:
+        raise InvalidArgument(f"{key}={value!r} must be a finite number >= 0")
+    if name in _INT_HPS:
+        if not number.is_integer():
+            raise InvalidArgument(f"{key}={value!r} must be a whole number")
+        return str(int(number))
+    # 3.0 -> "3" reads better; anything else keeps full precision (repr, not %g).
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _modules(key: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise InvalidArgument(f"{key}={value!r} is not a JSON list") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise InvalidArgument(
+            f'{key}={value!r} must be module names, e.g. ["q_proj", "v_proj"] or q_proj,v_proj'
+        )
+    return list(value)
+
+
+def _apply_params(
+    spec: tr.TrainingJobSpec, params: Mapping[str, tuple[str, Any]], *, prefix: str
+) -> None:
+    """Put parameters into ``spec``: hyperparameters, LoRA settings and a few spec fields."""
+    kind = spec.kind
+    steps_per_epoch: int | None = None
+    for name, (key, value) in params.items():
+        canonical = HP_ALIASES.get(name, name)
+        if canonical in HYPERPARAMETERS:
+            if canonical in spec.hyperparameters and canonical != name:
+                raise InvalidArgument(f"{key!r} sets {canonical!r} a second time; keep one")
+            spec.hyperparameters[canonical] = _number_text(key, canonical, value)
+        elif name in LORA_KEYS:
+            if kind != tr.TRAINING_JOB_KIND_SFT:
+                raise InvalidArgument(f"{key!r} is a LoRA setting; only SFT jobs train LoRA")
+            field = LORA_KEYS[name]
+            if field == "target_modules":
+                spec.lora.target_modules[:] = _modules(key, value)
+                continue
+            number = float(_number_text(key, "lora", value))
+            if field == "r":
+                if not number.is_integer() or number < 1:
+                    raise InvalidArgument(f"{key}={value!r} must be a whole number >= 1")
+                spec.lora.r = int(number)
+            elif field == "alpha":
+                spec.lora.alpha = number
+            elif not number < 1:
+                raise InvalidArgument(f"{key}={value!r} must be below 1 (a dropout probability)")
+            else:
+                spec.lora.dropout = number
+        elif name in _SPEC_KEYS:
+            field, kinds = _SPEC_KEYS[name]
+            if kind not in kinds:
+                raise InvalidArgument(
+                    f"{key!r} does not apply to a {kind_name(kind)} job; leave it out"
+                )
+            if field == "method":
+                method = str(value).strip().lower()
+                if method not in _METHODS:
+                    raise InvalidArgument(f"{key}={value!r} must be lora or full")
+                spec.method = _METHODS[method]
+            elif field == "template":
+                if value not in _TEMPLATES:
+                    raise InvalidArgument(f"{key}={value!r} must be one of auto, alpaca, chat")
+                spec.template = value
+            elif field == "resume":
+                spec.resume = _typed(key, "bool", value)
+            elif field == "tokenizer_path":
+                spec.tokenizer_path = str(value)
+            else:
+                steps_per_epoch = int(float(_number_text(key, "max_steps", value)))
+        else:
+            raise InvalidArgument(
+                f"unknown model_params key {key!r}; known names (plain or as "
+                f"{prefix}.<type>.<name>): "
+                + ", ".join(sorted({*HYPERPARAMETERS, *HP_ALIASES, *_known_extra(kind)}))
+            )
+    if steps_per_epoch is not None and "max_steps" not in spec.hyperparameters:
+        epochs = float(spec.hyperparameters.get("num_train_epochs", "1"))
+        spec.hyperparameters["max_steps"] = str(max(1, math.ceil(steps_per_epoch * epochs)))
+
+
+def _known_extra(kind: int) -> set[str]:
+    extra = {k for k, (_, kinds) in _SPEC_KEYS.items() if kind in kinds}
+    if kind == tr.TRAINING_JOB_KIND_SFT:
+        extra |= set(LORA_KEYS)
+    return extra
+
+
+def _resources(spec: tr.TrainingJobSpec, num_cpus: float, num_gpus: float, num_ranks: int) -> None:
+    for name, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("num_ranks", num_ranks)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise InvalidArgument(f"{name}={value!r} must be a number >= 0")
+    if not float(num_ranks).is_integer():
+        raise InvalidArgument(f"num_ranks={num_ranks!r} must be a whole number")
+    spec.cpus = float(num_cpus)
+    spec.gpus = float(num_gpus)
+    spec.num_ranks = int(num_ranks)
+
+
+def _params(
+    json_config: str | Mapping[str, Any] | None,
+    model_params: Mapping[str, Any] | None,
+    prefixes: Sequence[str],
+) -> tuple[dict[str, tuple[str, Any]], str]:
+    lifted, deepspeed = split_json_config(json_config)
+    params = {k: (f"json_config[{k!r}]", v) for k, v in lifted.items()}
+    # model_params win over json_config, as Byzer-LLM merged {**config, **sft_params}.
+    params.update(training_params(model_params, prefixes))
+    return params, deepspeed
+
+
+def sft_spec(
+    *,
+    local_data_dir_path: str,
+    local_model_path: str,
+    local_stage_path: str = "",
+    num_cpus: float = 0,
+    num_gpus: float = 0,
+    json_config: str | Mapping[str, Any] | None = "{}",
+    model_params: Mapping[str, Any] | None = None,
+    num_ranks: int = 0,
+    method: str | None = None,
+    template: str | None = None,
+    resume: bool | None = None,
+) -> tr.TrainingJobSpec:
+    """The ``TrainingJobSpec`` for Byzer-LLM's ``sft(...)`` arguments, validated.
+
+    Args:
+        local_data_dir_path: ``data.jsonl`` or a directory holding it, on the trainer worker.
+        local_model_path: the base model directory, on the trainer worker.
+        local_stage_path: the job's output directory; empty lets the worker choose.
+        num_cpus: CPUs the job reserves (0: one per rank).
+        num_gpus: GPUs the job reserves.
+        json_config: a DeepSpeed config (JSON text or a dict); training keys in it are read
+            as parameters (see :func:`split_json_config`).
+        model_params: ``sft.<type>.<name>`` keys or plain names: hyperparameters, LoRA
+            settings (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``),
+            ``method`` / ``finetuning_type``, ``template``, ``resume``.
+        num_ranks: processes under the DeepSpeed launcher (0: one).
+        method: ``"lora"`` or ``"full"``; overrides a method in ``model_params``.
+        template: ``"auto"``, ``"alpaca"`` or ``"chat"``.
+        resume: resume from the newest checkpoint in the output directory (default true).
+
+    Raises:
+        InvalidArgument: an unknown key or a bad value, naming it.
+    """
+    spec = tr.TrainingJobSpec(
+        kind=tr.TRAINING_JOB_KIND_SFT,
+        base_model_path=str(local_model_path or ""),
+        data_path=str(local_data_dir_path or ""),
+        output_dir=str(local_stage_path or ""),
+    )
+    params, spec.deepspeed_config_json = _params(json_config, model_params, ("sft",))
+    if method is not None:
+        params["method"] = ("method", method)
+    if template is not None:
+        params["template"] = ("template", template)
+    if resume is not None:
+        params["resume"] = ("resume", resume)
+    _apply_params(spec, params, prefix="sft")
+    _resources(spec, num_cpus, num_gpus, num_ranks)
+    if spec.method == tr.TRAINING_METHOD_FULL and spec.HasField("lora"):
+        raise InvalidArgument("LoRA settings were given for method=full; drop them or use lora")
+    validate_spec(spec)
+    return spec
+
+
+def pretrain_spec(
+    *,
+    local_data_dir_path: str,
+    local_model_path: str,
+    local_stage_path: str = "",
+    num_cpus: float = 0,
+    num_gpus: float = 0,
+    json_config: str | Mapping[str, Any] | None = "{}",
+    model_params: Mapping[str, Any] | None = None,
+    num_ranks: int | None = None,
+    resume: bool | None = None,
+) -> tr.TrainingJobSpec:
+    """The ``TrainingJobSpec`` for Byzer-LLM's ``pretrain(...)`` arguments, validated.
+
+    Args:
+        local_data_dir_path: a .txt file, a directory of them, or jsonl rows with ``text``.
+        local_model_path: a model directory with ``config.json`` and the tokenizer (the model
+            is built from that config), or a ``config.json`` path (then pass
+            ``tokenizer_path`` in ``model_params``).
+        local_stage_path: the job's output directory; empty lets the worker choose.
+        num_cpus: CPUs the job reserves (0: one per rank).
+        num_gpus: GPUs the job reserves.
+        json_config: the DeepSpeed config (JSON text or a dict).
+        model_params: ``pretrain.<type>.<name>`` (or Byzer's ``sfft.<type>.<name>``) keys or
+            plain names: hyperparameters, ``tokenizer_path``, ``steps_per_epoch``, ``resume``.
+        num_ranks: processes under the DeepSpeed launcher; None: one per whole GPU reserved
+            (Byzer-LLM ran one rank per GPU), at least one.
+        resume: resume from the newest checkpoint in the output directory (default true).
+
+    Raises:
+        InvalidArgument: an unknown key or a bad value, naming it.
+    """
+    path = str(local_model_path or "")
+    if path.endswith(".json"):
+        model_config, tokenizer = path, ""
+    else:
+        tokenizer = path.rstrip("/") or path
+        model_config = f"{tokenizer}/config.json" if path else ""
+    spec = tr.TrainingJobSpec(
+        kind=tr.TRAINING_JOB_KIND_PRETRAIN,
+        data_path=str(local_data_dir_path or ""),
+        output_dir=str(local_stage_path or ""),
+        model_config=model_config,
+        tokenizer_path=tokenizer,
+    )
+    params, spec.deepspeed_config_json = _params(json_config, model_params, ("pretrain", "sfft"))
+    if resume is not None:
+        params["resume"] = ("resume", resume)
+    _apply_params(spec, params, prefix="pretrain")
+    if num_ranks is None:
+        num_ranks = int(num_gpus) if isinstance(num_gpus, (int, float)) and num_gpus >= 1 else 0
+    _resources(spec, num_cpus, num_gpus, num_ranks)
+    validate_spec(spec)
+    return spec
+
+
+def merge_lora_spec(
+    *, local_model_path: str, local_adapter_path: str, local_target_path: str = ""
+) -> tr.TrainingJobSpec:
+    """The ``TrainingJobSpec`` for Byzer-LLM's ``merge_lora(...)`` arguments, validated.
+
+    Raises:
+        InvalidArgument: the base model or adapter path is empty.
+    """
+    spec = tr.TrainingJobSpec(
+        kind=tr.TRAINING_JOB_KIND_MERGE_LORA,
+        base_model_path=str(local_model_path or ""),
+        adapter_path=str(local_adapter_path or ""),
+        output_dir=str(local_target_path or ""),
+    )
+    validate_spec(spec)
+    return spec
+
+
+# -- following a job ----------------------------------------------------------------------------
+
+
+class JobTracker:
+    """Folds ``WatchTrainingJob`` responses into the job as it is now.
+
+    Events carry a sequence number; the tracker drops any it has seen (a resumed stream may
+    repeat one) and knows where to resume (:attr:`last_sequence`).
+
+    Args:
+        job_id: the job.
+        after_sequence: events up to this one were seen already.
+    """
+
+    def __init__(self, job_id: str, after_sequence: int = 0) -> None:
+        self.job_id = job_id
+        self.last_sequence = after_sequence
+        self.job: tr.TrainingJob | None = None
+
+    @property
+    def final(self) -> bool:
+        """True once the job is known to be SUCCEEDED, FAILED or CANCELLED."""
+        return self.job is not None and is_final(self.job.state)
+
+    def apply(
+        self, response: cp.WatchTrainingJobResponse
+    ) -> tuple[tr.TrainingJob, tr.TrainingJobEvent | None] | None:
+        """Take one response; returns ``(job_now, event_or_None)``, or None for a repeat."""
+        has_event = response.HasField("event")
+        if has_event and response.event.sequence and response.event.sequence <= self.last_sequence:
+            if response.HasField("job"):
+                self.job = _newer(self.job, response.job)
+            return None
+        if response.HasField("job"):
+            self.job = _newer(self.job, response.job)
+        if self.job is None:
+            self.job = tr.TrainingJob(id=self.job_id)
+        if not has_event:
+            return _copy(self.job), None
+        event = response.event
+        self.last_sequence = max(self.last_sequence, event.sequence)
+        which = event.WhichOneof("event")
+        if which == "progress":
+            self.job.progress.CopyFrom(event.progress)
+        elif which == "state_change":
+            if not is_final(self.job.state) or is_final(event.state_change.state):
+                self.job.state = event.state_change.state
+            if event.state_change.reason:
+                self.job.reason = event.state_change.reason
+        elif which == "artifact":
+            self.job.artifact.CopyFrom(event.artifact)
+        return _copy(self.job), event
+
+
+def _copy(job: tr.TrainingJob) -> tr.TrainingJob:
+    # Callers keep what we yield; later events must not change it under them.
+    out = tr.TrainingJob()
+    out.CopyFrom(job)
+    return out
+
+
+def _newer(old: tr.TrainingJob | None, new: tr.TrainingJob) -> tr.TrainingJob:
+    """The server's job record, never older than what the events already showed.
+
+    A record relayed with an event may come from a control plane whose view of etcd lags the
+    trainer's stream by a moment: it must not take back a state, the artifact or progress.
+    """
+    job = _copy(new)
+    if old is None:
+        return job
+    if old.progress.step > job.progress.step:
+        job.progress.CopyFrom(old.progress)
+    if old.HasField("artifact") and not job.HasField("artifact"):
+        job.artifact.CopyFrom(old.artifact)
+    if _state_rank(old.state) > _state_rank(job.state):
+        job.state, job.reason = old.state, old.reason or job.reason
+        for stamp in ("start_time", "end_time"):
+            if old.HasField(stamp) and not job.HasField(stamp):
+                getattr(job, stamp).CopyFrom(getattr(old, stamp))
+    return job
+
+
+def _state_rank(state: int) -> int:
+    # QUEUED < RUNNING < any final state; the states only ever move forward.
+    return 3 if is_final(state) else int(state)
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1:15"``, ``3725`` -> ``"1:02:05"``; negative or unknown -> ``"?"``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_age(seconds: float) -> str:
+    """A coarse age for tables: ``"42s"``, ``"5m"``, ``"3h"``, ``"2d"``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def format_progress(progress: tr.TrainingProgress, *, width: int = 24) -> str:
+    """One progress-bar line: bar, step/total, percent, loss, lr, samples/s, ETA.
+
+    Fields the trainer has not reported yet (zero) are left out, so a line before the first
+    logged step reads ``[........]  0/40  0%``.
+
+    Args:
+        progress: the job's latest progress.
+        width: characters inside the bar.
+    """
+    parts: list[str] = []
+    if progress.total_steps > 0:
+        fraction = min(1.0, max(0.0, progress.step / progress.total_steps))
+        filled = int(fraction * width)
+        parts.append("[" + "#" * filled + "." * (width - filled) + "]")
+        parts.append(f"{progress.step}/{progress.total_steps}")
+        parts.append(f"{int(fraction * 100)}%")
+    else:
+        parts.append(f"step {progress.step}")
+    if progress.loss or progress.step:
+        parts.append(f"loss {progress.loss:.4f}")
+    if progress.HasField("eval_loss"):
+        parts.append(f"eval {progress.eval_loss:.4f}")
+    if progress.learning_rate:
+        parts.append(f"lr {progress.learning_rate:.2e}")
+    if progress.samples_per_second:
+        parts.append(f"{progress.samples_per_second:.1f} samples/s")
+    if progress.eta_seconds and progress.step < progress.total_steps:
+        parts.append(f"ETA {format_duration(progress.eta_seconds)}")
+    return "  ".join(parts)
+
+
+def format_job_row(job: tr.TrainingJob, now: float | None = None) -> list[str]:
+    """``llmesh jobs`` columns: id, kind, state, worker, step/total, loss, age."""
+    now = time.time() if now is None else now
+    p = job.progress
+    if p.total_steps:
+        steps = f"{p.step}/{p.total_steps}"
+    else:
+        steps = str(p.step) if p.step else "-"
+    loss = f"{p.loss:.4f}" if p.step else "-"
+    created = job.create_time.ToNanoseconds() / 1e9 if job.HasField("create_time") else math.nan
+    return [
+        job.id,
+        kind_name(job.spec.kind),
+        state_name(job.state),
+        job.worker_id or "-",
+        steps,
+        loss,
+        format_age(now - created),
+    ]
+
+
+class LossCurve:
+    """Loss points of one job, one per step (a repeated step keeps its last value)."""
+
+    def __init__(self) -> None:
+        self.train: dict[int, float] = {}
+        self.eval: dict[int, float] = {}
+
+    def add(self, progress: tr.TrainingProgress) -> None:
+        """Record a progress report; reports before the first step are ignored."""
+        if progress.step <= 0:
+            return
+        if math.isfinite(progress.loss):
+            self.train[progress.step] = progress.loss
+        if progress.HasField("eval_loss") and math.isfinite(progress.eval_loss):
+            self.eval[progress.step] = progress.eval_loss
+
+    def __bool__(self) -> bool:
+        return bool(self.train or self.eval)
+
+
+def write_loss_png(
+    path: str | Path,
+    train: Iterable[tuple[float, float]],
+    eval_points: Iterable[tuple[float, float]] = (),
+    *,
+    title: str = "",
+) -> Path:
+    """Draw step vs loss (and eval loss, when given) into a PNG file.
+
+    Uses matplotlib's Agg canvas directly, so the caller's pyplot backend is left alone.
+
+    Args:
+        path: the PNG to write; its directory must exist.
+        train: ``(step, loss)`` points.
+        eval_points: ``(step, eval_loss)`` points.
+        title: the chart title, e.g. the job id.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InvalidArgument: there is no point to draw.
+        FailedPrecondition: matplotlib is not installed.
+    """
+    train_pts = sorted(train)
+    eval_pts = sorted(eval_points)
+    if not train_pts and not eval_pts:
+        raise InvalidArgument("no loss points to draw; the job reported no training steps")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise FailedPrecondition(
+            "matplotlib is needed for the loss curve; install it with pip install 'llmesh[plot]'"
+        ) from None
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train_pts:
+        marker = "." if len(train_pts) < 50 else None  # few points: show where they are
+        ax.plot(*zip(*train_pts, strict=True), label="train loss", marker=marker)
+    if eval_pts:
+        ax.plot(*zip(*eval_pts, strict=True), label="eval loss", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, format="png")
+    return out
+
+
+def parse_states(states: Iterable[str | int] | str | None) -> list[int]:
+    """Job states by name (``"running"``, ``"RUNNING"``, the full enum name) or number.
+
+    Raises:
+        InvalidArgument: a name or number that is not a job state, listing the valid names.
+    """
+    if states is None:
+        return []
+    if isinstance(states, (str, int)):
+        states = [states]
+    by_value = names_by_value()
+    names = list(by_value.values())
+    out: list[int] = []
+    for state in states:
+        if isinstance(state, int) and not isinstance(state, bool) and state in by_value:
+            out.append(state)
+            continue
+        text = str(state).strip().upper().removeprefix("TRAINING_JOB_STATE_")
+        if text not in names:
+            raise InvalidArgument(
+                f"{state!r} is not a training job state; use one of {', '.join(names)}"
+            )
+        out.append(tr.TrainingJobState.Value(f"TRAINING_JOB_STATE_{text}"))
+    return out
+
+
+def names_by_value() -> dict[int, str]:
+    """``{2: "RUNNING", ...}`` for every job state except UNSPECIFIED."""
+    return {v: state_name(v) for v in tr.TrainingJobState.values() if v}
+
+
+class WatchLoop:
+    """The retry rules of a job watch, shared by the sync and the asyncio client.
+
+    One ``WatchTrainingJob`` call after another, each resuming after the last event seen,
+    until the job is final and a stream ended cleanly. An UNAVAILABLE control plane is retried
+    with backoff ``reconnects`` times in a row; the caller's ``timeout`` bounds the whole watch.
+
+    Args:
+        job_id: the job.
+        after_sequence: events up to this one were seen already.
+        timeout: seconds for the whole watch; None for no limit.
+        reconnects: UNAVAILABLE answers in a row before giving up.
+        backoff_max: the longest pause between two calls, in seconds.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        after_sequence: int = 0,
+        *,
+        timeout: float | None = None,
+        reconnects: int = 8,
+        backoff_max: float = 3.0,
+    ) -> None:
+        if not job_id:
+            raise InvalidArgument("watching a training job needs its id (see llmesh jobs)")
+        self.tracker = JobTracker(job_id, after_sequence)
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.reconnects = reconnects
+        self.backoff_max = backoff_max
+        self.failures = 0
+
+    def request(self) -> tuple[cp.WatchTrainingJobRequest, float | None]:
+        """The next call's request and deadline (seconds left, None for none).
+
+        Raises:
+            DeadlineExceeded: the watch's timeout has passed.
+        """
+        remaining = None if self.deadline is None else self.deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(
+                f"training job {self.tracker.job_id} did not end within {self.timeout:g}s; it "
+                "keeps running (watch it again, or cancel it)"
+            )
+        request = cp.WatchTrainingJobRequest(
+            id=self.tracker.job_id, after_sequence=self.tracker.last_sequence
+        )
+        return request, remaining
+
+    def received(
+        self, response: cp.WatchTrainingJobResponse
+    ) -> tuple[tr.TrainingJob, tr.TrainingJobEvent | None] | None:
+        """Take one message; returns what to yield, None for a repeated event."""
+        self.failures = 0
+        return self.tracker.apply(response)
+
+    def failed(self, exc: LLMeshError) -> None:
+        """A call failed: re-raise unless it is worth another call."""
+        if isinstance(exc, DeadlineExceeded):
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                return  # ours: request() raises with the job id
+            raise exc
+        if not isinstance(exc, Unavailable):
+            raise exc
+        self.failures += 1
+        if self.failures > self.reconnects:
+            raise exc
+
+    def pause(self) -> float | None:
+        """After a call: None when the watch is done, else seconds to wait before the next."""
+        if self.tracker.final and self.failures == 0:
+            return None
+        # A clean end before the final state means a control plane went away and closed its
+        # streams: resume, but never spin.
+        self.failures = max(self.failures, 1)
+        return min(self.backoff_max, 0.2 * 2 ** (self.failures - 1))
+
+
+class ProgressView:
+    """A progress bar on one stream, messages on another, without garbling either.
+
+    On a terminal the bar is redrawn in place (``\\r``) and cleared before a message is
+    printed, then drawn again below it; otherwise (a log file, a pipe) every new bar state is
+    its own line, so the output reads as a log.
+
+    Args:
+        out: where messages go (log lines, states), normally stdout.
+        err: where the bar goes, normally stderr.
+        tty: redraw in place; None asks ``err.isatty()``.
+        width: characters inside the bar.
+    """
+
+    def __init__(self, out: Any, err: Any, *, tty: bool | None = None, width: int = 24) -> None:
+        self.out = out
+        self.err = err
+        self.tty = bool(err.isatty()) if tty is None else tty
+        self.width = width
+        self._line = ""  # the bar as last drawn
+
+    def progress(self, progress: tr.TrainingProgress) -> None:
+        """Show a new progress report."""
+        line = format_progress(progress, width=self.width)
+        if line == self._line:
+            return
+        self._line = line
+        if self.tty:
+            self.err.write("\r" + line + "\x1b[K")
+        else:
+            self.err.write(line + "\n")
+        self.err.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line above the bar."""
+        if self.tty and self._line:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+        self.out.write(text + "\n")
+        self.out.flush()
+        if self.tty and self._line:
+            self.err.write(self._line + "\x1b[K")
+            self.err.flush()
+
+    def close(self) -> None:
+        """End the bar's line so what follows starts on a fresh one."""
+        if self.tty and self._line:
+            self.err.write("\n")
+            self.err.flush()
+        self._line = ""

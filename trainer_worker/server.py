@@ -1,0 +1,162 @@
+"""Running a trainer worker: gRPC server (TrainerService) + etcd session + job manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aetcd
+
+from llmesh import tracing
+from llmesh.inference_worker.server import ETCD_CHANNEL_OPTIONS, detect_gpus
+from llmesh.inference_worker.session import WorkerSession
+from llmesh.serving import Server
+from llmesh.store import DEFAULT_NAMESPACE, Keys, parse_endpoint
+from llmesh.trainer_worker.jobs import JobManager
+from llmesh.trainer_worker.servicer import TrainerServicer
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import trainer_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOBS_DIR = "~/.llmesh/jobs"
+
+
+def _absolute(path: str | Path) -> Path:
+    """``~`` expanded and made absolute, so a job's output_dir does not depend on the cwd."""
+    return Path(path).expanduser().absolute()
+
+
+@dataclass
+class TrainerWorker:
+    """A running trainer worker; handy for tests and for `llmesh up`."""
+
+    worker: cp.Worker
+    server: Server
+    session: WorkerSession
+    manager: JobManager
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def id(self) -> str:
+        return self.worker.id
+
+
+@contextlib.asynccontextmanager
+async def run_trainer_worker(
+    *,
+    listen: str = "127.0.0.1:0",
+    advertise: str | None = None,
+    etcd: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    worker_id: str | None = None,
+    cpus: float | None = None,
+    gpus: float | None = None,
+    jobs_dir: str | Path = DEFAULT_JOBS_DIR,
+    lease_ttl: int = 5,
+    cancel_grace: float = 10.0,
+    progress_interval: float = 1.0,
+    watch_queue_size: int = 1024,
+) -> AsyncIterator[TrainerWorker]:
+    """Start a trainer worker; on exit stop it in order.
+
+    Shutdown: health NOT_SERVING → stop taking jobs, stop running ones and record them FAILED
+    ("trainer worker <id> shut down") → revoke the lease → stop the server (watch streams have
+    their final events by then).
+
+    Args:
+        listen: host:port to bind (port 0 picks one). Loopback unless told otherwise.
+        advertise: host:port clients should dial; defaults to the bound address.
+        etcd: etcd endpoint host:port.
+        namespace: etcd key namespace.
+        worker_id: stable id; a restarted worker with the same id finds the jobs placed on it.
+        cpus, gpus: declared capacity (defaults: this machine's CPU count, detected GPUs).
+        jobs_dir: where jobs write when their spec names no output_dir (``{jobs_dir}/{id}``).
+        lease_ttl: seconds; a dead worker leaves the registry within about this long.
+        cancel_grace: seconds a job's ranks get between SIGTERM and SIGKILL.
+        progress_interval: progress reaches the etcd record at most this often (seconds).
+        watch_queue_size: events a WatchJob caller may lag behind before it is dropped.
+    """
+    tracing.configure("llmesh-trainer-worker")
+    jobs_path = _absolute(jobs_dir)
+    servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
+    server = Server(
+        [
+            (
+                trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
+                servicer,
+                "llmesh.v1.TrainerService",
+            )
+        ],
+        listen=listen,
+    )
+    address = advertise or server.address
+    if address.startswith(("0.0.0.0:", "[::]:")):
+        address = f"{socket.gethostname()}:{server.port}"
+    worker = cp.Worker(
+        id=worker_id or f"{socket.gethostname()}-{server.port}",
+        address=address,
+        cpus=float(cpus if cpus is not None else os.cpu_count() or 1),
+        gpus=float(gpus if gpus is not None else detect_gpus()),
+        kind="trainer",
+    )
+    host, port = parse_endpoint(etcd)
+    client = aetcd.Client(host=host, port=port, timeout=10, options=ETCD_CHANNEL_OPTIONS)
+    keys = Keys(namespace)
+    session = WorkerSession(client, keys, worker, ttl=lease_ttl)
+    try:
+        await session.__aenter__()
+    except Exception as exc:
+        await server.stop(0)
+        await client.close()
+        raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
+    manager = JobManager(
+        client,
+        keys,
+        worker.id,
+        jobs_path,
+        progress_interval=progress_interval,
+        cancel_grace=cancel_grace,
+        watch_queue_size=watch_queue_size,
+    )
+    servicer.manager = manager
+    await server.start()
+    manager.start()
+    running = TrainerWorker(worker, server, session, manager)
+    try:
+        yield running
+    finally:
+        log.info("trainer worker %s stopping", worker.id)
+        await server.set_not_serving()
+        # Jobs first, while the lease still stands: our own "shut down" outcome is recorded
+        # before the control plane could see the worker gone and fail the jobs itself.
+        await manager.close()
+        await session.close()
+        await server.stop(5.0)
+        await client.close()
+        log.info("trainer worker %s stopped", worker.id)
+
+
+async def serve_forever(**kwargs: object) -> None:
+    """Run a trainer worker until SIGINT or SIGTERM (the `llmesh trainer-worker` command)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_trainer_worker(**kwargs) as worker:  # type: ignore[arg-type]
+        print(
+            f"llmesh trainer worker {worker.id} serving on {worker.address} "
+            f"(jobs in {worker.manager.jobs_dir})",
+            flush=True,
+        )
+        await stop.wait()
