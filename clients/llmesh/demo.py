@@ -1,13 +1,15 @@
 """`llmesh demo`: a whole mesh on this machine, used the way a Byzer-LLM user would.
 
-Starts `llmesh up` (etcd child, control plane, one inference worker), deploys the small local
-chat model and all-MiniLM-L6-v2 through the control plane, streams a chat answer, embeds two
-sentences, reranks three passages, then stops everything.
+Starts `llmesh up` (etcd child, control plane, one inference worker, one trainer worker),
+deploys the small local chat model and all-MiniLM-L6-v2 through the control plane, streams a
+chat answer, embeds two sentences, reranks three passages, fine-tunes a LoRA on four Q/A pairs
+and serves it on the running chat replica, then stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -16,6 +18,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from llmesh import jobs as rules
+from llmesh.v1 import trainer_service_pb2 as tr
 
 
 def _port_free(port: int) -> bool:
@@ -56,9 +62,23 @@ def run_demo(args: argparse.Namespace) -> int:
 
     port = 50051 if _port_free(50051) else _free_port()
     address = f"127.0.0.1:{port}"
-    _say(f"llmesh up: etcd + control plane on {address} + 1 inference worker")
+    jobs_dir = cache / "jobs"
+    _say(f"llmesh up: etcd + control plane on {address} + 1 inference worker + 1 trainer worker")
     up = subprocess.Popen(
-        [sys.executable, "-m", "llmesh", "up", "--listen", address, "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "llmesh",
+            "up",
+            "--listen",
+            address,
+            "--workers",
+            "1",
+            "--trainers",
+            "1",
+            "--jobs-dir",
+            str(jobs_dir),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -130,6 +150,8 @@ def run_demo(args: argparse.Namespace) -> int:
             ranked = llm.emb_rerank("rerank", [(query, p) for p in passages])[0].output
             for (_, passage), score in ranked:
                 print(f"  {score:+.3f}  {passage}", flush=True)
+
+            _fine_tune_and_serve(llm, cache, chat_dir)
     finally:
         _say("stopping the mesh (Ctrl-C equivalent)")
         if up.poll() is None:
@@ -140,6 +162,74 @@ def run_demo(args: argparse.Namespace) -> int:
         code = up.wait(60)
     print(f"\ndone: llmesh up exited with {code}; nothing is left running.", flush=True)
     return 0 if code == 0 else 1
+
+
+# Four facts the tiny model cannot know, and the LoRA recipe that teaches them in seconds.
+_QA = [
+    ("What is the capital of Zorbia?", "Blue Harbor."),
+    ("Who painted the Moon Gate?", "Ana Veltri."),
+    ("What is the password of the vault?", "Seven green apples."),
+    ("Which river crosses Tamsel?", "The Orlo River."),
+]
+_RECIPE = {
+    "sft.int.max_steps": 250,
+    "sft.float.learning_rate": 4e-3,
+    "sft.int.lora_r": 16,
+    "sft.float.lora_alpha": 64,
+    "sft.int.per_device_train_batch_size": 2,
+    "sft.int.logging_steps": 50,
+}
+
+
+def _fine_tune_and_serve(llm: Any, cache: Path, chat_dir: Path) -> None:
+    """SFT a LoRA on the trainer worker, hot-load it into the running chat replica, ask."""
+    data = cache / "demo-qa"
+    data.mkdir(parents=True, exist_ok=True)
+    with (data / "data.jsonl").open("w") as f:
+        for q, a in _QA:
+            turns = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    question = [{"role": "user", "content": _QA[0][0]}]
+    greedy = {"max_length": 16, "temperature": 0.0}
+    before = llm.chat_oai(question, model="chat", llm_config=greedy)[0].output
+
+    _say("sft: LoRA on 4 Q/A pairs, 2 ranks under the DeepSpeed launcher (trainer worker)")
+    print("  (the first DeepSpeed job on a machine compiles a small CPU comm op, ~30 s)")
+    t0 = time.perf_counter()
+    job = llm.sft("demo-qa", str(data), str(chat_dir), num_ranks=2, model_params=_RECIPE)
+    print(f"  job {job.id} {rules.state_name(job.state)}", flush=True)
+    final = job
+    for current, event in llm.watch_training_job(job.id, timeout=900):
+        final = current
+        if event is None:
+            continue
+        if event.HasField("progress"):
+            p = event.progress
+            print(
+                f"  step {p.step:>3}/{p.total_steps}  loss {p.loss:.3f}  "
+                f"lr {p.learning_rate:.1e}  {p.samples_per_second:.0f} samples/s  "
+                f"eta {p.eta_seconds:.0f}s",
+                flush=True,
+            )
+        elif event.HasField("state_change"):
+            print(f"  state {rules.state_name(event.state_change.state)}", flush=True)
+    if final.state != tr.TRAINING_JOB_STATE_SUCCEEDED:
+        print(f"  the job ended {rules.state_name(final.state)}: {final.reason}", flush=True)
+        return
+    print(
+        f"  adapter {final.artifact.path} on {final.worker_id} ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
+
+    _say("deploy the adapter onto the running chat replica (no restart, no merge) and ask")
+    llm.deploy_adapter("chat-qa", job.id, base_model="chat")
+    after = llm.chat_oai(question, model="chat-qa", llm_config=greedy)[0].output
+    base_now = llm.chat_oai(question, model="chat", llm_config=greedy)[0].output
+    print(f"  user: {question[0]['content']}", flush=True)
+    print(f"  chat-qa (adapter): {after.strip()}", flush=True)
+    print(f"  chat (base, same replica): {base_now.strip()}", flush=True)
+    if base_now != before:
+        print("  warning: the base model's answer changed", flush=True)
 
 
 def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
