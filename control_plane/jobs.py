@@ -20,6 +20,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -41,6 +42,10 @@ TRAINER_KIND = "trainer"
 # How often the scheduler looks again even when nothing changed (a missed notification, or
 # etcd back after an outage).
 _TICK_S = 2.0
+# After a job's record turns final (or moves to another worker), how long the relay of the old
+# worker's event stream may still run so its last events (artifact, final state) get through.
+_RELAY_DRAIN_S = 5.0
+DEFAULT_REAP_GRACE_S = 30.0
 
 
 def _new_id(spec: tr.TrainingJobSpec) -> str:
@@ -55,16 +60,27 @@ class JobScheduler:
         kv: the etcd client to write with.
         keys: the namespace's key layout.
         max_attempts: how many times a compare-and-swap is retried after losing a race.
+        reap_grace: seconds a trainer worker may be gone (lease lapsed) before its RUNNING jobs
+            are recorded FAILED; a worker back within it (a network blip) keeps them. Jobs
+            placed there but not started go back to the queue at once.
     """
 
     def __init__(
-        self, registry: Registry, kv: EtcdKV, keys: Keys, *, max_attempts: int = 16
+        self,
+        registry: Registry,
+        kv: EtcdKV,
+        keys: Keys,
+        *,
+        max_attempts: int = 16,
+        reap_grace: float = DEFAULT_REAP_GRACE_S,
     ) -> None:
         self.registry = registry
         self.kv = kv
         self.keys = keys
         self.max_attempts = max_attempts
+        self.reap_grace = reap_grace
         self._wake = asyncio.Event()
+        self._missing_since: dict[str, float] = {}
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -258,14 +274,25 @@ class JobScheduler:
                 if cpus + 1e-9 >= need_cpus and gpus + 1e-9 >= need_gpus
             ]
             if not fits:
+                await self._explain_wait(queued.id, need_cpus, need_gpus)
                 continue
             # Most free CPUs first: spreads jobs, like replica placement.
             _, _, worker_id = max(fits, key=lambda f: (f[0], f[1], f[2]))
 
-            def change(job: tr.TrainingJob, worker_id: str = worker_id) -> tr.TrainingJob | None:
+            def change(
+                job: tr.TrainingJob,
+                worker_id: str = worker_id,
+                need: tuple[float, float] = (need_cpus, need_gpus),
+            ) -> tr.TrainingJob | None:
                 if job.state != State.TRAINING_JOB_STATE_QUEUED or job.worker_id:
                     return None
+                # Re-checked on every attempt: after a lost fence race another control plane
+                # may have used the room this worker had.
+                free = self._free().get(worker_id)
+                if free is None or free[0] + 1e-9 < need[0] or free[1] + 1e-9 < need[1]:
+                    return None
                 job.worker_id = worker_id
+                job.reason = ""
                 return job
 
             job = await self._update(queued.id, change, fenced=True)
@@ -273,6 +300,29 @@ class JobScheduler:
                 placed += 1
                 log.info("placed training job %s on trainer worker %s", job.id, worker_id)
         return placed
+
+    async def _explain_wait(self, job_id: str, cpus: float, gpus: float) -> None:
+        """Say in the record why a queued job waits (written only when the reason changes)."""
+        trainers = [w for w in self.registry.workers().values() if w.kind == TRAINER_KIND]
+        if not trainers:
+            reason = "waiting for a trainer worker to register (none is live)"
+        elif all(w.cpus + 1e-9 < cpus or w.gpus + 1e-9 < gpus for w in trainers):
+            most = max(trainers, key=lambda w: (w.gpus, w.cpus))
+            reason = (
+                f"waiting: the job needs {cpus:g} CPUs and {gpus:g} GPUs but no live trainer "
+                f"worker has that many (the largest, {most.id}, has {most.cpus:g} CPUs and "
+                f"{most.gpus:g} GPUs); lower num_ranks / cpus / gpus or add a bigger worker"
+            )
+        else:
+            reason = f"waiting for {cpus:g} CPUs and {gpus:g} GPUs to free up on a trainer worker"
+
+        def change(job: tr.TrainingJob) -> tr.TrainingJob | None:
+            if job.state != State.TRAINING_JOB_STATE_QUEUED or job.reason == reason:
+                return None
+            job.reason = reason
+            return job
+
+        await self._update(job_id, change)
 
     async def reap(self) -> int:
         """Handle jobs whose trainer worker went away; returns how many records changed.
@@ -282,20 +332,36 @@ class JobScheduler:
         """
         changed = 0
         workers = self.registry.workers()
+        now = asyncio.get_running_loop().time()
+        for worker_id in list(self._missing_since):
+            if worker_id in workers:
+                del self._missing_since[worker_id]
         for job in list(self.registry.jobs().values()):
-            if job.state not in rules.ACTIVE_STATES or not job.worker_id:
+            if job.state not in rules.ACTIVE_STATES:
+                continue
+            if not job.worker_id:
+                if job.cancel_requested:
+                    # Its worker went away before it started; nobody else will end it.
+                    await self._update(job.id, _cancel_unplaced)
+                    changed += 1
                 continue
             if job.worker_id in workers:
                 continue
             lost = job.worker_id
+            since = self._missing_since.setdefault(lost, now)
+            overdue = now - since >= self.reap_grace
 
-            def change(job: tr.TrainingJob, lost: str = lost) -> tr.TrainingJob | None:
+            def change(
+                job: tr.TrainingJob, lost: str = lost, overdue: bool = overdue
+            ) -> tr.TrainingJob | None:
                 if job.worker_id != lost or lost in self.registry.workers():
                     return None
                 if job.state == State.TRAINING_JOB_STATE_QUEUED:
+                    if job.cancel_requested:
+                        return _cancel_unplaced(job)
                     job.worker_id = ""
                     return job
-                if job.state == State.TRAINING_JOB_STATE_RUNNING:
+                if job.state == State.TRAINING_JOB_STATE_RUNNING and overdue:
                     return _finish(
                         job,
                         State.TRAINING_JOB_STATE_FAILED,
@@ -337,6 +403,8 @@ class JobScheduler:
                     await self.schedule()
                 except (Unavailable, NotFound) as exc:
                     log.info("job scheduler pass skipped: %s", exc)
+                except Exception:  # one bad pass must not stop scheduling
+                    log.exception("job scheduler pass failed; retrying in %gs", _TICK_S)
         finally:
             unsubscribe()
 
@@ -368,9 +436,10 @@ class JobScheduler:
                     raise NotFound(f"training job {job_id!r} was deleted while being watched")
                 worker = self.registry.workers().get(current.worker_id)
                 if worker is not None and worker.address:
-                    # Relay the worker's events until its stream ends (job final or worker
-                    # gone); state changes in the relayed stream are re-sent with the record.
-                    async for response in self._relay(worker.address, job_id, sequence):
+                    # Relay the worker's events until its stream ends, the record turns final
+                    # or the job moves; state changes are re-sent with the record.
+                    relay = self._relay(worker.address, job_id, sequence, worker.id)
+                    async for response in relay:
                         sequence = max(sequence, response.event.sequence)
                         yield response
                 current = self.registry.jobs().get(job_id)
@@ -388,13 +457,55 @@ class JobScheduler:
             unsubscribe()
 
     async def _relay(
-        self, address: str, job_id: str, after_sequence: int
+        self, address: str, job_id: str, after_sequence: int, worker_id: str
     ) -> AsyncIterator[cp.WatchTrainingJobResponse]:
+        """The worker's WatchJob stream, cut off a few seconds after etcd says it is over.
+
+        The worker may be alive but stuck, or cut off from etcd while the control plane has
+        recorded the job FAILED: etcd decides when this watch ends, not the worker's stream.
+        """
+        changed = asyncio.Event()
+
+        def on_change(change: Change) -> None:
+            if job_id in change.jobs or worker_id in change.workers or change.everything:
+                changed.set()
+
+        def over() -> bool:
+            job = self.registry.jobs().get(job_id)
+            return (
+                job is None
+                or rules.is_final(job.state)
+                or job.worker_id != worker_id
+                or worker_id not in self.registry.workers()
+            )
+
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        unsubscribe = self.registry.subscribe(on_change)
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             stub = tr_grpc.TrainerServiceStub(channel)
             call = stub.WatchJob(tr.WatchJobRequest(job_id=job_id, after_sequence=after_sequence))
+            read: asyncio.Future[Any] | None = None
             try:
-                async for message in call:
+                while True:
+                    if deadline is None and over():
+                        deadline = loop.time() + _RELAY_DRAIN_S
+                    if deadline is not None and loop.time() >= deadline:
+                        return
+                    if read is None:
+                        read = asyncio.ensure_future(call.read())
+                    changed.clear()
+                    waiter = asyncio.ensure_future(changed.wait())
+                    timeout = _TICK_S if deadline is None else max(0.0, deadline - loop.time())
+                    await asyncio.wait(
+                        {read, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    waiter.cancel()
+                    if not read.done():
+                        continue
+                    message, read = read.result(), None
+                    if message is grpc.aio.EOF:
+                        return
                     response = cp.WatchTrainingJobResponse(event=message.event)
                     if message.event.HasField("state_change"):
                         current = self.registry.jobs().get(job_id)
@@ -403,11 +514,23 @@ class JobScheduler:
                     yield response
             except grpc.aio.AioRpcError as err:
                 # The worker died or dropped us; etcd's record says what happened next.
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    return
-                log.info("watch of job %s on %s ended: %s", job_id, address, err.code().name)
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    log.info("watch of job %s on %s ended: %s", job_id, address, err.code().name)
             finally:
+                unsubscribe()
+                if read is not None:
+                    read.cancel()
                 call.cancel()
+
+
+def _cancel_unplaced(job: tr.TrainingJob) -> tr.TrainingJob | None:
+    if job.state != State.TRAINING_JOB_STATE_QUEUED:
+        return None
+    return _finish(
+        job,
+        State.TRAINING_JOB_STATE_CANCELLED,
+        "cancelled; its trainer worker went away before the job started",
+    )
 
 
 def _finish(job: tr.TrainingJob, state: int, reason: str) -> tr.TrainingJob:

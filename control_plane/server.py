@@ -21,7 +21,7 @@ from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 from .deployments import Deployer
 from .etcd import EtcdKV
-from .jobs import JobScheduler
+from .jobs import DEFAULT_REAP_GRACE_S, JobScheduler
 from .reconcile import Reconciler
 from .registry import EtcdRegistry, Registry
 from .servicer import ControlPlaneServicer
@@ -57,6 +57,7 @@ async def run_control_plane(
     grace: float = 5.0,
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
+    job_reap_grace: float = DEFAULT_REAP_GRACE_S,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -68,6 +69,8 @@ async def run_control_plane(
         reconcile_grace: seconds a worker may be gone before its replicas move to live
             workers; None turns the reconcile loop off.
         startup_timeout: how long to wait for etcd before giving up with Unavailable.
+        job_reap_grace: seconds a trainer worker may be gone before its running training
+            jobs are recorded FAILED.
 
     Yields:
         The running :class:`ControlPlane`.
@@ -81,7 +84,7 @@ async def run_control_plane(
     try:
         await registry.start(timeout=startup_timeout)
         deployer = Deployer(registry, kv, keys)
-        scheduler = JobScheduler(registry, kv, keys)
+        scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace)
         servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],

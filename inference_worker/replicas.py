@@ -55,6 +55,8 @@ class HostedReplica:
     # request; it never starts or stops the engine.
     lora: str | None = None
     base: HostedReplica | None = None
+    # Requests on this replica's engine, its adapters' included (the engine's real load).
+    engine_load: int = 0
 
     @property
     def key(self) -> ReplicaKey:
@@ -133,7 +135,9 @@ class ReplicaManager:
                 "retry on another replica"
             )
         limit = replica.status.max_concurrency
-        if replica.inflight >= limit:
+        # Adapters share their base replica's engine, so they share its concurrency limit.
+        owner = replica.base or replica
+        if owner.engine_load >= limit:
             raise ResourceExhausted(
                 f"model {replica.status.model!r} replica {replica.status.index} is serving "
                 f"{replica.inflight} requests, its limit; retry later, deploy more replicas "
@@ -147,6 +151,7 @@ class ReplicaManager:
             self.requests[request_id] = replica
             replica.request_ids.add(request_id)
         replica.inflight += 1
+        owner.engine_load += 1
         replica.served += 1
         replica.idle.clear()
         self._mark(replica)
@@ -154,6 +159,7 @@ class ReplicaManager:
             yield
         finally:
             replica.inflight -= 1
+            owner.engine_load -= 1
             if request_id is not None:
                 self.requests.pop(request_id, None)
                 replica.request_ids.discard(request_id)
@@ -230,6 +236,19 @@ class ReplicaManager:
             base = await self._adapter_engine(hosted)
             if base is None:
                 return
+            # A previous deployment of this adapter may still be draining on the same engine
+            # (undeploy without wait, then deploy again): its name is free once it unloads.
+            while any(
+                r is not hosted and r.base is base and r.lora == model.name
+                for r in self.replicas.values()
+            ):
+                if self.replicas.get(hosted.key) is not hosted:
+                    return
+                await asyncio.sleep(0.1)
+            if not base.ready:
+                raise FailedPrecondition(
+                    f"base model {model.base_model!r} replica {status.index} is unloading"
+                )
             assert base.engine is not None
             await base.engine.add_lora(model.name, model.model_path)
         except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
@@ -245,6 +264,13 @@ class ReplicaManager:
         if self.replicas.get(hosted.key) is not hosted or not base.ready:
             with contextlib.suppress(Exception):
                 await base.engine.remove_lora(model.name)
+            if self.replicas.get(hosted.key) is hosted:
+                status.state = FAILED
+                status.reason = (
+                    f"base model {model.base_model!r} replica {status.index} unloaded while the "
+                    "adapter was loading"
+                )
+                await self.session.publish_replica(status)
             return
         hosted.engine, hosted.base, hosted.lora = base.engine, base, model.name
         status.max_concurrency = base.status.max_concurrency
@@ -322,6 +348,10 @@ class ReplicaManager:
         hosted = self.replicas.get(key)
         if hosted is None:
             return
+        if hosted.base is None and hosted.status.state == READY:
+            # Not ready any more: no adapter starts riding on it from here on.
+            hosted.status.state = DRAINING
+            await self.session.publish_replica(hosted.status)
         # Adapters riding on this replica's engine go first (each drains its own requests).
         riders = [r.key for r in self.replicas.values() if r.base is hosted]
         for rider in riders:
@@ -333,6 +363,9 @@ class ReplicaManager:
                 await asyncio.wait_for(hosted.idle.wait(), timeout=self.drain_timeout)
             except asyncio.TimeoutError:
                 log.warning("%s replica %d: drain timed out, aborting", key[0], key[2])
+        # One that attached meanwhile (it loaded before the base stopped being READY).
+        for rider in [r.key for r in self.replicas.values() if r.base is hosted]:
+            await self.unload(rider, drain=drain)
         self.replicas.pop(key, None)
         try:
             if hosted.base is not None and hosted.engine is not None and hosted.lora:

@@ -138,6 +138,10 @@ def test_undeploy_drains_the_adapters_requests(served: Any, test_model_dir: Path
     t = threading.Thread(target=stream)
     t.start()
     assert started.wait(60)
+    # The adapter's request counts against the engine it shares with the base replica.
+    mesh = served[0]
+    base = next(h for h in mesh.workers["w-a"][0].manager.replicas.values() if h.lora is None)
+    assert base.engine_load == 1 and base.inflight == 0
     stub.UndeployModel(cp.UndeployModelRequest(name="chat-c", wait=True, timeout_seconds=120))
     t.join(120)
     _, meta = chunks[-1]

@@ -134,7 +134,8 @@ async def test_jobs_wait_for_capacity_then_place_on_trainers_only(
     big = await create(plane.stub, sft_spec(num_ranks=2))
     small = await create(plane.stub, sft_spec(num_ranks=1))
     await asyncio.sleep(0.3)
-    assert not (await get(plane.stub, big.id)).worker_id
+    waiting = await get(plane.stub, big.id)
+    assert not waiting.worker_id and "none is live" in waiting.reason
     await trainer(etcd, keys, "t1", cpus=2)
 
     async def placed() -> bool:
@@ -143,7 +144,10 @@ async def test_jobs_wait_for_capacity_then_place_on_trainers_only(
     await eventually(placed, what="the oldest job placed")
     assert (await get(plane.stub, big.id)).worker_id == "t1"
     await asyncio.sleep(0.3)
-    assert not (await get(plane.stub, small.id)).worker_id, "t1 is full (2 of 2 CPUs)"
+    waiting = await get(plane.stub, small.id)
+    assert not waiting.worker_id, "t1 is full (2 of 2 CPUs)"
+    assert "to free up" in waiting.reason
+    assert not (await get(plane.stub, big.id)).reason  # cleared when placed
 
     # The worker finishes the big job; the small one takes the freed CPUs.
     def succeed(job: tr.TrainingJob) -> None:
@@ -195,8 +199,9 @@ async def test_cancel_queued_running_and_final(
 async def test_dead_trainer_fails_its_running_job_exactly_once_with_two_control_planes(
     etcd_server: Any, etcd_namespace: str, etcd: aetcd.Client, keys: Keys
 ) -> None:
-    async with control_plane(etcd_server.endpoint, etcd_namespace) as a, control_plane(
-        etcd_server.endpoint, etcd_namespace
+    endpoint = etcd_server.endpoint
+    async with control_plane(endpoint, etcd_namespace, job_reap_grace=0.5) as a, control_plane(
+        endpoint, etcd_namespace, job_reap_grace=0.5
     ) as b:
         t1 = await trainer(etcd, keys, "t1")
         running = await create(a.stub)
@@ -265,3 +270,62 @@ async def test_watch_of_a_queued_job_ends_when_it_is_cancelled(plane: Any) -> No
     assert last.job.state == S.TRAINING_JOB_STATE_CANCELLED
     assert await asyncio.wait_for(call.read(), 10) == grpc.aio.EOF
     assert rules.is_final(last.job.state)
+
+
+async def test_too_big_job_says_why_it_waits(
+    plane: Any, etcd: aetcd.Client, keys: Keys
+) -> None:
+    await trainer(etcd, keys, "t1", cpus=2)
+    job = await create(plane.stub, sft_spec(num_ranks=4))
+
+    async def explained() -> tr.TrainingJob | None:
+        j = await get(plane.stub, job.id)
+        return j if "no live trainer worker has that many" in j.reason else None
+
+    j = await eventually(explained)
+    assert j.state == S.TRAINING_JOB_STATE_QUEUED and "t1, has 2 CPUs" in j.reason
+
+
+async def test_trainer_back_within_grace_keeps_its_running_job(
+    etcd_server: Any, etcd_namespace: str, etcd: aetcd.Client, keys: Keys
+) -> None:
+    async with control_plane(etcd_server.endpoint, etcd_namespace, job_reap_grace=3) as p:
+        t1 = await trainer(etcd, keys, "t1")
+        job = await create(p.stub)
+
+        async def placed() -> bool:
+            return (await get(p.stub, job.id)).worker_id == "t1"
+
+        await eventually(placed)
+
+        def start(j: tr.TrainingJob) -> None:
+            j.state = S.TRAINING_JOB_STATE_RUNNING
+
+        assert await worker_writes(etcd, keys, job.id, start)
+        await t1.revoke()  # a blip: the lease lapses, the worker registers again at once
+        await asyncio.sleep(0.5)
+        await trainer(etcd, keys, "t1")
+        await asyncio.sleep(3.5)
+        assert (await get(p.stub, job.id)).state == S.TRAINING_JOB_STATE_RUNNING
+
+
+async def test_cancel_asked_then_worker_lost_before_start_ends_cancelled(
+    plane: Any, etcd: aetcd.Client, keys: Keys
+) -> None:
+    t1 = await trainer(etcd, keys, "t1")
+    job = await create(plane.stub)
+
+    async def placed() -> bool:
+        return (await get(plane.stub, job.id)).worker_id == "t1"
+
+    await eventually(placed)
+    asked = (await plane.stub.CancelTrainingJob(cp.CancelTrainingJobRequest(id=job.id))).job
+    assert asked.cancel_requested and asked.state == S.TRAINING_JOB_STATE_QUEUED
+    await t1.revoke()
+
+    async def cancelled() -> tr.TrainingJob | None:
+        j = await get(plane.stub, job.id)
+        return j if j.state == S.TRAINING_JOB_STATE_CANCELLED else None
+
+    j = await eventually(cancelled)
+    assert "went away before the job started" in j.reason
