@@ -472,32 +472,26 @@ class JobManager:
             run.cancel_requested = True
             self._stop(run)
         else:
-            self.runs.pop(job_id, None)
+            self._drop(run, NotFound(f"training job {job_id!r} was deleted"))
+
+    def _drop(self, run: JobRun, error: Exception) -> None:
+        """Forget a job; its watchers end with ``error`` unless its log is complete.
+
+        Every path that removes a run goes through here: a WatchJob stream must always end.
+        """
+        self.runs.pop(run.job_id, None)
+        if run.log is not None and not run.log.complete:
+            run.log.end(error)
 
     def _on_record(self, job: tr.TrainingJob, revision: int) -> None:
         """React to a record as etcd holds it at ``revision``; idempotent, never blocks."""
         run = self.runs.get(job.id)
         if run is not None:
-            if revision <= run.revision:
-                return  # our own write coming back, or an older listing
-            run.record, run.revision = job, revision
-            if rules.is_final(job.state):
-                # (Our own final write can come back before its txn call returns; by then the
-                # ranks have ended, so only a job still running was finalized by someone else.)
-                if not run.final and run.proc is not None and run.proc.outcome is None:
-                    # Recorded final by someone else (the control plane, after our lease
-                    # lapsed): stop the ranks; the driver then adopts the recorded outcome.
-                    log.warning(
-                        "job %s was recorded %s elsewhere; stopping its ranks",
-                        job.id,
-                        rules.state_name(job.state),
-                    )
-                    self._stop(run)
-                return
-            if job.cancel_requested and not run.cancel_requested and run.active:
-                log.info("job %s: cancel requested", job.id)
-                run.cancel_requested = True
-                self._stop(run)
+            if revision > run.revision:
+                run.record, run.revision = job, revision
+            # React even to a revision we hold already: any read of the record (the progress
+            # writer's, every second) may have taken it in before this watch event came.
+            self._react(run)
             return
         if job.worker_id != self.worker_id or self.closing:
             return
@@ -521,6 +515,32 @@ class JobManager:
             run.cancel_requested = job.cancel_requested
             run.task = self._spawn(self._drive(run), f"job-{job.id}")
 
+    def _react(self, run: JobRun) -> None:
+        """Act on what others wrote into ``run.record``: a cancel, or a final state.
+
+        Called whenever a newer record is taken in, by the watch or by any read of
+        :meth:`_update`; idempotent (each reaction happens once), never blocks.
+        """
+        job = run.record
+        if rules.is_final(job.state):
+            # (Our own final write can come back before its txn call returns; by then the
+            # ranks have ended, so only a job still running was finalized by someone else.)
+            if not run.final and run.proc is not None and run.proc.outcome is None:
+                # Recorded final by someone else (the control plane, after our lease
+                # lapsed): stop the ranks; the driver then adopts the recorded outcome.
+                if run.stopping is None:
+                    log.warning(
+                        "job %s was recorded %s elsewhere; stopping its ranks",
+                        job.id,
+                        rules.state_name(job.state),
+                    )
+                self._stop(run)
+            return
+        if job.cancel_requested and not run.cancel_requested and run.active:
+            log.info("job %s: cancel requested", job.id)
+            run.cancel_requested = True
+            self._stop(run)
+
     # ---- writing etcd ------------------------------------------------------------------------
 
     async def _update(
@@ -543,7 +563,10 @@ class JobManager:
             current = decode(got.value, tr.TrainingJob)
             current.id = run.job_id
             if got.mod_revision > run.revision:
+                # Someone else's write (a cancel, a final state): the same reaction as to the
+                # watch event, which may come later and then finds this revision taken in.
                 run.record, run.revision = current, got.mod_revision
+                self._react(run)
             new = tr.TrainingJob()
             new.CopyFrom(current)
             new = mutate(new)
@@ -655,12 +678,7 @@ class JobManager:
         if not rules.is_final(record.state):
             # Not ours any more (re-placed): nothing to record here.
             if run.log is not None:
-                run.log.end(
-                    FailedPrecondition(
-                        f"training job {run.job_id!r} was moved to trainer worker "
-                        f"{record.worker_id or '(none)'}; watch it through the control plane"
-                    )
-                )
+                run.log.end(_moved(run.job_id, record))
             return
         log.info(
             "job %s %s%s",
@@ -714,6 +732,15 @@ class JobManager:
         except Exception as exc:
             log.exception("job %s: the trainer worker failed running it", run.job_id)
             outcome = (FAILED, f"the trainer worker failed running the job: {exc!r}", None)
+            if run.proc is not None:
+                # The ranks may still be training: stop them before the outcome is recorded
+                # (close() only stops jobs still being driven, and this one no longer is).
+                try:
+                    await run.proc.cancel(grace_s=self.cancel_grace)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("job %s: cannot stop its processes", run.job_id)
         if outcome is not None:
             await self._record_final(run, outcome)
 
@@ -732,7 +759,8 @@ class JobManager:
             if record.state == QUEUED and record.cancel_requested:
                 return (CANCELLED, CANCELLED_REASON, None)
             if not rules.is_final(record.state):
-                self.runs.pop(run.job_id, None)  # re-placed on another worker
+                # Re-placed (our lease lapsed; the reaper put it back in the queue): not ours.
+                self._drop(run, _moved(run.job_id, record))
                 return None
             return (record.state, record.reason, None)  # final already: adopted as recorded
         assert run.log is not None and run.mapper is not None
@@ -910,6 +938,14 @@ class JobManager:
         if run is None:
             raise Unavailable(f"trainer worker {self.worker_id} is shutting down")
         return run
+
+
+def _moved(job_id: str, record: tr.TrainingJob) -> FailedPrecondition:
+    """Why a job's watchers here end when the job was placed on another worker."""
+    return FailedPrecondition(
+        f"training job {job_id!r} was moved to trainer worker "
+        f"{record.worker_id or '(none yet)'}; watch it through the control plane"
+    )
 
 
 def _file_size(path: Path) -> int:

@@ -25,8 +25,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh import jobs as rules
+from llmesh.errors import FailedPrecondition
 from llmesh.store import Keys, decode, encode, parse_endpoint
-from llmesh.trainer_worker.jobs import JobLog, WatcherDropped
+from llmesh.trainer_worker.jobs import JobLog, JobManager, WatcherDropped
+from llmesh.trainer_worker.runner.events import EVENTS_FILE
+from llmesh.trainer_worker.runner.launch import job_pids
 from llmesh.trainer_worker.server import TrainerWorker, run_trainer_worker
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
@@ -138,18 +141,42 @@ async def read_job(etcd: aetcd.Client, keys: Keys, job_id: str) -> tuple[tr.Trai
     return decode(got.value, tr.TrainingJob), got.mod_revision
 
 
-async def set_cancel_requested(etcd: aetcd.Client, keys: Keys, job_id: str) -> None:
-    """CancelTrainingJob's write: a compare-and-swap setting cancel_requested."""
+async def change_job(
+    etcd: aetcd.Client, keys: Keys, job_id: str, change: Callable[[tr.TrainingJob], None]
+) -> int:
+    """The control plane's way to write a record: compare-and-swap; returns its revision."""
     while True:
         job, rev = await read_job(etcd, keys, job_id)
-        job.cancel_requested = True
-        ok, _ = await etcd.transaction(
+        change(job)
+        ok, responses = await etcd.transaction(
             compare=[etcd.transactions.mod(keys.job(job_id)) == rev],
             success=[etcd.transactions.put(keys.job(job_id), encode(job))],
             failure=[],
         )
         if ok:
-            return
+            return int(responses[0].response_put.header.revision)
+
+
+async def set_cancel_requested(etcd: aetcd.Client, keys: Keys, job_id: str) -> int:
+    """CancelTrainingJob's write: a compare-and-swap setting cancel_requested."""
+
+    def cancel(job: tr.TrainingJob) -> None:
+        job.cancel_requested = True
+
+    return await change_job(etcd, keys, job_id, cancel)
+
+
+async def hold_back_watch(manager: JobManager) -> None:
+    """Stop the worker's etcd watch, as a broken stream does until it reconnects.
+
+    The worker's own reads and writes of etcd go on; ``manager.start()`` watches again
+    (listing first, as after a reconnect).
+    """
+    task = manager._watch_task
+    assert task is not None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def wait_job(
@@ -467,3 +494,126 @@ async def test_slow_watcher_is_dropped_without_blocking_the_job() -> None:
     assert [(await slow.next()).sequence for _ in range(3)] == [2, 3, 4]
     with pytest.raises(WatcherDropped):
         await slow.next()
+
+
+async def test_cancel_or_final_state_first_seen_by_the_progress_writer_stops_the_ranks(
+    worker: TrainerWorker,
+    stub: Any,
+    etcd: aetcd.Client,
+    keys: Keys,
+    test_model_dir: Path,
+    sft_data: Path,
+) -> None:
+    """Any read of the record may be the first to see a cancel or a final state written by the
+    control plane: the progress writer reads it about every second, before the watch event is
+    handled (which then brings a revision the worker holds already). Either way the ranks stop.
+    """
+    tag = uuid.uuid4().hex[:8]  # unique: /proc is shared with other tests
+    cancelled, reaped = f"pw-cancel-{tag}", f"pw-reaped-{tag}"
+    spec = sft_spec(test_model_dir, sft_data, max_steps="10000")
+    for job_id in (cancelled, reaped):
+        await create_job(etcd, keys, job_id, spec)
+    for job_id in (cancelled, reaped):
+        await wait_job(etcd, keys, job_id, lambda j: j.progress.step >= 1)
+
+    await hold_back_watch(worker.manager)  # only the worker's own reads see what follows
+    cancel_revision = await set_cancel_requested(etcd, keys, cancelled)
+    reason = f"trainer worker {WORKER_ID} went away (its etcd lease expired) while the job ran"
+
+    def reap(job: tr.TrainingJob) -> None:  # the control plane's reaper
+        job.state = S.TRAINING_JOB_STATE_FAILED
+        job.reason = reason
+        job.end_time.CopyFrom(rules.now())
+
+    await change_job(etcd, keys, reaped, reap)
+    reaped_record, reaped_revision = await read_job(etcd, keys, reaped)
+    deadline = time.monotonic() + 30
+    while rank_pids(cancelled) or rank_pids(reaped):
+        assert time.monotonic() < deadline, "the ranks train on: the change was never acted on"
+        await asyncio.sleep(0.2)
+    job = await wait_job(etcd, keys, cancelled, final, timeout=30)
+    assert (job.state, job.reason) == (S.TRAINING_JOB_STATE_CANCELLED, "cancelled on request")
+    _, revision = await read_job(etcd, keys, cancelled)
+    assert revision > cancel_revision
+
+    worker.manager.start()  # the watch is back (listing first): nothing more to do
+    cancelled_events = await watch(stub, cancelled)
+    reaped_events = await watch(stub, reaped)
+    assert cancelled_events[-1].state_change.state == S.TRAINING_JOB_STATE_CANCELLED
+    assert (reaped_events[-1].state_change.state, reaped_events[-1].state_change.reason) == (
+        S.TRAINING_JOB_STATE_FAILED,
+        reason,
+    )
+    assert await read_job(etcd, keys, reaped) == (reaped_record, reaped_revision)  # adopted
+
+
+async def test_job_moved_away_while_starting_ends_its_watchers(
+    worker: TrainerWorker,
+    stub: Any,
+    etcd: aetcd.Client,
+    keys: Keys,
+    test_model_dir: Path,
+    adapter_dir: Path,
+) -> None:
+    """The worker's lease lapsed and the reaper re-placed a QUEUED job before the worker, late,
+    saw it placed here: the worker leaves it alone, and whoever watches its log is told."""
+    manager = worker.manager
+    job_id = f"moved-{uuid.uuid4().hex[:8]}"
+    await hold_back_watch(manager)
+    await create_job(etcd, keys, job_id, merge_spec(test_model_dir, adapter_dir))
+    placed = await etcd.get(keys.job(job_id))
+    assert placed is not None
+
+    def replace(job: tr.TrainingJob) -> None:  # reaper: back to the queue; then placement
+        job.worker_id = "tw-other"
+
+    await change_job(etcd, keys, job_id, replace)
+    # The lagging watch event (placed here) arrives; a watcher subscribes to the new job's log.
+    manager._on_kv(keys.job(job_id), placed.value, placed.mod_revision)
+    backlog, sub = (await manager.open_log(job_id)).subscribe(after=0)
+    assert backlog == [] and sub is not None
+    with pytest.raises(FailedPrecondition, match="moved to trainer worker tw-other"):
+        await asyncio.wait_for(sub.next(), 10)  # ends (it used to wait forever)
+    assert job_id not in manager.runs
+    record, _ = await read_job(etcd, keys, job_id)
+    assert (record.state, record.worker_id) == (S.TRAINING_JOB_STATE_QUEUED, "tw-other")
+    assert not record.HasField("start_time")
+    manager.start()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await watch(stub, job_id)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "tw-other" in err.value.details()
+
+
+async def test_driver_failure_stops_the_ranks(
+    worker: TrainerWorker,
+    stub: Any,
+    etcd: aetcd.Client,
+    keys: Keys,
+    test_model_dir: Path,
+    sft_data: Path,
+) -> None:
+    """If following the job fails (here: an event whose time is not a number), the job is
+    recorded FAILED and its ranks are stopped first; none trains on unsupervised."""
+    job_id = f"odd-{uuid.uuid4().hex[:8]}"  # unique: /proc is shared with other tests
+    await create_job(etcd, keys, job_id, sft_spec(test_model_dir, sft_data, max_steps="10000"))
+    try:
+        deadline = time.monotonic() + 60
+        while not rank_pids(job_id, ranks_only=True):
+            assert time.monotonic() < deadline, "no rank process of the job appeared"
+            await asyncio.sleep(0.1)
+        odd = json.dumps({"type": "log", "time": "soon", "line": "odd"}) + "\n"
+        fd = os.open(worker.manager.jobs_dir / job_id / EVENTS_FILE, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, odd.encode())
+        finally:
+            os.close(fd)
+        job = await wait_job(etcd, keys, job_id, final, timeout=60)
+        assert job.state == S.TRAINING_JOB_STATE_FAILED
+        assert job.reason.startswith("the trainer worker failed running the job: ValueError")
+        assert job_pids(job_id) == [], "ranks outlived the job's FAILED record"
+        events = await watch(stub, job_id)
+        assert events[-1].state_change.reason == job.reason
+    finally:
+        for pid in job_pids(job_id):  # never leave a rank behind, even when this test fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
