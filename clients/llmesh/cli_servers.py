@@ -316,45 +316,54 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     cpl.set_defaults(func=_cmd_control_plane)
 
+    def worker_options(
+        parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]
+    ) -> None:
+        """The options every worker kind takes: where it listens, etcd, id, capacity."""
+        parser.add_argument(
+            "--listen",
+            default="127.0.0.1:0",
+            help=t("address to bind (port 0: any)", "绑定的地址（端口 0：任意空闲端口）"),
+        )
+        parser.add_argument(
+            "--advertise",
+            default=None,
+            help=t(
+                "HOST:PORT clients dial (default: bound)",
+                "客户端连接的 HOST:PORT（默认：绑定地址）",
+            ),
+        )
+        parser.add_argument(
+            "--etcd",
+            default=None,
+            help=t(
+                "etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"
+            ),
+        )
+        parser.add_argument(
+            "--namespace",
+            default=DEFAULT_NAMESPACE,
+            help=t("etcd key namespace", "etcd 键的命名空间"),
+        )
+        parser.add_argument("--worker-id", default=None, help=t(*worker_id_help))
+        parser.add_argument(
+            "--cpus",
+            type=float,
+            default=None,
+            help=t("CPUs to declare (default: all)", "声明的 CPU 数（默认：全部）"),
+        )
+        parser.add_argument(
+            "--gpus",
+            type=float,
+            default=None,
+            help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
+        )
+
     iw = subparsers.add_parser(
         "inference-worker", help=t("run an inference worker", "运行推理工作节点")
     )
-    iw.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        help=t("address to bind (port 0: any)", "绑定的地址（端口 0：任意空闲端口）"),
-    )
-    iw.add_argument(
-        "--advertise",
-        default=None,
-        help=t(
-            "HOST:PORT clients dial (default: bound)", "客户端连接的 HOST:PORT（默认：绑定地址）"
-        ),
-    )
-    iw.add_argument(
-        "--etcd",
-        default=None,
-        help=t("etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"),
-    )
-    iw.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
-    )
-    iw.add_argument(
-        "--worker-id",
-        default=None,
-        help=t("stable id (default: HOSTNAME-PORT)", "固定的节点 id（默认：主机名-端口）"),
-    )
-    iw.add_argument(
-        "--cpus",
-        type=float,
-        default=None,
-        help=t("CPUs to declare (default: all)", "声明的 CPU 数（默认：全部）"),
-    )
-    iw.add_argument(
-        "--gpus",
-        type=float,
-        default=None,
-        help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
+    worker_options(
+        iw, ("stable id (default: HOSTNAME-PORT)", "固定的节点 id（默认：主机名-端口）")
     )
     iw.add_argument(
         "--lease-ttl", type=int, default=5, help=t("lease TTL in seconds", "租约存活时间（秒）")
@@ -371,45 +380,12 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         "trainer-worker",
         help=t("run a trainer worker (fine-tuning jobs)", "运行训练工作节点（微调任务）"),
     )
-    tw.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        help=t("address to bind (port 0: any)", "绑定的地址（端口 0：任意空闲端口）"),
-    )
-    tw.add_argument(
-        "--advertise",
-        default=None,
-        help=t(
-            "HOST:PORT clients dial (default: bound)", "客户端连接的 HOST:PORT（默认：绑定地址）"
-        ),
-    )
-    tw.add_argument(
-        "--etcd",
-        default=None,
-        help=t("etcd HOST:PORT (default $LLMESH_ETCD)", "etcd 地址 HOST:PORT（默认 $LLMESH_ETCD）"),
-    )
-    tw.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
-    )
-    tw.add_argument(
-        "--worker-id",
-        default=None,
-        help=t(
+    worker_options(
+        tw,
+        (
             "stable id; a restart with the same id finds its jobs (default: HOSTNAME-PORT)",
             "固定的节点 id；以相同 id 重启可找回其任务（默认：主机名-端口）",
         ),
-    )
-    tw.add_argument(
-        "--cpus",
-        type=float,
-        default=None,
-        help=t("CPUs to declare (default: all)", "声明的 CPU 数（默认：全部）"),
-    )
-    tw.add_argument(
-        "--gpus",
-        type=float,
-        default=None,
-        help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
     )
     tw.add_argument(
         "--jobs-dir",
