@@ -7,10 +7,10 @@ at once):
 ``asyncllm``
     vLLM v1 ``AsyncLLM`` in this process, driven directly: the limit for anything in front of it.
 ``mesh-vllm``
-    The full mesh: ``llmesh up`` (etcd, control plane, one inference worker process), the model
-    deployed with backend ``vllm``, requests streamed with the SDK
-    (``ByzerLLM.async_stream_chat_oai``: route from the control plane's watch cache, then a bidi
-    gRPC ``Chat`` stream straight to the worker).
+    The full mesh: etcd, a control plane and one inference worker, each a child process (the
+    servers ``llmesh up`` runs), the model deployed with backend ``vllm``, requests streamed
+    with the SDK (``ByzerLLM.async_stream_chat_oai``: route from the control plane's watch
+    cache, then a bidi gRPC ``Chat`` stream straight to the worker).
 ``vllm-serve``
     vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) driven
     over HTTP streaming (``/v1/completions``, server-sent events) with aiohttp.
@@ -42,6 +42,10 @@ Metrics, measured the same way in every mode, in this process:
   stream; requests with fewer than two output tokens have none.
 - Output tokens/s and requests/s: completed output tokens (requests) over the wall time of the
   level, from the first send to the last completion.
+- CPU: CPU seconds per output token spent by this process (``bench``: the load generator,
+  and vLLM's frontend in ``asyncllm`` mode), by vLLM's engine processes (``engine``) and by the
+  other servers started here (``server``: the mesh's processes, the OpenAI server), plus how
+  many cores the rest of the machine kept busy meanwhile (other load skews every number).
 
 Results go to ``OUT/NAME.json``, ``OUT/NAME.md`` (markdown tables) and ``OUT/NAME.png``
 (matplotlib chart, ``pip install 'llmesh[plot]'``). The report prints the mesh's ratios against
@@ -54,6 +58,7 @@ processes.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -84,7 +89,7 @@ MODES: dict[str, str] = {
     "vllm-serve": "vllm serve (HTTP)",
     "mesh-transformers": "mesh (transformers)",
 }
-#: Run order: the two mesh modes share one `llmesh up`, so they run back to back.
+#: Run order: the two mesh modes share one local mesh, so they run back to back.
 _RUN_ORDER = ("asyncllm", "mesh-vllm", "mesh-transformers", "vllm-serve")
 
 #: Defaults for a real machine, and the ``--quick`` preset for smoke runs.
@@ -465,18 +470,20 @@ class BenchSettings:
 # -- the backends under test ---------------------------------------------------------------------
 
 
-class Backend:
+class Backend(abc.ABC):
     """One way of serving the model: start, stream requests, stop."""
 
     mode = ""
 
+    @abc.abstractmethod
     async def start(self) -> None:
         """Bring the engine up (model loaded, ready for requests)."""
 
+    @abc.abstractmethod
     async def request(self, prompt: Prompt, request_id: str) -> RequestResult:
         """Stream one request and time it (errors are returned in the result, not raised)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def stop(self) -> None:
         """Shut the engine down."""
 
@@ -530,46 +537,84 @@ class AsyncLLMBackend(Backend):
 
 
 class MeshCluster:
-    """``llmesh up`` in a child process (etcd, control plane, one inference worker) and an SDK
-    client; the mesh modes deploy their model on it one after another."""
+    """A local mesh for the mesh modes: etcd, a control plane and one inference worker, each a
+    child process (the same servers ``llmesh up`` runs), plus an SDK client. The mesh modes
+    deploy their model on it one after another.
 
-    def __init__(self, settings: BenchSettings, log_path: Path) -> None:
+    Unlike ``llmesh up``, the servers stay in this process's session (see :func:`_spawn`).
+    """
+
+    def __init__(self, settings: BenchSettings, logs: Path) -> None:
         self.settings = settings
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs = logs
+        self.etcd: Any = None
+        self.control_plane: subprocess.Popen[bytes] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
         self.llm: Any = None
         self.address = ""
 
     def start(self) -> None:
         from llmesh.client import ByzerLLM
-        from llmesh.local_etcd import free_port, guarded
+        from llmesh.local_etcd import LocalEtcd, free_port, guarded
 
+        self.etcd = LocalEtcd(self.logs / "etcd")
+        self.etcd.start()
         self.address = f"127.0.0.1:{free_port()}"
-        cmd = [sys.executable, "-m", "llmesh", "up", "--listen", self.address, "--workers", "1"]
-        self.proc = _spawn(guarded(cmd), self.log_path)
+        mesh = [sys.executable, "-m", "llmesh"]
+        self.control_plane = _spawn(
+            guarded(
+                [*mesh, "control-plane", "--listen", self.address, "--etcd", self.etcd.endpoint]
+            ),
+            self.logs / "control-plane.log",
+        )
+        self.worker = _spawn(
+            guarded(
+                [
+                    *mesh,
+                    "inference-worker",
+                    *("--etcd", self.etcd.endpoint, "--listen", "127.0.0.1:0"),
+                    # Names this run's worker (the e2e test looks for leftovers by it).
+                    *("--worker-id", f"bench-{os.getpid()}"),
+                ]
+            ),
+            self.logs / "inference-worker.log",
+        )
+        self.llm = ByzerLLM(control_plane=self.address)
+        children = {
+            "control plane": (self.control_plane, self.logs / "control-plane.log"),
+            "worker": (self.worker, self.logs / "inference-worker.log"),
+        }
         deadline = time.monotonic() + self.settings.startup_timeout
-        while "registered; ready" not in _read(self.log_path):
-            if self.proc.poll() is not None:
-                raise FailedPrecondition(
-                    f"`llmesh up` exited with code {self.proc.returncode} while starting:\n"
-                    f"{_tail(self.log_path)}"
-                )
+        while True:
+            for name, (proc, log) in children.items():
+                if proc.poll() is not None:
+                    raise FailedPrecondition(
+                        f"the mesh's {name} exited with code {proc.returncode} while starting:"
+                        f"\n{_tail(log)}"
+                    )
+            with contextlib.suppress(LLMeshError):
+                if self.llm.list_workers():
+                    return
             if time.monotonic() > deadline:
                 raise Unavailable(
-                    f"`llmesh up` was not ready within {self.settings.startup_timeout:.0f} s:\n"
-                    f"{_tail(self.log_path)}"
+                    f"the mesh's worker did not register within "
+                    f"{self.settings.startup_timeout:.0f} s:\n{_tail(children['worker'][1])}"
                 )
-            time.sleep(0.1)
-        self.llm = ByzerLLM(control_plane=self.address)
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.llm is not None:
             with contextlib.suppress(Exception):
                 self.llm.close()
             self.llm = None
-        # SIGINT lets `llmesh up` drain its worker (and the vLLM engine in it), then etcd.
-        _stop_process(self.proc, signal.SIGINT, grace=60)
-        self.proc = None
+        # The order `llmesh up` stops in: the worker drains (and stops its vLLM engine), then
+        # the control plane, then etcd.
+        _stop_process(self.worker, signal.SIGTERM, grace=60)
+        _stop_process(self.control_plane, signal.SIGTERM, grace=30)
+        self.worker = self.control_plane = None
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
 
 
 class MeshBackend(Backend):
@@ -743,31 +788,53 @@ class VLLMServeBackend(Backend):
 
 
 def _spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a server child with its output in ``log_path``, in its own process group.
+
+    Not in its own session (``llmesh up`` starts its workers with one): with the kernel's
+    autogroup scheduling every session is a separate CPU group, and on a small CPU machine
+    the vLLM engine's busy-waiting processes then starve the server process in their group,
+    which delivers a whole stream at once at the end. Keeping every child in our session puts
+    all modes under the same scheduling as in-process AsyncLLM, whose engine shares our group.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    # A process group of its own: a terminal's Ctrl-C reaches only us, and stopping the group
+    # also stops vLLM's engine processes (Python 3.11+; earlier, the child alone).
+    group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {}
     with open(log_path, "wb") as log:
-        # Its own session: a terminal's Ctrl-C reaches only us, and we stop the whole group.
         return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, **group
         )
 
 
 def _stop_process(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> None:
-    """Signal a child's process group, then SIGKILL the group after ``grace`` seconds."""
+    """Signal a child (and its process group), then SIGKILL them after ``grace`` seconds."""
     if proc is None:
         return
+    own_group = _pgid(proc.pid) == proc.pid
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            if own_group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            pass
-    # Grandchildren (vLLM's engine core, the mesh's worker) may outlive a dead leader.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+    # Grandchildren (vLLM's engine processes) may outlive their parent.
+    if own_group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _read(path: Path) -> str:
@@ -991,7 +1058,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
             try:
                 if mode.startswith("mesh-"):
                     if cluster is None:
-                        cluster = MeshCluster(settings, logs / "llmesh-up.log")
+                        cluster = MeshCluster(settings, logs)
                         cluster.start()
                     backend: Backend = MeshBackend(settings, cluster, mode.removeprefix("mesh-"))
                 else:
@@ -1023,7 +1090,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
 
 
 def _alive(cluster: MeshCluster) -> bool:
-    return cluster.proc is not None and cluster.proc.poll() is None
+    return all(p is not None and p.poll() is None for p in (cluster.worker, cluster.control_plane))
 
 
 # -- targets and report --------------------------------------------------------------------------
@@ -1185,7 +1252,7 @@ def write_chart(report: Mapping[str, Any], path: Path) -> bool:
     panels = (
         ("output_tok_s", "output tokens/s", False),
         ("ttft_p50_ms", "TTFT p50 (ms)", True),
-        ("tpot_p50_ms", "TPOT p50 (ms)", False),
+        ("tpot_p50_ms", "TPOT p50 (ms)", True),
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
     for ax, (key, title, log_y) in zip(axes, panels, strict=True):
