@@ -15,7 +15,6 @@ stream ends with the FAILED record the reaper wrote.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -393,8 +392,7 @@ class JobScheduler:
         unsubscribe = self.registry.subscribe(on_change)
         try:
             while True:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _TICK_S)
+                await _wait(self._wake, _TICK_S)
                 self._wake.clear()
                 if not self.registry.connected:
                     continue
@@ -451,8 +449,7 @@ class JobScheduler:
                 if current is not None and rules.is_final(current.state):
                     return
                 changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(changed.wait(), _TICK_S)
+                await _wait(changed, _TICK_S)
         finally:
             unsubscribe()
 
@@ -521,6 +518,19 @@ class JobScheduler:
                 if read is not None:
                     read.cancel()
                 call.cancel()
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: on Python 3.10/3.11 it can swallow a cancellation that arrives
+    as the event fires, and a loop built on it then never stops (seen as a hung shutdown).
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 def _cancel_unplaced(job: tr.TrainingJob) -> tr.TrainingJob | None:
