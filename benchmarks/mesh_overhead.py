@@ -162,7 +162,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from llmesh import ByzerLLM
-    from llmesh.local_etcd import free_port
+    from llmesh.common.process import free_port
 
     address = f"127.0.0.1:{free_port()}"
     up = subprocess.Popen(

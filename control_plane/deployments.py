@@ -13,22 +13,21 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     NotFound,
     Unavailable,
 )
-from llmesh.store import Keys, encode
+from llmesh.common.etcd import EtcdKV, Op, absent, delete_op, mod_revision_is, put_op
+from llmesh.common.etcd_keys import Keys, encode
+from llmesh.control_plane.placement import capacities, place
+from llmesh.control_plane.registry import Fence, Registry
+from llmesh.control_plane.spec import describe_difference, same_spec
+from llmesh.control_plane.views import current_replicas, with_replicas
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
-
-from .etcd import EtcdKV, Op, absent, delete_op, mod_revision_is, put_op
-from .placement import capacities, place
-from .registry import Fence, Registry
-from .spec import describe_difference, same_spec
-from .views import current_replicas, with_replicas
 
 log = logging.getLogger(__name__)
 

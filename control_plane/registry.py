@@ -23,13 +23,12 @@ from typing import TypeVar
 
 from google.protobuf.json_format import ParseError
 
-from llmesh.errors import Unavailable
-from llmesh.store import Keys, decode
+from llmesh.common.errors import Unavailable
+from llmesh.common.etcd import EtcdKV, KeyValue, WatchCompacted, WatchResponse, WatchStream
+from llmesh.common.etcd_keys import Keys, decode
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
-
-from .etcd import EtcdKV, KeyValue, WatchCompacted, WatchResponse, WatchStream
 
 log = logging.getLogger(__name__)
 

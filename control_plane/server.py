@@ -14,17 +14,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from llmesh import tracing
-from llmesh.serving import Server
-from llmesh.store import DEFAULT_NAMESPACE, Keys
+from llmesh.common import tracing
+from llmesh.common.etcd import EtcdKV
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
+from llmesh.common.grpc_server import Server
+from llmesh.control_plane.deployments import Deployer
+from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
+from llmesh.control_plane.registry import EtcdRegistry, Registry
+from llmesh.control_plane.replacement import LostWorkerReplacer
+from llmesh.control_plane.servicer import ControlPlaneServicer
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
-
-from .deployments import Deployer
-from .etcd import EtcdKV
-from .jobs import DEFAULT_REAP_GRACE_S, JobScheduler
-from .reconcile import Reconciler
-from .registry import EtcdRegistry, Registry
-from .servicer import ControlPlaneServicer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ async def run_control_plane(
         )
         await server.start()
         if reconcile_grace is not None:
-            reconciler = Reconciler(registry, deployer, grace=reconcile_grace)
+            reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
             reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
         jobs_task = asyncio.create_task(scheduler.run(), name="job-scheduler")
         log.info(

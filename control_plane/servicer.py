@@ -8,16 +8,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
-from llmesh.routing import Selector
+from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
+from llmesh.common.routing import Selector
+from llmesh.control_plane.deployments import Deployer
+from llmesh.control_plane.job_scheduler import JobScheduler
+from llmesh.control_plane.registry import Change, Registry
+from llmesh.control_plane.spec import normalize
+from llmesh.control_plane.views import current_replicas, with_replicas, worker_views
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
-
-from .deployments import Deployer
-from .jobs import JobScheduler
-from .registry import Change, Registry
-from .spec import normalize
-from .views import current_replicas, with_replicas, worker_views
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +256,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             raise Unavailable("the control plane is shutting down; watch through another one")
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence must be >= 0 (0 sends the whole history)")
-        async for response in self._scheduler().watch(
-            _job_id(request.id), request.after_sequence
-        ):
+        async for response in self._scheduler().watch(_job_id(request.id), request.after_sequence):
             if self._closing.is_set():
                 raise Unavailable("the control plane is shutting down; watch again")
             yield response

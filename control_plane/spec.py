@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import re
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.backends import BACKENDS
+from llmesh.common.errors import InvalidArgument
 from llmesh.v1 import control_plane_service_pb2 as cp
 
 DEFAULT_BACKEND = "transformers"
@@ -27,9 +28,6 @@ SPEC_FIELDS = (
 
 def supported_backends() -> tuple[str, ...]:
     """The backend names inference workers understand."""
-    # Cheap: the engines package imports no engine (and no torch) until one is created.
-    from llmesh.inference_worker.engines import BACKENDS
-
     return BACKENDS
 
 

@@ -14,11 +14,10 @@ known), never ``inflight``; AssignWorker never picks them because they are not R
 
 from __future__ import annotations
 
+from llmesh.control_plane.placement import capacities
+from llmesh.control_plane.registry import Registry
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
-
-from .placement import capacities
-from .registry import Registry
 
 
 def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Replica]:

@@ -11,37 +11,19 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aetcd
-
-from llmesh import tracing
+from llmesh.common import tracing
+from llmesh.common.devices import detect_gpus
+from llmesh.common.etcd import worker_client
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys, parse_endpoint
+from llmesh.common.grpc_server import Server
+from llmesh.common.worker_session import WorkerSession
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
-from llmesh.inference_worker.replicas import Reconciler, ReplicaManager
+from llmesh.inference_worker.replica_manager import AssignmentWatcher, ReplicaManager
 from llmesh.inference_worker.servicer import InferenceServicer
-from llmesh.inference_worker.session import WorkerSession
-from llmesh.serving import Server
-from llmesh.store import DEFAULT_NAMESPACE, Keys, parse_endpoint
 from llmesh.v1 import common_pb2, inference_service_pb2_grpc
 from llmesh.v1 import control_plane_service_pb2 as cp
 
 log = logging.getLogger(__name__)
-
-
-# Without keepalives a half-open connection to etcd hangs the assignment watch for minutes.
-ETCD_CHANNEL_OPTIONS = {
-    "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 1,
-}
-
-
-def detect_gpus() -> int:
-    """GPUs visible to torch, 0 when torch or CUDA is absent."""
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no torch, no GPUs
-        return 0
 
 
 @dataclass
@@ -52,7 +34,7 @@ class InferenceWorker:
     server: Server
     session: WorkerSession
     manager: ReplicaManager
-    reconciler: Reconciler
+    reconciler: AssignmentWatcher
 
     @property
     def address(self) -> str:
@@ -118,7 +100,7 @@ async def run_inference_worker(
         kind="inference",
     )
     host, port = parse_endpoint(etcd)
-    client = aetcd.Client(host=host, port=port, timeout=10, options=ETCD_CHANNEL_OPTIONS)
+    client = worker_client(etcd)
     keys = Keys(namespace)
     session = WorkerSession(client, keys, worker, ttl=lease_ttl)
     try:
@@ -131,7 +113,7 @@ async def run_inference_worker(
     servicer.manager = manager
     # Serve only once requests have somewhere to go; replicas load after that.
     await server.start()
-    reconciler = Reconciler(client, keys, worker, manager)
+    reconciler = AssignmentWatcher(client, keys, worker, manager)
     reconciler.start()
     running = InferenceWorker(worker, server, session, manager, reconciler)
     try:

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import json_format
 
-from llmesh.errors import InvalidArgument, rpc_handler
+from llmesh.common.errors import InvalidArgument, rpc_handler
 from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     SamplingParams,
     StructuredOutput,
 )
-from llmesh.inference_worker.replicas import HostedReplica, ReplicaManager
+from llmesh.inference_worker.replica_manager import HostedReplica, ReplicaManager
 from llmesh.v1 import common_pb2, inference_service_pb2_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmesh.local_etcd import LocalEtcd
+from llmesh.common.local_etcd import LocalEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
 

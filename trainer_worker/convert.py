@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.v1 import trainer_service_pb2 as tr
 
 __all__ = ["default_output_dir", "output_dir_of", "spec_to_runner_dict"]

@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aetcd
-
-from llmesh import tracing
-from llmesh.inference_worker.server import ETCD_CHANNEL_OPTIONS, detect_gpus
-from llmesh.inference_worker.session import WorkerSession
-from llmesh.serving import Server
-from llmesh.store import DEFAULT_NAMESPACE, Keys, parse_endpoint
-from llmesh.trainer_worker.jobs import JobManager
+from llmesh.common import tracing
+from llmesh.common.devices import detect_gpus
+from llmesh.common.etcd import worker_client
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys, parse_endpoint
+from llmesh.common.grpc_server import Server
+from llmesh.common.worker_session import WorkerSession
+from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.trainer_worker.servicer import TrainerServicer
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2_grpc
@@ -111,7 +110,7 @@ async def run_trainer_worker(
         kind="trainer",
     )
     host, port = parse_endpoint(etcd)
-    client = aetcd.Client(host=host, port=port, timeout=10, options=ETCD_CHANNEL_OPTIONS)
+    client = worker_client(etcd)
     keys = Keys(namespace)
     session = WorkerSession(client, keys, worker, ttl=lease_ttl)
     try:

@@ -80,7 +80,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, LLMeshError, Unavailable
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, LLMeshError, Unavailable
 
 #: Modes in report order, with the label the tables and the chart use.
 MODES: dict[str, str] = {
@@ -555,7 +555,8 @@ class MeshCluster:
 
     def start(self) -> None:
         from llmesh.client import ByzerLLM
-        from llmesh.local_etcd import LocalEtcd, free_port, guarded
+        from llmesh.common.local_etcd import LocalEtcd
+        from llmesh.common.process import free_port, guarded
 
         self.etcd = LocalEtcd(self.logs / "etcd")
         self.etcd.start()
@@ -707,7 +708,7 @@ class VLLMServeBackend(Backend):
     async def start(self) -> None:
         import aiohttp
 
-        from llmesh.local_etcd import free_port, guarded
+        from llmesh.common.process import free_port, guarded
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"

@@ -35,9 +35,9 @@ from llmesh.client import (
     ByzerLLM,
     default_control_plane,
 )
-from llmesh.errors import LLMeshError
+from llmesh.common.errors import LLMeshError
+from llmesh.common.job_rules import is_final, kind_name, state_name
 from llmesh.infer_params import ACCEPTED_FORMS, InferParamsAction
-from llmesh.jobs import is_final, kind_name, state_name
 from llmesh.templates import TEMPLATE_NAMES
 from llmesh.training import (
     LossCurve,

@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmesh.local_etcd import LocalEtcd, guarded, stop_child
-from llmesh.store import DEFAULT_NAMESPACE
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.local_etcd import LocalEtcd
+from llmesh.common.process import guarded, stop_child
 
 log = logging.getLogger(__name__)
 
@@ -316,9 +317,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     cpl.set_defaults(func=_cmd_control_plane)
 
-    def worker_options(
-        parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]
-    ) -> None:
+    def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
         """The options every worker kind takes: where it listens, etcd, id, capacity."""
         parser.add_argument(
             "--listen",
@@ -362,9 +361,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     iw = subparsers.add_parser(
         "inference-worker", help=t("run an inference worker", "运行推理工作节点")
     )
-    worker_options(
-        iw, ("stable id (default: HOSTNAME-PORT)", "固定的节点 id（默认：主机名-端口）")
-    )
+    worker_options(iw, ("stable id (default: HOSTNAME-PORT)", "固定的节点 id（默认：主机名-端口）"))
     iw.add_argument(
         "--lease-ttl", type=int, default=5, help=t("lease TTL in seconds", "租约存活时间（秒）")
     )

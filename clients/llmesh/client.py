@@ -35,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 
 from llmesh import decorators, training
 from llmesh import functions as fn
-from llmesh.errors import (
+from llmesh.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -45,13 +45,15 @@ from llmesh.errors import (
     Unavailable,
     Unimplemented,
 )
+from llmesh.common.job_rules import is_final, kind_name, state_name, validate_spec
+from llmesh.common.routing import parse_policy
+from llmesh.common.tracing import client_span
 from llmesh.functions import (
     ExecuteCodeResponse,
     FunctionCallList,
     LLMClassResponse,
     LLMFunctionCallResponse,
 )
-from llmesh.jobs import is_final, kind_name, state_name, validate_spec
 from llmesh.llm_config import (
     CONFIG_PREFIXES,
     MAX_TOKENS_KEYS,
@@ -62,7 +64,7 @@ from llmesh.llm_config import (
     generation_config,
     strip_config_prefix,
 )
-from llmesh.routes import (
+from llmesh.route_cache import (
     CONTROL_CALL_TIMEOUT_S,
     WORKER_CALL_TIMEOUT_S,
     ChannelPool,
@@ -70,7 +72,6 @@ from llmesh.routes import (
     call_unary,
     rpc_errors,
 )
-from llmesh.routing import parse_policy
 from llmesh.streams import (
     CANCEL_GRACE_S,
     FINISH_REASONS,
@@ -95,7 +96,6 @@ from llmesh.templates import (
     identity,
     render_with_role_mapping,
 )
-from llmesh.tracing import client_span
 from llmesh.training import TrainingJobFailed
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -2060,7 +2060,7 @@ class ByzerLLM:
         so a retry never starts a second job.
 
         Args:
-            spec: what to train; checked with :func:`llmesh.jobs.validate_spec` first.
+            spec: what to train; checked with :func:`llmesh.common.job_rules.validate_spec` first.
             request_id: idempotency key; a new UUID when None. A second call with the same
                 key returns the first call's job.
 

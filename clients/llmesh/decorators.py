@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from llmesh.client import ByzerLLM

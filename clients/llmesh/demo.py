@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmesh import jobs as rules
+from llmesh.common import job_rules as rules
 from llmesh.v1 import trainer_service_pb2 as tr
 
 

@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 
 # --------------------------------------------------------------------------------------------
 # Result types

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.v1 import common_pb2
 
 #: Byzer-LLM prefixes engine parameters with "gen." or "generation."; both are stripped.

@@ -20,16 +20,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     InvalidArgument,
     LLMeshError,
     ResourceExhausted,
     Unavailable,
     from_rpc_error,
 )
-from llmesh.routes import ReplicaId, RouteCache, replica_id, rpc_errors
-from llmesh.serving import CHANNEL_OPTIONS
-from llmesh.tracing import client_span
+from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.tracing import client_span
+from llmesh.route_cache import ReplicaId, RouteCache, replica_id, rpc_errors
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf

@@ -5,8 +5,8 @@ sft``, ``llmesh job watch``) share what is here:
 
 - :func:`parse_params` reads Byzer-LLM's typed keys (``sft.int.num_train_epochs`` = ``"3"``);
   :func:`sft_spec`, :func:`pretrain_spec` and :func:`merge_lora_spec` turn Byzer-LLM's
-  arguments into a ``TrainingJobSpec`` and check it with :func:`llmesh.jobs.validate_spec`,
-  so a bad key fails before anything is sent.
+  arguments into a ``TrainingJobSpec`` and check it with
+  :func:`llmesh.common.job_rules.validate_spec`, so a bad key fails before anything is sent.
 - :class:`JobTracker` folds a ``WatchTrainingJob`` stream into ``(job, event)`` pairs and
   remembers where to resume after a dropped stream.
 - :func:`format_progress` renders one progress-bar line; :class:`LossCurve` collects the loss
@@ -24,14 +24,14 @@ from typing import Any
 
 import grpc
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     LLMeshError,
     Unavailable,
 )
-from llmesh.jobs import HYPERPARAMETERS, is_final, kind_name, state_name, validate_spec
+from llmesh.common.job_rules import HYPERPARAMETERS, is_final, kind_name, state_name, validate_spec
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
 

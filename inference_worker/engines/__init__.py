@@ -1,14 +1,15 @@
 """Engine adapters and the factory that picks one by backend name.
 
-Importing this package is cheap on purpose: the control plane imports :data:`BACKENDS` to
-validate deploys and must not pull in torch. Engine modules load only in :func:`create_engine`.
+Importing this package is cheap on purpose: engine modules (and torch) load only in
+:func:`create_engine`. The backend names live in :mod:`llmesh.common.backends`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.backends import BACKENDS, ENGINE_BACKENDS
+from llmesh.common.errors import InvalidArgument
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 
 __all__ = ["BACKENDS", "create_engine"]
@@ -22,8 +23,7 @@ _ENGINES: dict[str, tuple[str, str]] = {
     "deepspeed": ("llmesh.inference_worker.engines.deepspeed_engine", "DeepSpeedEngine"),
 }
 
-BACKENDS: tuple[str, ...] = (*_ENGINES, "auto")
-"""Backend names a deploy may ask for; ``auto`` picks one of the others (see ``engines.auto``)."""
+assert tuple(_ENGINES) == ENGINE_BACKENDS, "engines and llmesh.common.backends disagree"
 
 
 def create_engine(config: EngineConfig) -> Engine:

@@ -29,7 +29,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import (
     Engine,
     EngineConfig,

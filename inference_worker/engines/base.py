@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from llmesh.errors import InvalidArgument, Unimplemented
+from llmesh.common.errors import InvalidArgument, Unimplemented
 
 T = TypeVar("T")
 

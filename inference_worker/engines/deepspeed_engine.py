@@ -28,7 +28,7 @@ import logging
 import os
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import EngineConfig, ModelMeta
 from llmesh.inference_worker.engines.transformers_engine import (
     INFER_PARAMS as TRANSFORMERS_PARAMS,

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import Engine, EngineConfig, ModelMeta, load_model
 from llmesh.inference_worker.engines.transformers_engine import (
     check_infer_params,

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
     "CONFIG_FILE",

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from llmesh.inference_worker.engines.base import EngineConfig, ModelMeta
 from llmesh.inference_worker.engines.embedding import EmbeddingEngine
 

@@ -59,7 +59,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     Internal,

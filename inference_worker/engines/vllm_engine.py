@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     Internal,

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from llmesh import AsyncByzerLLM, ByzerLLM
-from llmesh.errors import InvalidArgument, NotFound
-from llmesh.local_etcd import free_port
+from llmesh.common.errors import InvalidArgument, NotFound
+from llmesh.common.process import free_port
 from llmesh.training import TrainingJobFailed
 from llmesh.v1 import trainer_service_pb2 as tr
 

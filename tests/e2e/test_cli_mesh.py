@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from llmesh.local_etcd import free_port
+from llmesh.common.process import free_port
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.inference_worker.engines import BACKENDS, create_engine
 from llmesh.inference_worker.engines.auto import AutoEngine, choose_backend
 from llmesh.inference_worker.engines.base import EngineConfig

@@ -20,7 +20,7 @@ import pytest
 from llmesh import ByzerLLM
 from llmesh.aio import AsyncByzerLLM
 from llmesh.client import EventName, LLMClassResponse, LLMFunctionCallResponse, LLMRequest
-from llmesh.errors import InvalidArgument, NotFound
+from llmesh.common.errors import InvalidArgument, NotFound
 from llmesh.templates import Templates
 
 from .conftest import Mesh

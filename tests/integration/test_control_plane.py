@@ -22,8 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from llmesh.common.etcd_keys import Keys, decode, encode, parse_endpoint
 from llmesh.control_plane.server import ControlPlane, run_control_plane
-from llmesh.store import Keys, decode, encode, parse_endpoint
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
@@ -787,7 +787,7 @@ async def test_reconcile_moves_replicas_off_a_lost_worker(
 
 
 async def test_etcd_outage_degrades_and_recovers(tmp_path: Any, etcd_namespace: str) -> None:
-    from llmesh.local_etcd import LocalEtcd
+    from llmesh.common.local_etcd import LocalEtcd
 
     server = LocalEtcd(tmp_path / "etcd", log_level="error")
     server.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.inference_worker.engines import create_engine
 from llmesh.inference_worker.engines.base import Engine, EngineConfig, SamplingParams
 
@@ -22,9 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 def _config(path: Path, backend: str, **params: str) -> EngineConfig:
-    return EngineConfig(
-        model_name="ds", model_path=str(path), backend=backend, infer_params=params
-    )
+    return EngineConfig(model_name="ds", model_path=str(path), backend=backend, infer_params=params)
 
 
 async def _text(engine: Engine, prompt: str, params: SamplingParams) -> tuple[str, str]:

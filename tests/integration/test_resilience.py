@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from llmesh import ByzerLLM
-from llmesh.local_etcd import LocalEtcd
+from llmesh.common.local_etcd import LocalEtcd
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llmesh import ByzerLLM
-from llmesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from llmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
 
 from .conftest import Mesh
 

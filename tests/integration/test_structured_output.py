@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.inference_worker.engines import create_engine
 from llmesh.inference_worker.engines.base import (
     Engine,

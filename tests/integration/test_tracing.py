@@ -11,7 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from llmesh import ByzerLLM, tracing
+from llmesh import ByzerLLM
+from llmesh.common import tracing
 
 from .conftest import Mesh
 

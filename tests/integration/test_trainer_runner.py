@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.trainer_worker.runner import JobProcess, JobState, read_events
 from llmesh.trainer_worker.runner.data import alpaca_prompt, split_rows
 from llmesh.trainer_worker.runner.launch import group_pids, job_pids, outcome_from_events

@@ -24,10 +24,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmesh import jobs as rules
-from llmesh.errors import FailedPrecondition
-from llmesh.store import Keys, decode, encode, parse_endpoint
-from llmesh.trainer_worker.jobs import JobLog, JobManager, WatcherDropped
+from llmesh.common import job_rules as rules
+from llmesh.common.errors import FailedPrecondition
+from llmesh.common.etcd_keys import Keys, decode, encode, parse_endpoint
+from llmesh.trainer_worker.job_manager import JobLog, JobManager, WatcherDropped
 from llmesh.trainer_worker.runner.events import EVENTS_FILE
 from llmesh.trainer_worker.runner.launch import job_pids
 from llmesh.trainer_worker.server import TrainerWorker, run_trainer_worker

@@ -15,8 +15,8 @@ import aetcd
 import grpc
 import pytest
 
-from llmesh import jobs as rules
-from llmesh.store import Keys, decode, encode
+from llmesh.common import job_rules as rules
+from llmesh.common.etcd_keys import Keys, decode, encode
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
 
@@ -65,7 +65,7 @@ async def worker_writes(
 
 @pytest.fixture
 async def etcd(etcd_server: Any) -> Any:
-    from llmesh.store import parse_endpoint
+    from llmesh.common.etcd_keys import parse_endpoint
 
     host, port = parse_endpoint(etcd_server.endpoint)
     async with aetcd.Client(host=host, port=port) as client:
@@ -161,9 +161,7 @@ async def test_jobs_wait_for_capacity_then_place_on_trainers_only(
     await eventually(small_placed, what="the queued job placed once CPUs freed")
 
 
-async def test_cancel_queued_running_and_final(
-    plane: Any, etcd: aetcd.Client, keys: Keys
-) -> None:
+async def test_cancel_queued_running_and_final(plane: Any, etcd: aetcd.Client, keys: Keys) -> None:
     queued = await create(plane.stub, sft_spec(gpus=1))  # no trainer has a GPU: stays queued
     got = (await plane.stub.CancelTrainingJob(cp.CancelTrainingJobRequest(id=queued.id))).job
     assert got.state == S.TRAINING_JOB_STATE_CANCELLED and got.end_time.seconds > 0
@@ -200,9 +198,10 @@ async def test_dead_trainer_fails_its_running_job_exactly_once_with_two_control_
     etcd_server: Any, etcd_namespace: str, etcd: aetcd.Client, keys: Keys
 ) -> None:
     endpoint = etcd_server.endpoint
-    async with control_plane(endpoint, etcd_namespace, job_reap_grace=0.5) as a, control_plane(
-        endpoint, etcd_namespace, job_reap_grace=0.5
-    ) as b:
+    async with (
+        control_plane(endpoint, etcd_namespace, job_reap_grace=0.5) as a,
+        control_plane(endpoint, etcd_namespace, job_reap_grace=0.5) as b,
+    ):
         t1 = await trainer(etcd, keys, "t1")
         running = await create(a.stub)
         placed_only = await create(a.stub)
@@ -244,9 +243,7 @@ async def test_dead_trainer_fails_its_running_job_exactly_once_with_two_control_
         assert (await get(a.stub, running.id)).state == S.TRAINING_JOB_STATE_FAILED
 
 
-async def test_jobs_survive_a_control_plane_restart(
-    etcd_server: Any, etcd_namespace: str
-) -> None:
+async def test_jobs_survive_a_control_plane_restart(etcd_server: Any, etcd_namespace: str) -> None:
     async with control_plane(etcd_server.endpoint, etcd_namespace) as a:
         job = await create(a.stub, request_id="keep")
     async with control_plane(etcd_server.endpoint, etcd_namespace) as b:
@@ -272,9 +269,7 @@ async def test_watch_of_a_queued_job_ends_when_it_is_cancelled(plane: Any) -> No
     assert rules.is_final(last.job.state)
 
 
-async def test_too_big_job_says_why_it_waits(
-    plane: Any, etcd: aetcd.Client, keys: Keys
-) -> None:
+async def test_too_big_job_says_why_it_waits(plane: Any, etcd: aetcd.Client, keys: Keys) -> None:
     await trainer(etcd, keys, "t1", cpus=2)
     job = await create(plane.stub, sft_spec(num_ranks=4))
 

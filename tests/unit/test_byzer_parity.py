@@ -19,7 +19,7 @@ from llmesh import client as c
 from llmesh import decorators as d
 from llmesh import functions as fn
 from llmesh.aio import AsyncByzerLLM
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.templates import TEMPLATE_NAMES, Template, Templates, render_with_role_mapping
 
 NOWHERE = "127.0.0.1:1"

@@ -10,7 +10,7 @@ import pytest
 
 from llmesh import cli
 from llmesh._table import format_table
-from llmesh.errors import NotFound, Unavailable
+from llmesh.common.errors import NotFound, Unavailable
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

@@ -10,14 +10,14 @@ import grpc
 import pytest
 
 from llmesh import client as c
-from llmesh.errors import (
+from llmesh.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from llmesh.routes import RouteCache, replica_id, rpc_errors
+from llmesh.route_cache import RouteCache, replica_id, rpc_errors
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
@@ -567,7 +567,7 @@ def test_rpc_errors_translate_status_codes(code: grpc.StatusCode, cls: type) -> 
 
 
 def test_a_new_published_count_resets_the_local_count(routes: RouteCache) -> None:
-    from llmesh.routes import _ModelWatch
+    from llmesh.route_cache import _ModelWatch
 
     a, b = _replica(0, "a:1"), _replica(1, "b:1")
     watch = _ModelWatch("chat")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.control_plane.placement import Capacity, capacities, place
 from llmesh.control_plane.spec import describe_difference, normalize, same_spec
-from llmesh.errors import FailedPrecondition, InvalidArgument
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

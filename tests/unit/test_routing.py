@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, NotFound
-from llmesh.routing import Selector, parse_policy
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmesh.common.routing import Selector, parse_policy
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from llmesh import errors
-from llmesh.store import Keys, decode, encode, parse_endpoint
+from llmesh.common import errors
+from llmesh.common.etcd_keys import Keys, decode, encode, parse_endpoint
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

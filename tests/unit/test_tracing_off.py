@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmesh import tracing
+from llmesh.common import tracing
 
 
 def test_off_by_default_adds_no_metadata(monkeypatch) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from llmesh import cli
 from llmesh.client import ByzerLLM
-from llmesh.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from llmesh.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from llmesh.training import (
     JobTracker,
     LossCurve,

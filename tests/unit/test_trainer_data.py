@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from llmesh.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.trainer_worker.runner.data import (
     IGNORE_INDEX,
     SftRow,

@@ -5,9 +5,9 @@ processes and follows it; ``read_events`` (events.py) replays a job's ``events.j
 time. The rank entry points (train.py, merge.py) run in those child processes.
 """
 
-from .events import EventType, JobState, read_events
-from .launch import JobProcess, Outcome, check_job, outcome_from_events
-from .spec import Hyperparameters, JobSpec, LoraSpec
+from llmesh.trainer_worker.runner.events import EventType, JobState, read_events
+from llmesh.trainer_worker.runner.launch import JobProcess, Outcome, check_job, outcome_from_events
+from llmesh.trainer_worker.runner.spec import Hyperparameters, JobSpec, LoraSpec
 
 __all__ = [
     "EventType",

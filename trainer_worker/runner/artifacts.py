@@ -16,7 +16,6 @@ __all__ = [
     "MODEL_DIR",
     "atomic_dir",
     "copy_tokenizer_files",
-    "die_with_parent",
 ]
 
 ADAPTER_DIR = "adapter"  # a LoRA adapter in PEFT layout
@@ -90,26 +89,3 @@ def _open_up(root: Path) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent dies (Linux PR_SET_PDEATHSIG).
-
-    Rank processes call this first thing: if the DeepSpeed launcher above them is killed (even
-    by SIGKILL), they go too instead of training on as orphans.
-    """
-    import ctypes
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return
-    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    # The parent died before prctl took effect (we were already re-parented).
-    if parent == 1 or os.getppid() != parent:
-        os._exit(1)

@@ -14,7 +14,7 @@ per-node launcher the ``deepspeed`` CLI runs on a single host), which starts one
 ``llmesh.trainer_worker.runner.train`` process per rank; merge_lora jobs run one
 ``llmesh.trainer_worker.runner.merge`` process. Either way the first child leads a new process
 group (``start_new_session``) so cancel reaches every rank and every helper they start, and it
-runs through ``llmesh._exit_with_parent`` so it gets SIGTERM if the worker dies; ranks ask for
+runs through ``llmesh.common.process`` so it gets SIGTERM if the worker dies; ranks ask for
 the same (PR_SET_PDEATHSIG) about the launcher above them, so nothing trains on as an orphan.
 Every process of a job has ``LLMESH_JOB_ID`` in its environment.
 
@@ -47,18 +47,24 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, LLMeshError
-from llmesh.local_etcd import free_port, guarded
-
-from .data import (
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, LLMeshError
+from llmesh.common.process import free_port, guarded
+from llmesh.trainer_worker.runner.data import (
     check_pretrain_data,
     check_template,
     load_sft_rows,
     resolve_sft_file,
     val_count,
 )
-from .events import EVENTS_FILE, EventType, EventWriter, JobState, iter_event_file, read_events
-from .spec import JobSpec, resolve_batch_config
+from llmesh.trainer_worker.runner.events import (
+    EVENTS_FILE,
+    EventType,
+    EventWriter,
+    JobState,
+    iter_event_file,
+    read_events,
+)
+from llmesh.trainer_worker.runner.spec import JobSpec, resolve_batch_config
 
 __all__ = [
     "JOB_ENV",

@@ -14,11 +14,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from llmesh.errors import InvalidArgument
-
-from .artifacts import MODEL_DIR, atomic_dir, copy_tokenizer_files, die_with_parent
-from .events import EventType, EventWriter, JobState
-from .spec import JobSpec
+from llmesh.common.errors import InvalidArgument
+from llmesh.common.process import die_with_parent
+from llmesh.trainer_worker.runner.artifacts import MODEL_DIR, atomic_dir, copy_tokenizer_files
+from llmesh.trainer_worker.runner.events import EventType, EventWriter, JobState
+from llmesh.trainer_worker.runner.spec import JobSpec
 
 
 def merge(spec: JobSpec, events: EventWriter) -> Path:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 
 __all__ = [
     "KINDS",

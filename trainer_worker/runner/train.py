@@ -20,17 +20,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from llmesh.errors import InvalidArgument
-
-from .artifacts import (
+from llmesh.common.errors import InvalidArgument
+from llmesh.common.process import die_with_parent
+from llmesh.trainer_worker.runner.artifacts import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     MODEL_DIR,
     atomic_dir,
     copy_tokenizer_files,
-    die_with_parent,
 )
-from .data import (
+from llmesh.trainer_worker.runner.data import (
     IGNORE_INDEX,
     Example,
     check_template,
@@ -40,8 +39,8 @@ from .data import (
     pack_texts,
     split_rows,
 )
-from .events import EventType, EventWriter, JobState
-from .spec import JobSpec, resolve_batch_config
+from llmesh.trainer_worker.runner.events import EventType, EventWriter, JobState
+from llmesh.trainer_worker.runner.spec import JobSpec, resolve_batch_config
 
 # DeepSpeed's own step logging duplicates our progress events; keep it quiet unless asked.
 _QUIET_STEPS_PER_PRINT = 10**9

@@ -1,7 +1,7 @@
 """Model replicas hosted by this worker, and the loop that reconciles them with etcd.
 
 The control plane writes assignments (``{ns}/assignments/{worker}/{model}/{index}``); the
-:class:`Reconciler` watches them, loads an engine per assignment, publishes the replica's
+:class:`AssignmentWatcher` watches them, loads an engine per assignment, publishes the replica's
 state (LOADING → READY / FAILED) and its in-flight count under the worker's lease, and drains
 and unloads replicas whose assignment disappears.
 """
@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 
 import aetcd
 
-from llmesh.errors import (
+from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
+from llmesh.common.etcd_keys import Keys, decode
+from llmesh.common.worker_session import WorkerSession
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
-from llmesh.inference_worker.session import WorkerSession
-from llmesh.store import Keys, decode
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -405,7 +405,7 @@ class ReplicaManager:
         self.replicas.clear()
 
 
-class Reconciler:
+class AssignmentWatcher:
     """Watches this worker's assignments in etcd and loads / unloads replicas to match."""
 
     def __init__(

@@ -12,7 +12,7 @@ import random
 import threading
 from collections.abc import Mapping, Sequence
 
-from llmesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from llmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

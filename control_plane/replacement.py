@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .deployments import Deployer
-from .registry import Registry
+from llmesh.control_plane.deployments import Deployer
+from llmesh.control_plane.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-class Reconciler:
+class LostWorkerReplacer:
     """Moves replicas off workers that have been gone for longer than ``grace`` seconds.
 
     Args:

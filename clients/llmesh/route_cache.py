@@ -4,9 +4,9 @@ place where gRPC errors become llmesh exceptions.
 The control plane is not on the per-token path. For each model the client uses, a daemon thread
 holds a ``WatchModel`` stream open and keeps the model's replica set in memory (a snapshot, then
 one message per change). Requests pick a replica locally with the same
-:class:`~llmesh.routing.Selector` the control plane uses, and go straight to the worker. While
-the watch is broken the last known replica set stays in use (the workers may well be fine) and
-the thread reconnects with backoff.
+:class:`~llmesh.common.routing.Selector` the control plane uses, and go straight to the worker.
+While the watch is broken the last known replica set stays in use (the workers may well be
+fine) and the thread reconnects with backoff.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from llmesh.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
-from llmesh.routing import PURPOSE_NAMES, Selector
-from llmesh.serving import CHANNEL_OPTIONS
-from llmesh.tracing import client_span
+from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
+from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.routing import PURPOSE_NAMES, Selector
+from llmesh.common.tracing import client_span
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc

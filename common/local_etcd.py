@@ -5,37 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def guarded(cmd: list[str]) -> list[str]:
-    """Wrap a command so it gets SIGTERM when this process dies (see _exit_with_parent)."""
-    return [sys.executable, "-m", "llmesh._exit_with_parent", str(os.getpid()), *cmd]
-
-
-def stop_child(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+from llmesh.common.process import free_port, guarded, stop_child
 
 
 class LocalEtcd:

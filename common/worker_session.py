@@ -14,7 +14,7 @@ import logging
 
 import aetcd
 
-from llmesh.store import Keys, encode
+from llmesh.common.etcd_keys import Keys, encode
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 

@@ -36,15 +36,15 @@ import aetcd
 from google.protobuf.json_format import ParseError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmesh import jobs as rules
-from llmesh.errors import (
+from llmesh.common import job_rules as rules
+from llmesh.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     LLMeshError,
     NotFound,
     Unavailable,
 )
-from llmesh.store import Keys, decode, encode
+from llmesh.common.etcd_keys import Keys, decode, encode
 from llmesh.trainer_worker.convert import output_dir_of, spec_to_runner_dict
 from llmesh.trainer_worker.runner.events import EVENTS_FILE, iter_event_file, read_events
 from llmesh.trainer_worker.runner.events import JobState as RunnerState

@@ -23,16 +23,15 @@ from typing import Any
 
 import grpc
 
-from llmesh import jobs as rules
-from llmesh.errors import FailedPrecondition, NotFound, Unavailable
-from llmesh.serving import CHANNEL_OPTIONS
-from llmesh.store import Keys, decode, encode
+from llmesh.common import job_rules as rules
+from llmesh.common.errors import FailedPrecondition, NotFound, Unavailable
+from llmesh.common.etcd import EtcdKV, absent, mod_revision_is, put_op
+from llmesh.common.etcd_keys import Keys, decode, encode
+from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.control_plane.registry import Change, Registry
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
 from llmesh.v1 import trainer_service_pb2_grpc as tr_grpc
-
-from .etcd import EtcdKV, absent, mod_revision_is, put_op
-from .registry import Change, Registry
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +91,7 @@ class JobScheduler:
                     f"training job {job_id!r} is not in the control plane's last view of etcd, "
                     "and etcd is unreachable; retry once it is back"
                 )
-            raise NotFound(
-                f"training job {job_id!r} does not exist; `llmesh jobs` lists the jobs"
-            )
+            raise NotFound(f"training job {job_id!r} does not exist; `llmesh jobs` lists the jobs")
         out = tr.TrainingJob()
         out.CopyFrom(job)
         return out
@@ -102,9 +99,7 @@ class JobScheduler:
     def list(self, states: Sequence[int] = ()) -> list[tr.TrainingJob]:
         """Jobs, newest first, optionally only those in ``states``."""
         wanted = set(states)
-        jobs = [
-            j for j in self.registry.jobs().values() if not wanted or j.state in wanted
-        ]
+        jobs = [j for j in self.registry.jobs().values() if not wanted or j.state in wanted]
         jobs.sort(key=lambda j: (j.create_time.ToNanoseconds(), j.id), reverse=True)
         out = []
         for job in jobs:
@@ -125,7 +120,7 @@ class JobScheduler:
         """Store a new QUEUED job, or return the job an earlier call with ``request_id`` made.
 
         Raises:
-            InvalidArgument: the spec can never run (see ``llmesh.jobs.validate_spec``).
+            InvalidArgument: the spec can never run (see ``llmesh.common.job_rules.validate_spec``).
             Unavailable: etcd is unreachable.
         """
         rules.validate_spec(spec)

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Sequence
 from types import TracebackType
 
+import aetcd
 import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
-from llmesh.errors import Internal, Unavailable
-from llmesh.store import parse_endpoint
+from llmesh.common.errors import Internal, Unavailable
+from llmesh.common.etcd_keys import parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,21 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+# A worker's aetcd client: without keepalives a half-open connection to etcd hangs its
+# assignment and job watches for minutes.
+WORKER_CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
+
+
+def worker_client(endpoint: str | None = None) -> aetcd.Client:
+    """The aetcd client a worker uses for its lease, watches and record writes."""
+    host, port = parse_endpoint(endpoint)
+    return aetcd.Client(host=host, port=port, timeout=10, options=WORKER_CHANNEL_OPTIONS)
+
 
 _OUTAGE_CODES = {
     grpc.StatusCode.UNAVAILABLE,

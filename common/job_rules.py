@@ -11,7 +11,7 @@ import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from llmesh.errors import InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.v1 import trainer_service_pb2 as tr
 
 State = tr.TrainingJobState
