@@ -23,6 +23,7 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICA_STATE_READY: _ClassVar[ReplicaState]
     REPLICA_STATE_FAILED: _ClassVar[ReplicaState]
     REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
+    REPLICA_STATE_PENDING: _ClassVar[ReplicaState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -33,6 +34,7 @@ REPLICA_STATE_LOADING: ReplicaState
 REPLICA_STATE_READY: ReplicaState
 REPLICA_STATE_FAILED: ReplicaState
 REPLICA_STATE_DRAINING: ReplicaState
+REPLICA_STATE_PENDING: ReplicaState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -87,7 +89,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation")
+    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation", "devices", "pid")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,8 @@ class Replica(_message.Message):
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     model: str
     index: int
     worker_id: str
@@ -106,4 +110,6 @@ class Replica(_message.Message):
     inflight: int
     max_concurrency: int
     generation: int
-    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    pid: int
+    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ...) -> None: ...

@@ -71,7 +71,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., backend: _Optional[str] = ..., infer_params: _Optional[_Mapping[str, str]] = ..., num_replicas: _Optional[int] = ..., cpus_per_replica: _Optional[float] = ..., gpus_per_replica: _Optional[float] = ..., pretrained_model_type: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[_common_pb2.Replica, _Mapping]]] = ..., generation: _Optional[int] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "address", "cpus", "gpus", "cpus_used", "gpus_used", "replicas", "kind")
+    __slots__ = ("id", "address", "cpus", "gpus", "cpus_used", "gpus_used", "replicas", "kind", "devices")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Worker(_message.Message):
     GPUS_USED_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     cpus: float
@@ -88,7 +89,22 @@ class Worker(_message.Message):
     gpus_used: float
     replicas: _containers.RepeatedScalarFieldContainer[str]
     kind: str
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., cpus_used: _Optional[float] = ..., gpus_used: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., cpus_used: _Optional[float] = ..., gpus_used: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("id", "memory_bytes", "name", "holders", "free")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    memory_bytes: int
+    name: str
+    holders: _containers.RepeatedScalarFieldContainer[str]
+    free: float
+    def __init__(self, id: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., name: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., free: _Optional[float] = ...) -> None: ...
 
 class DeployModelRequest(_message.Message):
     __slots__ = ("model", "wait_ready", "timeout_seconds")
