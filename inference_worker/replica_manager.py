@@ -1,9 +1,9 @@
-"""Model replicas hosted by this worker, and the loop that reconciles them with etcd.
+"""The replicas a replica process hosts: one engine, the LoRA adapters riding on it, their slots.
 
-The control plane writes assignments (``{ns}/assignments/{worker}/{model}/{index}``); the
-:class:`AssignmentWatcher` watches them, loads an engine per assignment, publishes the replica's
-state (LOADING → READY / FAILED) and its in-flight count under the worker's lease, and drains
-and unloads replicas whose assignment disappears.
+:class:`ReplicaManager` loads the engine, counts requests against its concurrency limit, keeps
+the request-id index for ``Abort``, and reports each replica's state (LOADING → READY / FAILED,
+DRAINING) and in-flight count to a :class:`StatusSink`: in a replica process that is the board
+its node agent watches (``ReplicaService.WatchReplica``), which publishes it in etcd.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-
-import aetcd
+from typing import Protocol
 
 from llmesh.common.errors import (
     AlreadyExists,
@@ -23,8 +22,6 @@ from llmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from llmesh.common.etcd_keys import Keys, decode
-from llmesh.common.worker_session import WorkerSession
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -37,6 +34,14 @@ FAILED = common_pb2.REPLICA_STATE_FAILED
 DRAINING = common_pb2.REPLICA_STATE_DRAINING
 
 ReplicaKey = tuple[str, int, int]  # (model, generation, index)
+
+
+class StatusSink(Protocol):
+    """Where a replica's status goes each time it changes."""
+
+    async def publish_replica(self, replica: common_pb2.Replica) -> None: ...
+
+    async def remove_replica(self, replica: common_pb2.Replica) -> None: ...
 
 
 @dataclass
@@ -68,17 +73,17 @@ class HostedReplica:
 
 
 class ReplicaManager:
-    """The replicas on this worker, their concurrency slots and the request-id index.
+    """The replicas of one replica process, their concurrency slots and the request-id index.
 
     Args:
-        session: where replica status is published.
+        session: where replica status goes.
         engine_factory: builds an engine from an EngineConfig (``engines.create_engine``).
         publish_interval: in-flight counts are published at most this often, in seconds.
     """
 
     def __init__(
         self,
-        session: WorkerSession,
+        session: StatusSink,
         engine_factory: Callable[[EngineConfig], Engine],
         *,
         publish_interval: float = 0.2,
@@ -92,6 +97,8 @@ class ReplicaManager:
         self.adapter_wait = adapter_wait
         self.replicas: dict[ReplicaKey, HostedReplica] = {}
         self.requests: dict[str, HostedReplica] = {}
+        # Output chunks produced by the engine since start: the agent's sign of life for it.
+        self.progress = 0
         self._dirty: set[ReplicaKey] = set()
         self._dirty_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,7 +114,7 @@ class ReplicaManager:
         if not hosted:
             where = f"replica {replica} of model" if replica is not None else "model"
             raise NotFound(
-                f"{where} {model!r} is not hosted on this worker; ask the control plane "
+                f"{where} {model!r} is not served by this replica process; ask the control plane "
                 "(AssignWorker) which worker serves it"
             )
         ready = [r for r in hosted if r.ready]
@@ -117,10 +124,10 @@ class ReplicaManager:
             if r.status.state == DRAINING:
                 # Retryable: the client should go to another replica (its routes lag a little).
                 raise Unavailable(
-                    f"model {model!r} is draining on this worker; retry on another replica"
+                    f"model {model!r} is draining on this replica process; retry on another replica"
                 )
             reason = f": {r.status.reason}" if r.status.reason else ""
-            raise FailedPrecondition(f"model {model!r} is {state} on this worker{reason}")
+            raise FailedPrecondition(f"model {model!r} is {state} on this replica process{reason}")
         newest = max(r.status.generation for r in ready)
         return min((r for r in ready if r.status.generation == newest), key=lambda r: r.inflight)
 
@@ -131,7 +138,7 @@ class ReplicaManager:
         """Hold one of the replica's concurrency slots for the duration of a request."""
         if not replica.ready:
             raise Unavailable(
-                f"model {replica.status.model!r} is draining on this worker; "
+                f"model {replica.status.model!r} is draining on this replica process; "
                 "retry on another replica"
             )
         limit = replica.status.max_concurrency
@@ -220,13 +227,13 @@ class ReplicaManager:
             failed = [r for r in candidates if r.status.state == FAILED]
             if failed:
                 raise FailedPrecondition(
-                    f"base model {base!r} replica {index} failed on this worker: "
+                    f"base model {base!r} replica {index} failed on this replica process: "
                     f"{failed[0].status.reason}"
                 )
             if loop.time() > deadline:
                 raise FailedPrecondition(
-                    f"base model {base!r} replica {index} was not READY on this worker within "
-                    f"{self.adapter_wait:g} s"
+                    f"base model {base!r} replica {index} was not READY in this replica "
+                    f"process within {self.adapter_wait:g} s"
                 )
             await asyncio.sleep(0.1)
 
@@ -403,104 +410,3 @@ class ReplicaManager:
                 with contextlib.suppress(Exception):
                     await hosted.engine.stop()
         self.replicas.clear()
-
-
-class AssignmentWatcher:
-    """Watches this worker's assignments in etcd and loads / unloads replicas to match."""
-
-    def __init__(
-        self, client: aetcd.Client, keys: Keys, worker: cp.Worker, manager: ReplicaManager
-    ) -> None:
-        self.client = client
-        self.keys = keys
-        self.worker = worker
-        self.manager = manager
-        self._task: asyncio.Task[None] | None = None
-        self.synced = asyncio.Event()
-        self._wanted: dict[ReplicaKey, common_pb2.Replica] = {}
-        self._unloading: set[ReplicaKey] = set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reconcile")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        prefix = self.keys.worker_assignments(self.worker.id)
-        backoff = 0.2
-        while True:
-            try:
-                listing = await self.client.get_prefix(prefix)
-                revision = listing.header.revision
-                wanted = self._wanted = {}
-                for kv in listing:
-                    a = decode(kv.value, common_pb2.Replica)
-                    wanted[(a.model, a.generation, a.index)] = a
-                await self._converge()
-                self.synced.set()
-                watch = await self.client.watch_prefix(prefix, start_revision=revision + 1)
-                backoff = 0.2
-                try:
-                    await self._follow(watch, prefix, wanted)
-                finally:
-                    # Unregister from etcd and aetcd, or the dead watch keeps queueing events.
-                    with contextlib.suppress(Exception):
-                        await watch.cancel()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - etcd outage: keep serving, retry
-                log.warning("assignment watch failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _follow(
-        self, watch: object, prefix: bytes, wanted: dict[ReplicaKey, common_pb2.Replica]
-    ) -> None:
-        async for event in watch:  # type: ignore[attr-defined]
-            key = event.kv.key
-            if event.kind == aetcd.rtypes.EventKind.PUT:
-                a = decode(event.kv.value, common_pb2.Replica)
-                wanted[(a.model, a.generation, a.index)] = a
-                # A new generation at the same index replaces the old one.
-                for k in list(wanted):
-                    if k[0] == a.model and k[2] == a.index and k[1] != a.generation:
-                        wanted.pop(k)
-            else:
-                model, index = key.decode()[len(prefix.decode()) :].rsplit("/", 1)
-                for k in list(wanted):
-                    if k[0] == model and k[2] == int(index):
-                        wanted.pop(k)
-            await self._converge()
-
-    async def _unload(self, key: ReplicaKey) -> None:
-        try:
-            await self.manager.unload(key)
-        finally:
-            self._unloading.discard(key)
-        # Assigned again while draining (a re-placement keeps the generation): load it anew.
-        if key in self._wanted:
-            await self._converge()
-
-    async def _converge(self) -> None:
-        wanted = self._wanted
-        for key in list(self.manager.replicas):
-            if key not in wanted and key not in self._unloading:
-                self._unloading.add(key)
-                self.manager.spawn(self._unload(key), name=f"unload-{key}")
-        for key, assignment in list(wanted.items()):
-            if key in self.manager.replicas or key in self._unloading:
-                continue
-            got = await self.client.get(self.keys.model(assignment.model))
-            if got is None:
-                continue  # being undeployed; its assignment delete follows
-            model = decode(got.value, cp.Model)
-            if model.generation != assignment.generation:
-                continue
-            self.manager.spawn(
-                self.manager.load(assignment, model, self.worker.address),
-                name=f"load-{key}",
-            )

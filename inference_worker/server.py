@@ -1,26 +1,26 @@
-"""Running an inference worker: gRPC server + etcd session + assignment reconciler."""
+"""Running an inference node agent: etcd session, assignment watch, one process per replica.
+
+The agent itself serves only health and reflection on its address; clients reach each
+replica process directly at the address published in its replica record.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
-from collections.abc import AsyncIterator, Callable
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmesh.common import tracing
-from llmesh.common.devices import detect_gpus
-from llmesh.common.etcd import worker_client
-from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys, parse_endpoint
-from llmesh.common.grpc_server import Server
-from llmesh.common.worker_session import WorkerSession
-from llmesh.inference_worker.engines.base import Engine, EngineConfig
-from llmesh.inference_worker.replica_manager import AssignmentWatcher, ReplicaManager
-from llmesh.inference_worker.servicer import InferenceServicer
-from llmesh.v1 import common_pb2, inference_service_pb2_grpc
+from llmesh.common.devices import node_devices
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
+from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
+from llmesh.inference_worker.replica_supervisor import SupervisorSettings
 from llmesh.v1 import control_plane_service_pb2 as cp
 
 log = logging.getLogger(__name__)
@@ -28,27 +28,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InferenceWorker:
-    """A running worker; handy for tests and for `llmesh up`."""
+    """A running node agent; handy for tests and for `llmesh up`."""
 
-    worker: cp.Worker
-    server: Server
-    session: WorkerSession
-    manager: ReplicaManager
-    reconciler: AssignmentWatcher
+    presence: WorkerPresence
+    agent: NodeAgent
+    watcher: AssignmentWatcher
+
+    @property
+    def worker(self) -> cp.Worker:
+        return self.presence.worker
 
     @property
     def address(self) -> str:
-        return self.server.address
+        return self.presence.server.address
 
     @property
     def id(self) -> str:
-        return self.worker.id
+        return self.presence.worker.id
 
-
-def _default_engine_factory(config: EngineConfig) -> Engine:
-    from llmesh.inference_worker.engines import create_engine
-
-    return create_engine(config)
+    def replica_address(self, model: str, index: int = 0) -> str:
+        """Where the replica process serving ``model`` listens (raises LookupError if none)."""
+        return self.agent.replica_address(model, index)
 
 
 @contextlib.asynccontextmanager
@@ -61,82 +61,86 @@ async def run_inference_worker(
     worker_id: str | None = None,
     cpus: float | None = None,
     gpus: float | None = None,
+    gpu_ids: Sequence[str] | None = None,
     lease_ttl: int = 5,
     drain_grace: float = 30.0,
-    engine_factory: Callable[[EngineConfig], Engine] | None = None,
+    wedge_timeout: float = 30.0,
+    max_restarts: int = 5,
+    run_dir: str | Path | None = None,
+    replica_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[InferenceWorker]:
-    """Start a worker; on exit drain it in order: NOT_SERVING → DRAINING → revoke lease → stop.
+    """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
     Args:
-        listen: host:port to bind (port 0 picks one). Loopback unless told otherwise.
-        advertise: host:port clients should dial; defaults to the bound address.
+        listen: host:port to bind (port 0 picks one). Loopback unless told otherwise; replica
+            processes bind the same host.
+        advertise: host:port clients should dial; its host is also what replica processes
+            advertise. Defaults to the bound address.
         etcd: etcd endpoint host:port.
         namespace: etcd key namespace.
         worker_id: stable id; a restarted worker with the same id picks its assignments back up.
-        cpus, gpus: declared capacity (defaults: this machine's CPU count, detected GPUs).
-        lease_ttl: seconds; a dead worker leaves routing within about this long.
+        cpus: declared CPUs (default: this machine's count).
+        gpus: declared GPU count (ids "0".."N-1"); default: the GPUs nvidia-smi or torch finds.
+        gpu_ids: declared GPU ids (e.g. ["0", "2"]); wins over ``gpus``.
+        lease_ttl: seconds; a dead agent's replicas leave routing within about this long.
         drain_grace: seconds in-flight requests get to finish on shutdown.
+        wedge_timeout: seconds a replica may hold requests without progress before a restart.
+        max_restarts: crashes within 5 minutes before a replica is FAILED for good.
+        run_dir: where replica processes keep their spec, address and log (default: a temp dir).
+        replica_env: extra environment variables for every replica process.
     """
     tracing.configure("llmesh-inference-worker")
-    servicer = InferenceServicer(None)  # type: ignore[arg-type]  # manager set below
-    server = Server(
-        [
-            (
-                inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
-                servicer,
-                "llmesh.v1.InferenceService",
-            )
-        ],
-        listen=listen,
-    )
-    address = advertise or server.address
-    if address.startswith(("0.0.0.0:", "[::]:")):
-        address = f"{socket.gethostname()}:{server.port}"
-    worker = cp.Worker(
-        id=worker_id or f"{socket.gethostname()}-{server.port}",
-        address=address,
-        cpus=float(cpus if cpus is not None else os.cpu_count() or 1),
-        gpus=float(gpus if gpus is not None else detect_gpus()),
+    devices = node_devices(gpus=gpus, gpu_ids=gpu_ids)
+    presence = await join_mesh(
+        [],
         kind="inference",
+        listen=listen,
+        advertise=advertise,
+        etcd=etcd,
+        namespace=namespace,
+        worker_id=worker_id,
+        cpus=cpus,
+        gpus=len(devices),
+        devices=devices,
+        lease_ttl=lease_ttl,
     )
-    host, port = parse_endpoint(etcd)
-    client = worker_client(etcd)
-    keys = Keys(namespace)
-    session = WorkerSession(client, keys, worker, ttl=lease_ttl)
-    try:
-        await session.__aenter__()
-    except Exception as exc:
-        await server.stop(0)
-        await client.close()
-        raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
-    manager = ReplicaManager(session, engine_factory or _default_engine_factory)
-    servicer.manager = manager
-    # Serve only once requests have somewhere to go; replicas load after that.
-    await server.start()
-    reconciler = AssignmentWatcher(client, keys, worker, manager)
-    reconciler.start()
-    running = InferenceWorker(worker, server, session, manager, reconciler)
+    worker = presence.worker
+    own_dir = None
+    if run_dir is None:
+        own_dir = tempfile.TemporaryDirectory(prefix=f"llmesh-{worker.id}-")
+        run_dir = own_dir.name
+    listen_host = presence.server.host
+    advertise_host = (advertise or "").rpartition(":")[0].strip("[]")
+    settings = SupervisorSettings(
+        run_dir=Path(run_dir).expanduser().absolute(),  # noqa: ASYNC240 - no I/O, path math
+        listen_host=listen_host,
+        advertise_host=advertise_host,
+        wedge_timeout=wedge_timeout,
+        max_restarts=max_restarts,
+        stop_grace=min(drain_grace, 10.0),
+        env=dict(replica_env or {}),
+    )
+    agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
+    await presence.server.start()
+    watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
+    watcher.start()
+    running = InferenceWorker(presence, agent, watcher)
     try:
         yield running
     finally:
         log.info("worker %s draining", worker.id)
-        await server.set_not_serving()
-        await reconciler.stop()
-        # Routers must stop picking us before we stop serving: publish DRAINING, then revoke.
-        for hosted in list(manager.replicas.values()):
-            if hosted.status.state == common_pb2.REPLICA_STATE_READY:
-                hosted.status.state = common_pb2.REPLICA_STATE_DRAINING
-                await session.publish_replica(hosted.status)
-        await session.close()
-        await manager.drain_all(drain_grace)
-        await server.stop(min(drain_grace, 5.0))
-        await manager.close()
-        await client.close()
+        await presence.server.set_not_serving()
+        await watcher.stop()
+        # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
+        await agent.close(drain=drain_grace)
+        await presence.close(grace=min(drain_grace, 5.0))
+        if own_dir is not None:
+            own_dir.cleanup()
         log.info("worker %s stopped", worker.id)
 
 
 async def serve_forever(**kwargs: object) -> None:
-    """Run a worker until SIGINT or SIGTERM (the `llmesh inference-worker` command)."""
+    """Run a node agent until SIGINT or SIGTERM (the `llmesh inference-worker` command)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

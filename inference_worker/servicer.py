@@ -1,10 +1,11 @@
-"""The InferenceService servicer: gRPC in front of the replicas this worker hosts."""
+"""The InferenceService servicer: gRPC in front of the replicas a replica process hosts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -144,6 +145,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             gone = False
             try:
                 async for chunk in stream:
+                    self.manager.progress += 1
                     if cancelled.is_set() and not aborted:
                         # A cancel read while the prompt was still being tokenized found no
                         # request to abort; the engine knows it by now.
@@ -183,6 +185,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         gone = False
         try:
             async for chunk in stream:
+                self.manager.progress += 1
                 text.append(chunk.delta)
                 last = chunk
         except asyncio.CancelledError:
@@ -247,6 +250,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         async with self.manager.slot(replica):
             assert replica.engine is not None
             vectors = await replica.engine.embed(list(request.texts), normalize=request.normalize)
+            self.manager.progress += 1
         return inf.EmbedResponse(embeddings=[inf.Embedding(values=v) for v in vectors])
 
     @rpc_handler
@@ -259,6 +263,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         async with self.manager.slot(replica):
             assert replica.engine is not None
             scores, method = await replica.engine.rerank(request.query, list(request.documents))
+            self.manager.progress += 1
         return inf.RerankResponse(scores=scores, method=method)
 
     @rpc_handler
@@ -303,10 +308,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             model_path=replica.model.model_path,
             max_concurrency=meta.max_concurrency,
             # Counts since the replica loaded; engines do not know them, the replica does.
+            # The rest shows where it runs and what it still holds (the abort tests read them).
             extra={
                 **meta.extra,
                 "served_requests": str(replica.served),
                 "aborted_requests": str(replica.aborted),
+                "inflight_requests": str(replica.inflight),
+                "tracked_request_ids": str(len(self.manager.requests)),
+                "engine_active_requests": str(len(replica.engine.active_requests())),
+                # Requests on the engine this model runs on, its adapters' included.
+                "engine_load": str((replica.base or replica).engine_load),
+                "loras": ",".join(replica.engine.loras()),
+                "pid": str(os.getpid()),
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             },
         )
 

@@ -12,9 +12,39 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 
 T = TypeVar("T")
+
+
+def replica_stats(address: str, model: str) -> dict[str, str]:
+    """What a replica process reports about ``model`` (GetModelMeta.extra): its counters,
+    in-flight and tracked requests, the engine's live requests, pid and visible devices."""
+    from llmesh.v1 import inference_service_pb2 as inf
+    from llmesh.v1 import inference_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        return dict(stub.GetModelMeta(inf.GetModelMetaRequest(model=model), timeout=30).extra)
+
+
+def wait_replica_idle(address: str, model: str, timeout: float = 10) -> dict[str, str]:
+    """Wait until the replica holds no request: no slot taken, no id tracked, engine empty."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    stats: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        stats = replica_stats(address, model)
+        if (
+            stats["inflight_requests"] == "0"
+            and stats["tracked_request_ids"] == "0"
+            and stats["engine_active_requests"] == "0"
+        ):
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"replica of {model!r} still holds requests: {stats}")
 
 
 class Mesh:
@@ -74,6 +104,47 @@ class Mesh:
     def stop_worker(self, worker_id: str) -> None:
         _, stack = self.workers.pop(worker_id)
         self.call(stack.aclose())
+
+    def replica_processes(self) -> list[tuple[str, str, str]]:
+        """(worker id, model, address) of every running replica process, adapters included."""
+        out = []
+        for wid, (worker, _) in self.workers.items():
+            agent = worker.agent
+            for key, sup in [*agent.supervisors.items(), *agent.adapters.items()]:
+                if sup.address:
+                    out.append((wid, key[0], sup.address))
+        return out
+
+    def busy(self) -> bool:
+        """Whether any replica holds a request (a slot, or state in its engine)."""
+        for _, model, address in self.replica_processes():
+            try:
+                stats = replica_stats(address, model)
+            except grpc.RpcError:
+                continue  # not serving (loading, failed): holds nothing
+            if stats["inflight_requests"] != "0" or stats["engine_active_requests"] != "0":
+                return True
+        return False
+
+    def wait_idle(self, timeout: float = 5) -> bool:
+        """Wait until no replica holds a request; False if one still does after ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.busy():
+                return True
+            time.sleep(0.05)
+        return not self.busy()
+
+    def served(self, model: str = "chat") -> dict[str, int]:
+        """Requests each worker's replicas of ``model`` admitted since they loaded."""
+        out: dict[str, int] = {}
+        for wid, name, address in self.replica_processes():
+            if name == model:
+                count = int(replica_stats(address, model)["served_requests"])
+                out[wid] = out.get(wid, 0) + count
+        return out
 
     def close(self) -> None:
         for wid in list(self.workers):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from llmesh.v1 import common_pb2, control_plane_service_pb2_grpc, inference_serv
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
 
-from .conftest import Mesh
+from .conftest import Mesh, wait_replica_idle
 
 STREAMS = 100
 CANCELLED = 10
@@ -142,8 +141,8 @@ def _counts(stub: Any) -> tuple[int, int]:
 
 def test_cancel_10_of_100_streams(served: tuple[str, Any]) -> None:
     backend, worker = served
-    (hosted,) = worker.manager.replicas.values()
-    stub = inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(worker.address))
+    address = worker.replica_address("chat")
+    stub = inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
     served_before, aborted_before = _counts(stub)
 
     rng = random.Random(20240611)
@@ -152,7 +151,7 @@ def test_cancel_10_of_100_streams(served: tuple[str, Any]) -> None:
     rng.shuffle(ways)
     plan = {v: (way, rng.randint(*CANCEL_AFTER)) for v, way in zip(victims, ways, strict=True)}
 
-    outcomes = asyncio.run(_run_all(worker.address, plan))
+    outcomes = asyncio.run(_run_all(address, plan))
 
     for i, out in enumerate(outcomes):
         where = f"{backend} stream {i} ({out.way or 'normal'})"
@@ -172,13 +171,9 @@ def test_cancel_10_of_100_streams(served: tuple[str, Any]) -> None:
             assert out.last.finish_reason == common_pb2.FINISH_REASON_ABORTED, where
             assert out.tokens < VICTIM_MAX_TOKENS, where
 
-    # No leftover state: the slot, the request index and the engine's own bookkeeping.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (hosted.inflight or hosted.engine.active_requests()):
-        time.sleep(0.05)
-    assert hosted.inflight == 0, f"{backend}: {hosted.inflight} slots still held"
-    assert not hosted.engine.active_requests(), backend
-    assert not hosted.request_ids and not worker.manager.requests, backend
+    # No leftover state: the slot, the request index and the engine's own bookkeeping, as the
+    # replica process reports them.
+    wait_replica_idle(address, "chat", timeout=30)
     # Counted before the slot is released, so the numbers are final once inflight is 0.
     assert _counts(stub) == (served_before + STREAMS, aborted_before + CANCELLED)
 
@@ -191,16 +186,13 @@ def test_cancel_10_of_100_streams(served: tuple[str, Any]) -> None:
 
 def test_deadline_counts_as_aborted(served: tuple[str, Any]) -> None:
     backend, worker = served
-    (hosted,) = worker.manager.replicas.values()
-    stub = inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(worker.address))
+    address = worker.replica_address("chat")
+    stub = inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(address))
     _, aborted_before = _counts(stub)
     # Engines clamp max_tokens to the room left in the context: this runs as long as it can.
     start = inf.ChatStart(model="chat", prompt="Hello", params=_params(2000))
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=0.3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (hosted.inflight or hosted.engine.active_requests()):
-        time.sleep(0.05)
-    assert hosted.inflight == 0 and not hosted.engine.active_requests(), backend
+    wait_replica_idle(address, "chat", timeout=30)
     assert _counts(stub)[1] == aborted_before + 1, backend

@@ -137,7 +137,7 @@ def test_deploy_auto_through_the_mesh(
         model.infer_params["max_concurrency"] = "2"
         admin.DeployModel(cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=240))
         stub = inference_service_pb2_grpc.InferenceServiceStub(
-            grpc.insecure_channel(worker.address)
+            grpc.insecure_channel(worker.replica_address("chat"))
         )
         meta = stub.GetModelMeta(inf.GetModelMetaRequest(model="chat"))
         assert meta.backend == "vllm"

@@ -8,7 +8,6 @@ answer into a pydantic object or runs the chosen tool. Nothing is patched or scr
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,19 +249,8 @@ def test_deploy_undeploy_through_the_sdk(llm: ByzerLLM, test_model_dir: Path) ->
     assert llm.undeploy("chat-extra") is False
 
 
-def _engine_busy(mesh: Mesh) -> bool:
-    return any(
-        r.inflight or (r.engine and r.engine.active_requests())
-        for w, _ in mesh.workers.values()
-        for r in w.manager.replicas.values()
-    )
-
-
 def _wait_idle(mesh: Mesh) -> bool:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _engine_busy(mesh):
-        time.sleep(0.05)
-    return not _engine_busy(mesh)
+    return mesh.wait_idle(5)
 
 
 def test_leaving_an_async_stream_cancels_on_the_worker(

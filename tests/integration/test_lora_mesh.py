@@ -21,7 +21,7 @@ from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
-from .conftest import Mesh
+from .conftest import Mesh, replica_stats
 
 pytestmark = pytest.mark.integration
 
@@ -86,16 +86,18 @@ def test_adapter_serves_on_the_base_replica_and_base_is_unchanged(
     (replica,) = model.replicas
     assert replica.state == common_pb2.REPLICA_STATE_READY and replica.worker_id == "w-a"
     worker = mesh.workers["w-a"][0]
-    hosted = {h.status.model: h for h in worker.manager.replicas.values()}
-    assert hosted["chat-a1"].engine is hosted["chat"].engine  # no second engine, no restart
-    assert hosted["chat"].engine.loras() == ["chat-a1"]
+    base = replica_stats(worker.replica_address("chat"), "chat")
+    # No second engine and no restart: the adapter is served by the base replica's process.
+    assert replica.address == worker.replica_address("chat") and replica.pid == int(base["pid"])
+    assert base["loras"] == "chat-a1"
 
     tuned = ask(llm, "chat-a1")
     assert tuned != before
     assert ask(llm, "chat-a1") == tuned
     assert ask(llm, "chat") == before
     stub.UndeployModel(cp.UndeployModelRequest(name="chat-a1", wait=True))
-    assert hosted["chat"].engine.loras() == []
+    assert replica_stats(worker.replica_address("chat"), "chat")["loras"] == ""
+    assert replica_stats(worker.replica_address("chat"), "chat")["pid"] == base["pid"]
     assert ask(llm, "chat") == before
 
 
@@ -140,8 +142,8 @@ def test_undeploy_drains_the_adapters_requests(served: Any, test_model_dir: Path
     assert started.wait(60)
     # The adapter's request counts against the engine it shares with the base replica.
     mesh = served[0]
-    base = next(h for h in mesh.workers["w-a"][0].manager.replicas.values() if h.lora is None)
-    assert base.engine_load == 1 and base.inflight == 0
+    stats = replica_stats(mesh.workers["w-a"][0].replica_address("chat"), "chat")
+    assert stats["engine_load"] == "1" and stats["inflight_requests"] == "0"
     stub.UndeployModel(cp.UndeployModelRequest(name="chat-c", wait=True, timeout_seconds=120))
     t.join(120)
     _, meta = chunks[-1]

@@ -23,6 +23,15 @@ from .conftest import Mesh
 HELLO = [{"role": "user", "content": "hello"}]
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _wait(check: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,14 +77,16 @@ def test_undeploy_drains_in_flight_requests_then_unloads(mesh: Mesh, test_model_
     stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(address))
     model = cp.Model(name="chat", model_path=str(test_model_dir))
     stub.DeployModel(cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120))
-    call, requests = _long_chat(worker.address, 300)
+    call, requests = _long_chat(worker.replica_address("chat"), 300)
     assert not next(call).finished
     stub.UndeployModel(cp.UndeployModelRequest(name="chat"))  # returns at once
     rest = list(call)
     requests.put(None)
     assert rest[-1].finished
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH  # drained, not aborted
-    _wait(lambda: not worker.manager.replicas, 10, "the replica to unload")
+    pid = worker.agent.supervisor_of("chat").pid
+    _wait(lambda: not worker.agent.supervisors, 10, "the replica to unload")
+    assert not _alive(pid), "the replica process outlived its undeploy"
     with pytest.raises(grpc.RpcError) as err:
         stub.GetModel(cp.GetModelRequest(name="chat"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -93,7 +104,7 @@ def test_etcd_outage_keeps_streams_alive_and_worker_reregisters(
         stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(address))
         model = cp.Model(name="chat", model_path=str(test_model_dir))
         stub.DeployModel(cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120))
-        call, requests = _long_chat(worker.address, 200)
+        call, requests = _long_chat(worker.replica_address("chat"), 200)
         assert not next(call).finished
 
         etcd.stop()
@@ -101,7 +112,7 @@ def test_etcd_outage_keeps_streams_alive_and_worker_reregisters(
         rest = list(call)
         requests.put(None)
         assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-        call2, requests2 = _long_chat(worker.address, 5)
+        call2, requests2 = _long_chat(worker.replica_address("chat"), 5)
         assert list(call2)[-1].finished
         requests2.put(None)
         # The control plane answers routing from its last known state.
@@ -147,4 +158,4 @@ def test_a_model_that_cannot_load_is_failed_with_its_reason(mesh: Mesh, tmp_path
     (replica,) = stub.GetModel(cp.GetModelRequest(name="broken")).model.replicas
     assert replica.state == common_pb2.REPLICA_STATE_FAILED and missing in replica.reason
     stub.UndeployModel(cp.UndeployModelRequest(name="broken", wait=True, timeout_seconds=30))
-    assert not worker.manager.replicas
+    assert not worker.agent.supervisors

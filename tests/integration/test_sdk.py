@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,12 +40,7 @@ def sdk_mesh(
 
 
 def _served(mesh: Mesh, model: str = "chat") -> dict[str, int]:
-    out: dict[str, int] = {}
-    for wid, (worker, _) in mesh.workers.items():
-        for r in worker.manager.replicas.values():
-            if r.status.model == model:
-                out[wid] = out.get(wid, 0) + r.served
-    return out
+    return mesh.served(model)
 
 
 def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
@@ -183,17 +177,7 @@ def test_abort_through_the_sdk(sdk_mesh: Any) -> None:
     assert llm.abort(rid, model="chat")
     *_, (_, meta) = stream
     assert meta["finish_reason"] == "abort"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(
-        r.inflight for w, _ in mesh.workers.values() for r in w.manager.replicas.values()
-    ):
-        time.sleep(0.05)
-    assert not [
-        r.engine.active_requests()
-        for w, _ in mesh.workers.values()
-        for r in w.manager.replicas.values()
-        if r.engine and r.engine.active_requests()
-    ]
+    assert mesh.wait_idle(5)
 
 
 def test_breaking_out_of_a_stream_frees_the_slot(sdk_mesh: Any) -> None:
@@ -202,16 +186,7 @@ def test_breaking_out_of_a_stream_frees_the_slot(sdk_mesh: Any) -> None:
     for i, _ in enumerate(llm.stream_chat_oai(HELLO, model="chat", llm_config=cfg)):
         if i == 2:
             break
-    deadline = time.monotonic() + 5
-    busy = True
-    while time.monotonic() < deadline and busy:
-        busy = any(
-            r.inflight or (r.engine and r.engine.active_requests())
-            for w, _ in mesh.workers.values()
-            for r in w.manager.replicas.values()
-        )
-        time.sleep(0.05)
-    assert not busy
+    assert mesh.wait_idle(5)
 
 
 def test_sdk_errors_are_typed(sdk_mesh: Any) -> None:

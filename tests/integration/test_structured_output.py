@@ -223,7 +223,9 @@ def worker_stub(
         control.DeployModel(
             cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120)
         )
-        yield inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(worker.address))
+        yield inference_service_pb2_grpc.InferenceServiceStub(
+            grpc.insecure_channel(worker.replica_address("chat"))
+        )
     finally:
         mesh.close()
 

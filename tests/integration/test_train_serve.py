@@ -21,7 +21,7 @@ import pytest
 from llmesh import ByzerLLM
 from llmesh.v1 import trainer_service_pb2 as tr
 
-from .conftest import Mesh
+from .conftest import Mesh, replica_stats
 
 pytestmark = pytest.mark.integration
 
@@ -112,10 +112,11 @@ def test_sft_lora_then_hot_load_and_ask(
 
     # Hot-load into the running base replica: same engine object, no restart.
     worker = mesh.workers["w-serve"][0]
-    engine_before = next(h.engine for h in worker.manager.replicas.values())
+    pid_before = replica_stats(worker.replica_address("chat"), "chat")["pid"]
     llm.deploy_adapter("chat-zorbia", job.id, base_model="chat")
-    hosted = {h.status.model: h for h in worker.manager.replicas.values()}
-    assert hosted["chat"].engine is engine_before is hosted["chat-zorbia"].engine
+    stats = replica_stats(worker.replica_address("chat"), "chat")
+    assert stats["pid"] == pid_before and stats["loras"] == "chat-zorbia"
+    assert worker.replica_address("chat-zorbia") == worker.replica_address("chat")
 
     tuned = llm.chat_oai(ask, model="chat-zorbia", llm_config=GREEDY)[0].output
     assert tuned.strip().startswith(ANSWER), tuned

@@ -4,7 +4,6 @@ worker process's engine over gRPC, used through the SDK."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from llmesh import ByzerLLM
 
-from .conftest import Mesh
+from .conftest import Mesh, wait_replica_idle
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 VLLM_PARAMS = {
@@ -78,9 +77,5 @@ def test_vllm_abort_frees_the_engine(vllm_mesh: Any) -> None:
     *_, (_, meta) = stream
     assert meta["finish_reason"] == "abort"
     worker, _ = mesh.workers["w0"]
-    (hosted,) = worker.manager.replicas.values()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (hosted.inflight or hosted.engine.active_requests()):
-        time.sleep(0.05)
-    assert hosted.inflight == 0 and not hosted.engine.active_requests()
+    wait_replica_idle(worker.replica_address("chat"), "chat", timeout=10)
     assert llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 4})[0].output

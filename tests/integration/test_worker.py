@@ -21,7 +21,7 @@ from llmesh.v1 import common_pb2, control_plane_service_pb2_grpc, inference_serv
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
 
-from .conftest import Mesh
+from .conftest import Mesh, wait_replica_idle
 
 
 def _params(max_tokens: int, *, ignore_eos: bool = True) -> common_pb2.GenerationParams:
@@ -53,25 +53,14 @@ def served(etcd_server: Any, test_model_dir: Any) -> Iterator[tuple[Mesh, Any]]:
 @pytest.fixture
 def stub(served: tuple[Mesh, Any]) -> inference_service_pb2_grpc.InferenceServiceStub:
     _, worker = served
-    return inference_service_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(worker.address))
-
-
-def _replica(served: tuple[Mesh, Any]) -> Any:
-    _, worker = served
-    (hosted,) = [r for r in worker.manager.replicas.values() if r.status.model == "chat"]
-    return hosted
-
-
-def _wait_idle(served: tuple[Mesh, Any], timeout: float = 10) -> Any:
-    hosted = _replica(served)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if hosted.inflight == 0 and not hosted.engine.active_requests():
-            return hosted
-        time.sleep(0.02)
-    raise AssertionError(
-        f"slot not freed: inflight={hosted.inflight} active={hosted.engine.active_requests()}"
+    return inference_service_pb2_grpc.InferenceServiceStub(
+        grpc.insecure_channel(worker.replica_address("chat"))
     )
+
+
+def _wait_idle(served: tuple[Mesh, Any], timeout: float = 10) -> dict[str, str]:
+    _, worker = served
+    return wait_replica_idle(worker.replica_address("chat"), "chat", timeout)
 
 
 class ChatCall:
@@ -130,7 +119,7 @@ def test_abort_by_id_from_another_client(stub: Any, served: Any) -> None:
     c = ChatCall(stub, _start(request_id=rid))
     next(c.call)
     other = inference_service_pb2_grpc.InferenceServiceStub(
-        grpc.insecure_channel(served[1].address)
+        grpc.insecure_channel(served[1].replica_address("chat"))
     )
     assert other.Abort(inf.AbortRequest(request_id=rid)).aborted
     rest = list(c.call)
@@ -272,7 +261,7 @@ def test_inflight_is_published_to_etcd(served: Any, stub: Any) -> None:
 
 def test_reflection_and_health(served: Any) -> None:
     _, worker = served
-    channel = grpc.insecure_channel(worker.address)
+    channel = grpc.insecure_channel(worker.replica_address("chat"))
     health = health_pb2_grpc.HealthStub(channel)
     status = health.Check(health_pb2.HealthCheckRequest(service="llmesh.v1.InferenceService"))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
@@ -314,7 +303,7 @@ def test_stalled_client_gets_merged_messages_and_never_slows_another(
     """
     _, worker = served
     stalled_channel = grpc.insecure_channel(
-        worker.address,
+        worker.replica_address("chat"),
         options=[("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)],
     )
     stalled_stub = inference_service_pb2_grpc.InferenceServiceStub(stalled_channel)

@@ -1,0 +1,85 @@
+"""What every worker does to join the mesh: bind its server, build its record, take a lease.
+
+Inference node agents and trainer workers differ in what they serve and in how they shut
+down; the start is the same and lives here once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import aetcd
+import grpc
+
+from llmesh.common.etcd import worker_client
+from llmesh.common.etcd_keys import Keys, parse_endpoint
+from llmesh.common.grpc_server import Server
+from llmesh.common.worker_session import WorkerSession
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+Service = tuple[Callable[[object, grpc.aio.Server], None], object, str]
+
+
+@dataclass
+class WorkerPresence:
+    """A worker's bound (not yet started) server, its record, etcd client and lease session."""
+
+    server: Server
+    worker: cp.Worker
+    client: aetcd.Client
+    keys: Keys
+    session: WorkerSession
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Revoke the lease (if not done yet), stop the server, close the etcd client."""
+        await self.session.close()
+        await self.server.stop(grace)
+        await self.client.close()
+
+
+async def join_mesh(
+    services: Iterable[Service],
+    *,
+    kind: str,
+    listen: str,
+    advertise: str | None,
+    etcd: str | None,
+    namespace: str,
+    worker_id: str | None,
+    cpus: float | None,
+    gpus: float,
+    devices: Sequence[cp.Device] = (),
+    lease_ttl: int,
+) -> WorkerPresence:
+    """Bind the server and register the worker record under a fresh lease.
+
+    Raises:
+        ConnectionError: etcd is unreachable (the server is stopped again).
+        OSError: the listen address cannot be bound.
+    """
+    server = Server(services, listen=listen)
+    address = advertise or server.address
+    if address.startswith(("0.0.0.0:", "[::]:")):
+        address = f"{socket.gethostname()}:{server.port}"
+    worker = cp.Worker(
+        id=worker_id or f"{socket.gethostname()}-{server.port}",
+        address=address,
+        cpus=float(cpus if cpus is not None else os.cpu_count() or 1),
+        gpus=float(gpus),
+        kind=kind,
+        devices=list(devices),
+    )
+    host, port = parse_endpoint(etcd)
+    client = worker_client(etcd)
+    keys = Keys(namespace)
+    session = WorkerSession(client, keys, worker, ttl=lease_ttl)
+    try:
+        await session.__aenter__()
+    except Exception as exc:
+        await server.stop(0)
+        await client.close()
+        raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
+    return WorkerPresence(server, worker, client, keys, session)

@@ -1,0 +1,158 @@
+"""The replica process's side of ReplicaService: status board, adapters and drain for its agent.
+
+A replica process has no etcd access. Its :class:`StatusBoard` is the
+:class:`~llmesh.inference_worker.replica_manager.StatusSink` of its replica manager: it keeps
+the latest status of the base replica and of each adapter, and wakes the agent's
+``WatchReplica`` stream on every change. The agent publishes what it reads in etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmesh.common.errors import InvalidArgument, NotFound, rpc_handler
+from llmesh.inference_worker.replica_manager import ReplicaManager
+from llmesh.v1 import common_pb2, replica_service_pb2_grpc
+from llmesh.v1 import replica_service_pb2 as rs
+
+DEFAULT_HEARTBEAT_S = 1.0
+
+
+class StatusBoard:
+    """The latest status of every replica in this process; watchers wake on each change."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[tuple[str, int, int], common_pb2.Replica] = {}
+        self.changed = asyncio.Event()
+        self._version = 0
+
+    @staticmethod
+    def _key(replica: common_pb2.Replica) -> tuple[str, int, int]:
+        return (replica.model, replica.generation, replica.index)
+
+    async def publish_replica(self, replica: common_pb2.Replica) -> None:
+        copy = common_pb2.Replica()
+        copy.CopyFrom(replica)
+        self.replicas[self._key(replica)] = copy
+        self._bump()
+
+    async def remove_replica(self, replica: common_pb2.Replica) -> None:
+        self.replicas.pop(self._key(replica), None)
+        self._bump()
+
+    def _bump(self) -> None:
+        self._version += 1
+        self.changed.set()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def wait_change(self, after: int, timeout: float) -> None:
+        """Return once the version passed ``after`` or after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._version == after:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self.changed.clear()
+            waiter = asyncio.ensure_future(self.changed.wait())
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            await asyncio.wait([waiter], timeout=left)
+            waiter.cancel()
+
+
+class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
+    """Serves the node agent: status stream, adapter load/unload, drain.
+
+    Args:
+        manager: the process's replica manager.
+        board: its status sink.
+        address: the address clients reach this process on (adapters are served there too).
+    """
+
+    def __init__(self, manager: ReplicaManager, board: StatusBoard, address: str) -> None:
+        self.manager = manager
+        self.board = board
+        self.address = address
+
+    def snapshot(self) -> rs.WatchReplicaResponse:
+        out = rs.WatchReplicaResponse(progress=self.manager.progress)
+        for hosted in self.manager.replicas.values():
+            if hosted.base is None:
+                out.inflight += hosted.engine_load
+        for key, status in sorted(self.board.replicas.items()):
+            hosted = self.manager.replicas.get(key)
+            replica = out.replicas.add()
+            replica.CopyFrom(status)
+            if hosted is not None:
+                replica.inflight = hosted.inflight
+        return out
+
+    @rpc_handler
+    async def WatchReplica(
+        self, request: rs.WatchReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[rs.WatchReplicaResponse]:
+        heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_S
+        if heartbeat < 0:
+            raise InvalidArgument("heartbeat_seconds must be 0 (default) or positive")
+        loop = asyncio.get_running_loop()
+        while True:
+            version = self.board.version
+            message = self.snapshot()
+            yield message
+            # Next message on a status change, when the in-flight count moves (polled a few
+            # times a second, so a busy replica does not send one per request), or on the
+            # heartbeat.
+            deadline = loop.time() + heartbeat
+            while loop.time() < deadline:
+                await self.board.wait_change(version, min(0.2, deadline - loop.time()))
+                if self.board.version != version or self.snapshot().inflight != message.inflight:
+                    break
+
+    @rpc_handler
+    async def LoadAdapter(
+        self, request: rs.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> rs.LoadAdapterResponse:
+        if not request.model.base_model:
+            raise InvalidArgument(
+                f"model {request.model.name!r} has no base_model; only adapters load this way"
+            )
+        self.manager.spawn(
+            self.manager.load(request.assignment, request.model, self.address),
+            name=f"load-{request.model.name}",
+        )
+        return rs.LoadAdapterResponse()
+
+    @rpc_handler
+    async def UnloadAdapter(
+        self, request: rs.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> rs.UnloadAdapterResponse:
+        keys = [
+            key
+            for key, hosted in self.manager.replicas.items()
+            if key[0] == request.model and key[1] == request.generation and hosted.model.base_model
+        ]
+        if not keys:
+            raise NotFound(f"adapter {request.model!r} is not loaded in this replica process")
+        for key in keys:
+            await self.manager.unload(key)
+        return rs.UnloadAdapterResponse()
+
+    @rpc_handler
+    async def Drain(
+        self, request: rs.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> rs.DrainResponse:
+        for hosted in self.manager.replicas.values():
+            if hosted.status.state == common_pb2.REPLICA_STATE_READY:
+                hosted.status.state = common_pb2.REPLICA_STATE_DRAINING
+                await self.board.publish_replica(hosted.status)
+        with contextlib.suppress(Exception):
+            await self.manager.drain_all(max(request.timeout_seconds, 0.0))
+        left = sum(h.inflight for h in self.manager.replicas.values())
+        return rs.DrainResponse(inflight=left)

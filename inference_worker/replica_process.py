@@ -1,0 +1,215 @@
+"""A replica process: one engine (plus its LoRA adapters) serving InferenceService on its port.
+
+The node agent starts one per assigned replica::
+
+    python -m llmesh.inference_worker.replica_process SPEC.json
+
+``SPEC.json`` holds the model record, the assignment, the address to bind and where to write
+the bound address. The agent sets ``CUDA_VISIBLE_DEVICES`` to the device ids the replica holds
+before the process starts, so the engine sees only its own devices. The process has no etcd
+access: it reports to its agent over ``ReplicaService.WatchReplica`` and dies with it
+(PR_SET_PDEATHSIG), so no replica outlives its agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from google.protobuf import json_format
+
+from llmesh.common import tracing
+from llmesh.common.grpc_server import Server
+from llmesh.common.process import die_with_parent
+from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
+from llmesh.inference_worker.replica_manager import ReplicaManager
+from llmesh.inference_worker.servicer import InferenceServicer
+from llmesh.v1 import common_pb2, inference_service_pb2_grpc, replica_service_pb2_grpc
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+log = logging.getLogger(__name__)
+
+# Test hook, never set in production: after this many output chunks the engine stops producing
+# (its streams block), as a wedged GPU kernel or deadlocked engine thread would look to the agent.
+STALL_ENV = "LLMESH_TEST_STALL_AFTER_CHUNKS"
+# Backends whose infer_params take "device"; they default to CUDA when the replica holds GPUs.
+_DEVICE_BACKENDS = ("transformers", "deepspeed", "embedding", "rerank")
+
+
+@dataclass
+class ReplicaSpec:
+    """What the agent tells a replica process to serve."""
+
+    model: cp.Model
+    assignment: common_pb2.Replica
+    listen: str
+    address_file: Path
+    advertise_host: str = ""
+    # Share of one device when the replica holds a fraction of it (gpus_per_replica < 1).
+    gpu_share: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "model": json_format.MessageToDict(self.model, preserving_proto_field_name=True),
+                "assignment": json_format.MessageToDict(
+                    self.assignment, preserving_proto_field_name=True
+                ),
+                "listen": self.listen,
+                "address_file": str(self.address_file),
+                "advertise_host": self.advertise_host,
+                "gpu_share": self.gpu_share,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ReplicaSpec:
+        raw = json.loads(text)
+        return cls(
+            model=json_format.ParseDict(raw["model"], cp.Model()),
+            assignment=json_format.ParseDict(raw["assignment"], common_pb2.Replica()),
+            listen=raw["listen"],
+            address_file=Path(raw["address_file"]),
+            advertise_host=raw.get("advertise_host", ""),
+            gpu_share=float(raw.get("gpu_share", 0.0)),
+        )
+
+
+def engine_params(spec: ReplicaSpec) -> dict[str, str]:
+    """The model's infer_params plus the defaults that follow from the replica's devices."""
+    params = dict(spec.model.infer_params)
+    backend = spec.model.backend or "transformers"
+    holds_gpus = bool(spec.assignment.devices)
+    if holds_gpus and backend in _DEVICE_BACKENDS and "device" not in params and _cuda():
+        params["device"] = "cuda"
+    shared = holds_gpus and spec.gpu_share > 0
+    if shared and backend == "vllm" and "gpu_memory_utilization" not in params:
+        # Two replicas sharing a device must not each ask for vLLM's default 90 % of it.
+        params["gpu_memory_utilization"] = f"{0.9 * spec.gpu_share:.3f}"
+    return params
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch, no CUDA
+        return False
+
+
+class _StallingEngine:
+    """Delegates to an engine, but its streams stop after ``limit`` chunks (test hook)."""
+
+    shared: ClassVar[dict[str, int]] = {"chunks": 0}
+
+    def __init__(self, inner: Engine, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        stream = self._inner.generate(*args, **kwargs)
+        try:
+            async for chunk in stream:
+                if self.shared["chunks"] >= self._limit:
+                    await asyncio.Event().wait()  # stuck: no more output, ever
+                self.shared["chunks"] += 1
+                yield chunk
+        finally:
+            await stream.aclose()
+
+
+def engine_factory() -> Callable[[EngineConfig], Engine]:
+    from llmesh.inference_worker.engines import create_engine
+
+    limit = os.environ.get(STALL_ENV)
+    if not limit:
+        return create_engine
+
+    def stalling(config: EngineConfig) -> Engine:
+        return _StallingEngine(create_engine(config), int(limit))  # type: ignore[return-value]
+
+    return stalling
+
+
+@contextlib.asynccontextmanager
+async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaManager]]:
+    """Serve one replica; on exit drain it (bounded) and stop the engine."""
+    board = StatusBoard()
+    manager = ReplicaManager(board, engine_factory())
+    servicer = InferenceServicer(manager)
+    server = Server(
+        [
+            (
+                inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
+                servicer,
+                "llmesh.v1.InferenceService",
+            )
+        ],
+        listen=spec.listen,
+    )
+    host = spec.advertise_host or server.host
+    if host in ("0.0.0.0", "::"):
+        import socket
+
+        host = socket.gethostname()
+    address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
+    control = ReplicaControlServicer(manager, board, address)
+    replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server(control, server.server)
+    await server.start()
+    model = cp.Model()
+    model.CopyFrom(spec.model)
+    model.infer_params.clear()
+    model.infer_params.update(engine_params(spec))
+    # The address file tells the agent where to watch us; written atomically.
+    tmp = spec.address_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.replace(spec.address_file)
+    manager.spawn(manager.load(spec.assignment, model, address), name="load-base")
+    try:
+        yield server, manager
+    finally:
+        await server.set_not_serving()
+        await manager.drain_all(5.0)
+        await server.stop(1.0)
+        await manager.close()
+
+
+async def serve(spec: ReplicaSpec) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_replica(spec):
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    # SIGKILL, not SIGTERM: a wedged engine may never run a Python signal handler.
+    die_with_parent(signal.SIGKILL)
+    logging.basicConfig(
+        level=os.environ.get("LLMESH_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    spec = ReplicaSpec.from_json(Path(args[0]).read_text())
+    tracing.configure("llmesh-replica")
+    asyncio.run(serve(spec))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""One replica process, supervised by its node agent: start, watch, restart, stop.
+
+The supervisor starts the process with the replica's devices in ``CUDA_VISIBLE_DEVICES``, reads
+its ``WatchReplica`` stream and publishes what it reports (state, in-flight, and the process's
+own address, pid and devices) under the agent's etcd lease. It also tells the process which
+LoRA adapters to load. When the process exits, stops reporting, or has requests in flight and
+makes no progress for ``wedge_timeout`` seconds, the supervisor takes it out of routing at once
+(LOADING, with the reason), kills it and starts it again with backoff; after ``max_restarts``
+crashes within ``crash_window`` seconds it reports FAILED with the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.inference_worker.replica_process import ReplicaSpec
+from llmesh.v1 import common_pb2, replica_service_pb2_grpc
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import replica_service_pb2 as rs
+
+log = logging.getLogger(__name__)
+
+LOADING = common_pb2.REPLICA_STATE_LOADING
+READY = common_pb2.REPLICA_STATE_READY
+FAILED = common_pb2.REPLICA_STATE_FAILED
+DRAINING = common_pb2.REPLICA_STATE_DRAINING
+
+Publish = Callable[[common_pb2.Replica], Awaitable[None]]
+
+
+@dataclass
+class SupervisorSettings:
+    """How a node agent supervises its replica processes.
+
+    Args:
+        run_dir: where each replica's spec, address file and log live.
+        listen_host: the host replica processes bind (loopback unless told otherwise).
+        advertise_host: the host clients dial, when it differs from ``listen_host``.
+        wedge_timeout: seconds with requests in flight and no progress (or no report at all)
+            before a replica counts as wedged and is restarted.
+        heartbeat: seconds between the replica's reports when nothing changes.
+        max_restarts: crashes within ``crash_window`` before the replica is FAILED for good.
+        crash_window: seconds.
+        backoff_max: the longest wait before a restart, in seconds.
+        stop_grace: seconds a stopping replica gets between SIGTERM and SIGKILL.
+        drain_timeout: seconds an undeployed replica's requests get to finish.
+        env: extra environment variables for replica processes.
+    """
+
+    run_dir: Path
+    listen_host: str = "127.0.0.1"
+    advertise_host: str = ""
+    wedge_timeout: float = 30.0
+    heartbeat: float = 1.0
+    max_restarts: int = 5
+    crash_window: float = 300.0
+    backoff_max: float = 30.0
+    stop_grace: float = 10.0
+    drain_timeout: float = 30.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class ReplicaSupervisor:
+    """Runs and watches the process of one base-model replica and the adapters riding on it.
+
+    Args:
+        assignment: the replica as assigned (model, index, generation, worker, devices).
+        model: the model record.
+        settings: the agent's supervision settings.
+        publish: writes a replica's status to etcd (under the agent's lease).
+        remove: deletes a replica's status from etcd.
+    """
+
+    def __init__(
+        self,
+        assignment: common_pb2.Replica,
+        model: cp.Model,
+        settings: SupervisorSettings,
+        *,
+        publish: Publish,
+        remove: Publish,
+    ) -> None:
+        self.assignment = assignment
+        self.model = model
+        self.settings = settings
+        self._publish = publish
+        self._remove = remove
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+        self.adapters: dict[tuple[str, int], tuple[common_pb2.Replica, cp.Model]] = {}
+        self._loaded: set[tuple[str, int]] = set()
+        self._published: dict[tuple[str, int], common_pb2.Replica] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: replica_service_pb2_grpc.ReplicaServiceStub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._crashes: deque[float] = deque()
+        self.restarts = 0
+        name = f"{model.name}-{assignment.index}-g{assignment.generation}"
+        self.dir = settings.run_dir / name
+        self.log_path = self.dir / "replica.log"
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.assignment.model, self.assignment.generation, self.assignment.index)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"supervise-{self.dir.name}")
+
+    # ---- etcd ------------------------------------------------------------------------------
+
+    def _status(
+        self, base: common_pb2.Replica | None = None, **fields: object
+    ) -> common_pb2.Replica:
+        out = common_pb2.Replica()
+        if base is not None:
+            out.CopyFrom(base)
+        else:
+            out.model = self.assignment.model
+            out.index = self.assignment.index
+            out.generation = self.assignment.generation
+        out.worker_id = self.assignment.worker_id
+        out.address = self.address
+        out.pid = self.pid
+        del out.devices[:]
+        out.devices.extend(self.assignment.devices)
+        for name, value in fields.items():
+            setattr(out, name, value)
+        return out
+
+    async def _report(self, replica: common_pb2.Replica) -> None:
+        key = (replica.model, replica.generation)
+        old = self._published.get(key)
+        if old is not None and old == replica:
+            return
+        self._published[key] = replica
+        await self._publish(replica)
+
+    async def _report_down(self, state: int, reason: str) -> None:
+        """Take the base replica and its adapters out of routing (not READY), with the reason."""
+        await self._report(self._status(state=state, reason=reason, inflight=0))
+        for assignment, _ in self.adapters.values():
+            await self._report(
+                self._status(
+                    assignment,
+                    state=state,
+                    reason=f"base model {self.model.name!r} replica: {reason}",
+                    inflight=0,
+                    address=self.address,
+                )
+            )
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    async def add_adapter(self, assignment: common_pb2.Replica, model: cp.Model) -> None:
+        """Serve an adapter from this replica's engine (now, and after every restart)."""
+        key = (model.name, assignment.generation)
+        self.adapters[key] = (assignment, model)
+        await self._load_adapters()
+
+    async def remove_adapter(self, name: str, generation: int) -> None:
+        """Drain an adapter's requests and unload it; its status leaves etcd."""
+        entry = self.adapters.pop((name, generation), None)
+        if entry is None:
+            return
+        if (name, generation) in self._loaded and self._stub is not None:
+            self._loaded.discard((name, generation))
+            with contextlib.suppress(grpc.RpcError):
+                await self._stub.UnloadAdapter(
+                    rs.UnloadAdapterRequest(model=name, generation=generation), timeout=60
+                )
+        published = self._published.pop((name, generation), None)
+        await self._remove(published or self._status(entry[0]))
+
+    async def _load_adapters(self) -> None:
+        if self._stub is None:
+            return
+        for key, (assignment, model) in list(self.adapters.items()):
+            if key in self._loaded:
+                continue
+            self._loaded.add(key)
+            try:
+                await self._stub.LoadAdapter(
+                    rs.LoadAdapterRequest(model=model, assignment=assignment), timeout=30
+                )
+            except grpc.RpcError as err:
+                self._loaded.discard(key)
+                log.warning("loading adapter %s into %s failed: %s", key[0], self.dir.name, err)
+
+    # ---- the process -----------------------------------------------------------------------
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        address_file = self.dir / "address.json"
+        address_file.unlink(missing_ok=True)
+        share = self.model.gpus_per_replica if 0 < self.model.gpus_per_replica < 1 else 0.0
+        spec = ReplicaSpec(
+            model=self.model,
+            assignment=self.assignment,
+            listen=f"{self.settings.listen_host}:0",
+            address_file=address_file,
+            advertise_host=self.settings.advertise_host,
+            gpu_share=share,
+        )
+        spec_path = self.dir / "spec.json"
+        spec_path.write_text(spec.to_json())
+        env = {**os.environ, **self.settings.env}
+        # The replica sees only its own devices; none at all when it holds none.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.assignment.devices)
+        log_file = open(self.log_path, "ab")
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "llmesh.inference_worker.replica_process", str(spec_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            log_file.close()
+
+    async def _wait_address(self, proc: subprocess.Popen[bytes]) -> str | None:
+        path = self.dir / "address.json"
+        while proc.poll() is None:
+            if path.exists():
+                import json
+
+                return str(json.loads(path.read_text())["address"])
+            await asyncio.sleep(0.05)
+        return None
+
+    def log_tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            outcome = await self._run_once()
+            if self._stopping:
+                return
+            if outcome is None:
+                return  # the engine failed to load: FAILED is reported, no restart
+            now = time.monotonic()
+            self._crashes.append(now)
+            while self._crashes and now - self._crashes[0] > self.settings.crash_window:
+                self._crashes.popleft()
+            if len(self._crashes) > self.settings.max_restarts:
+                reason = (
+                    f"{outcome}; restarted {len(self._crashes) - 1} times within "
+                    f"{self.settings.crash_window:g} s, giving up. Last log lines:\n"
+                    f"{self.log_tail()}"
+                )
+                log.warning("replica %s FAILED: %s", self.dir.name, outcome)
+                await self._report_down(FAILED, reason)
+                return
+            log.warning("replica %s: %s; restarting in %.1fs", self.dir.name, outcome, backoff)
+            await self._report_down(LOADING, f"restarting: {outcome}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.backoff_max)
+            self.restarts += 1
+
+    async def _run_once(self) -> str | None:
+        """Run the process until it dies or wedges.
+
+        Returns:
+            Why it ended, or None when it must not be restarted (its engine failed to load).
+        """
+        self.address = ""
+        self._loaded.clear()
+        proc = self.proc = self._spawn()
+        await self._report(self._status(state=LOADING, reason="", inflight=0))
+        try:
+            address = await self._wait_address(proc)
+            if address is None:
+                return f"replica process exited with code {proc.returncode} before serving"
+            self.address = address
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._stub = replica_service_pb2_grpc.ReplicaServiceStub(self._channel)
+            return await self._watch(proc)
+        finally:
+            self._stub = None
+            if self._channel is not None:
+                await self._channel.close(None)
+                self._channel = None
+            if proc.poll() is None:
+                # Wedged, or supervision ended: the process must not linger.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+
+    async def _watch(self, proc: subprocess.Popen[bytes]) -> str | None:
+        assert self._stub is not None
+        stream = self._stub.WatchReplica(
+            rs.WatchReplicaRequest(heartbeat_seconds=self.settings.heartbeat)
+        )
+        # The stream is read by its own task into a queue: cancelling a wait on a queue is
+        # harmless, cancelling a read of the stream would end the call.
+        inbox: asyncio.Queue[rs.WatchReplicaResponse | BaseException | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for message in stream:
+                    inbox.put_nowait(message)
+                inbox.put_nowait(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the watcher
+                inbox.put_nowait(exc)
+
+        reader = asyncio.create_task(read(), name=f"watch-{self.dir.name}")
+        exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
+        loop = asyncio.get_running_loop()
+        last_report = loop.time()
+        last_progress, progress_since = -1, loop.time()
+        wedge = self.settings.wedge_timeout
+        # Loading may hold the process's event loop for long stretches (imports, weights), so
+        # silence counts as a wedge only once the replica has served.
+        served = False
+        try:
+            while True:
+                nxt = asyncio.ensure_future(inbox.get())
+                done, _ = await asyncio.wait(
+                    [nxt, exited], timeout=min(wedge, 1.0), return_when=asyncio.FIRST_COMPLETED
+                )
+                now = loop.time()
+                if exited in done:
+                    nxt.cancel()
+                    return f"replica process exited with code {proc.returncode}"
+                if nxt not in done:
+                    nxt.cancel()
+                    if served and now - last_report > wedge:
+                        return f"replica process sent no report for {wedge:g} s (wedged)"
+                    continue
+                message = nxt.result()
+                if message is None or isinstance(message, BaseException):
+                    # A dying process breaks the stream a moment before its exit is seen.
+                    await asyncio.wait([exited], timeout=1.0)
+                    if proc.poll() is not None:
+                        return f"replica process exited with code {proc.returncode}"
+                    if message is None:
+                        return "replica process closed its status stream"
+                    code = message.code().name if isinstance(message, grpc.RpcError) else message
+                    return f"replica status stream failed: {code}"
+                last_report = now
+                served = served or any(
+                    r.state == READY and r.model == self.model.name for r in message.replicas
+                )
+                if message.progress != last_progress or message.inflight == 0:
+                    last_progress, progress_since = message.progress, now
+                elif now - progress_since > wedge:
+                    return (
+                        f"engine made no progress for {wedge:g} s with {message.inflight} "
+                        "request(s) in flight (wedged)"
+                    )
+                if await self._relay(message):
+                    return None
+        finally:
+            stream.cancel()
+            reader.cancel()
+            if not exited.done():
+                exited.cancel()
+
+    async def _relay(self, message: rs.WatchReplicaResponse) -> bool:
+        """Publish what the process reports; True when its base replica FAILED to load."""
+        base_failed = False
+        for replica in message.replicas:
+            status = self._status(replica)
+            if replica.model == self.model.name and replica.index == self.assignment.index:
+                if replica.state == READY:
+                    await self._load_adapters()
+                if replica.state == FAILED:
+                    base_failed = True
+                    await self._report_down(FAILED, replica.reason)
+                    continue
+            await self._report(status)
+        return base_failed
+
+    # ---- stopping --------------------------------------------------------------------------
+
+    async def stop(self, *, drain: float = 30.0, forget: bool = True) -> None:
+        """Drain (bounded), stop the process (SIGTERM, then SIGKILL) and remove its statuses.
+
+        Args:
+            drain: seconds in-flight requests get to finish.
+            forget: remove the statuses from etcd now; otherwise call :meth:`forget` later.
+        """
+        self._stopping = True
+        proc = self.proc
+        if self._stub is not None and proc is not None and proc.poll() is None:
+            await self._report(self._status(state=DRAINING, inflight=0))
+            with contextlib.suppress(grpc.RpcError):
+                await self._stub.Drain(rs.DrainRequest(timeout_seconds=drain), timeout=drain + 5)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), self.settings.stop_grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if forget:
+            await self.forget()
+
+    async def forget(self) -> None:
+        """Remove every status this supervisor published (the replica is gone)."""
+        for replica in list(self._published.values()):
+            await self._remove(replica)
+        self._published.clear()
