@@ -22,7 +22,7 @@ from llmesh.common.errors import (
 )
 from llmesh.common.etcd import EtcdKV, Op, absent, delete_op, mod_revision_is, put_op
 from llmesh.common.etcd_keys import Keys, encode
-from llmesh.control_plane.placement import capacities, place
+from llmesh.control_plane.placement import Slot, capacities, place
 from llmesh.control_plane.registry import Fence, Registry
 from llmesh.control_plane.spec import describe_difference, same_spec
 from llmesh.control_plane.views import current_replicas, with_replicas
@@ -96,19 +96,16 @@ class Deployer:
                 self.registry.models(),
             )
             if spec.base_model:
-                # An adapter is served where its base model's replicas are, nowhere else.
-                plan = {i: w for w, i in self.registry.assignments(spec.base_model)}
+                # An adapter is served where its base model's replicas are, nowhere else, and
+                # holds no devices of its own.
+                plan = {i: Slot(w) for w, i in self.registry.assignments(spec.base_model)}
             else:
                 plan = place(spec, caps)
             generation, bump = self._bump(fence)
             stored = _copy(spec)
             stored.generation = generation
             ops = [bump, put_op(self.keys.model(name), encode(stored))]
-            for index, worker_id in sorted(plan.items()):
-                assignment = common_pb2.Replica(
-                    model=name, index=index, worker_id=worker_id, generation=generation
-                )
-                ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+            ops.extend(self._assign_ops(name, generation, plan))
             compare = [
                 mod_revision_is(self.keys.placement, fence.mod_revision),
                 absent(self.keys.model(name)),
@@ -119,18 +116,27 @@ class Deployer:
             response = await self.kv.txn(compare, ops)
             await self._catch_up(response.header.revision)
             if response.succeeded:
-                log.info(
-                    "deployed %s generation %d: %s",
-                    name,
-                    generation,
-                    ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
-                )
+                log.info("deployed %s generation %d: %s", name, generation, _describe_plan(plan))
                 return stored
             log.debug("deploy of %s lost a placement race; retrying", name)
         raise Unavailable(
             f"could not deploy {name!r}: placement changed under it {self.max_attempts} times "
             "in a row; retry"
         )
+
+    def _assign_ops(self, name: str, generation: int, plan: dict[int, Slot]) -> list[Op]:
+        """Puts of the assignments in ``plan``, each naming the devices it holds."""
+        ops = []
+        for index, (worker_id, devices) in sorted(plan.items()):
+            assignment = common_pb2.Replica(
+                model=name,
+                index=index,
+                worker_id=worker_id,
+                generation=generation,
+                devices=devices,
+            )
+            ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+        return ops
 
     def _adapter_spec(self, spec: cp.Model) -> cp.Model:
         """The adapter's spec with its base model's backend and replica count filled in."""
@@ -245,12 +251,7 @@ class Deployer:
         for worker_id, index in moving:
             if index in plan:
                 ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
-                assignment = common_pb2.Replica(
-                    model=name, index=index, worker_id=plan[index], generation=spec.generation
-                )
-                ops.append(
-                    put_op(self.keys.assignment(plan[index], name, index), encode(assignment))
-                )
+        ops.extend(self._assign_ops(name, spec.generation, plan))
         response = await self.kv.txn(
             [
                 mod_revision_is(self.keys.placement, fence.mod_revision),
@@ -261,11 +262,7 @@ class Deployer:
         await self._catch_up(response.header.revision)
         if not response.succeeded:
             return None
-        log.info(
-            "re-placed %s replicas from lost workers: %s",
-            name,
-            ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
-        )
+        log.info("re-placed %s replicas from lost workers: %s", name, _describe_plan(plan))
         return len(plan)
 
     async def _follow_base(self, spec: cp.Model) -> int | None:
@@ -380,3 +377,10 @@ def _describe_pending(replicas: Sequence[common_pb2.Replica], *, want_ready: boo
         state = _STATE.Name(r.state).removeprefix("REPLICA_STATE_")
         parts.append(f"replica {r.index} on {r.worker_id or '?'} is {state}")
     return "; ".join(parts) or "no replica has reported"
+
+
+def _describe_plan(plan: dict[int, Slot]) -> str:
+    """E.g. "0->w1[0,1], 1->w2" for the log."""
+    return ", ".join(
+        f"{i}->{w}" + (f"[{','.join(d)}]" if d else "") for i, (w, d) in sorted(plan.items())
+    )

@@ -9,7 +9,8 @@ for each assignment whose worker has not published a status yet:
   it died or has not started. It may come back; otherwise the reconcile loop moves the replica.
 
 Placeholders carry model, index, worker_id and generation (and the worker's address when
-known), never ``inflight``; AssignWorker never picks them because they are not READY.
+known), never ``inflight``; AssignWorker never picks them because they are not READY. Every
+replica shows the device ids its assignment holds when the worker's own status lacks them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
     """The replicas of the model's current generation, sorted by (index, worker_id)."""
     generation = spec.generation
     workers = registry.workers()
+    assignments = registry.assignments(spec.name)
     out: dict[tuple[str, int], common_pb2.Replica] = {}
     for (worker_id, gen, index), status in registry.replicas(spec.name).items():
         if gen != generation:
@@ -32,12 +34,19 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
         replica.CopyFrom(status)
         if not replica.address and worker_id in workers:
             replica.address = workers[worker_id].address
+        assigned = assignments.get((worker_id, index))
+        if not replica.devices and assigned is not None:
+            replica.devices.extend(assigned.devices)
         out[(worker_id, index)] = replica
-    for (worker_id, index), assignment in registry.assignments(spec.name).items():
+    for (worker_id, index), assignment in assignments.items():
         if (worker_id, index) in out or assignment.generation not in (0, generation):
             continue
         placeholder = common_pb2.Replica(
-            model=spec.name, index=index, worker_id=worker_id, generation=generation
+            model=spec.name,
+            index=index,
+            worker_id=worker_id,
+            generation=generation,
+            devices=assignment.devices,
         )
         worker = workers.get(worker_id)
         if worker is not None:
@@ -70,7 +79,8 @@ def with_replicas(registry: Registry, spec: cp.Model) -> cp.Model:
 
 
 def worker_views(registry: Registry) -> list[cp.Worker]:
-    """Live workers sorted by id, with cpus_used, gpus_used and replicas ("model/index")."""
+    """Live workers sorted by id, with cpus_used, gpus_used, replicas ("model/index") and
+    each device's holders and free share."""
     caps = capacities(registry.workers().values(), registry.all_assignments(), registry.models())
     out = []
     for worker_id in sorted(registry.workers()):
@@ -81,5 +91,17 @@ def worker_views(registry: Registry) -> list[cp.Worker]:
         worker.gpus_used = cap.gpus_used
         del worker.replicas[:]
         worker.replicas.extend(cap.replicas)
+        declared = {d.id: d for d in worker.devices}
+        del worker.devices[:]
+        for use in cap.devices:
+            device = worker.devices.add()
+            if use.id in declared:
+                device.CopyFrom(declared[use.id])
+                del device.holders[:]
+            device.id = use.id
+            device.holders.extend(use.holders)
+            device.free = use.free
+        if not worker.gpus and cap.devices:
+            worker.gpus = len(cap.devices)  # a worker that listed devices but gave no count
         out.append(worker)
     return out

@@ -302,7 +302,7 @@ async def test_placement_respects_gpus(
     await SimWorker(etcd, keys, "cpu-only", cpus=16).start()
     await SimWorker(etcd, keys, "gpu", cpus=4, gpus=1).start()
     deployed = await deploy(stub, "llm", gpus_per_replica=1)
-    assert [r.worker_id for r in deployed.replicas] == ["gpu"]
+    assert [(r.worker_id, list(r.devices)) for r in deployed.replicas] == [("gpu", ["0"])]
     err = await rpc_error(
         stub.DeployModel(cp.DeployModelRequest(model=model("llm2", gpus_per_replica=1)))
     )
