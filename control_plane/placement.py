@@ -14,6 +14,10 @@ Replicas of one model spread over distinct workers first; two land on one worker
 other worker has room. Among equal candidates the worker with the most free capacity wins, then
 the smallest worker id, so two control planes planning from the same state choose the same
 workers and the same device ids.
+
+A replica that fits nowhere now but would fit on some live worker if that worker were empty
+waits PENDING (:func:`plan_replicas`, :func:`pending_reason`); one that would fit on no live
+worker even then fails the deploy.
 """
 
 from __future__ import annotations
@@ -285,6 +289,102 @@ def place(
     return plan
 
 
+def could_ever_fit(model: cp.Model, workers: Mapping[str, Capacity]) -> bool:
+    """Whether one replica of ``model`` fits on some live inference worker if it were empty."""
+    return any(
+        c.kind in INFERENCE_KINDS and c.empty().fits(model.cpus_per_replica, model.gpus_per_replica)
+        for c in workers.values()
+    )
+
+
+def plan_replicas(
+    model: cp.Model, workers: Mapping[str, Capacity]
+) -> tuple[dict[int, Slot], list[int]]:
+    """Place the replicas that fit now; the others wait PENDING if they could ever fit.
+
+    Args:
+        model: the normalized model spec.
+        workers: capacities of live workers; not modified.
+
+    Returns:
+        (index -> Slot for the replicas placed now, indexes that wait PENDING).
+
+    Raises:
+        FailedPrecondition: no inference worker is registered, or none is big enough for one
+            replica even with nothing else on it; the message says what each worker has.
+    """
+    plan = place(model, workers, partial=True)
+    waiting = [i for i in range(model.num_replicas) if i not in plan]
+    if waiting and not could_ever_fit(model, workers):
+        raise FailedPrecondition(_no_capacity(model, len(plan), model.num_replicas, workers))
+    return plan, waiting
+
+
+def pending_reason(model: cp.Model, workers: Mapping[str, Capacity]) -> str:
+    """Why a replica of ``model`` waits: per worker that could hold it, what it has, who holds it.
+
+    Args:
+        model: the normalized model spec.
+        workers: capacities of live workers.
+    """
+    cpus, gpus = model.cpus_per_replica, model.gpus_per_replica
+    need = f"{_num(cpus)} CPUs" + (f" and {_gpu_need(gpus)}" if gpus > 0 else "")
+    candidates = sorted(
+        (c for c in workers.values() if c.kind in INFERENCE_KINDS and c.empty().fits(cpus, gpus)),
+        key=lambda c: c.worker_id,
+    )
+    if not candidates:
+        return (
+            f"waiting for an inference worker with room for {need}: no live worker is big "
+            "enough; it is placed when one registers"
+        )
+    parts = [_shortage(c, cpus, gpus) for c in candidates]
+    return f"waiting for room for {need}: {'; '.join(parts)}; it is placed once room frees up"
+
+
+def _shortage(cap: Capacity, cpus: float, gpus: float) -> str:
+    """What ``cap`` lacks for one replica, naming who holds it."""
+    pieces = []
+    if gpus > 0 and cap.pick(gpus) is None:
+        n = cap.gpus
+        held = [d for d in cap.devices if d.held > _EPSILON]
+        holders = _and(_unique(h for d in held for h in d.holders))
+        gpu_word = f"{n} GPU" + ("" if n == 1 else "s")
+        if gpus < 1:
+            pieces.append(f"{gpu_word}, none with a {_num(gpus)} share free (held by {holders})")
+        elif len(held) == n:
+            every = "held" if n == 1 else "both held" if n == 2 else "all held"
+            pieces.append(f"{gpu_word}, {every} by {holders}")
+        else:
+            pieces.append(f"{gpu_word}, {n - len(held)} free and {len(held)} held by {holders}")
+    if cpus > cap.free_cpus + _EPSILON:
+        holders = _and(cap.replicas)
+        pieces.append(
+            f"{_num(cap.cpus)} CPUs, {_num(max(cap.free_cpus, 0))} free (held by {holders})"
+        )
+    if not pieces:
+        return f"worker {cap.worker_id} has room now (the replica is being placed)"
+    return f"worker {cap.worker_id} has " + ", and ".join(pieces)
+
+
+def _gpu_need(gpus: float) -> str:
+    if gpus < 1:
+        return f"a {_num(gpus)} share of one GPU"
+    return f"{_num(gpus)} whole GPU" + ("" if gpus == 1 else "s")
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return sorted(set(items), key=_label_order)
+
+
+def _and(items: Sequence[str]) -> str:
+    if not items:
+        return "nobody"
+    if len(items) == 1:
+        return items[0]
+    return f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def _no_capacity(model: cp.Model, placed: int, wanted: int, workers: Mapping[str, Capacity]) -> str:
     need = (
         f"{wanted} replica(s) of model {model.name!r}, each needing "
@@ -299,6 +399,12 @@ def _no_capacity(model: cp.Model, placed: int, wanted: int, workers: Mapping[str
             "(llmesh inference-worker) and deploy again"
         )
     have = "; ".join(c.describe() for c in inference)
+    if not could_ever_fit(model, workers):
+        return (
+            f"cannot place {need}: no live inference worker is big enough for one replica even "
+            f"with nothing else on it ({have}); add a bigger worker or ask for fewer resources "
+            "per replica"
+        )
     return (
         f"cannot place {need}: only {placed} fit on the live workers ({have}); add workers, "
         "undeploy another model or ask for fewer resources per replica"

@@ -8,6 +8,10 @@ for each assignment whose worker has not published a status yet:
 * ``REPLICA_STATE_UNSPECIFIED`` (reason says so): the assigned worker is not registered, because
   it died or has not started. It may come back; otherwise the reconcile loop moves the replica.
 
+* ``REPLICA_STATE_PENDING`` (no worker_id; reason says why, naming the workers and who holds
+  their room): no live worker has room for the replica now; the reconcile loop places it once
+  room frees up. An adapter's replica is PENDING while its base model's replica is.
+
 Placeholders carry model, index, worker_id and generation (and the worker's address when
 known), never ``inflight``; AssignWorker never picks them because they are not READY. Every
 replica shows the device ids its assignment holds when the worker's own status lacks them.
@@ -15,7 +19,7 @@ replica shows the device ids its assignment holds when the worker's own status l
 
 from __future__ import annotations
 
-from llmesh.control_plane.placement import capacities
+from llmesh.control_plane.placement import capacities, pending_reason
 from llmesh.control_plane.registry import Registry
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -58,7 +62,40 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
                 f"worker {worker_id} is not registered (it stopped, or has not started yet)"
             )
         out[(worker_id, index)] = placeholder
+    assigned_indexes = {index for _, index in out}
+    for index, reason in _pending(registry, spec).items():
+        if index not in assigned_indexes:
+            out[("", index)] = common_pb2.Replica(
+                model=spec.name,
+                index=index,
+                generation=generation,
+                state=common_pb2.REPLICA_STATE_PENDING,
+                reason=reason,
+            )
     return sorted(out.values(), key=lambda r: (r.index, r.worker_id))
+
+
+def _pending(registry: Registry, spec: cp.Model) -> dict[int, str]:
+    """Pending replica indexes of the model's current generation and why each waits."""
+    if spec.base_model:
+        # An adapter waits wherever its base model's replica waits.
+        base = registry.models().get(spec.base_model)
+        if base is None:
+            return {}
+        return {
+            index: f"base model {base.name}'s replica {index} is PENDING: {reason}"
+            for index, reason in _pending(registry, base).items()
+        }
+    waiting = [
+        index
+        for index, replica in registry.pending(spec.name).items()
+        if replica.generation in (0, spec.generation)
+    ]
+    if not waiting:
+        return {}
+    caps = capacities(registry.workers().values(), registry.all_assignments(), registry.models())
+    reason = pending_reason(spec, caps)  # the same for every replica of one model
+    return dict.fromkeys(sorted(waiting), reason)
 
 
 def model_view(registry: Registry, name: str) -> cp.Model | None:

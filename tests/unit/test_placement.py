@@ -11,7 +11,9 @@ from llmesh.control_plane.placement import (
     Slot,
     capacities,
     device_ids,
+    pending_reason,
     place,
+    plan_replicas,
 )
 from llmesh.control_plane.spec import describe_difference, normalize, same_spec
 from llmesh.v1 import common_pb2
@@ -236,6 +238,47 @@ def test_assignments_without_device_ids_get_them_after_named_ones() -> None:
     }
     [cap] = capacities(workers, assignments, models).values()
     assert [(d.id, d.holders) for d in cap.devices] == [("0", ["new/0"]), ("1", ["old/0"])]
+
+
+def test_plan_pends_what_lacks_room_now_and_fails_what_never_fits() -> None:
+    workers = [cp.Worker(id="w1", cpus=8, gpus=2, kind="inference")]
+    models = {"chat": spec(1, gpus=1, name="chat"), "emb": spec(1, gpus=1, name="emb")}
+    assignments = {
+        name: {("w1", 0): common_pb2.Replica(model=name, index=0, worker_id="w1", devices=[d])}
+        for name, d in (("chat", "0"), ("emb", "1"))
+    }
+    current = capacities(workers, assignments, models)
+    wanted = spec(2, gpus=1, name="big")
+    assert plan_replicas(wanted, current) == ({}, [0, 1])
+    reason = pending_reason(wanted, current)
+    assert "worker w1 has 2 GPUs, both held by chat/0 and emb/0" in reason
+    assert "1 CPUs and 1 whole GPU" in reason
+    # Too big for w1 even when it is empty: the deploy fails at once.
+    with pytest.raises(FailedPrecondition, match="no live inference worker is big enough"):
+        plan_replicas(spec(1, gpus=3, name="huge"), current)
+    with pytest.raises(FailedPrecondition, match="no inference worker is registered"):
+        plan_replicas(spec(1, name="any"), {})
+    # A share of a device: the reason names who holds the shares.
+    half = capacities(
+        workers,
+        {
+            "h": {
+                ("w1", i): common_pb2.Replica(index=i, worker_id="w1", devices=[str(i)])
+                for i in (0, 1)
+            }
+        },
+        {"h": spec(2, gpus=0.75, name="h")},
+    )
+    assert "2 GPUs, none with a 0.5 share free (held by h/0 and h/1)" in pending_reason(
+        spec(1, gpus=0.5), half
+    )
+
+
+def test_pending_reason_names_cpu_holders() -> None:
+    workers = [cp.Worker(id="w1", cpus=2, kind="inference")]
+    assignments = {"a": {("w1", 0): common_pb2.Replica(index=0, worker_id="w1")}}
+    current = capacities(workers, assignments, {"a": spec(1, cpus=1.5, name="a")})
+    assert "worker w1 has 2 CPUs, 0.5 free (held by a/0)" in pending_reason(spec(1), current)
 
 
 @pytest.mark.parametrize("gpus", [0.0, 0.25, 0.5, 1.0, 2.0, 8.0])
