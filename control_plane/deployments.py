@@ -114,7 +114,7 @@ class Deployer:
             stored.generation = generation
             ops = [bump, put_op(self.keys.model(name), encode(stored))]
             ops.extend(self._assign_ops(name, generation, plan))
-            reason = pending_reason(spec, caps) if waiting else ""
+            reason = pending_reason(spec, caps, plan) if waiting else ""
             for index in waiting:
                 pending = common_pb2.Replica(
                     model=name,

@@ -320,14 +320,22 @@ def plan_replicas(
     return plan, waiting
 
 
-def pending_reason(model: cp.Model, workers: Mapping[str, Capacity]) -> str:
+def pending_reason(
+    model: cp.Model, workers: Mapping[str, Capacity], placed: Mapping[int, Slot] | None = None
+) -> str:
     """Why a replica of ``model`` waits: per worker that could hold it, what it has, who holds it.
 
     Args:
         model: the normalized model spec.
-        workers: capacities of live workers.
+        workers: capacities of live workers; not modified.
+        placed: replicas of ``model`` being placed along with it (not yet in ``workers``).
     """
     cpus, gpus = model.cpus_per_replica, model.gpus_per_replica
+    if placed:
+        workers = {wid: c.copy() for wid, c in workers.items()}
+        for index, (worker_id, devices) in placed.items():
+            if worker_id in workers:
+                workers[worker_id].reserve(cpus, gpus, f"{model.name}/{index}", devices)
     need = f"{_num(cpus)} CPUs" + (f" and {_gpu_need(gpus)}" if gpus > 0 else "")
     candidates = sorted(
         (c for c in workers.values() if c.kind in INFERENCE_KINDS and c.empty().fits(cpus, gpus)),

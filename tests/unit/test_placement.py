@@ -253,6 +253,11 @@ def test_plan_pends_what_lacks_room_now_and_fails_what_never_fits() -> None:
     reason = pending_reason(wanted, current)
     assert "worker w1 has 2 GPUs, both held by chat/0 and emb/0" in reason
     assert "1 CPUs and 1 whole GPU" in reason
+    # The replicas placed along with the pending ones count as holders too.
+    free_one = capacities(workers, {"chat": assignments["chat"]}, models)
+    plan, waiting = plan_replicas(wanted, free_one)
+    assert (plan, waiting) == ({0: Slot("w1", ("1",))}, [1])
+    assert "2 GPUs, both held by big/0 and chat/0" in pending_reason(wanted, free_one, plan)
     # Too big for w1 even when it is empty: the deploy fails at once.
     with pytest.raises(FailedPrecondition, match="no live inference worker is big enough"):
         plan_replicas(spec(1, gpus=3, name="huge"), current)
@@ -297,3 +302,15 @@ def test_normalize_rejects_partial_gpus_above_one(gpus: float) -> None:
     assert "model.gpus_per_replica must be 0 or more" in message
     assert "a fraction below 1 for a share of one GPU" in message
     assert "a whole number of GPUs" in message and f"got {gpus:g}" in message
+
+
+def test_pending_reason_counts_free_and_held_devices() -> None:
+    workers = [cp.Worker(id="w1", cpus=8, gpus=4, kind="inference")]
+    assignments = {
+        name: {("w1", 0): common_pb2.Replica(index=0, worker_id="w1", devices=[d])}
+        for name, d in (("a", "0"), ("b", "2"))
+    }
+    models = {"a": spec(1, gpus=1, name="a"), "b": spec(1, gpus=1, name="b")}
+    current = capacities(workers, assignments, models)
+    reason = pending_reason(spec(1, gpus=3, name="c"), current)
+    assert "worker w1 has 4 GPUs, 2 free and 2 held by a/0 and b/0" in reason
