@@ -6,6 +6,7 @@ Everything llmesh knows lives under one namespace (default ``/llmesh``)::
     {ns}/models/{model}                          Model (desired state, no replicas)   durable
     {ns}/workers/{worker_id}                     Worker                               lease
     {ns}/assignments/{worker_id}/{model}/{index} Replica (what the worker must load)  durable
+    {ns}/pending/{model}/{index}                 Replica (PENDING: no room for it yet) durable
     {ns}/replicas/{model}/{worker_id}/{gen}/{i}  Replica (state, address, in-flight)  lease
     {ns}/jobs/{job_id}                           TrainingJob (spec, state, progress)  durable
     {ns}/job_requests/{request_id}               job id (CreateTrainingJob idempotency) durable
@@ -13,10 +14,18 @@ Everything llmesh knows lives under one namespace (default ``/llmesh``)::
 
 Values are protobuf messages in their JSON form, so ``etcdctl get --prefix /llmesh`` stays
 readable. Keys under a worker lease vanish when the worker dies; durable keys are written only
-by the control plane, in revision-fenced transactions. The exception is a job record: the
-control plane creates, places and cancels it, and the trainer worker it is placed on moves it
-through RUNNING to its final state; both sides write it only with a compare on the record's
-mod_revision, and nobody changes a record in a final state, so each outcome is recorded once.
+by the control plane, in revision-fenced transactions.
+
+A replica index of a deployed model has either an assignment or a pending key, never both: a
+deploy writes a pending key for each replica no worker has room for now, and the control
+plane's reconcile loop swaps it for an assignment (in one fenced transaction) once room frees
+up; undeploy deletes both kinds. Only the control plane writes pending keys; workers never
+read them.
+
+The exception to control-plane-only writes is a job record: the control plane creates, places
+and cancels it, and the trainer worker it is placed on moves it through RUNNING to its final
+state; both sides write it only with a compare on the record's mod_revision, and nobody changes
+a record in a final state, so each outcome is recorded once.
 """
 
 from __future__ import annotations
@@ -71,6 +80,14 @@ class Keys:
 
     def assignment(self, worker_id: str, model: str, index: int) -> bytes:
         return f"{self.ns}/assignments/{worker_id}/{model}/{index}".encode()
+
+    @property
+    def pending_replicas(self) -> bytes:
+        return f"{self.ns}/pending/".encode()
+
+    def pending(self, model: str, index: int) -> bytes:
+        """A replica of ``model`` that waits for room (REPLICA_STATE_PENDING)."""
+        return f"{self.ns}/pending/{model}/{index}".encode()
 
     @property
     def replicas(self) -> bytes:

@@ -5,6 +5,11 @@ so two control planes (or a control plane and its own stale mirror) never place 
 capacity that changed underneath them: the loser's compare fails, it catches up to the winner's
 revision and decides again. The counter stored in the placement key gives each new deployment
 its generation.
+
+A deploy whose replicas do not all fit now, but would fit on some live worker if it were empty,
+is accepted: the replicas that fit are assigned and the others get a pending key; the reconcile
+loop (:meth:`Deployer.place_pending`) assigns them when room frees up, deleting the pending key
+in the same fenced transaction, so each replica is placed exactly once.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from llmesh.common.errors import (
 )
 from llmesh.common.etcd import EtcdKV, Op, absent, delete_op, mod_revision_is, put_op
 from llmesh.common.etcd_keys import Keys, encode
-from llmesh.control_plane.placement import capacities, place
+from llmesh.control_plane.placement import Slot, capacities, pending_reason, place, plan_replicas
 from llmesh.control_plane.registry import Fence, Registry
 from llmesh.control_plane.spec import describe_difference, same_spec
 from llmesh.control_plane.views import current_replicas, with_replicas
@@ -71,7 +76,9 @@ class Deployer:
 
         Raises:
             AlreadyExists: a model with that name is deployed with a different spec.
-            FailedPrecondition: the live workers lack the capacity; nothing is written.
+            FailedPrecondition: no live worker could hold a replica even if it were empty (or
+                none is registered); nothing is written. Replicas that only lack room NOW
+                are recorded pending instead.
             Unavailable: etcd is unreachable.
         """
         name = spec.name
@@ -95,20 +102,32 @@ class Deployer:
                 self.registry.all_assignments(),
                 self.registry.models(),
             )
+            waiting: list[int] = []
             if spec.base_model:
-                # An adapter is served where its base model's replicas are, nowhere else.
-                plan = {i: w for w, i in self.registry.assignments(spec.base_model)}
+                # An adapter is served where its base model's replicas are, nowhere else, and
+                # holds no devices of its own.
+                plan = {i: Slot(w) for w, i in self.registry.assignments(spec.base_model)}
             else:
-                plan = place(spec, caps)
+                plan, waiting = plan_replicas(spec, caps)
             generation, bump = self._bump(fence)
             stored = _copy(spec)
             stored.generation = generation
             ops = [bump, put_op(self.keys.model(name), encode(stored))]
-            for index, worker_id in sorted(plan.items()):
-                assignment = common_pb2.Replica(
-                    model=name, index=index, worker_id=worker_id, generation=generation
+            ops.extend(self._assign_ops(name, generation, plan))
+            reason = pending_reason(spec, caps, plan) if waiting else ""
+            for index in waiting:
+                pending = common_pb2.Replica(
+                    model=name,
+                    index=index,
+                    generation=generation,
+                    state=_STATE.REPLICA_STATE_PENDING,
+                    reason=reason,
                 )
-                ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+                ops.append(put_op(self.keys.pending(name, index), encode(pending)))
+            for index in self.registry.pending(name):
+                if index not in waiting:
+                    # Left over from a deployment of the same name that is gone.
+                    ops.append(delete_op(self.keys.pending(name, index)))
             compare = [
                 mod_revision_is(self.keys.placement, fence.mod_revision),
                 absent(self.keys.model(name)),
@@ -120,10 +139,11 @@ class Deployer:
             await self._catch_up(response.header.revision)
             if response.succeeded:
                 log.info(
-                    "deployed %s generation %d: %s",
+                    "deployed %s generation %d: %s%s",
                     name,
                     generation,
-                    ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
+                    _describe_plan(plan),
+                    f"; pending {waiting}: {reason}" if waiting else "",
                 )
                 return stored
             log.debug("deploy of %s lost a placement race; retrying", name)
@@ -131,6 +151,20 @@ class Deployer:
             f"could not deploy {name!r}: placement changed under it {self.max_attempts} times "
             "in a row; retry"
         )
+
+    def _assign_ops(self, name: str, generation: int, plan: dict[int, Slot]) -> list[Op]:
+        """Puts of the assignments in ``plan``, each naming the devices it holds."""
+        ops = []
+        for index, (worker_id, devices) in sorted(plan.items()):
+            assignment = common_pb2.Replica(
+                model=name,
+                index=index,
+                worker_id=worker_id,
+                generation=generation,
+                devices=devices,
+            )
+            ops.append(put_op(self.keys.assignment(worker_id, name, index), encode(assignment)))
+        return ops
 
     def _adapter_spec(self, spec: cp.Model) -> cp.Model:
         """The adapter's spec with its base model's backend and replica count filled in."""
@@ -155,7 +189,7 @@ class Deployer:
         return sorted(m.name for m in self.registry.models().values() if m.base_model == name)
 
     async def undeploy(self, name: str) -> cp.Model:
-        """Delete the model and all its assignments in one transaction.
+        """Delete the model, its assignments and its pending replicas in one transaction.
 
         Returns:
             The spec that was undeployed.
@@ -180,6 +214,8 @@ class Deployer:
             ops = [bump, delete_op(self.keys.model(name))]
             for worker_id, index in self.registry.assignments(name):
                 ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
+            for index in self.registry.pending(name):
+                ops.append(delete_op(self.keys.pending(name, index)))
             response = await self.kv.txn(
                 [
                     mod_revision_is(self.keys.placement, fence.mod_revision),
@@ -245,12 +281,7 @@ class Deployer:
         for worker_id, index in moving:
             if index in plan:
                 ops.append(delete_op(self.keys.assignment(worker_id, name, index)))
-                assignment = common_pb2.Replica(
-                    model=name, index=index, worker_id=plan[index], generation=spec.generation
-                )
-                ops.append(
-                    put_op(self.keys.assignment(plan[index], name, index), encode(assignment))
-                )
+        ops.extend(self._assign_ops(name, spec.generation, plan))
         response = await self.kv.txn(
             [
                 mod_revision_is(self.keys.placement, fence.mod_revision),
@@ -261,12 +292,93 @@ class Deployer:
         await self._catch_up(response.header.revision)
         if not response.succeeded:
             return None
-        log.info(
-            "re-placed %s replicas from lost workers: %s",
-            name,
-            ", ".join(f"{i}->{w}" for i, w in sorted(plan.items())),
-        )
+        log.info("re-placed %s replicas from lost workers: %s", name, _describe_plan(plan))
         return len(plan)
+
+    async def place_pending(self) -> int:
+        """Assign pending replicas that fit now; older deployments first.
+
+        Each model is one fenced transaction that deletes the pending keys it places; stale
+        pending keys (of a deployment that is gone) are deleted the same way. Adapters follow
+        their base models to the new replicas in :meth:`follow_adapters`.
+
+        Returns:
+            How many replicas were placed.
+        """
+        placed = 0
+        models = self.registry.models()
+        names = sorted(
+            self.registry.all_pending(),
+            key=lambda n: (models[n].generation if n in models else 0, n),
+        )
+        for name in names:
+            for _ in range(self.max_attempts):
+                result = await self._place_pending_model(name)
+                if result is not None:
+                    placed += result
+                    break
+        return placed
+
+    async def _place_pending_model(self, name: str) -> int | None:
+        """One fenced attempt for one model; None means the race was lost (retry)."""
+        spec = self.registry.models().get(name)
+        pending = self.registry.pending(name)
+        assigned = {i for _, i in self.registry.assignments(name)}
+        stale = sorted(
+            i
+            for i, r in pending.items()
+            if spec is None
+            or spec.base_model
+            or r.generation not in (0, spec.generation)
+            or i >= spec.num_replicas
+            or i in assigned
+        )
+        waiting = sorted(set(pending) - set(stale))
+        fence = self.registry.fence()
+        plan: dict[int, Slot] = {}
+        if spec is not None and waiting:
+            live = self.registry.workers()
+            caps = capacities(
+                live.values(), self.registry.all_assignments(), self.registry.models()
+            )
+            hosting = Counter(w for w, _ in self.registry.assignments(name) if w in live)
+            plan = place(spec, caps, indexes=waiting, hosting=hosting, partial=True)
+        if not plan and not stale:
+            return 0
+        _, bump = self._bump(fence)
+        ops = [bump]
+        ops.extend(delete_op(self.keys.pending(name, i)) for i in sorted([*stale, *plan]))
+        if spec is not None:
+            ops.extend(self._assign_ops(name, spec.generation, plan))
+        response = await self.kv.txn(
+            [
+                mod_revision_is(self.keys.placement, fence.mod_revision),
+                mod_revision_is(self.keys.model(name), self.registry.model_revision(name)),
+            ],
+            ops,
+        )
+        await self._catch_up(response.header.revision)
+        if not response.succeeded:
+            return None
+        if plan:
+            log.info("placed pending replicas of %s: %s", name, _describe_plan(plan))
+        if stale:
+            log.info("dropped stale pending replicas %s of %s", stale, name)
+        return len(plan)
+
+    async def follow_adapters(self) -> int:
+        """Give every adapter its base model's placement; returns how many assignments it added."""
+        added = 0
+        for name in sorted(n for n, m in self.registry.models().items() if m.base_model):
+            for _ in range(self.max_attempts):
+                spec = self.registry.models().get(name)
+                if spec is None:
+                    break
+                result = await self._follow_base(spec)
+                if result is not None:
+                    added += result
+                    break
+        return added
 
     async def _follow_base(self, spec: cp.Model) -> int | None:
         """Give an adapter exactly its base model's placement; None means a lost race."""
@@ -373,6 +485,9 @@ def _describe_pending(replicas: Sequence[common_pb2.Replica], *, want_ready: boo
     for r in replicas:
         if want_ready and r.state == _STATE.REPLICA_STATE_READY:
             continue
+        if r.state == _STATE.REPLICA_STATE_PENDING:
+            parts.append(f"replica {r.index} is PENDING: {r.reason}")
+            continue
         if r.state == _STATE.REPLICA_STATE_UNSPECIFIED:
             # A placeholder: assigned to a worker that is not registered.
             parts.append(f"replica {r.index} waits for worker {r.worker_id} to register")
@@ -380,3 +495,10 @@ def _describe_pending(replicas: Sequence[common_pb2.Replica], *, want_ready: boo
         state = _STATE.Name(r.state).removeprefix("REPLICA_STATE_")
         parts.append(f"replica {r.index} on {r.worker_id or '?'} is {state}")
     return "; ".join(parts) or "no replica has reported"
+
+
+def _describe_plan(plan: dict[int, Slot]) -> str:
+    """E.g. "0->w1[0,1], 1->w2" for the log."""
+    return ", ".join(
+        f"{i}->{w}" + (f"[{','.join(d)}]" if d else "") for i, (w, d) in sorted(plan.items())
+    )

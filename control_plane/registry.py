@@ -58,6 +58,8 @@ class Change:
         jobs: ids of training jobs whose record was written or deleted.
         workers: ids of workers that registered, changed or went away.
         everything: the mirror was listed again; treat every model as changed.
+        placement: a model spec, an assignment, a pending replica, a worker or the placement
+            fence changed (not only replica statuses or jobs), so room may have freed up.
     """
 
     models: frozenset[str] = frozenset()
@@ -65,6 +67,7 @@ class Change:
     everything: bool = False
     jobs: frozenset[str] = frozenset()
     workers: frozenset[str] = frozenset()
+    placement: bool = False
 
     def affects(self, model: str) -> bool:
         """Whether ``model`` may look different after this change."""
@@ -83,6 +86,7 @@ class MirrorState:
     workers: dict[str, cp.Worker] = field(default_factory=dict)
     assignments: dict[str, dict[AssignmentId, common_pb2.Replica]] = field(default_factory=dict)
     replicas: dict[str, dict[ReplicaId, common_pb2.Replica]] = field(default_factory=dict)
+    pending: dict[str, dict[int, common_pb2.Replica]] = field(default_factory=dict)
     fence: Fence = Fence()
     jobs: dict[str, tr.TrainingJob] = field(default_factory=dict)
     job_revisions: dict[str, int] = field(default_factory=dict)
@@ -102,6 +106,7 @@ class _Batch:
         self.replicas: list[common_pb2.Replica] = []
         self.jobs: set[str] = set()
         self.workers: set[str] = set()
+        self.placement = False
 
     def change(self) -> Change:
         return Change(
@@ -109,6 +114,7 @@ class _Batch:
             replicas=tuple(self.replicas),
             jobs=frozenset(self.jobs),
             workers=frozenset(self.workers),
+            placement=self.placement,
         )
 
 
@@ -120,6 +126,11 @@ def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batc
         return
     parts = rest.split("/")
     kind = parts[0]
+    if kind in ("workers", "assignments"):
+        # A pending replica's reason names the workers and who holds their room.
+        batch.models.update(state.pending)
+    if kind in ("placement", "models", "workers", "assignments", "pending"):
+        batch.placement = True
     try:
         if kind == "placement" and len(parts) == 1:
             if kv is None:
@@ -162,6 +173,18 @@ def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batc
                 per_model[(worker_id, index)] = replica
             if not per_model:
                 del state.assignments[model_name]
+        elif kind == "pending" and len(parts) == 3:
+            model_name, index = parts[1], int(parts[2])
+            batch.models.add(model_name)
+            waiting = state.pending.setdefault(model_name, {})
+            waiting.pop(index, None)
+            if kv is not None:
+                replica = decode(kv.value, common_pb2.Replica)
+                replica.model, replica.index = model_name, index
+                replica.state = common_pb2.REPLICA_STATE_PENDING
+                waiting[index] = replica
+            if not waiting:
+                del state.pending[model_name]
         elif kind == "replicas" and len(parts) == 5:
             model_name, worker_id = parts[1], parts[2]
             generation, index = int(parts[3]), int(parts[4])
@@ -245,6 +268,14 @@ class Registry(ABC):
     @abstractmethod
     def replicas(self, model: str) -> Mapping[ReplicaId, common_pb2.Replica]:
         """Published replica statuses of the model, every generation, by (worker, gen, index)."""
+
+    @abstractmethod
+    def pending(self, model: str) -> Mapping[int, common_pb2.Replica]:
+        """The model's replicas waiting for room (no assignment yet), by index."""
+
+    @abstractmethod
+    def all_pending(self) -> Mapping[str, Mapping[int, common_pb2.Replica]]:
+        """Pending replicas of every model, by model then index."""
 
     @abstractmethod
     def fence(self) -> Fence:
@@ -462,6 +493,12 @@ class EtcdRegistry(Registry):
 
     def replicas(self, model: str) -> Mapping[ReplicaId, common_pb2.Replica]:
         return MappingProxyType(self._state.replicas.get(model, {}))
+
+    def pending(self, model: str) -> Mapping[int, common_pb2.Replica]:
+        return MappingProxyType(self._state.pending.get(model, {}))
+
+    def all_pending(self) -> Mapping[str, Mapping[int, common_pb2.Replica]]:
+        return MappingProxyType(self._state.pending)
 
     def fence(self) -> Fence:
         return self._state.fence

@@ -66,7 +66,8 @@ async def run_control_plane(
         namespace: the etcd key prefix shared with the workers.
         grace: seconds in-flight RPCs get to finish when stopping.
         reconcile_grace: seconds a worker may be gone before its replicas move to live
-            workers; None turns the reconcile loop off.
+            workers; None never moves them (pending replicas are still placed as room frees
+            up).
         startup_timeout: how long to wait for etcd before giving up with Unavailable.
         job_reap_grace: seconds a trainer worker may be gone before its running training
             jobs are recorded FAILED.
@@ -90,9 +91,8 @@ async def run_control_plane(
             listen=listen,
         )
         await server.start()
-        if reconcile_grace is not None:
-            reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
-            reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
+        reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
+        reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
         jobs_task = asyncio.create_task(scheduler.run(), name="job-scheduler")
         log.info(
             "control plane on %s, etcd %s, namespace %s", server.address, kv.endpoint, namespace

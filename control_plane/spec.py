@@ -67,8 +67,14 @@ def normalize(model: cp.Model) -> cp.Model:
             f"model.cpus_per_replica must be a positive number of CPUs, got {cpus:g}"
         )
     gpus = model.gpus_per_replica
-    if not math.isfinite(gpus) or gpus < 0:
-        raise InvalidArgument(f"model.gpus_per_replica must be 0 or more, got {gpus:g}")
+    # A replica holds whole devices or a share of one; 1.5 would be a device and a half, which
+    # no placement can give a process that sees whole devices (CUDA_VISIBLE_DEVICES).
+    if not math.isfinite(gpus) or gpus < 0 or (gpus > 1 and gpus != math.floor(gpus)):
+        raise InvalidArgument(
+            "model.gpus_per_replica must be 0 or more: 0 for no GPU, a fraction below 1 for a "
+            "share of one GPU (e.g. 0.5), or a whole number of GPUs (1, 2, ...); "
+            f"got {gpus:g}"
+        )
     for key in model.infer_params:
         if not key.strip():
             raise InvalidArgument("model.infer_params has an empty key; pass KEY=VALUE pairs")

@@ -8,13 +8,18 @@ for each assignment whose worker has not published a status yet:
 * ``REPLICA_STATE_UNSPECIFIED`` (reason says so): the assigned worker is not registered, because
   it died or has not started. It may come back; otherwise the reconcile loop moves the replica.
 
+* ``REPLICA_STATE_PENDING`` (no worker_id; reason says why, naming the workers and who holds
+  their room): no live worker has room for the replica now; the reconcile loop places it once
+  room frees up. An adapter's replica is PENDING while its base model's replica is.
+
 Placeholders carry model, index, worker_id and generation (and the worker's address when
-known), never ``inflight``; AssignWorker never picks them because they are not READY.
+known), never ``inflight``; AssignWorker never picks them because they are not READY. Every
+replica shows the device ids its assignment holds when the worker's own status lacks them.
 """
 
 from __future__ import annotations
 
-from llmesh.control_plane.placement import capacities
+from llmesh.control_plane.placement import capacities, pending_reason
 from llmesh.control_plane.registry import Registry
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -24,6 +29,7 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
     """The replicas of the model's current generation, sorted by (index, worker_id)."""
     generation = spec.generation
     workers = registry.workers()
+    assignments = registry.assignments(spec.name)
     out: dict[tuple[str, int], common_pb2.Replica] = {}
     for (worker_id, gen, index), status in registry.replicas(spec.name).items():
         if gen != generation:
@@ -32,12 +38,19 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
         replica.CopyFrom(status)
         if not replica.address and worker_id in workers:
             replica.address = workers[worker_id].address
+        assigned = assignments.get((worker_id, index))
+        if not replica.devices and assigned is not None:
+            replica.devices.extend(assigned.devices)
         out[(worker_id, index)] = replica
-    for (worker_id, index), assignment in registry.assignments(spec.name).items():
+    for (worker_id, index), assignment in assignments.items():
         if (worker_id, index) in out or assignment.generation not in (0, generation):
             continue
         placeholder = common_pb2.Replica(
-            model=spec.name, index=index, worker_id=worker_id, generation=generation
+            model=spec.name,
+            index=index,
+            worker_id=worker_id,
+            generation=generation,
+            devices=assignment.devices,
         )
         worker = workers.get(worker_id)
         if worker is not None:
@@ -49,7 +62,40 @@ def current_replicas(registry: Registry, spec: cp.Model) -> list[common_pb2.Repl
                 f"worker {worker_id} is not registered (it stopped, or has not started yet)"
             )
         out[(worker_id, index)] = placeholder
+    assigned_indexes = {index for _, index in out}
+    for index, reason in _pending(registry, spec).items():
+        if index not in assigned_indexes:
+            out[("", index)] = common_pb2.Replica(
+                model=spec.name,
+                index=index,
+                generation=generation,
+                state=common_pb2.REPLICA_STATE_PENDING,
+                reason=reason,
+            )
     return sorted(out.values(), key=lambda r: (r.index, r.worker_id))
+
+
+def _pending(registry: Registry, spec: cp.Model) -> dict[int, str]:
+    """Pending replica indexes of the model's current generation and why each waits."""
+    if spec.base_model:
+        # An adapter waits wherever its base model's replica waits.
+        base = registry.models().get(spec.base_model)
+        if base is None:
+            return {}
+        return {
+            index: f"base model {base.name}'s replica {index} is PENDING: {reason}"
+            for index, reason in _pending(registry, base).items()
+        }
+    waiting = [
+        index
+        for index, replica in registry.pending(spec.name).items()
+        if replica.generation in (0, spec.generation)
+    ]
+    if not waiting:
+        return {}
+    caps = capacities(registry.workers().values(), registry.all_assignments(), registry.models())
+    reason = pending_reason(spec, caps)  # the same for every replica of one model
+    return dict.fromkeys(sorted(waiting), reason)
 
 
 def model_view(registry: Registry, name: str) -> cp.Model | None:
@@ -70,7 +116,8 @@ def with_replicas(registry: Registry, spec: cp.Model) -> cp.Model:
 
 
 def worker_views(registry: Registry) -> list[cp.Worker]:
-    """Live workers sorted by id, with cpus_used, gpus_used and replicas ("model/index")."""
+    """Live workers sorted by id, with cpus_used, gpus_used, replicas ("model/index") and
+    each device's holders and free share."""
     caps = capacities(registry.workers().values(), registry.all_assignments(), registry.models())
     out = []
     for worker_id in sorted(registry.workers()):
@@ -81,5 +128,17 @@ def worker_views(registry: Registry) -> list[cp.Worker]:
         worker.gpus_used = cap.gpus_used
         del worker.replicas[:]
         worker.replicas.extend(cap.replicas)
+        declared = {d.id: d for d in worker.devices}
+        del worker.devices[:]
+        for use in cap.devices:
+            device = worker.devices.add()
+            if use.id in declared:
+                device.CopyFrom(declared[use.id])
+                del device.holders[:]
+            device.id = use.id
+            device.holders.extend(use.holders)
+            device.free = use.free
+        if not worker.gpus and cap.devices:
+            worker.gpus = len(cap.devices)  # a worker that listed devices but gave no count
         out.append(worker)
     return out

@@ -281,12 +281,14 @@ async def test_placement_without_capacity_fails_and_writes_nothing(
     await workers(etcd, keys, ("w1", 2), ("w2", 2))
     await deploy(stub, "chat", num_replicas=2)
     before = await etcd.get_prefix(keys.root)
+    # 3 CPUs fit on no worker even when it is empty: that fails at once (a replica that only
+    # lacks room now waits PENDING instead; see test_device_placement.py).
     err = await rpc_error(
-        stub.DeployModel(cp.DeployModelRequest(model=model("big", cpus_per_replica=2)))
+        stub.DeployModel(cp.DeployModelRequest(model=model("big", cpus_per_replica=3)))
     )
     assert err.code() == Code.FAILED_PRECONDITION
     details = err.details()
-    assert "needing 2 CPUs and 0 GPUs" in details
+    assert "needing 3 CPUs and 0 GPUs" in details and "no live inference worker is big" in details
     assert "w1 has 1/2 CPUs and 0/0 GPUs free" in details and "w2 has 1/2 CPUs" in details
     after = await etcd.get_prefix(keys.root)
     assert [(kv.key, kv.mod_revision) for kv in after] == [
@@ -302,13 +304,14 @@ async def test_placement_respects_gpus(
     await SimWorker(etcd, keys, "cpu-only", cpus=16).start()
     await SimWorker(etcd, keys, "gpu", cpus=4, gpus=1).start()
     deployed = await deploy(stub, "llm", gpus_per_replica=1)
-    assert [r.worker_id for r in deployed.replicas] == ["gpu"]
-    err = await rpc_error(
-        stub.DeployModel(cp.DeployModelRequest(model=model("llm2", gpus_per_replica=1)))
-    )
-    assert (
-        err.code() == Code.FAILED_PRECONDITION and "gpu has 3/4 CPUs and 0/1 GPUs" in err.details()
-    )
+    assert [(r.worker_id, list(r.devices)) for r in deployed.replicas] == [("gpu", ["0"])]
+    # The only GPU is held: the second GPU model is accepted and waits, naming the holder; the
+    # CPU-only worker is never a candidate.
+    [waiting] = (await deploy(stub, "llm2", gpus_per_replica=1)).replicas
+    assert waiting.state == common_pb2.REPLICA_STATE_PENDING and not waiting.worker_id
+    assert "worker gpu has 1 GPU, held by llm/0" in waiting.reason
+    assert "cpu-only" not in waiting.reason
+    assert not await etcd.get_prefix(keys.worker_assignments("cpu-only"))
 
 
 async def test_redeploy_is_idempotent_and_a_different_spec_already_exists(
@@ -740,19 +743,21 @@ async def test_two_control_planes_share_one_etcd(
         await eventually(lambda: _ready_count(b.stub, 1), what="READY on b")
         assert (await assign(b.stub)).worker_id == "w1"
 
-        # Both race for the last CPU: the fenced transaction lets exactly one win.
+        # Both race for the last CPU: the fenced transaction lets exactly one win it; the other
+        # is accepted and waits PENDING for that CPU.
         await stub_undeploy(a.stub, "chat")
-        results = await asyncio.gather(
-            deploy(a.stub, "m1"), deploy(b.stub, "m2"), return_exceptions=True
-        )
-        errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-        assert len(errors) == 1, results
-        assert errors[0].code() == Code.FAILED_PRECONDITION
+        results = await asyncio.gather(deploy(a.stub, "m1"), deploy(b.stub, "m2"))
+        states = sorted((r.replicas[0].state, r.name) for r in results)
+        assert [s for s, _ in states] == [LOADING, common_pb2.REPLICA_STATE_PENDING], results
+        assert len(await etcd.get_prefix(keys.assignments)) == 1
+        assert len(await etcd.get_prefix(keys.pending_replicas)) == 1
         workers_now = (await a.stub.ListWorkers(cp.ListWorkersRequest())).workers
         assert [w.cpus_used for w in workers_now] == [1]
 
         # Idempotent deploys of the same spec through both agree on one generation.
-        await stub_undeploy(a.stub, next(m.name for m in (await _models(a.stub))))
+        await stub_undeploy(a.stub, states[1][1])  # the pending one: nothing moves
+        await stub_undeploy(a.stub, states[0][1])
+        assert not await etcd.get_prefix(keys.pending_replicas)
         x, y = await asyncio.gather(deploy(a.stub, "same"), deploy(b.stub, "same"))
         assert x.generation == y.generation
         assert len(await etcd.get_prefix(keys.assignments)) == 1
