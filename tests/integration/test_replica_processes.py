@@ -167,3 +167,58 @@ def test_repeated_crashes_end_in_failed_with_the_log(
         assert worker.agent.supervisor_of("chat").restarts == 1
     finally:
         mesh.close()
+
+
+def test_replicas_get_their_own_devices_and_wait_pending_for_one(
+    etcd_server: Any, test_model_dir: Path
+) -> None:
+    """A worker declared with 4 GPUs on this CPU machine: each replica process is started
+    with CUDA_VISIBLE_DEVICES set to the ids it holds, whole GPUs never collide, two halves
+    share one, and a model that finds no free GPU waits PENDING until one is undeployed."""
+    mesh = Mesh(etcd_server.endpoint, f"/llmesh-dev-{uuid.uuid4().hex[:6]}")
+    try:
+        mesh.start_control_plane()
+        mesh.start_worker("w-gpu", gpus=4, cpus=8)
+        stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.address()))
+
+        def deploy(name: str, gpus: float, replicas: int = 1, wait: bool = True) -> cp.Model:
+            model = cp.Model(
+                name=name,
+                model_path=str(test_model_dir),
+                backend="transformers",
+                num_replicas=replicas,
+                gpus_per_replica=gpus,
+                cpus_per_replica=1,
+            )
+            return stub.DeployModel(
+                cp.DeployModelRequest(model=model, wait_ready=wait, timeout_seconds=240)
+            ).model
+
+        deploy("one", 1)
+        deploy("two", 2)
+        deploy("half", 0.5, replicas=2)
+        seen: dict[str, str] = {}
+        for name in ("one", "two", "half"):
+            for r in stub.GetModel(cp.GetModelRequest(name=name)).model.replicas:
+                visible = replica_stats(r.address, name)["visible_devices"]
+                assert visible == ",".join(r.devices), (name, r)
+                seen[f"{name}/{r.index}"] = visible
+        whole = [d for k in ("one/0", "two/0") for d in seen[k].split(",")]
+        assert len(whole) == 3 and len(set(whole)) == 3, seen
+        assert seen["half/0"] == seen["half/1"] and seen["half/0"] not in whole, seen
+
+        waiting = deploy("late", 1, wait=False)
+        (pending,) = stub.GetModel(cp.GetModelRequest(name="late")).model.replicas
+        assert pending.state == common_pb2.REPLICA_STATE_PENDING, waiting
+        assert "w-gpu" in pending.reason and "one/0" in pending.reason, pending.reason
+
+        stub.UndeployModel(cp.UndeployModelRequest(name="one", wait=True, timeout_seconds=60))
+        late = _wait(
+            lambda: (r := _replica(stub, "late")).state == READY and r,
+            240,
+            "the pending model to start on the freed GPU",
+        )
+        assert list(late.devices) == seen["one/0"].split(",")
+        assert replica_stats(late.address, "late")["visible_devices"] == seen["one/0"]
+    finally:
+        mesh.close()
