@@ -50,7 +50,6 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -75,6 +74,7 @@ from llmesh.inference_worker.engines.base import (
     ModelMeta,
     SamplingParams,
     StructuredOutput,
+    check_sampling_params,
     load_model,
     prompt_room,
 )
@@ -909,34 +909,6 @@ class TransformersEngine(Engine):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _check_params(self, params: SamplingParams) -> bool:
-        """Validate sampling parameters; returns the ``ignore_eos`` extra."""
-
-        def bad(name: str, value: object, valid: str) -> InvalidArgument:
-            return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
-
-        if not (isinstance(params.temperature, (int, float)) and params.temperature >= 0):
-            raise bad("temperature", params.temperature, "use a value >= 0 (0 means greedy)")
-        if not math.isfinite(params.temperature):
-            raise bad("temperature", params.temperature, "use a finite value >= 0")
-        if not (0 < params.top_p <= 1):
-            raise bad("top_p", params.top_p, "it must be in (0, 1]")
-        if params.top_k < 0:
-            raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
-        if params.max_tokens < 1:
-            raise bad("max_tokens", params.max_tokens, "it must be >= 1")
-        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
-            raise bad("repetition_penalty", params.repetition_penalty, "it must be > 0 (1 = none)")
-        for tid in params.stop_token_ids:
-            if not 0 <= tid < self._vocab_size:
-                raise bad("stop_token_ids", tid, f"token ids are in [0, {self._vocab_size})")
-        if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
-            raise bad("seed", params.seed, "it must fit in 64 bits")
-        ignore_eos = params.extra.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
-        return ignore_eos
-
     async def generate(
         self, request_id: str, prompt: str, params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
@@ -954,7 +926,7 @@ class TransformersEngine(Engine):
             FailedPrecondition: the engine is not started.
         """
         self._require_loaded()
-        ignore_eos = self._check_params(params)
+        ignore_eos = check_sampling_params(params, vocab_size=self._vocab_size)
         if request_id in self._active:
             raise _duplicate(request_id)
         adapter = None

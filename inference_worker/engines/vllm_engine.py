@@ -47,7 +47,6 @@ import gc
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -69,6 +68,7 @@ from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     ModelMeta,
     SamplingParams,
+    check_sampling_params,
     load_model,
     prompt_room,
 )
@@ -553,38 +553,16 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        def bad(name: str, value: object, valid: str) -> InvalidArgument:
-            return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
-
-        t = params.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise bad("temperature", t, "use a finite value >= 0 (0 means greedy)")
-        if not (0 < params.top_p <= 1):
-            raise bad("top_p", params.top_p, "it must be in (0, 1]")
-        if params.top_k < 0:
-            raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
-        if params.max_tokens < 1:
-            raise bad("max_tokens", params.max_tokens, "it must be >= 1")
-        rp = params.repetition_penalty
-        if not (rp > 0 and math.isfinite(rp)):
-            raise bad("repetition_penalty", rp, "it must be > 0 (1 = none)")
-        for tid in params.stop_token_ids:
-            if not 0 <= tid < self._vocab_size:
-                raise bad("stop_token_ids", tid, f"token ids are in [0, {self._vocab_size})")
-        if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
-            raise bad("seed", params.seed, "it must fit in 64 bits")
-        ignore_eos = params.extra.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
+        ignore_eos = check_sampling_params(params, vocab_size=self._vocab_size)
         kwargs: dict[str, Any] = {
             "n": 1,
-            "temperature": float(t),
+            "temperature": float(params.temperature),
             "top_p": float(params.top_p),
             "top_k": int(params.top_k),
             "max_tokens": max_tokens,
             "stop": [s for s in params.stop if s] or None,
             "stop_token_ids": list(params.stop_token_ids) or None,
-            "repetition_penalty": float(rp),
+            "repetition_penalty": float(params.repetition_penalty),
             # vLLM takes a signed 64-bit seed; fold the unsigned upper half onto it.
             "seed": None if params.seed is None else _signed64(int(params.seed)),
             "ignore_eos": ignore_eos,
