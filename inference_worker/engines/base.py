@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from llmesh.common.backends import DEFAULT_MAX_CONCURRENCY, check_infer_params
 from llmesh.common.errors import InvalidArgument, Unimplemented
 
 T = TypeVar("T")
@@ -169,7 +170,8 @@ class Engine(abc.ABC):
     @property
     def max_concurrency(self) -> int:
         """Requests one replica serves at once; more are refused with RESOURCE_EXHAUSTED."""
-        return int(self.config.infer_params.get("max_concurrency", "8"))
+        params = check_infer_params(self.config.backend, self.config.infer_params)
+        return int(params.get("max_concurrency", DEFAULT_MAX_CONCURRENCY))
 
     @abc.abstractmethod
     async def start(self) -> None:
