@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from llmesh.common.backends import BACKENDS
+from llmesh.common.backends import BACKENDS, check_infer_params
 from llmesh.common.errors import InvalidArgument
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -35,7 +35,9 @@ def normalize(model: cp.Model) -> cp.Model:
     """Check a model spec and fill its defaults; returns a new message without replicas.
 
     Raises:
-        InvalidArgument: naming the field and how to fix it.
+        InvalidArgument: naming the field and how to fix it; for infer_params also a key the
+            backend does not accept or a value of the wrong type (see
+            :func:`llmesh.common.backends.check_infer_params`).
     """
     name = model.name
     if not name.strip():
@@ -78,6 +80,10 @@ def normalize(model: cp.Model) -> cp.Model:
     for key in model.infer_params:
         if not key.strip():
             raise InvalidArgument("model.infer_params has an empty key; pass KEY=VALUE pairs")
+    # Keys and value types are the backend's (llmesh.common.backends): a typo or a bad value is
+    # refused here, before anything is written, rather than by the engine on the worker. The
+    # strings are stored as given; engines parse them with the same table.
+    check_infer_params(backend, model.infer_params, model=name)
     out = cp.Model(
         name=name,
         model_path=model.model_path,

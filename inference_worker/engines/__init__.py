@@ -1,7 +1,8 @@
 """Engine adapters and the factory that picks one by backend name.
 
 Importing this package is cheap on purpose: engine modules (and torch) load only in
-:func:`create_engine`. The backend names live in :mod:`llmesh.common.backends`.
+:func:`create_engine`. The backend names and the infer_params each accepts live in
+:mod:`llmesh.common.backends`.
 """
 
 from __future__ import annotations
@@ -42,13 +43,7 @@ def create_engine(config: EngineConfig) -> Engine:
     if config.backend == "auto":
         from llmesh.inference_worker.engines.auto import AutoEngine
 
-        # The generative engines' infer_params keys (their modules import neither torch nor
-        # vLLM), so auto refuses a key neither takes before anything loads.
-        accepted = {
-            name: tuple(importlib.import_module(_ENGINES[name][0]).INFER_PARAMS)
-            for name in ("transformers", "vllm")
-        }
-        return AutoEngine(config, engines=create_engine, backends=BACKENDS, accepted=accepted)
+        return AutoEngine(config, engines=create_engine, backends=BACKENDS)
     try:
         module_name, class_name = _ENGINES[config.backend]
     except KeyError:

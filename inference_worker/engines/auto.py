@@ -13,7 +13,9 @@ Rules, first match wins:
 
 The choice and its reason are logged when the replica loads and reported by ``meta()`` as
 ``extra["auto_backend_reason"]``; ``meta().backend`` is the chosen engine's name.
-infer_params go to the chosen engine unchanged, so keys it does not accept are refused.
+infer_params go to the chosen engine unchanged, so keys it does not accept are refused (a deploy
+with backend auto may use the keys of any backend auto picks, see
+:data:`llmesh.common.backends.AUTO_BACKENDS`).
 
 Choosing between vLLM and transformers imports vLLM's model registry (seconds, and torch), so
 for causal LMs it happens in ``start()`` off the event loop, never in the constructor.
@@ -29,6 +31,7 @@ import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from llmesh.common.backends import AUTO_CAUSAL_BACKENDS, check_infer_params
 from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import (
     Engine,
@@ -43,8 +46,6 @@ log = logging.getLogger(__name__)
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _ST_FILES = ("modules.json", "config_sentence_transformers.json")
-# Generative backends auto may pick for a causal LM, in order of preference.
-_CAUSAL_BACKENDS = ("vllm", "transformers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +172,6 @@ class AutoEngine(Engine):
             engine.
         engines: ``create_engine``-style factory for a concrete backend.
         backends: Backend names, for error messages.
-        accepted: infer_params keys per backend, to refuse keys no generative engine takes
-            before anything loads.
 
     Raises:
         InvalidArgument: the directory matches no rule, or (for embedding / rerank models, known
@@ -189,7 +188,6 @@ class AutoEngine(Engine):
         *,
         engines: Any,
         backends: Sequence[str] = (),
-        accepted: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__(config)
         self._make = engines
@@ -200,15 +198,15 @@ class AutoEngine(Engine):
         found = detect(config, backends=backends)
         if found.kind != "causal-lm":
             self._build(found.kind, f"auto: {found.kind} ({found.reason})")
-        elif accepted:
-            union = sorted({k for b in _CAUSAL_BACKENDS for k in accepted.get(b, ())})
-            unknown = sorted(k for k in config.infer_params if k not in union)
-            if unknown:
-                raise InvalidArgument(
-                    f"unknown infer_params key {unknown[0]!r} for backend 'auto' (model "
-                    f"{config.model_name}, a causal LM served by vllm or transformers); "
-                    f"accepted keys are {', '.join(union)}"
-                )
+        else:
+            # A causal LM: refuse keys (and values) neither generative engine takes before
+            # anything loads; the one chosen at start() checks its own keys again.
+            check_infer_params(
+                "auto",
+                config.infer_params,
+                model=config.model_name,
+                among=AUTO_CAUSAL_BACKENDS,
+            )
 
     def _build(self, backend: str, reason: str) -> Engine:
         inner = self._make(dataclasses.replace(self.config, backend=backend))

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from llmesh.common.backends import DEFAULT_MAX_CONCURRENCY, check_infer_params
 from llmesh.common.errors import InvalidArgument, Unimplemented
 
 T = TypeVar("T")
@@ -79,6 +81,43 @@ class SamplingParams:
     lora: str | None = None
 
 
+def check_sampling_params(params: SamplingParams, *, vocab_size: int) -> bool:
+    """Refuse sampling parameters out of GenerationParams' ranges; returns ``extra.ignore_eos``.
+
+    Args:
+        params: The request's parameters with engine defaults applied.
+        vocab_size: The model's vocabulary size, bounding ``stop_token_ids``.
+
+    Raises:
+        InvalidArgument: naming the first bad field, its value and the accepted range.
+    """
+
+    def bad(name: str, value: object, valid: str) -> InvalidArgument:
+        return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
+
+    t = params.temperature
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        raise bad("temperature", t, "use a finite value >= 0 (0 means greedy)")
+    if not (0 < params.top_p <= 1):
+        raise bad("top_p", params.top_p, "it must be in (0, 1]")
+    if params.top_k < 0:
+        raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
+    if params.max_tokens < 1:
+        raise bad("max_tokens", params.max_tokens, "it must be >= 1")
+    rp = params.repetition_penalty
+    if not (rp > 0 and math.isfinite(rp)):
+        raise bad("repetition_penalty", rp, "it must be > 0 (1 = none)")
+    for tid in params.stop_token_ids:
+        if not 0 <= tid < vocab_size:
+            raise bad("stop_token_ids", tid, f"token ids are in [0, {vocab_size})")
+    if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
+        raise bad("seed", params.seed, "it must fit in 64 bits")
+    ignore_eos = params.extra.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
+    return ignore_eos
+
+
 @dataclass
 class GenerationChunk:
     """What an engine yields while generating.
@@ -131,7 +170,8 @@ class Engine(abc.ABC):
     @property
     def max_concurrency(self) -> int:
         """Requests one replica serves at once; more are refused with RESOURCE_EXHAUSTED."""
-        return int(self.config.infer_params.get("max_concurrency", "8"))
+        params = check_infer_params(self.config.backend, self.config.infer_params)
+        return int(params.get("max_concurrency", DEFAULT_MAX_CONCURRENCY))
 
     @abc.abstractmethod
     async def start(self) -> None:

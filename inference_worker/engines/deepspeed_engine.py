@@ -9,17 +9,10 @@ On CPU DeepSpeed needs ``DS_ACCELERATOR=cpu`` before it is first imported; the e
 when the worker has no GPU and refuses to start when DeepSpeed was already imported for another
 accelerator in this process.
 
-infer_params understood: those of the transformers backend, plus
-
-``tensor_parallel_size``
-    DeepSpeed's ``tp_size``. One worker process is one rank, so only 1 works today; a larger
-    value is refused before anything loads (serving one replica from several ranks needs the
-    ranks to decode in lockstep, which the worker does not do yet).
-``kernel_inject``
-    ``true`` to let DeepSpeed replace layers with its fused inference kernels (GPU only;
-    default false).
-``enable_cuda_graph``
-    ``true`` to capture CUDA graphs (GPU only; default false).
+infer_params: the ``deepspeed`` table in :mod:`llmesh.common.backends`: the transformers
+backend's keys plus ``tensor_parallel_size`` (DeepSpeed's ``tp_size``; only 1 today, since one
+worker process is one rank and serving a replica from several ranks needs them to decode in
+lockstep), ``kernel_inject`` and ``enable_cuda_graph`` (both GPU only, refused at start on CPU).
 """
 
 from __future__ import annotations
@@ -30,29 +23,9 @@ from typing import Any
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import EngineConfig, ModelMeta
-from llmesh.inference_worker.engines.transformers_engine import (
-    INFER_PARAMS as TRANSFORMERS_PARAMS,
-)
-from llmesh.inference_worker.engines.transformers_engine import (
-    TransformersEngine,
-    int_param,
-)
+from llmesh.inference_worker.engines.transformers_engine import TransformersEngine
 
 log = logging.getLogger(__name__)
-
-INFER_PARAMS = (*TRANSFORMERS_PARAMS, "tensor_parallel_size", "kernel_inject", "enable_cuda_graph")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"", "0", "false", "no", "off"}
-
-
-def _bool_param(params: dict[str, str], key: str) -> bool:
-    raw = str(params.get(key, "")).strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise InvalidArgument(f"infer_params {key}={params[key]!r} is not a boolean; use true or false")
 
 
 class DeepSpeedEngine(TransformersEngine):
@@ -65,21 +38,14 @@ class DeepSpeedEngine(TransformersEngine):
     """
 
     backend = "deepspeed"
-    infer_params = INFER_PARAMS
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
         params = self._params
-        tp = int_param(params, "tensor_parallel_size") or 1
-        if tp != 1:
-            raise InvalidArgument(
-                f"infer_params tensor_parallel_size={tp} is not supported by the deepspeed "
-                "backend yet: a worker serves a replica from one process (one rank); use 1, or "
-                "backend vllm for tensor parallelism"
-            )
-        self._tp_size = tp
-        self._kernel_inject = _bool_param(params, "kernel_inject")
-        self._cuda_graph = _bool_param(params, "enable_cuda_graph")
+        # The table allows only 1 for now (see the module docstring).
+        self._tp_size: int = params.get("tensor_parallel_size", 1)
+        self._kernel_inject: bool = params.get("kernel_inject", False)
+        self._cuda_graph: bool = params.get("enable_cuda_graph", False)
         self._ds_version = ""
 
     def _load(self, path: str, device: str) -> None:

@@ -1,19 +1,10 @@
 """The ``embedding`` backend: sentence-transformers bi-encoders from a local directory.
 
-infer_params understood:
-
-``max_concurrency``
-    Requests admitted at once (default 8). Encoding itself runs one batch at a time per
-    replica, since concurrent batches only compete for the same cores.
-``device``
-    ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``.
-``max_model_len``
-    Truncate inputs to this many tokens (default and upper bound: the model's
-    ``max_seq_length``). Longer texts are truncated, as sentence-transformers does.
-``batch_size``
-    Texts per forward pass (default 32).
-``torch_threads``
-    Passed to ``torch.set_num_threads`` at start (process-wide).
+infer_params: the ``embedding`` table in :mod:`llmesh.common.backends` (``max_concurrency``,
+``device``, ``max_model_len``, ``batch_size``, ``torch_threads``). Requests are admitted up to
+``max_concurrency`` but encoding runs one batch at a time per replica, since concurrent batches
+only compete for the same cores; inputs longer than ``max_model_len`` are truncated, as
+sentence-transformers does.
 """
 
 from __future__ import annotations
@@ -27,18 +18,12 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from llmesh.common.backends import DEFAULT_MAX_CONCURRENCY, check_infer_params
 from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.inference_worker.engines.base import Engine, EngineConfig, ModelMeta, load_model
-from llmesh.inference_worker.engines.transformers_engine import (
-    check_infer_params,
-    check_model_dir,
-    int_param,
-    resolve_device,
-)
+from llmesh.inference_worker.engines.transformers_engine import check_model_dir, resolve_device
 
 log = logging.getLogger(__name__)
-
-INFER_PARAMS = ("max_concurrency", "device", "max_model_len", "batch_size", "torch_threads")
 
 
 def read_architectures(path: str) -> list[str]:
@@ -63,12 +48,13 @@ class EmbeddingEngine(Engine):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        params = check_infer_params(config, INFER_PARAMS, backend=self.backend)
+        # self.backend: "embedding", or "rerank" for the subclass (the same keys).
+        params = check_infer_params(self.backend, config.infer_params, model=config.model_name)
         self._params = params
-        self._max_concurrency = int_param(params, "max_concurrency") or 8
-        self._max_len_param = int_param(params, "max_model_len")
-        self._batch_size = int_param(params, "batch_size") or 32
-        self._torch_threads = int_param(params, "torch_threads")
+        self._max_concurrency: int = params.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        self._max_len_param: int | None = params.get("max_model_len")
+        self._batch_size: int = params.get("batch_size", 32)
+        self._torch_threads: int | None = params.get("torch_threads")
         self._model: Any = None
         self._device = "cpu"
         self._path = ""

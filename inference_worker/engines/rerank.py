@@ -14,8 +14,9 @@ How a model directory is scored depends on its ``config.json``:
 
 The method used travels back with every response, so callers can tell which one they got.
 
-infer_params: as for the embedding backend (``max_concurrency``, ``device``, ``max_model_len``,
-``batch_size``, ``torch_threads``).
+infer_params: the ``rerank`` table in :mod:`llmesh.common.backends`, the same keys as the
+embedding backend (``max_concurrency``, ``device``, ``max_model_len``, ``batch_size``,
+``torch_threads``).
 """
 
 from __future__ import annotations

