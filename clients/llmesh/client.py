@@ -23,15 +23,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
-import dataclasses
-import enum
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from llmesh import decorators, training
 from llmesh import functions as fn
@@ -46,7 +43,6 @@ from llmesh.common.errors import (
     Unimplemented,
 )
 from llmesh.common.job_rules import is_final, kind_name, state_name, validate_spec
-from llmesh.common.routing import parse_policy
 from llmesh.common.tracing import client_span
 from llmesh.functions import (
     ExecuteCodeResponse,
@@ -58,9 +54,9 @@ from llmesh.llm_config import (
     CONFIG_PREFIXES,
     MAX_TOKENS_KEYS,
     GenerationConfig,
-    _as_float,
-    _as_int,
-    _byzer_flags,
+    as_float,
+    as_int,
+    byzer_flags,
     generation_config,
     strip_config_prefix,
 )
@@ -71,6 +67,19 @@ from llmesh.route_cache import (
     RouteCache,
     call_unary,
     rpc_errors,
+)
+from llmesh.sdk.setup import SetupMixin
+from llmesh.sdk.shapes import (
+    EventCallback,
+    EventCallbackResult,
+    EventName,
+    InferBackend,
+    LLMRequest,
+    LLMResponse,
+    Role,
+    SingleOutputMeta,
+    default_control_plane,
+    normalize_backend,
 )
 from llmesh.streams import (
     CANCEL_GRACE_S,
@@ -90,10 +99,8 @@ from llmesh.streams import (
 from llmesh.templates import (
     DEFAULT_ROLE_MAPPING,
     EMPTY_ROLE_MAPPING,
-    TEMPLATE_NAMES,
     Template,
     Templates,
-    identity,
     render_with_role_mapping,
 )
 from llmesh.training import TrainingJobFailed
@@ -108,128 +115,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_CONTROL_PLANE = "127.0.0.1:50051"
-CONTROL_PLANE_ENV = "LLMESH_CONTROL_PLANE"
 #: Attempts of CreateTrainingJob on UNAVAILABLE / DEADLINE_EXCEEDED (same request_id each time).
 CREATE_JOB_ATTEMPTS = 4
 #: Reconnects of a job watch in a row without a message before the outage is reported.
 WATCH_RECONNECTS = 8
 WATCH_BACKOFF_MAX_S = 3.0
-
-
-def default_control_plane() -> str:
-    """The control-plane address from ``$LLMESH_CONTROL_PLANE``, else ``127.0.0.1:50051``."""
-    return os.environ.get(CONTROL_PLANE_ENV, "").strip() or DEFAULT_CONTROL_PLANE
-
-
-# --------------------------------------------------------------------------------------------
-# Byzer-LLM data shapes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LLMResponse:
-    """One result, as Byzer-LLM returns it.
-
-    Attributes:
-        output: the generated text, an embedding vector, token ids or rerank pairs.
-        input: what was asked, as a dict (``{"instruction": ..., ...}``) like Byzer-LLM echoes.
-        metadata: request id, token counts, timings and finish reason where they apply.
-    """
-
-    output: Any
-    input: Any
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class LLMRequest:
-    """Byzer-LLM's request object for ``emb`` (and older ``chat`` code).
-
-    Attributes:
-        instruction: one text or a list of texts.
-        embedding: kept for compatibility; ``emb`` always embeds.
-        max_length: kept for compatibility; unused by embedding.
-        top_p: kept for compatibility; unused by embedding.
-        temperature: kept for compatibility; unused by embedding.
-    """
-
-    instruction: str | list[str]
-    embedding: bool = False
-    max_length: int = 4096
-    top_p: float = 0.95
-    temperature: float = 0.1
-
-
-class Role:
-    """Chat roles, as Byzer-LLM names them."""
-
-    User = "user"
-    Assistant = "assistant"
-    System = "system"
-
-
-class EventName(enum.Enum):
-    """Points in a model call where :meth:`ByzerLLM.add_event_callback` hooks run.
-
-    ``BEFORE_CALL_MODEL`` callbacks are called as ``callback(llm, model, input_value)`` after
-    the context-length checks and before the request leaves; ``input_value`` is a list with
-    one dict per prompt (``instruction``, ``history`` and the generation config).
-    ``AFTER_CALL_MODEL`` callbacks are called as ``callback(model, result)`` with the raw
-    result, a list of ``{"predict": text, "input": ..., "metadata": {...}}`` dicts.
-
-    A callback returns ``(continue, value)``. ``(True, _)`` lets the call go on;
-    ``(False, value)`` stops it and ``value`` (a list in the raw result shape) is used as the
-    model's result: before the call the model is not asked at all, after it the result is
-    replaced.
-    """
-
-    BEFORE_CALL_MODEL = "before_call_model"
-    AFTER_CALL_MODEL = "after_call_model"
-
-
-EventCallbackResult = tuple[bool, Any]
-EventCallback = Callable[..., EventCallbackResult]
-
-
-class InferBackend:
-    """Engine names for ``setup_infer_backend``.
-
-    Byzer-LLM spelled two of them ``ray/vllm`` and ``ray/deepspeed``; those spellings are still
-    accepted and mean ``vllm`` and ``deepspeed``.
-    """
-
-    Transformers = "transformers"
-    VLLM = "vllm"
-    DeepSpeed = "deepspeed"
-    Embedding = "embedding"
-    Rerank = "rerank"
-    Auto = "auto"
-
-
-def normalize_backend(name: str) -> str:
-    """Map a backend name, including Byzer-LLM's ``ray/vllm`` spelling, to llmesh's name."""
-    value = str(name).strip().lower()
-    return value.removeprefix("ray/")
-
-
-class SingleOutputMeta(dict[str, Any]):
-    """Metadata that ``stream_chat_oai`` yields with each text.
-
-    Byzer-LLM code reads it both ways, so it is a dict whose keys are also attributes:
-    ``meta["generated_tokens_count"] == meta.generated_tokens_count``.
-
-    Keys: ``request_id``, ``input_tokens_count`` (known once the stream finishes),
-    ``generated_tokens_count``, ``finish_reason`` (None until the end; then ``"stop"``,
-    ``"length"`` or ``"abort"``), ``time_cost`` and ``first_token_time`` (seconds) and ``speed``
-    (generated tokens per second).
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +222,7 @@ MAX_BATCH_THREADS = 8
 # --------------------------------------------------------------------------------------------
 
 
-class ByzerLLM:
+class ByzerLLM(SetupMixin):
     """Byzer-LLM's client API over an llmesh mesh.
 
     Args:
@@ -343,43 +233,9 @@ class ByzerLLM:
             first request for a model waits for its route stream. Others are ignored.
     """
 
-    default_sys_conf: ClassVar[dict[str, Any]] = {
-        # Replicas, in Byzer-LLM's words the number of workers.
-        "maxConcurrency": 1,
-        # Byzer-LLM asked for one GPU by default; most meshes here are CPU-only, so 0.
-        "num_gpus": 0,
-        "num_cpus": 1,
-        "infer_backend": InferBackend.Transformers,
-    }
-
     def __init__(self, control_plane: str | None = None, **kwargs: Any) -> None:
         self.control_plane = (control_plane or "").strip() or default_control_plane()
-        self.sys_conf: dict[str, Any] = dict(self.default_sys_conf)
-        self.verbose = bool(kwargs.get("verbose", False))
-        self.force_skip_context_length_check = bool(
-            kwargs.get("force_skip_context_length_check", False)
-        )
-        self.default_max_output_length = int(kwargs.get("default_max_output_length", 1024))
-        self.default_model_name: str | None = None
-        self.default_emb_model_name: str | None = None
-        self.default_rerank_model_name: str | None = None
-        self.pin_model_worker_mapping: dict[str, int] | None = None
-        self.mapping_role_mapping: dict[str, dict[str, Any]] = {}
-        self.mapping_extra_generation_params: dict[str, dict[str, Any]] = {}
-        self.mapping_clean_func: dict[str, Callable[[str], str]] = {}
-        self.mapping_auto_use_apply_chat_template: dict[str, bool] = {}
-        self.mapping_max_input_length: dict[str, int] = {}
-        self.mapping_max_output_length: dict[str, int] = {}
-        self.mapping_max_model_length: dict[str, int] = {}
-        self.mapping_function_calling_format_func: dict[str, Callable[..., str]] = {}
-        self.mapping_response_class_format_func: dict[str, Callable[..., str]] = {}
-        self.mapping_response_class_format_after_chat_func: dict[str, Callable[..., str]] = {}
-        self.mapping_impl_func_format_func: dict[str, Callable[..., str]] = {}
-        self.mapping_base_system_message: dict[str, str] = {}
-        self.mapping_sys_response_class_format_func: dict[str, Callable[..., str]] = {}
-        self.mapping_sys_function_calling_format_func: dict[str, Callable[..., str]] = {}
-        self.mapping_sys_response_class_format_after_chat_func: dict[str, Callable[..., str]] = {}
-        self.mapping_sys_impl_func_format_func: dict[str, Callable[..., str]] = {}
+        self._init_settings(kwargs)
         self.func_impl_cache: dict[str, Callable[..., Any]] = {}
         self.event_callbacks: dict[EventName, list[EventCallback]] = {}
         self.meta_cache: dict[str, dict[str, Any]] = {}
@@ -411,316 +267,6 @@ class ByzerLLM:
     def __repr__(self) -> str:
         return f"ByzerLLM(control_plane={self.control_plane!r})"
 
-    # -- setup_* (fluent) -----------------------------------------------------------------
-
-    def setup_reset(self) -> ByzerLLM:
-        """Restore the deploy and load-balance settings to their defaults."""
-        self.sys_conf = dict(self.default_sys_conf)
-        return self
-
-    def setup(self, name: str, value: Any) -> ByzerLLM:
-        """Set one raw setting in ``sys_conf`` (Byzer-LLM's generic setter).
-
-        Args:
-            name: e.g. ``"num_gpus"``, ``"num_cpus"``, ``"maxConcurrency"``, ``"load_balance"``.
-            value: the value.
-        """
-        self.sys_conf[name] = value
-        return self
-
-    def setup_default_model_name(self, model_name: str) -> ByzerLLM:
-        """Use ``model_name`` when a chat, tokenizer or meta call names no model.
-
-        Args:
-            model_name: a deployed model's name.
-        """
-        self.default_model_name = model_name
-        return self
-
-    def setup_default_emb_model_name(self, model_name: str) -> ByzerLLM:
-        """Use ``model_name`` when ``emb`` / ``emb_query`` names no model.
-
-        Args:
-            model_name: a deployed embedding model's name.
-        """
-        self.default_emb_model_name = model_name
-        return self
-
-    def setup_default_re_rank_model_name(self, model_name: str) -> ByzerLLM:
-        """Use ``model_name`` when ``emb_rerank`` names no model.
-
-        Args:
-            model_name: a deployed rerank (or embedding) model's name.
-        """
-        self.default_rerank_model_name = model_name
-        return self
-
-    def setup_pin_model_worker_mapping(
-        self, pin_model_worker_mapping: Mapping[Any, int] | None
-    ) -> ByzerLLM:
-        """Pin requests by purpose to one replica index.
-
-        Args:
-            pin_model_worker_mapping: purpose name (``"chat"``, ``"embedding"``, ``"rerank"``,
-                ``"tokenizer"``, ``"apply_chat_template"``, ``"meta"``) to replica index; a
-                negative index means no pin, as in Byzer-LLM. None clears the pins. A pin for
-                ``"embedding"`` also applies to rerank unless ``"rerank"`` is given.
-        """
-        if pin_model_worker_mapping is None:
-            self.pin_model_worker_mapping = None
-            return self
-        pins: dict[str, int] = {}
-        for key, index in pin_model_worker_mapping.items():
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise InvalidArgument(
-                    f"pin for {key!r} must be a replica index (int), got {index!r}"
-                )
-            if index >= 0:
-                pins[str(key)] = index
-        self.pin_model_worker_mapping = pins
-        return self
-
-    def setup_load_balance_way(self, load_balance_way: str) -> ByzerLLM:
-        """Choose how requests spread over a model's READY replicas.
-
-        Args:
-            load_balance_way: ``"lru"`` (Byzer-LLM's name for least loaded, the default),
-                ``"least_loaded"``, ``"round_robin"`` or ``"random"``.
-
-        Raises:
-            InvalidArgument: an unknown name.
-        """
-        parse_policy(load_balance_way)  # fail here, not on the next request
-        self.sys_conf["load_balance"] = load_balance_way
-        return self
-
-    def setup_num_workers(self, num_workers: int) -> ByzerLLM:
-        """Deploy this many replicas (Byzer-LLM called them workers).
-
-        Args:
-            num_workers: replicas per deployed model, at least 1.
-        """
-        self.sys_conf["maxConcurrency"] = num_workers
-        return self
-
-    def setup_gpus_per_worker(self, num_gpus: float) -> ByzerLLM:
-        """Reserve this many GPUs per replica on deploy.
-
-        Args:
-            num_gpus: GPUs per replica; 0 for CPU.
-        """
-        self.sys_conf["num_gpus"] = num_gpus
-        return self
-
-    def setup_cpus_per_worker(self, num_cpus: float) -> ByzerLLM:
-        """Reserve this many CPUs per replica on deploy.
-
-        Args:
-            num_cpus: CPUs per replica.
-        """
-        self.sys_conf["num_cpus"] = num_cpus
-        return self
-
-    def setup_infer_backend(self, backend: str) -> ByzerLLM:
-        """Choose the engine for the next deploy.
-
-        Args:
-            backend: ``"transformers"`` (default), ``"vllm"``, ``"deepspeed"``, ``"embedding"``
-                or ``"rerank"``; Byzer-LLM's ``"ray/vllm"`` spelling is accepted.
-        """
-        self.sys_conf["infer_backend"] = normalize_backend(backend)
-        return self
-
-    def setup_worker_concurrency(self, num: int) -> ByzerLLM:
-        """Let each replica serve this many requests at once (infer_params ``max_concurrency``).
-
-        Args:
-            num: concurrent requests per replica.
-        """
-        self.sys_conf["workerMaxConcurrency"] = num
-        return self
-
-    def setup_role_mapping(self, model: str, role_mapping: Mapping[str, Any]) -> ByzerLLM:
-        """Render this model's chats with a Byzer-LLM role mapping instead of its chat template.
-
-        Args:
-            model: the model name.
-            role_mapping: ``user_role``, ``assistant_role``, ``system_msg`` and optional
-                ``*_func`` formatters, as in Byzer-LLM.
-        """
-        self.mapping_role_mapping[model] = dict(role_mapping)
-        return self
-
-    def setup_extra_generation_params(
-        self, model: str, extra_generation_params: Mapping[str, Any]
-    ) -> ByzerLLM:
-        """Default ``llm_config`` entries for a model; per-call values win.
-
-        Args:
-            model: the model name.
-            extra_generation_params: e.g. ``{"gen.repetition_penalty": 1.1}``.
-        """
-        current = self.mapping_extra_generation_params.get(model, {})
-        self.mapping_extra_generation_params[model] = {**current, **extra_generation_params}
-        return self
-
-    def setup_template(self, model: str, template: Template | str) -> ByzerLLM:
-        """Choose how this model's chats become a prompt.
-
-        Args:
-            model: the model name.
-            template: a :class:`~llmesh.templates.Template` (e.g. ``Templates.qwen()``), one
-                of their names (``"qwen"``, ``"llama"``, ``"deepseek_code_chat"``, ...), or
-                ``"auto"``: ask the model's meta. llmesh workers render messages with the
-                tokenizer's chat template, so ``auto`` keeps messages as they are (and drops
-                a role mapping set earlier); a model without message support and with a QWen
-                architecture gets ``Templates.qwen()``; a model with neither a chat template
-                nor message support is an error.
-
-        Raises:
-            InvalidArgument: an unknown template name, or ``auto`` for a model that cannot
-                render messages.
-        """
-        if isinstance(template, str):
-            if template == "auto":
-                return self._setup_auto_template(model)
-            factory = TEMPLATE_NAMES.get(template)
-            if factory is None:
-                raise InvalidArgument(
-                    f"unknown template {template!r}; use 'auto' or one of "
-                    f"{', '.join(TEMPLATE_NAMES)}"
-                )
-            template = factory()
-        self.mapping_role_mapping[model] = dict(template.role_mapping)
-        self.setup_extra_generation_params(model, template.generation_config)
-        self.mapping_clean_func[model] = template.clean_func
-        hooks = (
-            (self.mapping_function_calling_format_func, template.function_calling_format_func),
-            (self.mapping_response_class_format_func, template.response_class_format_func),
-            (
-                self.mapping_response_class_format_after_chat_func,
-                template.response_class_format_after_chat_func,
-            ),
-        )
-        for mapping, func in hooks:
-            if func is not None:
-                mapping[model] = func
-            else:
-                mapping.pop(model, None)
-        return self
-
-    def _setup_auto_template(self, model: str) -> ByzerLLM:
-        meta = self.get_meta(model)
-        if meta.get("model_deploy_type") == "saas" or meta.get("message_format"):
-            self.mapping_role_mapping.pop(model, None)
-            self.mapping_auto_use_apply_chat_template[model] = True
-            return self
-        if "QWenLMHeadModel" in meta.get("architectures", []):
-            return self.setup_template(model, Templates.qwen())
-        if not meta.get("support_chat_template"):
-            raise InvalidArgument(
-                f"model {model!r} has no chat template, so template 'auto' cannot render its "
-                "chats; pass a template such as Templates.default()"
-            )
-        self.mapping_role_mapping.pop(model, None)
-        self.mapping_auto_use_apply_chat_template[model] = True
-        return self
-
-    def setup_max_model_length(self, model: str, max_model_length: int) -> ByzerLLM:
-        """Refuse requests whose prompt plus output would exceed this many tokens.
-
-        Args:
-            model: the model name.
-            max_model_length: the model's context length, in tokens.
-        """
-        self.mapping_max_model_length[model] = int(max_model_length)
-        return self
-
-    def setup_max_input_length(self, model: str, max_input_length: int) -> ByzerLLM:
-        """Refuse prompts longer than this many tokens (checked before sending).
-
-        Args:
-            model: the model name.
-            max_input_length: the longest prompt, in tokens.
-        """
-        self.mapping_max_input_length[model] = int(max_input_length)
-        return self
-
-    def setup_max_output_length(self, model: str, max_output_length: int) -> ByzerLLM:
-        """Generate at most this many tokens when a call does not say (``max_tokens``).
-
-        Args:
-            model: the model name.
-            max_output_length: tokens; also what the context check assumes the output needs.
-        """
-        self.mapping_max_output_length[model] = int(max_output_length)
-        return self
-
-    def get_max_model_length(self, model: str) -> int | None:
-        """The context length set with :meth:`setup_max_model_length`, or None."""
-        return self.mapping_max_model_length.get(model)
-
-    def get_max_input_length(self, model: str) -> int | None:
-        """The prompt limit set with :meth:`setup_max_input_length`, or None."""
-        return self.mapping_max_input_length.get(model)
-
-    def get_max_output_length(self, model: str) -> int:
-        """The output length set for the model, else ``default_max_output_length``."""
-        return self.mapping_max_output_length.get(model, self.default_max_output_length)
-
-    def setup_function_calling_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
-        """Build this model's tools prompt with ``func(prompt, tools, tool_choice) -> str``."""
-        self.mapping_function_calling_format_func[model] = func
-        return self
-
-    def setup_response_class_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
-        """Build this model's response-class prompt with ``func(prompt, cls=...) -> str``."""
-        self.mapping_response_class_format_func[model] = func
-        return self
-
-    def setup_impl_func_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
-        """Build this model's impl prompt with ``func(prompt, impl_func, cls=...) -> str``."""
-        self.mapping_impl_func_format_func[model] = func
-        return self
-
-    def setup_response_class_format_after_chat_func(
-        self, model: str, func: Callable[..., str]
-    ) -> ByzerLLM:
-        """Build this model's "restate as JSON" prompt with ``func(cls) -> str``."""
-        self.mapping_response_class_format_after_chat_func[model] = func
-        return self
-
-    def setup_base_system_messages(self, model: str, base_system_message: str) -> ByzerLLM:
-        """The system message ``enable_default_sys_message=True`` adds for this model."""
-        self.mapping_base_system_message[model] = base_system_message
-        return self
-
-    def setup_sys_response_class_format_func(
-        self, model: str, func: Callable[..., str]
-    ) -> ByzerLLM:
-        """Like :meth:`setup_response_class_format_func`, with the default system message."""
-        self.mapping_sys_response_class_format_func[model] = func
-        return self
-
-    def setup_sys_function_calling_format_func(
-        self, model: str, func: Callable[..., str]
-    ) -> ByzerLLM:
-        """Like :meth:`setup_function_calling_format_func`, with the default system message."""
-        self.mapping_sys_function_calling_format_func[model] = func
-        return self
-
-    def setup_sys_response_class_format_after_chat_func(
-        self, model: str, func: Callable[..., str]
-    ) -> ByzerLLM:
-        """Kept for Byzer-LLM code; like Byzer-LLM, ``chat_oai`` does not consult it."""
-        self.mapping_sys_response_class_format_after_chat_func[model] = func
-        return self
-
-    def setup_sys_impl_func_format_func(self, model: str, func: Callable[..., str]) -> ByzerLLM:
-        """Like :meth:`setup_impl_func_format_func`, with the default system message."""
-        self.mapping_sys_impl_func_format_func[model] = func
-        return self
-
     # -- events ---------------------------------------------------------------------------
 
     def add_event_callback(self, event_name: EventName, callback: EventCallback) -> None:
@@ -739,27 +285,6 @@ class ByzerLLM:
             if not keep_going:
                 return value
         return None
-
-    # -- helpers --------------------------------------------------------------------------
-
-    def _model_or_default(self, model: str | None, default: str | None, setter: str) -> str:
-        name = model or default
-        if not name:
-            raise InvalidArgument(f"model name is required: pass model=... or call {setter}()")
-        return name
-
-    def _policy(self) -> int:
-        return parse_policy(self.sys_conf.get("load_balance"))
-
-    def _pins(self, purpose: int) -> dict[str, int]:
-        pins = dict(self.pin_model_worker_mapping or {})
-        # Byzer-LLM routed rerank as an embedding request, so its "embedding" pin covered both.
-        if purpose == cp.PURPOSE_RERANK and "rerank" not in pins and "embedding" in pins:
-            pins["rerank"] = pins["embedding"]
-        return pins
-
-    def _config_for(self, model: str, llm_config: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {**self.mapping_extra_generation_params.get(model, {}), **(llm_config or {})}
 
     def _pick(
         self, model: str, purpose: int, attempts: _Attempts, affinity_key: str = ""
@@ -884,7 +409,7 @@ class ByzerLLM:
     ) -> tuple[inf.ChatStart, str | None]:
         messages = to_chat_messages(conversations)
         if role_mapping is None:
-            role_mapping = self.mapping_role_mapping.get(model)
+            role_mapping = self.settings_of(model).role_mapping
         start = inf.ChatStart(
             model=model,
             params=config.params,
@@ -919,7 +444,7 @@ class ByzerLLM:
         return not self.force_skip_context_length_check and bool(
             self.get_max_input_length(model)
             or self.get_max_model_length(model)
-            or model in self.mapping_max_output_length
+            or self.settings_of(model).max_output_length is not None
         )
 
     def _check_context_length(self, model: str, start: inf.ChatStart) -> None:
@@ -1042,7 +567,7 @@ class ByzerLLM:
         return result if replaced is None else replaced
 
     def _responses(self, model: str, result: Sequence[Any]) -> list[LLMResponse]:
-        clean = self.mapping_clean_func.get(model, identity)
+        clean = self.clean_func_of(model)
         return [_to_response(item, clean) for item in result]
 
     async def _arun_chat(
@@ -1229,7 +754,7 @@ class ByzerLLM:
         of :meth:`_query_chat`), is sent their responses, returns the final results."""
         name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
         if role_mapping is None:
-            role_mapping = self.mapping_role_mapping.get(name)
+            role_mapping = self.settings_of(name).role_mapping
         tools = list(tools or [])
         if response_class is not None and (tools or tool_choice is not None):
             raise InvalidArgument("give either tools (function calling) or response_class")
@@ -1240,7 +765,7 @@ class ByzerLLM:
         to_chat_messages(conversations)  # validate before copying
         messages = [copy.copy(dict(m)) for m in conversations]
         if enable_default_sys_message:
-            base = self.mapping_base_system_message.get(name) or fn.base_ability_format()
+            base = self.settings_of(name).base_system_message or fn.base_ability_format()
             if messages[0].get("role") == "system":
                 messages[0]["content"] = f"{base}\n{messages[0].get('content') or ''}"
             else:
@@ -1251,30 +776,37 @@ class ByzerLLM:
         schema: dict[str, Any] | None = None
         if tools or tool_choice is not None:
             hook = (
-                self.mapping_sys_function_calling_format_func.get(
-                    name, fn.sys_function_calling_format
+                (
+                    self.settings_of(name).sys_function_calling_format_func
+                    or fn.sys_function_calling_format
                 )
                 if sys_hooks
-                else self.mapping_function_calling_format_func.get(name, fn.function_calling_format)
+                else (
+                    self.settings_of(name).function_calling_format_func
+                    or fn.function_calling_format
+                )
             )
             last["content"] = hook(content, tools, tool_choice)
-            flags = _byzer_flags(self._config_for(name, llm_config))
+            flags = byzer_flags(self._config_for(name, llm_config))
             max_calls = None
             if "max_tool_calls" in flags:
-                max_calls = _as_int("max_tool_calls", flags["max_tool_calls"])
+                max_calls = as_int("max_tool_calls", flags["max_tool_calls"])
             schema = fn.tool_calls_schema(tools, tool_choice, max_calls)
         elif impl_func is not None:
             hook = (
-                self.mapping_sys_impl_func_format_func.get(name, fn.sys_function_impl_format)
+                (self.settings_of(name).sys_impl_func_format_func or fn.sys_function_impl_format)
                 if sys_hooks
-                else self.mapping_impl_func_format_func.get(name, fn.function_impl_format)
+                else (self.settings_of(name).impl_func_format_func or fn.function_impl_format)
             )
             last["content"] = hook(content, impl_func, cls=response_class)
         elif response_class is not None and not response_after_chat:
             hook = (
-                self.mapping_sys_response_class_format_func.get(name, fn.sys_response_class_format)
+                (
+                    self.settings_of(name).sys_response_class_format_func
+                    or fn.sys_response_class_format
+                )
                 if sys_hooks
-                else self.mapping_response_class_format_func.get(name, fn.response_class_format)
+                else (self.settings_of(name).response_class_format_func or fn.response_class_format)
             )
             last["content"] = hook(content, cls=response_class)
             schema = fn.class_schema(response_class)
@@ -1295,8 +827,9 @@ class ByzerLLM:
             ]
         if response_class is not None:
             if response_after_chat:
-                after = self.mapping_response_class_format_after_chat_func.get(
-                    name, fn.response_class_format_after_chat
+                after = (
+                    self.settings_of(name).response_class_format_after_chat_func
+                    or fn.response_class_format_after_chat
                 )
                 restated = []
                 for r in responses:
@@ -1353,7 +886,7 @@ class ByzerLLM:
         self, model: str, start: inf.ChatStart, config: GenerationConfig
     ) -> Iterator[tuple[str, SingleOutputMeta]]:
         progress = _Progress(start.request_id)
-        clean = self.mapping_clean_func.get(model, identity)
+        clean = self.clean_func_of(model)
         stream = self._chat_stream(model, start, config)
         try:
             for response in stream:
@@ -1386,7 +919,7 @@ class ByzerLLM:
         if self._has_length_limits(name):  # the checks may call the tokenizer (blocking)
             await asyncio.to_thread(self._check_context_length, name, start)
         progress = _Progress(start.request_id)
-        clean = self.mapping_clean_func.get(name, identity)
+        clean = self.clean_func_of(name)
         async with contextlib.aclosing(aio_chat_stream(self, name, start, config)) as stream:
             async for response in stream:
                 before = len(progress.parts)
@@ -1480,7 +1013,7 @@ class ByzerLLM:
             "temperature": request.temperature,
             **self._config_for(name, extract_params),
         }
-        mapping = self.mapping_role_mapping.get(name)
+        mapping = self.settings_of(name).role_mapping
         queries = []
         for instruction in instructions:
             messages, role_mapping = self._instruction_conversations(instruction, mapping)
@@ -1508,7 +1041,7 @@ class ByzerLLM:
         renders it (``apply_chat_template``); otherwise ``role_mapping`` (default:
         ``User:`` / ``Assistant:``) renders it locally.
         """
-        if self.mapping_auto_use_apply_chat_template.get(model) and self.get_meta(model).get(
+        if self.settings_of(model).auto_use_apply_chat_template and self.get_meta(model).get(
             "support_chat_template"
         ):
             return self.apply_chat_template(model, list(conversations))
@@ -1664,9 +1197,9 @@ class ByzerLLM:
         texts = [instruction] if isinstance(instruction, str) else list(instruction)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidArgument("emb needs one text or a non-empty list of texts")
-        flags = _byzer_flags(self._config_for(name, extract_params))
+        flags = byzer_flags(self._config_for(name, extract_params))
         normalize = bool(flags.get("normalize_embeddings", flags.get("normalize", False)))
-        timeout = _as_float("timeout_s", flags["timeout_s"]) if "timeout_s" in flags else None
+        timeout = as_float("timeout_s", flags["timeout_s"]) if "timeout_s" in flags else None
         req = inf.EmbedRequest(model=name, texts=texts, normalize=normalize)
         response = self._worker_call(
             name,
@@ -1729,8 +1262,8 @@ class ByzerLLM:
         if not sentence_pairs:
             raise InvalidArgument("emb_rerank needs sentence_pairs: one (query, passage) or a list")
         pairs, single = _normalize_pairs(sentence_pairs)
-        flags = _byzer_flags(self._config_for(name, extract_params))
-        timeout = _as_float("timeout_s", flags["timeout_s"]) if "timeout_s" in flags else None
+        flags = byzer_flags(self._config_for(name, extract_params))
+        timeout = as_float("timeout_s", flags["timeout_s"]) if "timeout_s" in flags else None
         # One Rerank call per distinct query, then the scores go back to their pairs.
         by_query: dict[str, list[int]] = {}
         for i, (query, _) in enumerate(pairs):
@@ -1780,7 +1313,7 @@ class ByzerLLM:
             with the token strings in ``metadata["tokens"]``.
         """
         name = self._model_or_default(model, self.default_model_name, "setup_default_model_name")
-        flags = _byzer_flags(llm_config)
+        flags = byzer_flags(llm_config)
         req = inf.TokenizeRequest(
             model=name, text=s, add_special_tokens=bool(flags.get("add_special_tokens", True))
         )
@@ -1824,7 +1357,7 @@ class ByzerLLM:
                 ) from None
         else:
             conversations = s
-        flags = _byzer_flags(llm_config)
+        flags = byzer_flags(llm_config)
         req = inf.ApplyChatTemplateRequest(
             model=name,
             messages=to_chat_messages(conversations),
