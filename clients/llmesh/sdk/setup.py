@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from llmesh.common.errors import InvalidArgument
 from llmesh.common.routing import parse_policy
+from llmesh.sdk.ops import Steps, operation, steps
 from llmesh.sdk.settings import Settings
 from llmesh.sdk.shapes import normalize_backend
 from llmesh.templates import TEMPLATE_NAMES, Template, Templates
@@ -19,7 +20,11 @@ S = TypeVar("S", bound="SetupMixin")
 
 
 class SetupMixin(Settings):
-    """Byzer-LLM's fluent setters; needs ``get_meta`` (for ``setup_template(model, "auto")``)."""
+    """Byzer-LLM's fluent setters; needs ``get_meta`` (for ``setup_template(model, "auto")``).
+
+    ``setup_template`` is an operation (it may ask the model's meta), so ``AsyncByzerLLM``
+    awaits it; the others only record settings.
+    """
 
     def setup_reset(self: S) -> S:
         """Restore the deploy and load-balance settings to their defaults."""
@@ -173,7 +178,8 @@ class SetupMixin(Settings):
         settings.extra_generation_params = {**current, **extra_generation_params}
         return self
 
-    def setup_template(self: S, model: str, template: Template | str) -> S:
+    @operation
+    def setup_template(self: S, model: str, template: Template | str) -> Steps[S]:
         """Choose how this model's chats become a prompt.
 
         Args:
@@ -192,7 +198,9 @@ class SetupMixin(Settings):
         """
         if isinstance(template, str):
             if template == "auto":
-                return self._setup_auto_template(model)
+                meta = yield from steps(self.get_meta)(model)
+                self._apply_auto_template(model, meta)
+                return self
             factory = TEMPLATE_NAMES.get(template)
             if factory is None:
                 raise InvalidArgument(
@@ -200,6 +208,10 @@ class SetupMixin(Settings):
                     f"{', '.join(TEMPLATE_NAMES)}"
                 )
             template = factory()
+        self._install_template(model, template)
+        return self
+
+    def _install_template(self, model: str, template: Template) -> None:
         self.setup_extra_generation_params(model, template.generation_config)
         settings = self.settings_for_update(model)
         settings.role_mapping = dict(template.role_mapping)
@@ -210,11 +222,6 @@ class SetupMixin(Settings):
         settings.response_class_format_after_chat_func = (
             template.response_class_format_after_chat_func
         )
-        return self
-
-    def _setup_auto_template(self: S, model: str) -> S:
-        self._apply_auto_template(model, self.get_meta(model))
-        return self
 
     def _apply_auto_template(self, model: str, meta: Mapping[str, Any]) -> None:
         """``setup_template(model, "auto")`` once the model's meta is known."""
@@ -224,7 +231,7 @@ class SetupMixin(Settings):
             settings.auto_use_apply_chat_template = True
             return
         if "QWenLMHeadModel" in meta.get("architectures", []):
-            self.setup_template(model, Templates.qwen())
+            self._install_template(model, Templates.qwen())
             return
         if not meta.get("support_chat_template"):
             raise InvalidArgument(
