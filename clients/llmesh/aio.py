@@ -2,8 +2,9 @@
 
 ``AsyncByzerLLM`` wraps a ``ByzerLLM`` (made for you, or yours) and runs the very same
 operations (see :mod:`llmesh.sdk.ops`) on the client's async transport: every call in
-:data:`ASYNC_CALLS` (and ``chat_oai``, ``chat``, ``raw_chat``) is a coroutine whose requests are
-grpc.aio calls on the running loop, so an event loop never blocks on the mesh (``chat_oai``'s
+:data:`ASYNC_CALLS` (``chat_oai``, ``chat``, ``emb``, ``deploy``, ``sft``, ...) is a coroutine
+whose requests are grpc.aio calls on the running loop, so an event loop never blocks on the
+mesh (``chat_oai``'s
 prompt building, parsing and tool execution run on a worker thread). Streams
 (``stream_chat_oai`` / ``async_stream_chat_oai``, ``watch_training_job``) are grpc.aio streams;
 leaving one early cancels the request on the worker. ``setup_*`` methods stay synchronous
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -89,15 +91,16 @@ class AsyncByzerLLM:
             run_steps, offload = operation
             transport = self.sync.aio_transport
 
-            @functools.wraps(attr)
+            @functools.wraps(attr, updated=())
             async def call(*args: Any, **kwargs: Any) -> Any:
                 result = await transport.run(run_steps(*args, **kwargs), offload=offload)
                 return self if result is self.sync else result
 
+            call.__signature__ = inspect.signature(attr)  # type: ignore[attr-defined]
             return call
         if callable(attr) and name.startswith("setup"):
 
-            @functools.wraps(attr)
+            @functools.wraps(attr, updated=())
             def setup(*args: Any, **kwargs: Any) -> Any:
                 result = attr(*args, **kwargs)
                 return self if result is self.sync else result

@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+import inspect
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from llmesh.llm_config import GenerationConfig
 from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import trainer_service_pb2 as tr
 
 T = TypeVar("T")
+C = TypeVar("C")
+P = ParamSpec("P")
 #: An operation's steps: yields ops, is sent their results, returns the operation's result.
 Steps = Generator[Any, Any, T]
+#: A method written as steps, and the method it becomes.
+StepsMethod = Callable[Concatenate[C, P], Steps[T]]
+SyncMethod = Callable[Concatenate[C, P], T]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +119,30 @@ class Gather:
     steps: tuple[Steps[Any], ...]
 
 
-def operation(func: Callable[..., Steps[Any]] | None = None, *, offload: bool = False) -> Any:
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    """``func``'s signature with ``Steps[T]`` shown as ``T``, what callers get back."""
+    signature = inspect.signature(func)
+    returns = signature.return_annotation
+    if isinstance(returns, str) and returns.startswith("Steps[") and returns.endswith("]"):
+        returns = returns[len("Steps[") : -1]
+    return signature.replace(return_annotation=returns)
+
+
+@overload
+def operation(func: StepsMethod[C, P, T]) -> SyncMethod[C, P, T]: ...
+
+
+@overload
+def operation(
+    *, offload: bool = False
+) -> Callable[[StepsMethod[C, P, T]], SyncMethod[C, P, T]]: ...
+
+
+def operation(func: Any = None, *, offload: bool = False) -> Any:
     """Make a client method from steps: calling it runs them on ``self.transport``.
+
+    The method keeps the steps' name, docstring and parameters; the steps stay reachable as
+    ``method.steps`` (see :func:`steps` and :func:`async_operation`).
 
     Args:
         func: the steps, a generator function taking ``self``.
@@ -127,6 +155,9 @@ def operation(func: Callable[..., Steps[Any]] | None = None, *, offload: bool = 
         def run(self: Any, *args: Any, **kwargs: Any) -> Any:
             return self.transport.run(func(self, *args, **kwargs))
 
+        signature = _signature(func)
+        run.__signature__ = signature  # type: ignore[attr-defined]
+        run.__annotations__ = {**func.__annotations__, "return": signature.return_annotation}
         run.steps = func  # type: ignore[attr-defined]
         run.offload = offload  # type: ignore[attr-defined]
         return run
@@ -134,21 +165,24 @@ def operation(func: Callable[..., Steps[Any]] | None = None, *, offload: bool = 
     return wrap if func is None else wrap(func)
 
 
-def async_operation(method: Callable[..., Any], doc: str) -> Callable[..., Any]:
+def async_operation(
+    method: SyncMethod[C, P, T], doc: str
+) -> Callable[Concatenate[C, P], Coroutine[Any, Any, T]]:
     """The coroutine twin of an :func:`operation`: the same steps on ``self.aio_transport``.
 
     Args:
         method: the operation.
         doc: the twin's docstring.
     """
+    func = method.steps  # type: ignore[attr-defined]
+    offload = method.offload  # type: ignore[attr-defined]
 
-    @functools.wraps(method)
+    # updated=(): the twin is not itself an operation, so it does not take over ``steps``.
+    @functools.wraps(method, updated=())
     async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return await self.aio_transport.run(
-            method.steps(self, *args, **kwargs),  # type: ignore[attr-defined]
-            offload=method.offload,  # type: ignore[attr-defined]
-        )
+        return await self.aio_transport.run(func(self, *args, **kwargs), offload=offload)
 
+    run.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
     run.__doc__ = doc
     return run
 
