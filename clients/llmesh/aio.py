@@ -1,35 +1,40 @@
 """An asyncio face for :class:`~llmesh.client.ByzerLLM`: every call as a coroutine.
 
-``AsyncByzerLLM`` wraps a ``ByzerLLM`` (made for you, or yours). Streams
-(``stream_chat_oai`` / ``async_stream_chat_oai``) are grpc.aio calls on the running loop;
-leaving one early cancels the request on the worker. ``chat_oai``, ``chat`` and ``raw_chat``
-call the model over grpc.aio too (``chat_oai``'s prompt building, parsing and tool execution
-run on a worker thread). The other calls (``emb``, ``tokenize``, ``deploy``, ...) run the
-sync client on a worker thread with :func:`asyncio.to_thread`, so an event loop never blocks
-on the mesh (a grpc.aio transport for them is not written yet). ``watch_training_job`` is a
-grpc.aio stream as well; ``sft(detached=False)`` and ``merge_lora`` wait on a worker thread.
-``setup_*`` methods stay synchronous (they only record settings) and return the async client,
-so fluent chains keep working (``setup_template`` is a coroutine: ``"auto"`` asks the meta)::
+``AsyncByzerLLM`` wraps a ``ByzerLLM`` (made for you, or yours) and runs the very same
+operations (see :mod:`llmesh.sdk.ops`) on the client's async transport: every call in
+:data:`ASYNC_CALLS` (``chat_oai``, ``chat``, ``emb``, ``deploy``, ``sft``, ...) is a coroutine
+whose requests are grpc.aio calls on the running loop, so an event loop never blocks on the
+mesh (``chat_oai``'s
+prompt building, parsing and tool execution run on a worker thread). Streams
+(``stream_chat_oai`` / ``async_stream_chat_oai``, ``watch_training_job``) are grpc.aio streams;
+leaving one early cancels the request on the worker. ``setup_*`` methods stay synchronous
+(they only record settings) and return the async client, so fluent chains keep working
+(``setup_template`` is a coroutine: ``"auto"`` asks the meta)::
 
     llm = AsyncByzerLLM().setup_default_model_name("chat")
     (answer,) = await llm.chat_oai([{"role": "user", "content": "hi"}])
     async for text, meta in llm.stream_chat_oai([{"role": "user", "content": "hi"}]):
         ...
 
-The calls share the sync client's channels, route cache and retry logic.
+The calls share the sync client's settings, channels, route cache and retry logic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from llmesh.client import ByzerLLM, SingleOutputMeta
+from llmesh.sdk.ops import steps_of
 
 #: ByzerLLM methods that talk to the mesh; each becomes a coroutine here.
 ASYNC_CALLS = (
+    "chat_oai",
+    "chat",
+    "raw_chat",
     "emb",
     "emb_query",
     "emb_rerank",
@@ -45,7 +50,7 @@ ASYNC_CALLS = (
     "list_workers",
     "setup_template",
     # training jobs; with detached=False (and merge_lora, wait_training_job) the wait for the
-    # job's end runs on that worker thread too.
+    # job's end is a grpc.aio job watch too.
     "sft",
     "pretrain",
     "merge_lora",
@@ -80,46 +85,28 @@ class AsyncByzerLLM:
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.sync, name)
         if name in ASYNC_CALLS:
+            operation = steps_of(attr)
+            if operation is None:
+                raise TypeError(f"ByzerLLM.{name} is not an operation; it cannot run async")
+            run_steps, offload = operation
+            transport = self.sync.aio_transport
 
-            @functools.wraps(attr)
+            @functools.wraps(attr, updated=())
             async def call(*args: Any, **kwargs: Any) -> Any:
-                result = await asyncio.to_thread(attr, *args, **kwargs)
+                result = await transport.run(run_steps(*args, **kwargs), offload=offload)
                 return self if result is self.sync else result
 
+            call.__signature__ = inspect.signature(attr)  # type: ignore[attr-defined]
             return call
         if callable(attr) and name.startswith("setup"):
 
-            @functools.wraps(attr)
+            @functools.wraps(attr, updated=())
             def setup(*args: Any, **kwargs: Any) -> Any:
                 result = attr(*args, **kwargs)
                 return self if result is self.sync else result
 
             return setup
         return attr
-
-    async def chat_oai(
-        self, conversations: Sequence[Mapping[str, Any]], **kwargs: Any
-    ) -> list[Any]:
-        """:meth:`ByzerLLM.chat_oai` over grpc.aio (see :meth:`ByzerLLM.async_chat_oai`)."""
-        return await self.sync.async_chat_oai(conversations, **kwargs)
-
-    async def chat(
-        self,
-        model: str | None,
-        request: Any,
-        extract_params: Mapping[str, Any] | None = None,
-    ) -> list[Any]:
-        """:meth:`ByzerLLM.chat` over grpc.aio; a batch runs concurrently."""
-        return await self.sync.async_chat(model, request, extract_params)
-
-    async def raw_chat(
-        self,
-        model: str | None,
-        request: Any,
-        extract_params: Mapping[str, Any] | None = None,
-    ) -> list[Any]:
-        """Same as :meth:`chat`."""
-        return await self.sync.async_chat(model, request, extract_params)
 
     def stream_chat_oai(
         self,

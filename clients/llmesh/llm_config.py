@@ -46,7 +46,16 @@ def strip_config_prefix(key: str) -> str:
     return key
 
 
-def _as_float(key: str, value: Any) -> float:
+def as_float(key: str, value: Any) -> float:
+    """``llm_config[key]`` as a float (a number or its text).
+
+    Args:
+        key: the key, for the error message.
+        value: the value given.
+
+    Raises:
+        InvalidArgument: not a number (booleans are refused).
+    """
     if isinstance(value, bool):
         raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}")
     try:
@@ -55,8 +64,17 @@ def _as_float(key: str, value: Any) -> float:
         raise InvalidArgument(f"llm_config[{key!r}] must be a number, got {value!r}") from None
 
 
-def _as_int(key: str, value: Any) -> int:
-    number = _as_float(key, value)
+def as_int(key: str, value: Any) -> int:
+    """``llm_config[key]`` as a whole number (``3``, ``3.0`` or ``"3"``).
+
+    Args:
+        key: the key, for the error message.
+        value: the value given.
+
+    Raises:
+        InvalidArgument: not a whole number.
+    """
+    number = as_float(key, value)
     if not number.is_integer():
         raise InvalidArgument(f"llm_config[{key!r}] must be a whole number, got {value!r}")
     return int(number)
@@ -64,7 +82,7 @@ def _as_int(key: str, value: Any) -> int:
 
 def _as_int_list(key: str, value: Any) -> list[int]:
     items = value if isinstance(value, (list, tuple)) else [value]
-    return [_as_int(key, item) for item in items]
+    return [as_int(key, item) for item in items]
 
 
 def _as_str_list(key: str, value: Any) -> list[str]:
@@ -107,11 +125,11 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
     extra: dict[str, Any] = {}
     for key, value in flat.items():
         if key == "temperature":
-            params.temperature = _as_float(key, value)
+            params.temperature = as_float(key, value)
         elif key == "top_p":
-            params.top_p = _as_float(key, value)
+            params.top_p = as_float(key, value)
         elif key == "top_k":
-            params.top_k = _as_int(key, value)
+            params.top_k = as_int(key, value)
         elif key in MAX_TOKENS_KEYS:
             continue  # resolved below, by precedence rather than by dict order
         elif key in ("stop", "stopping_sequences"):
@@ -119,13 +137,13 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
         elif key == "stop_token_ids":
             params.stop_token_ids.extend(_as_int_list(key, value))
         elif key == "repetition_penalty":
-            params.repetition_penalty = _as_float(key, value)
+            params.repetition_penalty = as_float(key, value)
         elif key == "seed":
-            params.seed = _as_int(key, value)
+            params.seed = as_int(key, value)
         elif key == "request_id":
             out.request_id = str(value)
         elif key == "timeout_s":
-            out.timeout = _as_float(key, value)
+            out.timeout = as_float(key, value)
             if out.timeout <= 0:
                 raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {value!r}")
         elif key == "affinity_key":
@@ -136,7 +154,7 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
             extra[key] = value
     for key in MAX_TOKENS_KEYS:
         if key in flat:
-            params.max_tokens = _as_int(key, flat[key])
+            params.max_tokens = as_int(key, flat[key])
             if params.max_tokens <= 0:
                 raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {flat[key]!r}")
             break
@@ -151,6 +169,6 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
     return out
 
 
-def _byzer_flags(config: Mapping[str, Any] | None) -> dict[str, Any]:
+def byzer_flags(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """Flags with their ``gen.`` / ``generation.`` prefix removed, for non-generation calls."""
     return {strip_config_prefix(str(k)): v for k, v in (config or {}).items()}

@@ -5,6 +5,7 @@ BEFORE_CALL_MODEL callback, the documented short-circuit hook."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -707,12 +708,12 @@ def test_byzer_module_names_exist() -> None:
         assert getattr(llmesh, name) is not None
     for name in ("LLMFunctionCallResponse", "LLMClassResponse", "Role", "InferBackend"):
         assert hasattr(c, name)
-    assert [f.name for f in c.dataclasses.fields(c.LLMClassResponse)] == [
+    assert [f.name for f in dataclasses.fields(c.LLMClassResponse)] == [
         "response",
         "value",
         "metadata",
     ]
-    assert [f.name for f in c.dataclasses.fields(c.LLMFunctionCallResponse)] == [
+    assert [f.name for f in dataclasses.fields(c.LLMFunctionCallResponse)] == [
         "response",
         "values",
         "metadata",

@@ -18,6 +18,7 @@ from llmesh.common.errors import (
     Unavailable,
 )
 from llmesh.route_cache import RouteCache, replica_id, rpc_errors
+from llmesh.sdk import channels, results
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
@@ -187,7 +188,7 @@ def test_finish_reasons() -> None:
 
 
 def test_progress_accumulates_text_and_metadata() -> None:
-    progress = c._Progress("mine")
+    progress = results.ChatProgress("mine")
     progress.add(inf.ChatResponse(request_id="srv-1", delta="Hel", token_ids=[1, 2]))
     meta = progress.metadata()
     assert (meta["request_id"], meta["generated_tokens_count"]) == ("srv-1", 2)
@@ -284,13 +285,13 @@ def test_echo_input_shapes() -> None:
         {"role": "user", "content": "a", "metadata": 1},
         {"role": "user", "content": "b"},
     ]
-    echo = c._echo_input(conversations, None, {"temperature": 0.1})
+    echo = results.echo_input(conversations, None, {"temperature": 0.1})
     assert echo == {
         "instruction": "b",
         "history": [{"role": "user", "content": "a"}],
         "temperature": 0.1,
     }
-    assert c._echo_input(conversations, "P", {}) == {"instruction": "P", "history": []}
+    assert results.echo_input(conversations, "P", {}) == {"instruction": "P", "history": []}
 
 
 def test_rerank_output_single_pair_and_sorted_list() -> None:
@@ -300,11 +301,11 @@ def test_rerank_output_single_pair_and_sorted_list() -> None:
 
 
 def test_normalize_pairs() -> None:
-    assert c._normalize_pairs(("q", "p")) == ([("q", "p")], True)
-    assert c._normalize_pairs(["q", "p"]) == ([("q", "p")], True)
-    assert c._normalize_pairs([("q", "a"), ["q", "b"]]) == ([("q", "a"), ("q", "b")], False)
+    assert results.normalize_pairs(("q", "p")) == ([("q", "p")], True)
+    assert results.normalize_pairs(["q", "p"]) == ([("q", "p")], True)
+    assert results.normalize_pairs([("q", "a"), ["q", "b"]]) == ([("q", "a"), ("q", "b")], False)
     with pytest.raises(InvalidArgument, match=r"sentence_pairs\[1\]"):
-        c._normalize_pairs([("q", "a"), ("q",)])
+        results.normalize_pairs([("q", "a"), ("q",)])
 
 
 def test_meta_dict_has_byzer_keys() -> None:
@@ -328,10 +329,10 @@ def test_meta_dict_has_byzer_keys() -> None:
 
 
 def test_infer_param_values_become_strings() -> None:
-    assert c._param_str("half") == "half"
-    assert c._param_str(True) == "true"
-    assert c._param_str(4096) == "4096"
-    assert c._param_str({"a": [1]}) == '{"a": [1]}'
+    assert results.param_str("half") == "half"
+    assert results.param_str(True) == "true"
+    assert results.param_str(4096) == "4096"
+    assert results.param_str({"a": [1]}) == '{"a": [1]}'
 
 
 def test_normalize_backend() -> None:
@@ -449,7 +450,7 @@ def test_close_is_idempotent() -> None:
     client.close()
     client.close()
     with pytest.raises(FailedPrecondition, match="closed"):
-        client._routes.pick("chat")
+        client.router.routes.pick("chat")
 
 
 # -- routes: local filtering and retries -----------------------------------------------------
@@ -513,7 +514,7 @@ def test_selection_over_candidates_uses_the_shared_selector(routes: RouteCache) 
 
 
 def test_attempts_retry_unavailable_once(routes: RouteCache) -> None:
-    attempts = c._Attempts()
+    attempts = channels.Attempts()
     a, b = _replica(0, "a:1"), _replica(1, "b:1")
     attempts.failed(routes, a, Unavailable("a down"))
     assert routes.is_down("a:1")
@@ -523,7 +524,7 @@ def test_attempts_retry_unavailable_once(routes: RouteCache) -> None:
 
 
 def test_attempts_try_every_replica_when_exhausted(routes: RouteCache) -> None:
-    attempts = c._Attempts()
+    attempts = channels.Attempts()
     for i in range(3):
         attempts.failed(routes, _replica(i, f"h:{i}"), ResourceExhausted(f"busy {i}"))
     assert len(attempts.tried) == 3
@@ -534,11 +535,11 @@ def test_attempts_try_every_replica_when_exhausted(routes: RouteCache) -> None:
 
 
 def test_worker_unavailable_names_the_worker() -> None:
-    named = c._name_worker(_replica(2, "h:7"), Unavailable("connection refused"))
+    named = channels.name_worker(_replica(2, "h:7"), Unavailable("connection refused"))
     assert isinstance(named, Unavailable)
     assert "w2 at h:7" in str(named) and "replica 2" in str(named)
     busy = ResourceExhausted("busy")
-    assert c._name_worker(_replica(2, "h:7"), busy) is busy
+    assert channels.name_worker(_replica(2, "h:7"), busy) is busy
 
 
 class _FakeRpcError(grpc.RpcError):

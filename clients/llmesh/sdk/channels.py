@@ -1,0 +1,273 @@
+"""Channels, replica choice and retries, shared by the sync and the async transport.
+
+:class:`Router` owns what one client holds open: the sync channels (one per address), the
+grpc.aio channels (per event loop and address), and the route cache that follows each model's
+replicas. Both transports pick replicas and count retries through it, so the two retry the
+same way: :class:`Attempts` is the per-request bookkeeping and :class:`Attempt` one try on one
+replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from llmesh.common.errors import (
+    FailedPrecondition,
+    LLMeshError,
+    ResourceExhausted,
+    Unavailable,
+)
+from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
+from llmesh.v1 import common_pb2
+from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
+from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
+
+log = logging.getLogger(__name__)
+
+#: Replica states that may still be running a request (what ``abort`` asks).
+LIVE_STATES = (common_pb2.REPLICA_STATE_READY, common_pb2.REPLICA_STATE_DRAINING)
+
+
+class AioChannels:
+    """grpc.aio channels per event loop and address (aio objects belong to their loop)."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        """The running loop's channel to ``address``, opened on first use.
+
+        Args:
+            address: ``host:port``.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            channels = self._by_loop.setdefault(loop, {})
+            channel = channels.get(address)
+            if channel is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channels[address] = channel
+            return channel
+
+    async def close(self) -> None:
+        """Close the running loop's channels."""
+        with self._lock:
+            channels = self._by_loop.pop(asyncio.get_running_loop(), {})
+        for channel in channels.values():
+            await channel.close()
+
+
+class Attempts:
+    """Retry bookkeeping for one request.
+
+    UNAVAILABLE before any output: the worker is marked down and the request is retried once
+    on another replica. RESOURCE_EXHAUSTED: every other READY replica is tried in turn. When no
+    replica is left, the last worker error is raised.
+    """
+
+    def __init__(self) -> None:
+        self.tried: set[ReplicaId] = set()
+        self.retried_unavailable = False
+        self.last_error: LLMeshError | None = None
+
+    def failed(self, routes: RouteCache, replica: common_pb2.Replica, exc: LLMeshError) -> None:
+        """Record a failed attempt; re-raise ``exc`` when no retry is allowed.
+
+        Args:
+            routes: the route cache, told when a worker is unreachable.
+            replica: the replica that failed.
+            exc: why.
+        """
+        self.tried.add(replica_id(replica))
+        if isinstance(exc, Unavailable):
+            routes.mark_down(replica.address)
+            if self.retried_unavailable:
+                raise exc
+            self.retried_unavailable = True
+        elif not isinstance(exc, ResourceExhausted):
+            raise exc
+        log.debug("replica %s of %s failed (%s); trying another", replica.index, replica.model, exc)
+        self.last_error = exc
+
+
+def name_worker(replica: common_pb2.Replica, exc: LLMeshError) -> LLMeshError:
+    """Say which worker was unreachable; grpc's own message names only a socket error.
+
+    Args:
+        replica: the replica the call went to.
+        exc: the error it ended with; returned as it is unless it is UNAVAILABLE.
+    """
+    if not isinstance(exc, Unavailable):
+        return exc
+    named = Unavailable(
+        f"worker {replica.worker_id or '?'} at {replica.address} "
+        f"(model {replica.model!r} replica {replica.index}) is unavailable: {exc}"
+    )
+    named.__cause__ = exc.__cause__
+    return named
+
+
+class Attempt:
+    """One try of a request on one replica, as a ``with`` block around the call.
+
+    Counts the request in flight on the replica while the block runs. When the block fails with
+    UNAVAILABLE or RESOURCE_EXHAUSTED before any output (``received`` still False) the error is
+    recorded in ``attempts`` and swallowed, so the caller's loop tries another replica; after
+    output, or when no retry is left, it is raised with the worker named.
+
+    Args:
+        routes: the route cache.
+        attempts: the request's retry bookkeeping.
+        replica: the replica this try goes to.
+    """
+
+    def __init__(self, routes: RouteCache, attempts: Attempts, replica: common_pb2.Replica) -> None:
+        self.routes = routes
+        self.attempts = attempts
+        self.replica = replica
+        #: Set by the caller once the replica sent output; a failure after that is not retried.
+        self.received = False
+
+    def __enter__(self) -> Attempt:
+        self.routes.started(self.replica)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        try:
+            if not isinstance(exc, (Unavailable, ResourceExhausted)):
+                return False
+            named = name_worker(self.replica, exc)
+            if self.received:
+                raise named from exc
+            self.attempts.failed(self.routes, self.replica, named)
+            return True  # retry on another replica
+        finally:
+            self.routes.finished(self.replica)
+
+
+class Router:
+    """A client's channels and route cache, shared by its sync and async transports.
+
+    Args:
+        control_plane: ``host:port`` of the control plane.
+        policy: returns the load-balance policy to pick with (it may change between calls).
+        pins: returns the replica pins for a purpose.
+        first_route_timeout: how long the first request for a model waits for its route
+            stream; None for the route cache's default.
+    """
+
+    def __init__(
+        self,
+        control_plane: str,
+        *,
+        policy: Callable[[], int],
+        pins: Callable[[int], dict[str, int]],
+        first_route_timeout: float | None = None,
+    ) -> None:
+        self.control_plane = control_plane
+        self._policy = policy
+        self._pins = pins
+        self.pool = ChannelPool()
+        route_kwargs = {}
+        if first_route_timeout is not None:
+            route_kwargs["first_snapshot_timeout"] = first_route_timeout
+        self.routes = RouteCache(self.pool.get(control_plane), **route_kwargs)
+        self.aio_channels = AioChannels()
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop the route watches and close the sync channels. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self.routes.close()
+        self.pool.close()
+
+    def check_open(self) -> None:
+        """Raise FailedPrecondition once the client is closed."""
+        if self.closed:
+            raise FailedPrecondition("this ByzerLLM client is closed; create a new one")
+
+    def unavailable_control_plane(self, exc: Unavailable) -> Unavailable:
+        """An outage of the control plane, naming the address that was tried."""
+        return Unavailable(f"the control plane at {self.control_plane} is unavailable: {exc}")
+
+    def pick(
+        self, model: str, purpose: int, attempts: Attempts, affinity_key: str = ""
+    ) -> common_pb2.Replica:
+        """A replica for the next try of a request (may block on a model's first routes).
+
+        Args:
+            model: the model.
+            purpose: a ``Purpose`` value, for pins.
+            attempts: the request's retry bookkeeping; replicas tried already are skipped.
+            affinity_key: requests with the same key go to the same replica.
+
+        Raises:
+            LLMeshError: no replica is left; the last worker error when there was one.
+        """
+        try:
+            return self.routes.pick(
+                model,
+                purpose=purpose,
+                policy=self._policy(),
+                purpose_pins=self._pins(purpose),
+                affinity_key=affinity_key,
+                exclude=attempts.tried,
+            )
+        except LLMeshError as exc:
+            # Having run out of replicas to retry on, report why the last one failed.
+            if attempts.last_error is not None:
+                raise attempts.last_error from None
+            if isinstance(exc, Unavailable):  # only the control plane is asked while picking
+                raise self.unavailable_control_plane(exc) from exc
+            raise
+
+    def attempt(self, attempts: Attempts, replica: common_pb2.Replica) -> Attempt:
+        """One try on ``replica`` (see :class:`Attempt`)."""
+        return Attempt(self.routes, attempts, replica)
+
+    def live_addresses(self, model: str) -> list[str]:
+        """Addresses of the workers with a READY or DRAINING replica of ``model``."""
+        try:
+            replicas = self.routes.replicas(model)
+        except Unavailable as exc:
+            raise self.unavailable_control_plane(exc) from exc
+        return sorted({r.address for r in replicas if r.address and r.state in LIVE_STATES})
+
+    def worker(self, address: str) -> inf_grpc.InferenceServiceStub:
+        """A sync stub for the worker at ``address``."""
+        self.check_open()
+        return inf_grpc.InferenceServiceStub(self.pool.get(address))
+
+    def aio_worker(self, address: str) -> inf_grpc.InferenceServiceStub:
+        """A grpc.aio stub for the worker at ``address`` on the running loop."""
+        self.check_open()
+        return inf_grpc.InferenceServiceStub(self.aio_channels.get(address))
+
+    def control(self) -> cp_grpc.ControlPlaneServiceStub:
+        """A sync stub for the control plane."""
+        self.check_open()
+        return cp_grpc.ControlPlaneServiceStub(self.pool.get(self.control_plane))
+
+    def aio_control(self) -> cp_grpc.ControlPlaneServiceStub:
+        """A grpc.aio stub for the control plane on the running loop."""
+        self.check_open()
+        return cp_grpc.ControlPlaneServiceStub(self.aio_channels.get(self.control_plane))

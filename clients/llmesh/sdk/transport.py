@@ -1,0 +1,443 @@
+"""The sync and the async transport: the only part of the SDK that differs between them.
+
+Both run an operation's steps (see :mod:`llmesh.sdk.ops`): they perform each op the steps
+yield (a routed worker call, a control-plane call, a Chat stream, a job watch, a pause) and send
+the result back. :class:`SyncTransport` blocks on grpc's sync stubs; :class:`AsyncTransport`
+awaits grpc.aio calls on the running event loop. Both pick replicas and retry through the same
+:class:`~llmesh.sdk.channels.Router`, and both give the chat and job-watch streams the callers
+iterate over (Chat with its cancel path: closing a stream early cancels the request on the
+worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from llmesh.common.errors import DeadlineExceeded, Unavailable
+from llmesh.common.tracing import client_span
+from llmesh.llm_config import GenerationConfig
+from llmesh.route_cache import call_unary, rpc_errors
+from llmesh.sdk.calls import ChatCall, cancel_aio_call
+from llmesh.sdk.channels import Attempts, Router
+from llmesh.sdk.ops import (
+    ChatStream,
+    ControlCall,
+    Gather,
+    LiveAddresses,
+    Sleep,
+    Steps,
+    WatchJob,
+    WorkerAt,
+    WorkerCall,
+)
+from llmesh.sdk.results import TextStream
+from llmesh.sdk.shapes import SingleOutputMeta
+from llmesh.training import WatchLoop
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import inference_service_pb2 as inf
+from llmesh.v1 import trainer_service_pb2 as tr
+
+T = TypeVar("T")
+
+#: Most concurrent requests one batched ``chat`` call makes on the sync transport.
+MAX_BATCH_THREADS = 8
+#: Reconnects of a job watch in a row without a message before the outage is reported.
+WATCH_RECONNECTS = 8
+WATCH_BACKOFF_MAX_S = 3.0
+
+
+def _advance(steps: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Send ``value`` (or throw ``error``) into ``steps``: ``(False, next op)`` or
+    ``(True, result)``.
+
+    StopIteration is turned into a return value because it cannot cross
+    ``asyncio.to_thread``.
+    """
+    try:
+        if error is not None:
+            return False, steps.throw(error)
+        return False, steps.send(value)
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _watch_loop(job_id: str, after_sequence: int, timeout: float | None) -> WatchLoop:
+    return WatchLoop(
+        job_id,
+        after_sequence,
+        timeout=timeout,
+        reconnects=WATCH_RECONNECTS,
+        backoff_max=WATCH_BACKOFF_MAX_S,
+    )
+
+
+class SyncTransport:
+    """Runs operations with blocking gRPC calls; thread-safe.
+
+    Args:
+        router: the client's channels, route cache and retry rules.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._perform: dict[type, Callable[[Any], Any]] = {
+            WorkerCall: self._worker_call,
+            WorkerAt: self._worker_at,
+            LiveAddresses: lambda op: router.live_addresses(op.model),
+            ControlCall: self._control_call,
+            ChatStream: self._chat,
+            WatchJob: self._watch_job,
+            Sleep: lambda op: time.sleep(op.seconds),
+            Gather: self._gather,
+        }
+
+    def run(self, steps: Steps[T]) -> T:
+        """Run an operation's steps to their result.
+
+        Args:
+            steps: the steps; each op they yield is performed here and its result sent back.
+        """
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            done, op = _advance(steps, value, error)
+            if done:
+                return op
+            try:
+                value, error = self._perform[type(op)](op), None
+            except Exception as exc:  # noqa: BLE001 - thrown into the steps, which may handle it
+                value, error = None, exc
+
+    def _worker_call(self, op: WorkerCall) -> Any:
+        attempts = Attempts()
+        while True:
+            replica = self.router.pick(op.model, op.purpose, attempts)
+            with self.router.attempt(attempts, replica):
+                stub = self.router.worker(replica.address)
+                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                    return getattr(stub, op.method)(
+                        op.request, metadata=metadata, timeout=op.timeout
+                    )
+
+    def _worker_at(self, op: WorkerAt) -> Any:
+        stub = self.router.worker(op.address)
+        return call_unary(
+            getattr(stub, op.method),
+            op.request,
+            name=f"InferenceService/{op.method}",
+            timeout=op.timeout,
+        )
+
+    def _control_call(self, op: ControlCall) -> Any:
+        stub = self.router.control()
+        try:
+            return call_unary(
+                getattr(stub, op.method),
+                op.request,
+                name=f"ControlPlaneService/{op.method}",
+                timeout=op.timeout,
+            )
+        except Unavailable as exc:
+            raise self.router.unavailable_control_plane(exc) from exc
+
+    def _chat(self, op: ChatStream) -> None:
+        for response in self.chat_stream(op.model, op.start, op.config):
+            op.sink(response)
+
+    def _watch_job(self, op: WatchJob) -> tr.TrainingJob | None:
+        job: tr.TrainingJob | None = None
+        for job, event in self.watch_training_job(op.job_id, timeout=op.timeout):
+            if op.sink is not None:
+                op.sink(job, event)
+        return job
+
+    def _gather(self, op: Gather) -> list[Any]:
+        if len(op.steps) == 1:
+            return [self.run(op.steps[0])]
+        workers = min(len(op.steps), MAX_BATCH_THREADS)
+        with concurrent.futures.ThreadPoolExecutor(workers, "llmesh-chat") as pool:
+            return list(pool.map(self.run, op.steps))
+
+    def chat_stream(
+        self, model: str, start: inf.ChatStart, config: GenerationConfig
+    ) -> Iterator[inf.ChatResponse]:
+        """Yield a Chat call's responses, retrying on another replica before any output.
+
+        Closing this generator early cancels the request on the worker.
+
+        Args:
+            model: the model.
+            start: the request; its ``replica`` is set to the replica chosen.
+            config: the call's timeout and affinity key.
+        """
+        attempts = Attempts()
+        while True:
+            replica = self.router.pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
+            start.replica = replica.index
+            with self.router.attempt(attempts, replica) as attempt:
+                stub = self.router.worker(replica.address)
+                # The span covers opening the call only: a span held open across yields would
+                # leak its context into the caller's code between items.
+                with client_span("InferenceService/Chat") as metadata:
+                    chat = ChatCall(stub, start, timeout=config.timeout, metadata=metadata)
+                finished = False
+                try:
+                    with rpc_errors():
+                        for response in chat.call:
+                            attempt.received = True
+                            finished = response.finished
+                            yield response
+                            if finished:
+                                break
+                finally:
+                    if finished:
+                        chat.end_requests()
+                    else:
+                        chat.cancel()
+                if not finished:
+                    # The attempt adds which worker it was.
+                    raise Unavailable("the chat stream ended without a final message")
+                return
+
+    def chat_texts(
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        clean: Callable[[str], str],
+    ) -> Iterator[tuple[str, SingleOutputMeta]]:
+        """:meth:`chat_stream` as ``stream_chat_oai`` items (see :class:`TextStream`)."""
+        texts = TextStream(start.request_id, clean)
+        stream = self.chat_stream(model, start, config)
+        try:
+            for response in stream:
+                item = texts.feed(response)
+                if item is not None:
+                    yield item
+        finally:
+            stream.close()  # cancels on the worker when the caller stopped early
+
+    def watch_training_job(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> Iterator[tuple[tr.TrainingJob, tr.TrainingJobEvent | None]]:
+        """Follow a job (see :meth:`llmesh.ByzerLLM.watch_training_job`), resuming after drops.
+
+        Args:
+            job_id: the job.
+            after_sequence: skip events up to this sequence number.
+            timeout: give up after this many seconds.
+        """
+        loop = _watch_loop(job_id, after_sequence, timeout)
+        while True:
+            stub = self.router.control()
+            request, remaining = loop.request()
+            call: Any = None
+            try:
+                with rpc_errors(), client_span("ControlPlaneService/WatchTrainingJob") as metadata:
+                    call = stub.WatchTrainingJob(request, metadata=metadata, timeout=remaining)
+                    for response in call:
+                        item = loop.received(response)
+                        if item is not None:
+                            yield item
+            except (Unavailable, DeadlineExceeded) as exc:
+                loop.failed(
+                    self.router.unavailable_control_plane(exc)
+                    if isinstance(exc, Unavailable)
+                    else exc
+                )
+            finally:
+                if call is not None:
+                    call.cancel()  # also when the caller left early: ends the server stream
+            pause = loop.pause()
+            if pause is None:
+                return
+            time.sleep(pause)
+
+
+class AsyncTransport:
+    """Runs operations with grpc.aio calls on the running event loop.
+
+    Picking a replica may wait for a model's first route snapshot, so it runs on a worker
+    thread; everything else stays on the loop.
+
+    Args:
+        router: the client's channels, route cache and retry rules.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self._perform: dict[type, Callable[[Any], Any]] = {
+            WorkerCall: self._worker_call,
+            WorkerAt: self._worker_at,
+            LiveAddresses: self._live_addresses,
+            ControlCall: self._control_call,
+            ChatStream: self._chat,
+            WatchJob: self._watch_job,
+            Sleep: lambda op: asyncio.sleep(op.seconds),
+            Gather: self._gather,
+        }
+
+    async def run(self, steps: Steps[T], *, offload: bool = False) -> T:
+        """Run an operation's steps to their result.
+
+        Args:
+            steps: the steps; each op they yield is awaited here and its result sent back.
+            offload: run the steps' own code (between ops) on a worker thread, so user code
+                and parsing never block the loop.
+        """
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            if offload:
+                done, op = await asyncio.to_thread(_advance, steps, value, error)
+            else:
+                done, op = _advance(steps, value, error)
+            if done:
+                return op
+            try:
+                value, error = await self._perform[type(op)](op), None
+            except Exception as exc:  # noqa: BLE001 - thrown into the steps, which may handle it
+                value, error = None, exc
+
+    async def close(self) -> None:
+        """Close the grpc.aio channels the running event loop used."""
+        await self.router.aio_channels.close()
+
+    async def _pick(self, model: str, purpose: int, attempts: Attempts, affinity: str = "") -> Any:
+        # The route cache may wait for a model's first snapshot: keep that off the loop.
+        return await asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity)
+
+    async def _worker_call(self, op: WorkerCall) -> Any:
+        attempts = Attempts()
+        while True:
+            replica = await self._pick(op.model, op.purpose, attempts)
+            with self.router.attempt(attempts, replica):
+                stub = self.router.aio_worker(replica.address)
+                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                    return await getattr(stub, op.method)(
+                        op.request, metadata=metadata, timeout=op.timeout
+                    )
+
+    async def _worker_at(self, op: WorkerAt) -> Any:
+        stub = self.router.aio_worker(op.address)
+        with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+            return await getattr(stub, op.method)(op.request, metadata=metadata, timeout=op.timeout)
+
+    async def _live_addresses(self, op: LiveAddresses) -> list[str]:
+        return await asyncio.to_thread(self.router.live_addresses, op.model)
+
+    async def _control_call(self, op: ControlCall) -> Any:
+        stub = self.router.aio_control()
+        try:
+            with rpc_errors(), client_span(f"ControlPlaneService/{op.method}") as metadata:
+                return await getattr(stub, op.method)(
+                    op.request, metadata=metadata, timeout=op.timeout
+                )
+        except Unavailable as exc:
+            raise self.router.unavailable_control_plane(exc) from exc
+
+    async def _chat(self, op: ChatStream) -> None:
+        async with contextlib.aclosing(self.chat_stream(op.model, op.start, op.config)) as stream:
+            async for response in stream:
+                op.sink(response)
+
+    async def _watch_job(self, op: WatchJob) -> tr.TrainingJob | None:
+        job: tr.TrainingJob | None = None
+        watch = self.watch_training_job(op.job_id, timeout=op.timeout)
+        async with contextlib.aclosing(watch) as items:
+            async for job, event in items:
+                if op.sink is not None:
+                    op.sink(job, event)
+        return job
+
+    async def _gather(self, op: Gather) -> list[Any]:
+        return list(await asyncio.gather(*(self.run(s) for s in op.steps)))
+
+    async def chat_stream(
+        self, model: str, start: inf.ChatStart, config: GenerationConfig
+    ) -> AsyncIterator[inf.ChatResponse]:
+        """:meth:`SyncTransport.chat_stream` over grpc.aio: the same replica choice, retry
+        rules and cancel path.
+
+        Closing the generator (``aclose``) cancels the request on the worker; cancellation of
+        the calling task propagates after the cancel was sent.
+        """
+        attempts = Attempts()
+        while True:
+            replica = await self._pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
+            start.replica = replica.index
+            with self.router.attempt(attempts, replica) as attempt:
+                stub = self.router.aio_worker(replica.address)
+                with client_span("InferenceService/Chat") as metadata:
+                    call = stub.Chat(timeout=config.timeout, metadata=metadata)
+                finished = False
+                try:
+                    with rpc_errors():
+                        await call.write(inf.ChatRequest(start=start))
+                        async for response in call:
+                            attempt.received = True
+                            finished = response.finished
+                            yield response
+                            if finished:
+                                break
+                finally:
+                    if finished:
+                        with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError):
+                            await call.done_writing()
+                    else:
+                        await cancel_aio_call(call)
+                if not finished:
+                    raise Unavailable("the chat stream ended without a final message")
+                return
+
+    async def chat_texts(
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        clean: Callable[[str], str],
+    ) -> AsyncIterator[tuple[str, SingleOutputMeta]]:
+        """:meth:`chat_stream` as ``stream_chat_oai`` items (see :class:`TextStream`)."""
+        texts = TextStream(start.request_id, clean)
+        async with contextlib.aclosing(self.chat_stream(model, start, config)) as stream:
+            async for response in stream:
+                item = texts.feed(response)
+                if item is not None:
+                    yield item
+
+    async def watch_training_job(
+        self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
+    ) -> AsyncIterator[tuple[tr.TrainingJob, tr.TrainingJobEvent | None]]:
+        """:meth:`SyncTransport.watch_training_job` as a grpc.aio stream on the running loop."""
+        loop = _watch_loop(job_id, after_sequence, timeout)
+        while True:
+            stub = self.router.aio_control()
+            request, remaining = loop.request()
+            call: Any = None
+            try:
+                with rpc_errors(), client_span("ControlPlaneService/WatchTrainingJob") as metadata:
+                    call = stub.WatchTrainingJob(request, metadata=metadata, timeout=remaining)
+                    async for response in call:
+                        item = loop.received(response)
+                        if item is not None:
+                            yield item
+            except (Unavailable, DeadlineExceeded) as exc:
+                loop.failed(
+                    self.router.unavailable_control_plane(exc)
+                    if isinstance(exc, Unavailable)
+                    else exc
+                )
+            finally:
+                if call is not None:
+                    call.cancel()
+            pause = loop.pause()
+            if pause is None:
+                return
+            await asyncio.sleep(pause)
