@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -121,11 +120,8 @@ def test_infer_params_go_to_the_chosen_engine(
     create_engine(_config(test_model_dir, max_num_seqs="4", torch_threads="1"))
 
 
-def test_deploy_auto_through_the_mesh(
-    etcd_server: Any, test_model_dir: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_deploy_auto_through_the_mesh(etcd_server: Any, test_model_dir: Path) -> None:
     """auto on the tiny Llama deploys vLLM with its own CPU defaults (no vLLM params given)."""
-    caplog.set_level(logging.INFO, logger="llmesh.inference_worker.engines.auto")
     mesh = Mesh(etcd_server.endpoint, f"/llmesh-auto-{uuid.uuid4().hex[:6]}")
     try:
         mesh.start_control_plane()
@@ -146,7 +142,9 @@ def test_deploy_auto_through_the_mesh(
         )
         assert meta.max_concurrency == 2  # infer_params reached the chosen engine
         assert "vllm_version" in meta.extra
-        assert f"model chat: {meta.extra['auto_backend_reason']}" in caplog.messages
+        # The replica process logs its choice (its log is the supervisor's replica.log).
+        replica_log = worker.agent.supervisor_of("chat").log_path.read_text()
+        assert f"model chat: {meta.extra['auto_backend_reason']}" in replica_log
         params = common_pb2.GenerationParams(max_tokens=8, temperature=0.0)
         out = stub.Generate(inf.GenerateRequest(model="chat", prompts=["Hello"], params=params))
         assert out.generations[0].usage.completion_tokens >= 1
