@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument, LLMeshError, Unavailable
+from llmesh.i18n import t as _t
 
 #: Modes in report order, with the label the tables and the chart use.
 MODES: dict[str, str] = {
@@ -1445,12 +1446,6 @@ def _model_max_len(model: Path) -> int | None:
 
 
 # -- command line --------------------------------------------------------------------------------
-
-
-def _t(en: str, zh: str) -> str:
-    from llmesh.cli_servers import chinese
-
-    return zh if chinese() else en
 
 
 def _positive_int(text: str) -> int:
