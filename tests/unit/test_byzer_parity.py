@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal
 import pydantic
 import pytest
 
-from llmesh import cli
+from llmesh import cli, i18n
 from llmesh import client as c
 from llmesh import decorators as d
 from llmesh import functions as fn
 from llmesh.aio import AsyncByzerLLM
+from llmesh.cli import models as cli_models
 from llmesh.common.errors import InvalidArgument
 from llmesh.templates import TEMPLATE_NAMES, Template, Templates, render_with_role_mapping
 
@@ -640,9 +641,9 @@ def test_iterate_in_thread_reraises() -> None:
 
 
 def test_cli_language_from_lang(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    assert cli.cli_language("zh_CN.UTF-8") == "zh" and cli.cli_language("en_US.UTF-8") == "en"
-    assert cli.cli_language("C") == "en"
-    assert set(cli.MESSAGES_ZH) == set(cli.MESSAGES_EN)
+    assert i18n.cli_language("zh_CN.UTF-8") == "zh" and i18n.cli_language("en_US.UTF-8") == "en"
+    assert i18n.cli_language("C") == "en"
+    assert set(i18n.MESSAGES_ZH) == set(i18n.MESSAGES_EN)
     monkeypatch.setenv("LANG", "zh_CN.UTF-8")
     assert cli.main(["deploy", "--help"]) == 0
     assert "部署后的模型名称" in capsys.readouterr().out
@@ -667,9 +668,9 @@ def test_cli_query_templates_cover_byzers() -> None:
         "empty",
     }
     assert set(TEMPLATE_NAMES) == byzer
-    assert set(cli.QUERY_TEMPLATES) == {"auto", *byzer}
-    assert cli.QUERY_TEMPLATE_CONFIG["qwen"]["generation.stop_token_ids"] == [151643, 151645]
-    assert cli.QUERY_TEMPLATES["qwen"]["user_role"] == "<|im_start|>user\n"
+    assert set(cli_models.QUERY_TEMPLATES) == {"auto", *byzer}
+    assert cli_models.QUERY_TEMPLATE_CONFIG["qwen"]["generation.stop_token_ids"] == [151643, 151645]
+    assert cli_models.QUERY_TEMPLATES["qwen"]["user_role"] == "<|im_start|>user\n"
     assert (
         cli.build_parser()
         .parse_args(["query", "--model", "m", "--query", "q", "--template", "yi"])

@@ -10,6 +10,7 @@ import pytest
 
 from llmesh import cli
 from llmesh._table import format_table
+from llmesh.cli import connect, models, servers
 from llmesh.common.errors import NotFound, Unavailable
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -21,7 +22,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_deploy_defaults_follow_byzer_option_names() -> None:
     args = parse("deploy", "--model", "chat", "--model_path", "/models/tiny")
-    assert args.func is cli.cmd_deploy
+    assert args.func is models.cmd_deploy
     assert args.model == "chat"
     assert args.model_path == "/models/tiny"
     assert args.pretrained_model_type == "custom/auto"
@@ -105,9 +106,9 @@ def test_deploy_requires_model(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_undeploy_and_query_options() -> None:
     args = parse("undeploy", "--model", "chat")
-    assert (args.func, args.model) == (cli.cmd_undeploy, "chat")
+    assert (args.func, args.model) == (models.cmd_undeploy, "chat")
     args = parse("query", "--model", "chat", "--query", "hello there")
-    assert args.func is cli.cmd_query
+    assert args.func is models.cmd_query
     assert (args.query, args.template, args.max_tokens) == ("hello there", "auto", None)
     args = parse(
         "query", "--model", "c", "--query", "q", "--template", "default", "--max_tokens", "8"
@@ -121,10 +122,10 @@ def test_query_rejects_unknown_template(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_listing_and_test_model_commands() -> None:
-    assert parse("models").func is cli.cmd_models
-    assert parse("workers").func is cli.cmd_workers
+    assert parse("models").func is models.cmd_models
+    assert parse("workers").func is models.cmd_workers
     args = parse("make-test-model", "/tmp/tiny")
-    assert (args.func, args.dir) == (cli.cmd_make_test_model, "/tmp/tiny")
+    assert (args.func, args.dir) == (models.cmd_make_test_model, "/tmp/tiny")
 
 
 def test_control_plane_before_or_after_the_subcommand() -> None:
@@ -142,7 +143,7 @@ def test_control_plane_default_comes_from_the_environment(monkeypatch: pytest.Mo
 
 def test_server_commands_are_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(cli.cli_servers, "add_server_commands", seen.append)
+    monkeypatch.setattr(servers, "add_server_commands", seen.append)
     cli.build_parser()
     assert len(seen) == 1
     assert "deploy" in seen[0].choices
@@ -165,7 +166,7 @@ def test_llmesh_errors_become_one_line_and_exit_1(
     def boom(args: argparse.Namespace) -> int:
         raise NotFound("model 'x' not found")
 
-    monkeypatch.setattr(cli, "cmd_models", boom)
+    monkeypatch.setattr(models, "cmd_models", boom)
     assert cli.main(["models"]) == 1
     captured = capsys.readouterr()
     assert captured.err == "error: model 'x' not found\n"
@@ -178,7 +179,7 @@ def test_value_errors_from_commands_exit_2(
     def bad(args: argparse.Namespace) -> int:
         raise ValueError("bad value")
 
-    monkeypatch.setattr(cli, "cmd_workers", bad)
+    monkeypatch.setattr(models, "cmd_workers", bad)
     assert cli.main(["workers"]) == 2
     assert capsys.readouterr().err == "error: bad value\n"
 
@@ -265,7 +266,7 @@ class FakeClient:
 
 @pytest.fixture
 def fake_client(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
-    monkeypatch.setattr(cli, "ByzerLLM", FakeClient)
+    monkeypatch.setattr(connect, "ByzerLLM", FakeClient)
     return FakeClient
 
 
@@ -368,7 +369,7 @@ def test_unreachable_control_plane_is_exit_1(
         def list_models(self) -> list[cp.Model]:
             raise Unavailable("the control plane at h:1 is unavailable: connection refused")
 
-    monkeypatch.setattr(cli, "ByzerLLM", Down)
+    monkeypatch.setattr(connect, "ByzerLLM", Down)
     assert cli.main(["models"]) == 1
     assert capsys.readouterr().err.startswith("error: the control plane at h:1 is unavailable")
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from llmesh import cli
+from llmesh import cli, i18n
+from llmesh.cli import training as cli_training
 from llmesh.client import ByzerLLM
 from llmesh.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from llmesh.training import (
@@ -516,7 +517,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_cli_sft_defaults() -> None:
     args = parse("sft", "--model_path", "/m", "--data_dir", "/d")
-    assert args.func is cli.cmd_sft
+    assert args.func is cli_training.cmd_sft
     assert (args.name, args.output_dir, args.num_cpus, args.num_gpus, args.num_ranks) == (
         "",
         "",
@@ -613,10 +614,10 @@ def test_cli_unknown_model_param_is_refused_before_any_call(
 
 def test_cli_pretrain_merge_and_job_commands() -> None:
     args = parse("pretrain", "--model_path", "/m", "--data_dir", "/c", "--num_gpus", "2")
-    assert (args.func, args.num_gpus, args.num_ranks) == (cli.cmd_pretrain, 2.0, None)
+    assert (args.func, args.num_gpus, args.num_ranks) == (cli_training.cmd_pretrain, 2.0, None)
     args = parse("merge-lora", "--model_path", "/b", "--adapter_path", "/a", "--target_path", "/t")
     assert (args.func, args.model_path, args.adapter_path, args.target_path) == (
-        cli.cmd_merge_lora,
+        cli_training.cmd_merge_lora,
         "/b",
         "/a",
         "/t",
@@ -625,10 +626,14 @@ def test_cli_pretrain_merge_and_job_commands() -> None:
     assert parse("jobs").state is None
     assert parse("jobs", "--state", "RUNNING", "queued").state == ["running", "queued"]
     args = parse("job", "get", "sft-1", "--json")
-    assert (args.func, args.job_id, args.json) == (cli.cmd_job_get, "sft-1", True)
-    assert parse("job", "cancel", "sft-1").func is cli.cmd_job_cancel
+    assert (args.func, args.job_id, args.json) == (cli_training.cmd_job_get, "sft-1", True)
+    assert parse("job", "cancel", "sft-1").func is cli_training.cmd_job_cancel
     args = parse("job", "watch", "sft-1", "--loss-png", "l.png", "--control_plane", "h:1")
-    assert (args.func, args.loss_png, args.control_plane) == (cli.cmd_job_watch, "l.png", "h:1")
+    assert (args.func, args.loss_png, args.control_plane) == (
+        cli_training.cmd_job_watch,
+        "l.png",
+        "h:1",
+    )
     assert parse("job", "watch", "sft-1").loss_png is None
     args = parse("deploy", "--model", "a", "--model_path", "/adapter", "--base_model", "chat")
     assert args.base_model == "chat"
@@ -657,4 +662,4 @@ def test_cli_training_help_in_both_languages(
     top = capsys.readouterr().out
     for name in ("sft", "pretrain", "merge-lora", "jobs", "job"):
         assert f"    {name} " in top or f"    {name}\n" in top
-    assert set(cli.MESSAGES_EN) == set(cli.MESSAGES_ZH)
+    assert set(i18n.MESSAGES_EN) == set(i18n.MESSAGES_ZH)

@@ -25,6 +25,7 @@ from pathlib import Path
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.local_etcd import LocalEtcd
 from llmesh.common.process import guarded, stop_child
+from llmesh.i18n import t
 
 log = logging.getLogger(__name__)
 
@@ -210,23 +211,12 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def chinese() -> bool:
-    """Whether the CLI speaks Chinese now (``$LANG`` or ``llmesh.cli.set_language``)."""
-    from llmesh.cli import MESSAGES, MESSAGES_ZH
-
-    return MESSAGES.get("desc") == MESSAGES_ZH["desc"]
-
-
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register `up`, `control-plane`, `inference-worker`, `trainer-worker` and `demo`."""
-    from llmesh.demo import add_demo_command
+    """Register ``up``, ``control-plane``, ``inference-worker`` and ``trainer-worker``.
 
-    zh = chinese()
-
-    def t(en: str, zh_text: str) -> str:
-        return zh_text if zh else en
-
-    add_demo_command(subparsers)
+    Args:
+        subparsers: the ``llmesh`` parser's subcommands.
+    """
     up = subparsers.add_parser(
         "up",
         help=t(

