@@ -74,7 +74,9 @@ __all__ = [
 PARAM_TYPES = ("float", "int", "bool", "str", "list", "dict")
 
 # LoRA settings by every name they may be given under (canonical flat names included).
-_LORA_KEYS: dict[str, str] = {**LORA_ALIASES, "target_modules": "target_modules"}
+LORA_KEYS: dict[str, str] = {**LORA_ALIASES, "target_modules": "target_modules"}
+# The name this module gave the alias table before it moved to llmesh.common.training_spec.
+HP_ALIASES = HYPERPARAMETER_ALIASES
 # LazyLLM's global batch (rows per optimizer step over every rank): becomes accumulation steps.
 _GLOBAL_BATCH = "batch_size"
 # Other spec fields a parameter may set, by the kinds that use them.
@@ -251,7 +253,7 @@ def split_json_config(json_config: str | Mapping[str, Any] | None) -> tuple[dict
             ) from None
         if not isinstance(config, dict):
             raise InvalidArgument(f"json_config must be a JSON object, not {type(config).__name__}")
-    known = {*HYPERPARAMETERS, *HYPERPARAMETER_ALIASES, *_LORA_KEYS, *_SPEC_KEYS, _GLOBAL_BATCH}
+    known = {*HYPERPARAMETERS, *HYPERPARAMETER_ALIASES, *LORA_KEYS, *_SPEC_KEYS, _GLOBAL_BATCH}
     lifted = {k: v for k, v in config.items() if k in known and k not in _DEEPSPEED_KEYS}
     rest = {k: v for k, v in config.items() if k not in lifted}
     return lifted, (json.dumps(rest) if rest else "")
@@ -289,10 +291,10 @@ def _apply_params(
             spec.hyperparameters[canonical] = hyperparameter_text(canonical, value, key)
         elif name == _GLOBAL_BATCH:
             global_batch = int(hyperparameter_value("max_steps", value, key))
-        elif name in _LORA_KEYS:
+        elif name in LORA_KEYS:
             if kind != tr.TRAINING_JOB_KIND_SFT:
                 raise InvalidArgument(f"{key!r} is a LoRA setting; only SFT jobs train LoRA")
-            field = _LORA_KEYS[name]
+            field = LORA_KEYS[name]
             if field == "target_modules":
                 # None (all-linear) leaves the list empty: the runner's default.
                 spec.lora.target_modules[:] = target_modules_value(key, value) or []
@@ -363,7 +365,7 @@ def _apply_global_batch(spec: tr.TrainingJobSpec, global_batch: int | None) -> N
 def _known_extra(kind: int) -> set[str]:
     extra = {k for k, (_, kinds) in _SPEC_KEYS.items() if kind in kinds} | {_GLOBAL_BATCH}
     if kind == tr.TRAINING_JOB_KIND_SFT:
-        extra |= set(_LORA_KEYS)
+        extra |= set(LORA_KEYS)
     return extra
 
 

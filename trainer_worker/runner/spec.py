@@ -262,7 +262,7 @@ def _parse_lora(raw: Mapping[str, Any], origins: Mapping[str, str]) -> LoraSpec:
 class JobSpec:
     """One training job: kind, inputs, outputs and how to train.
 
-    Build it with :meth:`from_dict` (validates and accepts the names users know); ``to_dict``
+    Build it with :meth:`from_dict` (validates; canonical names only); ``to_dict``
     round-trips. Paths are kept as given; :func:`llmesh.trainer_worker.runner.launch` checks
     that they exist before starting any process.
 
