@@ -3,9 +3,10 @@
 A job is one etcd record (``{ns}/jobs/{id}``, a TrainingJob). The control plane creates it
 QUEUED, places it on a trainer worker with free capacity (``worker_id``), asks for a cancel
 (``cancel_requested``) and fails it when its worker goes away; the trainer worker moves it to
-RUNNING and to its final state. Every write here compares the record's mod_revision (and, for
-placement, the placement fence), and no write leaves a final state, so with several control
-planes and the worker racing, each outcome is recorded exactly once.
+RUNNING and to its final state. Every write here is the shared compare-and-swap of
+:mod:`llmesh.common.job_records` (placement also compares the placement fence), and no write
+leaves a final state, so with several control planes and the worker racing, each outcome is
+recorded exactly once.
 
 Progress and log lines live on the trainer worker (TrainerService.WatchJob); WatchTrainingJob
 relays them and takes state changes from etcd, so a watch survives a worker that dies: the
@@ -24,10 +25,12 @@ from typing import Any
 import grpc
 
 from llmesh.common import job_rules as rules
-from llmesh.common.errors import FailedPrecondition, NotFound, Unavailable
-from llmesh.common.etcd import EtcdKV, absent, mod_revision_is, put_op
+from llmesh.common.errors import NotFound, Unavailable
+from llmesh.common.etcd import Compare, EtcdKV, Op, absent, mod_revision_is, put_op
 from llmesh.common.etcd_keys import Keys, decode, encode
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.job_records import swap_job
+from llmesh.common.training_spec import validate_spec
 from llmesh.control_plane.registry import Change, Registry
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
@@ -120,10 +123,11 @@ class JobScheduler:
         """Store a new QUEUED job, or return the job an earlier call with ``request_id`` made.
 
         Raises:
-            InvalidArgument: the spec can never run (see ``llmesh.common.job_rules.validate_spec``).
+            InvalidArgument: the spec can never run (see
+                ``llmesh.common.training_spec.validate_spec``).
             Unavailable: etcd is unreachable.
         """
-        rules.validate_spec(spec)
+        validate_spec(spec)
         if spec.deepspeed_config_json:
             # Stored normalized, so a retried create with reformatted JSON is the same spec.
             spec.deepspeed_config_json = json.dumps(
@@ -176,28 +180,35 @@ class JobScheduler:
         *,
         fenced: bool = False,
     ) -> tr.TrainingJob:
-        """Compare-and-swap the job record: ``change`` returns the new record or None (no-op).
+        """Compare-and-swap the job record (:func:`llmesh.common.job_records.swap_job`).
 
-        ``change`` sees a private copy and is re-run after a lost race. With ``fenced`` the
-        write also compares and bumps the placement fence (used when placing).
+        Reads come from the mirror, which each transaction's revision is awaited in, so a
+        lost race is decided again on what won. With ``fenced`` the write also compares and
+        bumps the placement fence (used when placing).
         """
-        for _ in range(self.max_attempts):
-            current = self.get(job_id)
-            revision = self.registry.job_revision(job_id)
-            new = change(current)
-            if new is None:
-                return current
-            compare = [mod_revision_is(self.keys.job(job_id), revision)]
-            ops = [put_op(self.keys.job(job_id), encode(new))]
-            if fenced:
-                fence = self.registry.fence()
-                compare.append(mod_revision_is(self.keys.placement, fence.mod_revision))
-                ops.append(put_op(self.keys.placement, str(fence.counter + 1).encode()))
-            response = await self.kv.txn(compare, ops)
-            await self._catch_up(response.header.revision)
-            if response.succeeded:
-                return new
-        raise Unavailable(f"training job {job_id!r} changed under every attempt to update it")
+
+        async def read() -> tuple[tr.TrainingJob, int]:
+            return self.get(job_id), self.registry.job_revision(job_id)
+
+        def fence(_: tr.TrainingJob) -> tuple[list[Compare], list[Op]]:
+            current = self.registry.fence()
+            return (
+                [mod_revision_is(self.keys.placement, current.mod_revision)],
+                [put_op(self.keys.placement, str(current.counter + 1).encode())],
+            )
+
+        swapped = await swap_job(
+            self.kv,
+            self.keys,
+            job_id,
+            change,
+            read=read,
+            extra=fence if fenced else None,
+            after_txn=self._catch_up,
+            attempts=self.max_attempts,
+        )
+        assert swapped.record is not None  # read() raises NotFound instead
+        return swapped.record
 
     async def cancel(self, job_id: str) -> tr.TrainingJob:
         """Cancel: a job not running yet ends CANCELLED now, a running one is asked to stop.
@@ -539,11 +550,7 @@ def _cancel_unplaced(job: tr.TrainingJob) -> tr.TrainingJob | None:
 
 
 def _finish(job: tr.TrainingJob, state: int, reason: str) -> tr.TrainingJob:
-    if not rules.can_move(job.state, state):
-        raise FailedPrecondition(
-            f"training job {job.id} cannot go from {rules.state_name(job.state)} to "
-            f"{rules.state_name(state)}"
-        )
+    # swap_job refuses a move the job rules do not allow (FailedPrecondition).
     job.state = state
     job.reason = reason
     job.end_time.CopyFrom(rules.now())

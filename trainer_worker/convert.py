@@ -3,7 +3,8 @@
 The control plane stores what the user asked for as a ``TrainingJobSpec``; the job runner takes
 a plain dict (:meth:`llmesh.trainer_worker.runner.spec.JobSpec.from_dict`), which validates it
 and fills in defaults. This module only translates: proto zero values ("not set") are left out
-so the runner's defaults apply, strings become numbers and JSON text becomes objects.
+so the runner's defaults apply, and JSON text becomes objects. Hyperparameters pass as they are
+(canonical names, text values): the runner types them by :mod:`llmesh.common.training_spec`.
 """
 
 from __future__ import annotations
@@ -33,20 +34,6 @@ def default_output_dir(jobs_dir: str | Path, job_id: str) -> str:
 def output_dir_of(job: tr.TrainingJob, jobs_dir: str | Path) -> str:
     """The job's output directory on this worker: the spec's, or the default one."""
     return job.spec.output_dir or default_output_dir(jobs_dir, job.id)
-
-
-def _number(key: str, raw: str) -> int | float | str:
-    """``"3"`` -> 3, ``"2e-4"`` -> 0.0002; text that is no number (a scheduler name) stays."""
-    text = raw.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        # The runner names the key and the expected type if this one must be a number.
-        return raw
 
 
 def spec_to_runner_dict(job: tr.TrainingJob, *, jobs_dir: str | Path) -> dict[str, Any]:
@@ -102,9 +89,8 @@ def spec_to_runner_dict(job: tr.TrainingJob, *, jobs_dir: str | Path) -> dict[st
         out["lora"] = lora
 
     if spec.hyperparameters:
-        out["hyperparameters"] = {
-            key: _number(key, raw) for key, raw in sorted(spec.hyperparameters.items())
-        }
+        # Canonical names, text values: the runner types them by the one table.
+        out["hyperparameters"] = dict(sorted(spec.hyperparameters.items()))
 
     if spec.deepspeed_config_json.strip():
         try:

@@ -9,15 +9,13 @@ that worker watches the jobs prefix and takes it from there:
 - the outcome is recorded once: SUCCEEDED with the artifact (record and ``{ns}/artifacts/{id}``
   in one transaction), FAILED with the reason, or CANCELLED.
 
-Every write is a compare-and-swap on the record's mod_revision: read, decide, write if nobody
-wrote in between, else read again and decide again. A record in a final state is never changed,
-whoever put it there. etcd being down delays writes (they are retried); it never loses or
-invents an outcome.
+Every write is the compare-and-swap of :func:`llmesh.common.job_records.swap_job` (the one the
+control plane uses too): read, decide, write if nobody wrote in between, else read again and
+decide again. A record in a final state is never changed, whoever put it there. etcd being down
+delays writes (they are retried here until it is back); it never loses or invents an outcome.
 
-Each job has an event log (sequence numbers from 1) that :mod:`.servicer` streams: a
-``state_change`` to RUNNING, the runner's events, and a final ``state_change``. The runner's
-``events.jsonl`` in the job's output directory is the durable copy, so a restarted worker
-rebuilds the same log, with the same numbers, from that file and the record.
+Each job's event log (:mod:`.job_log`) is what :mod:`.servicer` streams; :mod:`.job_run` holds
+what this worker knows about one job and how its runner is followed.
 """
 
 from __future__ import annotations
@@ -28,293 +26,58 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aetcd
 from google.protobuf.json_format import ParseError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from llmesh.common import job_rules as rules
-from llmesh.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    LLMeshError,
-    NotFound,
-    Unavailable,
-)
+from llmesh.common.errors import InvalidArgument, LLMeshError, NotFound, Unavailable
+from llmesh.common.etcd import EtcdKV, Op, put_op
 from llmesh.common.etcd_keys import Keys, decode, encode
+from llmesh.common.job_records import read_job, swap_job
+from llmesh.common.training_spec import validate_spec
 from llmesh.trainer_worker.convert import output_dir_of, spec_to_runner_dict
-from llmesh.trainer_worker.runner.events import EVENTS_FILE, iter_event_file, read_events
-from llmesh.trainer_worker.runner.events import JobState as RunnerState
+from llmesh.trainer_worker.job_log import (
+    EventMapper,
+    JobLog,
+    WatcherDropped,
+    rebuild_log,
+    seconds,
+)
+from llmesh.trainer_worker.job_run import (
+    CANCELLED,
+    CANCELLED_REASON,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    JobRun,
+    Outcome,
+    file_size,
+    follow_events,
+    moved_error,
+    restarted_reason,
+    runner_outcome,
+    shutdown_reason,
+)
+from llmesh.trainer_worker.runner.events import EVENTS_FILE, read_events
 from llmesh.trainer_worker.runner.launch import JobProcess
-from llmesh.trainer_worker.runner.launch import Outcome as RunnerOutcome
 from llmesh.trainer_worker.runner.spec import JobSpec
 from llmesh.v1 import trainer_service_pb2 as tr
 
+# JobLog and WatcherDropped live in job_log; tests import them from here too.
+__all__ = ["JobLog", "JobManager", "WatcherDropped"]
+
 log = logging.getLogger(__name__)
-
-State = tr.TrainingJobState
-QUEUED = State.TRAINING_JOB_STATE_QUEUED
-RUNNING = State.TRAINING_JOB_STATE_RUNNING
-SUCCEEDED = State.TRAINING_JOB_STATE_SUCCEEDED
-FAILED = State.TRAINING_JOB_STATE_FAILED
-CANCELLED = State.TRAINING_JOB_STATE_CANCELLED
-
-CANCELLED_REASON = "cancelled on request"
-
-_ARTIFACT_KINDS = {
-    "lora_adapter": tr.ARTIFACT_KIND_LORA_ADAPTER,
-    "full_model": tr.ARTIFACT_KIND_FULL_MODEL,
-}
-
-
-def restarted_reason(worker_id: str, output_dir: str) -> str:
-    """Why a job found RUNNING on this worker id at startup is FAILED."""
-    return (
-        f"trainer worker {worker_id} restarted while the job was running; create the job again "
-        f"to resume from its last checkpoint (with output_dir {output_dir})"
-    )
-
-
-def shutdown_reason(worker_id: str) -> str:
-    """Why a job still running when its worker stops is FAILED."""
-    return f"trainer worker {worker_id} shut down"
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _seconds(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
-
-
-def is_final_event(event: tr.TrainingJobEvent) -> bool:
-    """Whether ``event`` is the last of its job's log (the change to a final state)."""
-    return event.WhichOneof("event") == "state_change" and rules.is_final(event.state_change.state)
-
-
-# ---- the event log ---------------------------------------------------------------------------
-
-
-class WatcherDropped(Exception):
-    """A watcher fell more events behind than its queue holds and was cut off."""
-
-
-class Subscription:
-    """One watcher's bounded queue of live events.
-
-    The job appends without ever waiting for a watcher: when the queue is full the watcher is
-    dropped (the events it already has queued are still delivered, then it ends).
-
-    Args:
-        limit: the most events it may hold.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self._events: deque[tr.TrainingJobEvent] = deque()
-        self._wake = asyncio.Event()
-        self.dropped = False
-        self._error: Exception | None = None
-
-    def push(self, event: tr.TrainingJobEvent) -> None:
-        if self.dropped or self._error is not None:
-            return
-        if len(self._events) >= self.limit:
-            self.dropped = True
-        else:
-            self._events.append(event)
-        self._wake.set()
-
-    def end(self, error: Exception) -> None:
-        """No more events will come: after the queued ones, :meth:`next` raises ``error``."""
-        if self._error is None:
-            self._error = error
-        self._wake.set()
-
-    async def next(self) -> tr.TrainingJobEvent:
-        """The next event; raises :class:`WatcherDropped` once dropped and drained."""
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self.dropped:
-                raise WatcherDropped
-            if self._error is not None:
-                raise self._error
-            self._wake.clear()
-            await self._wake.wait()
-
-
-class JobLog:
-    """A job's events in order, numbered from 1, and the watchers following it.
-
-    Args:
-        queue_size: each watcher's queue bound.
-    """
-
-    def __init__(self, queue_size: int) -> None:
-        self.queue_size = queue_size
-        self.events: list[tr.TrainingJobEvent] = []
-        self.complete = False
-        self._subs: set[Subscription] = set()
-
-    def append(self, when: float, **payload: Any) -> tr.TrainingJobEvent:
-        """Add an event (exactly one payload field) and hand it to every watcher."""
-        event = tr.TrainingJobEvent(sequence=len(self.events) + 1, time=_timestamp(when), **payload)
-        self.events.append(event)
-        if is_final_event(event):
-            self.complete = True
-        for sub in list(self._subs):
-            sub.push(event)
-        return event
-
-    def subscribe(self, after: int) -> tuple[list[tr.TrainingJobEvent], Subscription | None]:
-        """Events after ``after`` so far, and a subscription for the rest (None if complete)."""
-        backlog = self.events[max(0, after) :]
-        if self.complete:
-            return backlog, None
-        sub = Subscription(self.queue_size)
-        self._subs.add(sub)
-        return backlog, sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
-
-    @property
-    def watchers(self) -> int:
-        return len(self._subs)
-
-    def end(self, error: Exception) -> None:
-        """End every watcher with ``error`` (the log will not be completed by this process)."""
-        for sub in list(self._subs):
-            sub.end(error)
-        self._subs.clear()
-
-
-class EventMapper:
-    """Turns the runner's event dicts into log entries, the same way live and on replay.
-
-    Args:
-        worker_id: this worker, for artifacts.
-        base_model_path: the job's base model, for LoRA adapter artifacts.
-    """
-
-    def __init__(self, worker_id: str, base_model_path: str) -> None:
-        self.worker_id = worker_id
-        self.base_model_path = base_model_path
-        self.progress: tr.TrainingProgress | None = None
-
-    def payload(self, ev: dict[str, Any]) -> dict[str, Any] | None:
-        """The event's ``TrainingJobEvent`` payload, or None for events the log leaves out.
-
-        State and done events are left out: the log carries the states recorded in etcd.
-        """
-        kind = ev.get("type")
-        try:
-            if kind == "progress":
-                p = tr.TrainingProgress(
-                    step=int(ev.get("step") or 0),
-                    total_steps=int(ev.get("total_steps") or 0),
-                    epoch=float(ev.get("epoch") or 0.0),
-                    loss=float(ev.get("loss") or 0.0),
-                    learning_rate=float(ev.get("learning_rate") or 0.0),
-                    samples_per_second=float(ev.get("samples_per_second") or 0.0),
-                    eta_seconds=float(ev.get("eta_seconds") or 0.0),
-                )
-                if self.progress is not None and self.progress.HasField("eval_loss"):
-                    p.eval_loss = self.progress.eval_loss  # the last evaluation still holds
-                self.progress = p
-                return {"progress": p}
-            if kind == "eval":
-                p = tr.TrainingProgress()
-                if self.progress is not None:
-                    p.CopyFrom(self.progress)
-                p.eval_loss = float(ev["eval_loss"])
-                self.progress = p
-                return {"progress": p}
-            if kind == "checkpoint":
-                return {
-                    "checkpoint": tr.TrainingCheckpoint(
-                        step=int(ev.get("step") or 0), path=str(ev.get("path", ""))
-                    )
-                }
-            if kind == "artifact":
-                art_kind = _ARTIFACT_KINDS.get(str(ev.get("kind")), tr.ARTIFACT_KIND_UNSPECIFIED)
-                return {"artifact": self.artifact(art_kind, str(ev.get("path", "")), ev)}
-            if kind == "log":
-                rank = ev.get("rank")
-                prefix = f"[rank {rank}] " if rank is not None else ""
-                return {"log_line": f"{prefix}{ev.get('line', '')}"}
-            if kind == "error":
-                rank = ev.get("rank")
-                where = f" (rank {rank})" if rank is not None else ""
-                return {"log_line": f"error{where}: {ev.get('reason', '')}"}
-            if kind == "resume":
-                return {
-                    "log_line": f"resuming from the checkpoint of step {ev.get('step')} "
-                    f"({ev.get('path')})"
-                }
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("skipping a malformed %s event from the runner: %s", kind, exc)
-        return None
-
-    def artifact(
-        self, kind: int, path: str, ev: dict[str, Any] | None = None
-    ) -> tr.TrainingArtifact:
-        art = tr.TrainingArtifact(kind=kind, path=path, worker_id=self.worker_id)  # type: ignore[arg-type]
-        if kind == tr.ARTIFACT_KIND_LORA_ADAPTER:
-            base = (ev or {}).get("base_model") or self.base_model_path
-            art.base_model_path = str(base or "")
-        return art
-
-
-# ---- one job ---------------------------------------------------------------------------------
-
-
-@dataclass
-class JobRun:
-    """What this worker knows and does about one job placed on it."""
-
-    job_id: str
-    record: tr.TrainingJob
-    revision: int
-    output_dir: str
-    log: JobLog | None = None  # None: not in memory; rebuilt from events.jsonl on demand
-    mapper: EventMapper | None = None
-    proc: JobProcess | None = None
-    task: asyncio.Task[None] | None = None
-    writer: asyncio.Task[None] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    progress_dirty: asyncio.Event = field(default_factory=asyncio.Event)
-    final: bool = False
-    cancel_requested: bool = False
-    shutdown: bool = False
-    stopping: asyncio.Task[None] | None = None
-
-    @property
-    def active(self) -> bool:
-        """Whether this process is driving the job (starting, running or recording it)."""
-        return self.task is not None and not self.task.done()
-
-    @property
-    def progress(self) -> tr.TrainingProgress | None:
-        return self.mapper.progress if self.mapper is not None else None
-
-
-Outcome = tuple[int, str, tr.TrainingArtifact | None]
 
 
 class JobManager:
     """Runs the jobs the control plane places on this worker and records their outcomes.
 
     Args:
-        client: a connected aetcd client.
+        client: a connected aetcd client, for the watch of the jobs prefix.
+        kv: the etcd client job records are read and written with.
         keys: the namespace's keys.
         worker_id: this worker's id (jobs with this ``worker_id`` are ours).
         jobs_dir: default parent of job output directories.
@@ -330,6 +93,7 @@ class JobManager:
     def __init__(
         self,
         client: aetcd.Client,
+        kv: EtcdKV,
         keys: Keys,
         worker_id: str,
         jobs_dir: str | Path,
@@ -342,6 +106,7 @@ class JobManager:
         poll_interval: float = 0.2,
     ) -> None:
         self.client = client
+        self.kv = kv
         self.keys = keys
         self.worker_id = worker_id
         self.jobs_dir = Path(jobs_dir)
@@ -487,8 +252,7 @@ class JobManager:
         """React to a record as etcd holds it at ``revision``; idempotent, never blocks."""
         run = self.runs.get(job.id)
         if run is not None:
-            if revision > run.revision:
-                run.record, run.revision = job, revision
+            run.take(job, revision)
             # React even to a revision we hold already: any read of the record (the progress
             # writer's, every second) may have taken it in before this watch event came.
             self._react(run)
@@ -547,45 +311,37 @@ class JobManager:
         self,
         run: JobRun,
         mutate: Callable[[tr.TrainingJob], tr.TrainingJob | None],
-        extra: Callable[[tr.TrainingJob], Sequence[Any]] | None = None,
+        extra: Callable[[tr.TrainingJob], Sequence[Op]] | None = None,
     ) -> tuple[tr.TrainingJob | None, bool]:
-        """Compare-and-swap the job record: read, ``mutate`` a copy, write if unchanged since.
+        """Compare-and-swap the job record (:func:`llmesh.common.job_records.swap_job`).
 
         ``mutate`` returns the new record, or None to leave it as it is. ``extra`` gives more
         operations for the same transaction. Returns the record as it now is (None when it does
         not exist) and whether this call wrote it.
+
+        Raises:
+            Unavailable: etcd is unreachable, or others won every race (callers retry).
         """
-        key = self.keys.job(run.job_id)
-        while True:
-            got = await self.client.get(key)
-            if got is None:
-                return None, False
-            current = decode(got.value, tr.TrainingJob)
-            current.id = run.job_id
-            if got.mod_revision > run.revision:
+
+        async def read() -> tuple[tr.TrainingJob | None, int]:
+            current, revision = await read_job(self.kv, self.keys, run.job_id)
+            if current is not None and run.take(current, revision):
                 # Someone else's write (a cancel, a final state): the same reaction as to the
                 # watch event, which may come later and then finds this revision taken in.
-                run.record, run.revision = current, got.mod_revision
                 self._react(run)
-            new = tr.TrainingJob()
-            new.CopyFrom(current)
-            new = mutate(new)
-            if new is None:
-                return current, False
-            ops = [self.client.transactions.put(key, encode(new))]
-            if extra is not None:
-                ops += list(extra(new))
-            ok, responses = await self.client.transaction(
-                compare=[self.client.transactions.mod(key) == got.mod_revision],
-                success=ops,
-                failure=[],
-            )
-            if ok:
-                written = responses[0].response_put.header.revision
-                if written > run.revision:
-                    run.record, run.revision = new, written
-                return new, True
-            # Someone wrote in between (a cancel, a re-placement): read again, decide again.
+            return current, revision
+
+        swapped = await swap_job(
+            self.kv,
+            self.keys,
+            run.job_id,
+            mutate,
+            read=read,
+            extra=None if extra is None else (lambda job: ((), extra(job))),
+        )
+        if swapped.written and swapped.record is not None:
+            run.take(swapped.record, swapped.revision)
+        return swapped.record, swapped.written
 
     async def _mark_running(self, run: JobRun) -> tr.TrainingJob | None:
         """QUEUED → RUNNING with start_time, retried through etcd outages.
@@ -619,8 +375,8 @@ class JobManager:
         state, reason, artifact = outcome
 
         def mutate(job: tr.TrainingJob) -> tr.TrainingJob | None:
-            if rules.is_final(job.state) or not rules.can_move(job.state, state):
-                return None
+            if not rules.can_move(job.state, state):
+                return None  # (swap_job never hands over a final record)
             if job.worker_id != self.worker_id:
                 return None  # placed elsewhere meanwhile: not ours to record
             job.state = state  # type: ignore[assignment]
@@ -632,10 +388,10 @@ class JobManager:
                 job.artifact.CopyFrom(artifact)
             return job
 
-        def extra(job: tr.TrainingJob) -> list[Any]:
+        def extra(job: tr.TrainingJob) -> list[Op]:
             if artifact is None:
                 return []
-            return [self.client.transactions.put(self.keys.artifact(run.job_id), encode(artifact))]
+            return [put_op(self.keys.artifact(run.job_id), encode(artifact))]
 
         deadline: float | None = None
         backoff = 0.2
@@ -678,7 +434,7 @@ class JobManager:
         if not rules.is_final(record.state):
             # Not ours any more (re-placed): nothing to record here.
             if run.log is not None:
-                run.log.end(_moved(run.job_id, record))
+                run.log.end(moved_error(run.job_id, record))
             return
         log.info(
             "job %s %s%s",
@@ -688,7 +444,7 @@ class JobManager:
         )
         if run.log is not None and not run.log.complete:
             run.log.append(
-                _seconds(record.end_time) if record.HasField("end_time") else time.time(),
+                seconds(record.end_time) if record.HasField("end_time") else time.time(),
                 state_change=tr.TrainingStateChange(state=record.state, reason=record.reason),
             )
             self._finished.append(run.job_id)
@@ -749,6 +505,8 @@ class JobManager:
         if run.cancel_requested:
             return (CANCELLED, CANCELLED_REASON, None)  # QUEUED → CANCELLED: never started
         try:
+            # The one check of a spec (canonical names only), then the runner's own typing.
+            validate_spec(job.spec)
             spec = JobSpec.from_dict(spec_to_runner_dict(job, jobs_dir=self.jobs_dir))
         except InvalidArgument as exc:
             return (FAILED, str(exc), None)  # QUEUED → FAILED: nothing was started
@@ -760,11 +518,11 @@ class JobManager:
                 return (CANCELLED, CANCELLED_REASON, None)
             if not rules.is_final(record.state):
                 # Re-placed (our lease lapsed; the reaper put it back in the queue): not ours.
-                self._drop(run, _moved(run.job_id, record))
+                self._drop(run, moved_error(run.job_id, record))
                 return None
             return (record.state, record.reason, None)  # final already: adopted as recorded
         assert run.log is not None and run.mapper is not None
-        start = _seconds(record.start_time)
+        start = seconds(record.start_time)
         run.log.append(start, state_change=tr.TrainingStateChange(state=RUNNING))
         if self.closing:
             return (FAILED, shutdown_reason(self.worker_id), None)
@@ -773,12 +531,13 @@ class JobManager:
         # proc.events(): that also yields raw process output, which is not in the file, and
         # the log must be rebuildable from the file with the same sequence numbers.
         events_path = Path(spec.output_dir) / EVENTS_FILE
-        offset = await asyncio.to_thread(_file_size, events_path)
+        offset = await asyncio.to_thread(file_size, events_path)
         proc = JobProcess(spec)  # raw output goes to {output_dir}/job.log
         try:
             await proc.start()
         except LLMeshError as exc:
-            await self._follow(run, events_path, offset, start, None)  # the runner's error
+            # The runner's error event, and what it logged before it.
+            await follow_events(run, events_path, offset, start, None, self.poll_interval)
             # The runner names the file, line and field; that sentence is the reason.
             return (FAILED, str(exc), None)
         run.proc = proc
@@ -786,59 +545,10 @@ class JobManager:
             self._stop(run)
         waiter = asyncio.ensure_future(proc.wait())
         try:
-            await self._follow(run, events_path, offset, start, waiter)
+            await follow_events(run, events_path, offset, start, waiter, self.poll_interval)
         finally:
             waiter.cancel()
-        return self._outcome(run, waiter.result())
-
-    async def _follow(
-        self,
-        run: JobRun,
-        path: Path,
-        offset: int,
-        start: float,
-        done: asyncio.Future[Any] | None,
-    ) -> None:
-        """Append the job's events from ``path`` (after ``offset``) until ``done``."""
-        while True:
-            finished = done is None or done.done()  # read first: the last drain misses nothing
-            batch = await asyncio.to_thread(_read_events_from, path, offset)
-            for ev, offset in batch:  # noqa: B007 - the offset carries to the next read
-                self._on_runner_event(run, ev, start)
-            if finished:
-                return
-            assert done is not None
-            await asyncio.wait([done], timeout=self.poll_interval)
-
-    def _on_runner_event(self, run: JobRun, ev: dict[str, Any], start: float) -> None:
-        assert run.log is not None and run.mapper is not None
-        when = float(ev.get("time") or time.time())
-        if when < start:
-            return  # an earlier attempt in the same output_dir
-        payload = run.mapper.payload(ev)
-        if payload is None:
-            return
-        run.log.append(when, **payload)
-        if "progress" in payload:
-            run.progress_dirty.set()
-
-    def _outcome(self, run: JobRun, result: RunnerOutcome) -> Outcome:
-        """The state to record from the runner's outcome and why the job ended."""
-        assert run.mapper is not None
-        if result.state is RunnerState.SUCCEEDED:
-            # The runner only reports SUCCEEDED with an artifact; the base model is the spec's.
-            kind = _ARTIFACT_KINDS.get(str(result.artifact_kind), tr.ARTIFACT_KIND_UNSPECIFIED)
-            return (SUCCEEDED, "", run.mapper.artifact(kind, str(result.artifact_path or "")))
-        if rules.is_final(run.record.state):
-            return (run.record.state, run.record.reason, None)  # adopted
-        if run.cancel_requested:
-            return (CANCELLED, CANCELLED_REASON, None)
-        if run.shutdown:
-            return (FAILED, shutdown_reason(self.worker_id), None)
-        if result.state is RunnerState.CANCELLED:
-            # Only this worker cancels its jobs, and each cancel above has its reason.
-            return (FAILED, "the job's processes were cancelled by the trainer worker", None)
-        return (FAILED, result.reason or "the job's processes failed without a reason", None)
+        return runner_outcome(run, waiter.result(), self.worker_id)
 
     def _stop(self, run: JobRun) -> None:
         """Stop the job's ranks (SIGTERM, then SIGKILL after ``cancel_grace``), once."""
@@ -873,33 +583,11 @@ class JobManager:
         async with run.load_lock:
             if run.log is None:
                 events = await asyncio.to_thread(read_events, run.output_dir)
-                run.log = self._rebuild(run, events)
+                run.log = rebuild_log(run.record, events, self.worker_id, self.watch_queue_size)
                 if run.log.complete:
                     self._finished.append(job_id)
                     self._trim_logs()
         return run.log
-
-    def _rebuild(self, run: JobRun, events: list[dict[str, Any]]) -> JobLog:
-        """The log as the live job built it: RUNNING, the runner's events, the final state."""
-        job = run.record
-        out = JobLog(self.watch_queue_size)
-        mapper = EventMapper(self.worker_id, job.spec.base_model_path)
-        if job.HasField("start_time"):
-            start = _seconds(job.start_time)
-            out.append(start, state_change=tr.TrainingStateChange(state=RUNNING))
-            for ev in events:
-                when = float(ev.get("time") or 0.0)
-                if when < start:
-                    continue
-                payload = mapper.payload(ev)
-                if payload is not None:
-                    out.append(when, **payload)
-        if rules.is_final(job.state):
-            when = _seconds(job.end_time) if job.HasField("end_time") else time.time()
-            out.append(
-                when, state_change=tr.TrainingStateChange(state=job.state, reason=job.reason)
-            )
-        return out
 
     def _trim_logs(self) -> None:
         """Keep the logs of at most ``keep_logs`` finished jobs in memory (others: on disk)."""
@@ -913,48 +601,26 @@ class JobManager:
     async def _lookup(self, job_id: str) -> JobRun:
         """A job this process has not seen yet: ask etcd (the watch may lag a write)."""
         try:
-            got = await self.client.get(self.keys.job(job_id))
+            job, revision = await read_job(self.kv, self.keys, job_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise Unavailable(
                 f"etcd is unreachable, and job {job_id!r} is not in this worker's memory: {exc}"
             ) from exc
-        if got is None:
+        if job is None:
             raise NotFound(
                 f"training job {job_id!r} does not exist; check the id "
                 "(ControlPlaneService.ListTrainingJobs lists every job)"
             )
-        job = decode(got.value, tr.TrainingJob)
-        job.id = job_id
         if job.worker_id != self.worker_id:
             where = f"trainer worker {job.worker_id}" if job.worker_id else "no worker yet"
             raise NotFound(
                 f"training job {job_id!r} is not on this trainer worker ({self.worker_id}); "
                 f"it is placed on {where}: ask the control plane (GetTrainingJob) instead"
             )
-        self._on_record(job, got.mod_revision)
+        self._on_record(job, revision)
         run = self.runs.get(job_id)
         if run is None:
             raise Unavailable(f"trainer worker {self.worker_id} is shutting down")
         return run
-
-
-def _moved(job_id: str, record: tr.TrainingJob) -> FailedPrecondition:
-    """Why a job's watchers here end when the job was placed on another worker."""
-    return FailedPrecondition(
-        f"training job {job_id!r} was moved to trainer worker "
-        f"{record.worker_id or '(none yet)'}; watch it through the control plane"
-    )
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_events_from(path: Path, offset: int) -> list[tuple[dict[str, Any], int]]:
-    """Complete event lines of ``path`` after ``offset``, each with the offset past it."""
-    return list(iter_event_file(path, offset))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmesh.common import tracing
 from llmesh.common.devices import detect_gpus
-from llmesh.common.etcd import worker_client
+from llmesh.common.etcd import EtcdKV, worker_client
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys, parse_endpoint
 from llmesh.common.grpc_server import Server
 from llmesh.common.worker_session import WorkerSession
@@ -119,8 +119,12 @@ async def run_trainer_worker(
         await server.stop(0)
         await client.close()
         raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
+    # Job records go through the shared compare-and-swap over EtcdKV; lease and watches stay on
+    # the aetcd client.
+    records_kv = EtcdKV(etcd)
     manager = JobManager(
         client,
+        records_kv,
         keys,
         worker.id,
         jobs_path,
@@ -142,6 +146,7 @@ async def run_trainer_worker(
         await manager.close()
         await session.close()
         await server.stop(5.0)
+        await records_kv.close()
         await client.close()
         log.info("trainer worker %s stopped", worker.id)
 

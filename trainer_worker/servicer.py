@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmesh.common.errors import InvalidArgument, ResourceExhausted, rpc_handler
-from llmesh.trainer_worker.job_manager import JobManager, WatcherDropped, is_final_event
+from llmesh.trainer_worker.job_log import WatcherDropped, is_final_event
+from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.v1 import trainer_service_pb2 as tr
 from llmesh.v1 import trainer_service_pb2_grpc
 

@@ -5,8 +5,9 @@ sft``, ``llmesh job watch``) share what is here:
 
 - :func:`parse_params` reads Byzer-LLM's typed keys (``sft.int.num_train_epochs`` = ``"3"``);
   :func:`sft_spec`, :func:`pretrain_spec` and :func:`merge_lora_spec` turn Byzer-LLM's
-  arguments into a ``TrainingJobSpec`` and check it with
-  :func:`llmesh.common.job_rules.validate_spec`, so a bad key fails before anything is sent.
+  arguments into a ``TrainingJobSpec`` with canonical names only (the aliases of
+  :mod:`llmesh.common.training_spec` are resolved here, once) and check it with
+  :func:`llmesh.common.training_spec.validate_spec`, so a bad key fails before anything is sent.
 - :class:`JobTracker` folds a ``WatchTrainingJob`` stream into ``(job, event)`` pairs and
   remembers where to resume after a dropped stream.
 - :func:`format_progress` renders one progress-bar line; :class:`LossCurve` collects the loss
@@ -31,7 +32,19 @@ from llmesh.common.errors import (
     LLMeshError,
     Unavailable,
 )
-from llmesh.common.job_rules import HYPERPARAMETERS, is_final, kind_name, state_name, validate_spec
+from llmesh.common.job_rules import is_final, kind_name, state_name
+from llmesh.common.training_spec import (
+    FIELD_ALIASES,
+    HYPERPARAMETER_ALIASES,
+    HYPERPARAMETERS,
+    LORA_ALIASES,
+    TEMPLATES,
+    accumulation_for_global_batch,
+    hyperparameter_text,
+    hyperparameter_value,
+    target_modules_value,
+    validate_spec,
+)
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2 as tr
 
@@ -60,66 +73,27 @@ __all__ = [
 #: The value types of Byzer-LLM's typed keys (``<prefix>.<type>.<name>``).
 PARAM_TYPES = ("float", "int", "bool", "str", "list", "dict")
 
-# Hyperparameters by value type; together they are jobs.HYPERPARAMETERS (checked below).
-_INT_HPS = frozenset(
-    {
-        "max_steps",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "cutoff_len",
-        "save_steps",
-        "logging_steps",
-        "warmup_steps",
-        "seed",
-    }
-)
-_STR_HPS = frozenset({"lr_scheduler_type"})
-_FLOAT_HPS = frozenset(HYPERPARAMETERS) - _INT_HPS - _STR_HPS
-assert _FLOAT_HPS == {
-    "num_train_epochs",
-    "learning_rate",
-    "val_set_size",
-    "weight_decay",
-    "max_grad_norm",
-}, "jobs.HYPERPARAMETERS changed: sort the new key into _INT_HPS / _STR_HPS / _FLOAT_HPS"
-
-# Names Byzer-LLM (and HuggingFace / LazyLLM habits) use for our hyperparameters. Byzer's sft
-# config said max_seq_length; its pretrain said sfft.int.max_length and sfft.int.epoches.
-HP_ALIASES: dict[str, str] = {
-    "max_seq_length": "cutoff_len",
-    "max_length": "cutoff_len",
-    "num_epochs": "num_train_epochs",
-    "epochs": "num_train_epochs",
-    "epoches": "num_train_epochs",
-    "micro_batch_size": "per_device_train_batch_size",
-    "lr": "learning_rate",
-}
-# LoRA settings: Byzer's QLoRA config said lora_rank / lora_alpha / lora_dropout.
-LORA_KEYS: dict[str, str] = {
-    "lora_r": "r",
-    "lora_rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "target_modules": "target_modules",
-    "lora_target_modules": "target_modules",
-}
+# LoRA settings by every name they may be given under (canonical flat names included).
+LORA_KEYS: dict[str, str] = {**LORA_ALIASES, "target_modules": "target_modules"}
+# The name this module gave the alias table before it moved to llmesh.common.training_spec.
+HP_ALIASES = HYPERPARAMETER_ALIASES
+# LazyLLM's global batch (rows per optimizer step over every rank): becomes accumulation steps.
+_GLOBAL_BATCH = "batch_size"
 # Other spec fields a parameter may set, by the kinds that use them.
 _SPEC_KEYS: dict[str, tuple[str, tuple[int, ...]]] = {
     "method": ("method", (tr.TRAINING_JOB_KIND_SFT,)),
-    "finetuning_type": ("method", (tr.TRAINING_JOB_KIND_SFT,)),
     "template": ("template", (tr.TRAINING_JOB_KIND_SFT,)),
-    "prompt_template_name": ("template", (tr.TRAINING_JOB_KIND_SFT,)),
     "resume": ("resume", (tr.TRAINING_JOB_KIND_SFT, tr.TRAINING_JOB_KIND_PRETRAIN)),
     "tokenizer_path": ("tokenizer_path", (tr.TRAINING_JOB_KIND_PRETRAIN,)),
     # Byzer's pretrain ran sfft.int.steps_per_epoch steps per epoch: max_steps = that x epochs.
     "steps_per_epoch": ("steps_per_epoch", (tr.TRAINING_JOB_KIND_PRETRAIN,)),
 }
+_SPEC_KEYS.update({alias: _SPEC_KEYS[field] for alias, field in FIELD_ALIASES.items()})
 # Top-level DeepSpeed config keys that share a name with a training key: they stay in the
 # DeepSpeed config instead of being lifted into the hyperparameters.
 _DEEPSPEED_KEYS = frozenset({"gradient_accumulation_steps"})
 
 _METHODS = {"lora": tr.TRAINING_METHOD_LORA, "full": tr.TRAINING_METHOD_FULL}
-_TEMPLATES = ("auto", "alpaca", "chat")
 
 
 class TrainingJobFailed(LLMeshError):
@@ -279,18 +253,14 @@ def split_json_config(json_config: str | Mapping[str, Any] | None) -> tuple[dict
             ) from None
         if not isinstance(config, dict):
             raise InvalidArgument(f"json_config must be a JSON object, not {type(config).__name__}")
-    known = {*HYPERPARAMETERS, *HP_ALIASES, *LORA_KEYS, *_SPEC_KEYS}
+    known = {*HYPERPARAMETERS, *HYPERPARAMETER_ALIASES, *LORA_KEYS, *_SPEC_KEYS, _GLOBAL_BATCH}
     lifted = {k: v for k, v in config.items() if k in known and k not in _DEEPSPEED_KEYS}
     rest = {k: v for k, v in config.items() if k not in lifted}
     return lifted, (json.dumps(rest) if rest else "")
 
 
-def _number_text(key: str, name: str, value: Any) -> str:
-    """A hyperparameter as the string the spec map holds, checked for its type."""
-    if name in _STR_HPS:
-        if not isinstance(value, str) or not value:
-            raise InvalidArgument(f"{key}={value!r} must be a name such as 'cosine'")
-        return value
+def _lora_number(key: str, value: Any) -> float:
+    """A LoRA number (r, alpha, dropout) given as a number or its text, >= 0."""
     if isinstance(value, bool):
         raise InvalidArgument(f"{key}={value!r} must be a number, not a bool")
     try:
@@ -299,51 +269,37 @@ def _number_text(key: str, name: str, value: Any) -> str:
         raise InvalidArgument(f"{key}={value!r} is not a number; give e.g. {key}=1") from None
     if not math.isfinite(number) or number < 0:
         raise InvalidArgument(f"{key}={value!r} must be a finite number >= 0")
-    if name in _INT_HPS:
-        if not number.is_integer():
-            raise InvalidArgument(f"{key}={value!r} must be a whole number")
-        return str(int(number))
-    # 3.0 -> "3" reads better; anything else keeps full precision (repr, not %g).
-    return str(int(number)) if number.is_integer() else repr(number)
-
-
-def _modules(key: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                raise InvalidArgument(f"{key}={value!r} is not a JSON list") from None
-        else:
-            value = [part.strip() for part in text.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise InvalidArgument(
-            f'{key}={value!r} must be module names, e.g. ["q_proj", "v_proj"] or q_proj,v_proj'
-        )
-    return list(value)
+    return number
 
 
 def _apply_params(
     spec: tr.TrainingJobSpec, params: Mapping[str, tuple[str, Any]], *, prefix: str
-) -> None:
-    """Put parameters into ``spec``: hyperparameters, LoRA settings and a few spec fields."""
+) -> int | None:
+    """Put parameters into ``spec`` under canonical names: hyperparameters, LoRA, spec fields.
+
+    Returns LazyLLM's global ``batch_size`` when one was given (it needs the rank count, see
+    :func:`_apply_global_batch`).
+    """
     kind = spec.kind
     steps_per_epoch: int | None = None
+    global_batch: int | None = None
     for name, (key, value) in params.items():
-        canonical = HP_ALIASES.get(name, name)
+        canonical = HYPERPARAMETER_ALIASES.get(name, name)
         if canonical in HYPERPARAMETERS:
             if canonical in spec.hyperparameters and canonical != name:
                 raise InvalidArgument(f"{key!r} sets {canonical!r} a second time; keep one")
-            spec.hyperparameters[canonical] = _number_text(key, canonical, value)
+            spec.hyperparameters[canonical] = hyperparameter_text(canonical, value, key)
+        elif name == _GLOBAL_BATCH:
+            global_batch = int(hyperparameter_value("max_steps", value, key))
         elif name in LORA_KEYS:
             if kind != tr.TRAINING_JOB_KIND_SFT:
                 raise InvalidArgument(f"{key!r} is a LoRA setting; only SFT jobs train LoRA")
             field = LORA_KEYS[name]
             if field == "target_modules":
-                spec.lora.target_modules[:] = _modules(key, value)
+                # None (all-linear) leaves the list empty: the runner's default.
+                spec.lora.target_modules[:] = target_modules_value(key, value) or []
                 continue
-            number = float(_number_text(key, "lora", value))
+            number = _lora_number(key, value)
             if field == "r":
                 if not number.is_integer() or number < 1:
                     raise InvalidArgument(f"{key}={value!r} must be a whole number >= 1")
@@ -366,28 +322,48 @@ def _apply_params(
                     raise InvalidArgument(f"{key}={value!r} must be lora or full")
                 spec.method = _METHODS[method]
             elif field == "template":
-                if value not in _TEMPLATES:
-                    raise InvalidArgument(f"{key}={value!r} must be one of auto, alpaca, chat")
+                if value not in TEMPLATES:
+                    raise InvalidArgument(f"{key}={value!r} must be one of {', '.join(TEMPLATES)}")
                 spec.template = value
             elif field == "resume":
                 spec.resume = _typed(key, "bool", value)
             elif field == "tokenizer_path":
                 spec.tokenizer_path = str(value)
             else:
-                steps_per_epoch = int(float(_number_text(key, "max_steps", value)))
+                steps_per_epoch = int(hyperparameter_value("max_steps", value, key))
         else:
             raise InvalidArgument(
                 f"unknown model_params key {key!r}; known names (plain or as "
                 f"{prefix}.<type>.<name>): "
-                + ", ".join(sorted({*HYPERPARAMETERS, *HP_ALIASES, *_known_extra(kind)}))
+                + ", ".join(
+                    sorted({*HYPERPARAMETERS, *HYPERPARAMETER_ALIASES, *_known_extra(kind)})
+                )
             )
     if steps_per_epoch is not None and "max_steps" not in spec.hyperparameters:
         epochs = float(spec.hyperparameters.get("num_train_epochs", "1"))
         spec.hyperparameters["max_steps"] = str(max(1, math.ceil(steps_per_epoch * epochs)))
+    return global_batch
+
+
+def _apply_global_batch(spec: tr.TrainingJobSpec, global_batch: int | None) -> None:
+    """LazyLLM's ``batch_size`` (over every rank) as gradient_accumulation_steps.
+
+    An explicit gradient_accumulation_steps wins, as in LazyLLM.
+    """
+    if global_batch is None or "gradient_accumulation_steps" in spec.hyperparameters:
+        return
+    micro = int(
+        spec.hyperparameters.get(
+            "per_device_train_batch_size",
+            str(HYPERPARAMETERS["per_device_train_batch_size"].default),
+        )
+    )
+    steps = accumulation_for_global_batch(global_batch, micro, max(1, spec.num_ranks))
+    spec.hyperparameters["gradient_accumulation_steps"] = str(steps)
 
 
 def _known_extra(kind: int) -> set[str]:
-    extra = {k for k, (_, kinds) in _SPEC_KEYS.items() if kind in kinds}
+    extra = {k for k, (_, kinds) in _SPEC_KEYS.items() if kind in kinds} | {_GLOBAL_BATCH}
     if kind == tr.TRAINING_JOB_KIND_SFT:
         extra |= set(LORA_KEYS)
     return extra
@@ -440,9 +416,10 @@ def sft_spec(
         num_gpus: GPUs the job reserves.
         json_config: a DeepSpeed config (JSON text or a dict); training keys in it are read
             as parameters (see :func:`split_json_config`).
-        model_params: ``sft.<type>.<name>`` keys or plain names: hyperparameters, LoRA
-            settings (``lora_r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``),
-            ``method`` / ``finetuning_type``, ``template``, ``resume``.
+        model_params: ``sft.<type>.<name>`` keys or plain names: hyperparameters (by their
+            names or aliases in :mod:`llmesh.common.training_spec`, and LazyLLM's global
+            ``batch_size``), LoRA settings (``lora_r``, ``lora_alpha``, ``lora_dropout``,
+            ``target_modules``), ``method`` / ``finetuning_type``, ``template``, ``resume``.
         num_ranks: processes under the DeepSpeed launcher (0: one).
         method: ``"lora"`` or ``"full"``; overrides a method in ``model_params``.
         template: ``"auto"``, ``"alpaca"`` or ``"chat"``.
@@ -464,8 +441,9 @@ def sft_spec(
         params["template"] = ("template", template)
     if resume is not None:
         params["resume"] = ("resume", resume)
-    _apply_params(spec, params, prefix="sft")
+    global_batch = _apply_params(spec, params, prefix="sft")
     _resources(spec, num_cpus, num_gpus, num_ranks)
+    _apply_global_batch(spec, global_batch)
     if spec.method == tr.TRAINING_METHOD_FULL and spec.HasField("lora"):
         raise InvalidArgument("LoRA settings were given for method=full; drop them or use lora")
     validate_spec(spec)
@@ -520,10 +498,11 @@ def pretrain_spec(
     params, spec.deepspeed_config_json = _params(json_config, model_params, ("pretrain", "sfft"))
     if resume is not None:
         params["resume"] = ("resume", resume)
-    _apply_params(spec, params, prefix="pretrain")
+    global_batch = _apply_params(spec, params, prefix="pretrain")
     if num_ranks is None:
         num_ranks = int(num_gpus) if isinstance(num_gpus, (int, float)) and num_gpus >= 1 else 0
     _resources(spec, num_cpus, num_gpus, num_ranks)
+    _apply_global_batch(spec, global_batch)
     validate_spec(spec)
     return spec
 

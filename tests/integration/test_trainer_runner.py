@@ -265,14 +265,14 @@ async def test_full_finetune_one_rank_with_alpaca_rows(
             "base_model_path": str(test_model_dir),
             "data_path": str(data),
             "output_dir": str(tmp_path / "out"),
-            "num_epochs": 100,  # LazyLLM's name
+            "num_train_epochs": 100,
             "learning_rate": 2e-3,
-            "micro_batch_size": 4,
+            "per_device_train_batch_size": 4,
             "val_set_size": 1,
             "eval_steps": 50,
             "logging_steps": 10,
             # Passed through as written: ZeRO stage 1 and a clipping of our choosing.
-            "json_config": json.dumps(
+            "deepspeed_config": json.dumps(
                 {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}
             ),
         }

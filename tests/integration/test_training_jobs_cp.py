@@ -108,6 +108,8 @@ async def test_concurrent_creates_with_one_request_id_make_one_job(plane: Any) -
         (tr.TrainingJobSpec(kind=tr.TRAINING_JOB_KIND_SFT, data_path="/d"), "base_model_path"),
         (sft_spec(hyperparameters={"learning_rat": "1e-4"}), "unknown hyperparameter"),
         (sft_spec(hyperparameters={"learning_rate": "fast"}), "is not a number"),
+        # Aliases are the SDK's to resolve; past it the canonical name is named.
+        (sft_spec(hyperparameters={"epoches": "2"}), "canonical name 'num_train_epochs'"),
         (sft_spec(deepspeed_config_json="{zero"), "not valid JSON"),
         (sft_spec(template="vicuna"), "spec.template 'vicuna' is unknown"),
     ],

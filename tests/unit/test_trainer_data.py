@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.training_spec import HYPERPARAMETER_ALIASES, HYPERPARAMETERS, validate_spec
+from llmesh.trainer_worker.convert import spec_to_runner_dict
 from llmesh.trainer_worker.runner.data import (
     IGNORE_INDEX,
     SftRow,
@@ -30,6 +32,10 @@ from llmesh.trainer_worker.runner.events import (
 )
 from llmesh.trainer_worker.runner.launch import outcome_from_events
 from llmesh.trainer_worker.runner.spec import JobSpec, resolve_batch_config
+from llmesh.training import sft_spec
+from llmesh.v1 import trainer_service_pb2 as tr
+
+SDK_PATHS = {"local_model_path": "/models/m", "local_data_dir_path": "/data"}
 
 
 def write_lines(path: Path, lines: list[Any]) -> Path:
@@ -243,26 +249,30 @@ def test_spec_defaults_and_round_trip() -> None:
 
 
 def test_spec_accepts_byzer_and_lazyllm_names() -> None:
-    spec = JobSpec.from_dict(
-        {
-            "sft_name": "byzer-job",
-            "kind": "sft",
-            "local_model_path": "/models/m",
-            "data_dir": "/data",
-            "output_dir": "/out",
-            "json_config": '{"zero_optimization": {"stage": 2}}',
+    # Aliases are resolved once, where a request enters (the SDK); the record carries canonical
+    # names and the runner reads them: the same values arrive typed.
+    proto = sft_spec(
+        local_model_path="/models/m",
+        local_data_dir_path="/data",
+        local_stage_path="/out",
+        json_config='{"zero_optimization": {"stage": 2}}',
+        num_ranks=2,
+        model_params={
             "sft.int.num_train_epochs": "3",
             "sft.float.learning_rate": "0.001",
             "micro_batch_size": 2,
             "batch_size": 16,
-            "num_gpus": 2,
             "max_seq_length": 256,
             "lora_r": 4,
             "lora_alpha": 8,
             "lora_dropout": 0.1,
             "lora_target_modules": "[q_proj,v_proj]",
             "val_set_size": 0.1,
-        }
+        },
+    )
+    assert set(proto.hyperparameters) <= set(HYPERPARAMETERS)
+    spec = JobSpec.from_dict(
+        spec_to_runner_dict(tr.TrainingJob(id="byzer-job", spec=proto), jobs_dir="/jobs")
     )
     hp = spec.hyperparameters
     assert spec.job_id == "byzer-job" and spec.base_model_path == "/models/m"
@@ -272,6 +282,31 @@ def test_spec_accepts_byzer_and_lazyllm_names() -> None:
     assert (hp.per_device_train_batch_size, hp.gradient_accumulation_steps) == (2, 4)
     assert spec.num_ranks == 2 and spec.lora.target_modules == ["q_proj", "v_proj"]
     assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout) == (4, 8, 0.1)
+    # Every alias of the one table resolves to its canonical name at the SDK.
+    for alias, canonical in HYPERPARAMETER_ALIASES.items():
+        value = "cosine" if canonical == "lr_scheduler_type" else "3"
+        assert dict(sft_spec(**SDK_PATHS, model_params={alias: value}).hyperparameters) == {
+            canonical: value
+        }
+    with pytest.raises(InvalidArgument, match=r"'batch_size' \(10\) must be a multiple"):
+        sft_spec(**SDK_PATHS, model_params={"batch_size": 10, "micro_batch_size": 4})
+
+
+def test_servers_refuse_aliases_naming_the_canonical_name() -> None:
+    # Past the SDK only canonical names count: the control plane's and the trainer's check,
+    # and the runner's spec, say which name to send instead.
+    proto = sft_spec(**SDK_PATHS)
+    proto.hyperparameters["epoches"] = "2"
+    with pytest.raises(InvalidArgument, match=r"alias 'epoches'.*canonical name 'num_train_"):
+        validate_spec(proto)
+    for patch, canonical in (
+        ({"hyperparameters": {"lr": 0.1}}, "'learning_rate'"),
+        ({"block_size": 64}, "'cutoff_len'"),
+        ({"lora": {"lora_rank": 4}}, "'lora.r'"),
+        ({"finetuning_type": "full"}, "'method'"),
+    ):
+        with pytest.raises(InvalidArgument, match=f"canonical name {canonical}"):
+            JobSpec.from_dict(base_spec(**patch))
 
 
 @pytest.mark.parametrize(
@@ -281,16 +316,24 @@ def test_spec_accepts_byzer_and_lazyllm_names() -> None:
         ({"job_id": "a b"}, "job spec field 'job_id' must be 1-128 letters"),
         ({"learning_rat": 1}, "job spec field 'learning_rat' is not a known setting"),
         ({"hyperparameters": {"epochz": 1}}, "'hyperparameters.epochz' is not a known"),
-        ({"num_train_epochs": "many"}, "'num_train_epochs' must be a number, not 'many'"),
+        ({"num_train_epochs": "many"}, "'num_train_epochs' is not a number ('many')"),
         ({"lora": {"r": 0}}, "job spec field 'lora.r' must be >= 1, got 0"),
         ({"lora": {"rank_x": 0}}, "job spec field 'lora.rank_x' is not a LoRA setting"),
         ({"template": "vicuna"}, "job spec field 'template' must be one of auto, alpaca, chat"),
         ({"deepspeed_config": "{not json"}, "'deepspeed_config' is not valid JSON"),
         ({"base_model_path": None}, "'base_model_path' is required for an sft job"),
         ({"val_set_size": 2.5}, "field 'val_set_size' must be a fraction below 1"),
-        ({"hyperparameters": {"lr": -1}}, "'hyperparameters.lr' must be >= 0.0, got -1"),
-        ({"batch_size": 10, "micro_batch_size": 4}, "'batch_size' (10) must be a multiple"),
-        ({"lr": 0.1, "learning_rate": 0.2}, "sets 'learning_rate' a second time"),
+        (
+            {"hyperparameters": {"learning_rate": -1}},
+            "'hyperparameters.learning_rate' must be a finite number >= 0, got -1",
+        ),
+        ({"hyperparameters": {"learning_rate": 0}}, "'hyperparameters.learning_rate' must be > 0"),
+        ({"lr_scheduler_type": "step"}, "'lr_scheduler_type' must be one of linear, cosine"),
+        (
+            {"learning_rate": 0.1, "hyperparameters": {"learning_rate": 0.2}},
+            "sets 'learning_rate' a second time",
+        ),
+        ({"num_train_epochs": 0}, "num_train_epochs' must be > 0 unless max_steps is set"),
         ({"resume": "maybe"}, "job spec field 'resume' must be true or false"),
     ],
 )
@@ -318,7 +361,7 @@ def test_spec_kind_rules() -> None:
     assert spec.training_method == "full" and spec.learning_rate == 3e-4
     with pytest.raises(InvalidArgument, match=r"'adapter_path' is required for a merge_lora"):
         JobSpec.from_dict(
-            {"job_id": "m", "kind": "merge_lora", "base_model": "/b", "savePath": "/o"}
+            {"job_id": "m", "kind": "merge_lora", "base_model_path": "/b", "output_dir": "/o"}
         )
 
 

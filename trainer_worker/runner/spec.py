@@ -1,10 +1,10 @@
 """The job spec: what a trainer worker hands the runner, as a JSON file next to the job's output.
 
-:meth:`JobSpec.from_dict` accepts the argument names users know from Byzer-LLM's ``sft`` /
-``pretrain`` / ``merge_lora`` (``data_dir``, ``json_config``, ``sft.int.num_train_epochs``-style
-typed keys) and LazyLLM's finetune components (``num_epochs``, ``micro_batch_size``,
-``batch_size``, ``lora_r``, ``lora_target_modules``, ...), flat or nested, and turns them into
-one typed shape. Every problem raises :class:`~llmesh.errors.InvalidArgument` naming the key.
+:meth:`JobSpec.from_dict` takes canonical names only (the vocabulary of
+:mod:`llmesh.common.training_spec`; Byzer-LLM's and LazyLLM's aliases are resolved where a
+request enters, by the SDK and CLI), hyperparameter and LoRA keys flat or nested, and turns them
+into one typed shape. Every problem raises :class:`~llmesh.errors.InvalidArgument` naming the
+key; an alias is refused with the canonical name to use.
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from llmesh.common.errors import InvalidArgument
+from llmesh.common.training_spec import (
+    FIELD_ALIASES,
+    HYPERPARAMETER_ALIASES,
+    HYPERPARAMETERS,
+    LORA_ALIASES,
+    LORA_FIELDS,
+    TEMPLATES,
+    alias_error,
+    check_epochs,
+    hyperparameter_value,
+    target_modules_value,
+)
 
 __all__ = [
     "KINDS",
@@ -30,16 +42,16 @@ __all__ = [
 
 KINDS = ("sft", "pretrain", "merge_lora")
 METHODS = ("lora", "full")
-TEMPLATES = ("auto", "alpaca", "chat")
-LR_SCHEDULERS = ("linear", "cosine", "constant")
 
 # Default learning rates by what is trained: LoRA adapters tolerate (and need) a much larger
 # step than full weights; a model pretrained from random weights sits in between.
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5, "pretrain": 3e-4}
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Byzer-LLM passes typed training parameters as "sft.int.num_train_epochs" = "3".
-_TYPED_KEY = re.compile(r"^(?:sft|pretrain|train|merge)\.(int|float|bool|str|list|dict)\.(\w+)$")
+
+
+def _default(name: str) -> Any:
+    return HYPERPARAMETERS[name].default
 
 
 @dataclasses.dataclass
@@ -63,7 +75,8 @@ class LoraSpec:
 
 @dataclasses.dataclass
 class Hyperparameters:
-    """Training loop settings; names follow HuggingFace ``TrainingArguments``.
+    """Training loop settings; names, defaults and bounds are those of
+    :data:`llmesh.common.training_spec.HYPERPARAMETERS` (HuggingFace ``TrainingArguments`` names).
 
     Args:
         num_train_epochs: Passes over the training rows (ignored when ``max_steps`` > 0).
@@ -87,72 +100,27 @@ class Hyperparameters:
         train_on_inputs: Also learn the prompt tokens (default: only the response is learned).
     """
 
-    num_train_epochs: float = 1.0
-    max_steps: int = 0
-    learning_rate: float | None = None
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    cutoff_len: int = 1024
-    val_set_size: float = 0
-    save_steps: int = 100
-    save_total_limit: int = 0
-    eval_steps: int = 0
-    logging_steps: int = 10
-    seed: int = 42
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    train_on_inputs: bool = False
+    num_train_epochs: float = _default("num_train_epochs")
+    max_steps: int = _default("max_steps")
+    learning_rate: float | None = _default("learning_rate")
+    per_device_train_batch_size: int = _default("per_device_train_batch_size")
+    gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
+    cutoff_len: int = _default("cutoff_len")
+    val_set_size: float = _default("val_set_size")
+    save_steps: int = _default("save_steps")
+    save_total_limit: int = _default("save_total_limit")
+    eval_steps: int = _default("eval_steps")
+    logging_steps: int = _default("logging_steps")
+    seed: int = _default("seed")
+    warmup_steps: int = _default("warmup_steps")
+    lr_scheduler_type: str = _default("lr_scheduler_type")
+    weight_decay: float = _default("weight_decay")
+    max_grad_norm: float = _default("max_grad_norm")
+    train_on_inputs: bool = _default("train_on_inputs")
 
 
-# Names users bring from Byzer-LLM, LazyLLM and HuggingFace, mapped to ours.
-_HP_ALIASES = {
-    "num_epochs": "num_train_epochs",
-    "epochs": "num_train_epochs",
-    "micro_batch_size": "per_device_train_batch_size",
-    "per_device_batch_size": "per_device_train_batch_size",
-    "max_seq_length": "cutoff_len",
-    "max_length": "cutoff_len",
-    "block_size": "cutoff_len",
-    "lr": "learning_rate",
-    "warmup": "warmup_steps",
-    "lr_scheduler": "lr_scheduler_type",
-}
-_LORA_ALIASES = {
-    "lora_r": "r",
-    "lora_rank": "r",
-    "lora_alpha": "alpha",
-    "lora_dropout": "dropout",
-    "lora_target_modules": "target_modules",
-}
-_TOP_ALIASES = {
-    "name": "job_id",
-    "sft_name": "job_id",
-    "data_dir": "data_path",
-    "local_data_dir_path": "data_path",
-    "localDataDir": "data_path",
-    "model_path": "base_model_path",
-    "local_model_path": "base_model_path",
-    "localModelDir": "base_model_path",
-    "modelNameOrPath": "base_model_path",
-    "base_model": "base_model_path",
-    "adapterNameOrPath": "adapter_path",
-    "local_adpator_model_path": "adapter_path",
-    "local_adapter_model_path": "adapter_path",
-    "savePath": "output_dir",
-    "local_target_path": "output_dir",
-    "target_path": "output_dir",
-    "json_config": "deepspeed_config",
-    "deepspeedConfig": "deepspeed_config",
-    "deepspeed": "deepspeed_config",
-    "config": "deepspeed_config",
-    "finetuning_type": "method",
-    "prompt_template_name": "template",
-    "tokenizer": "tokenizer_path",
-    "num_gpus": "num_ranks",
-    "world_size": "num_ranks",
-}
+# The table and this class name the same settings (the table is the contract).
+assert {f.name for f in dataclasses.fields(Hyperparameters)} == set(HYPERPARAMETERS)
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
@@ -222,46 +190,6 @@ def _as_choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
     return s
 
 
-def _as_modules(key: str, v: Any) -> list[str] | None:
-    """Accept a list, "a,b", "[a,b]" (LazyLLM's spelling) or "all-linear" (= default)."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        s = v.strip()
-        if s.lower() in ("", "all", "all-linear", "all_linear", "auto"):
-            return None
-        if s.startswith("["):
-            try:
-                parsed = json.loads(s)
-            except ValueError:
-                parsed = s.strip("[]").split(",")
-            v = parsed
-        else:
-            v = s.split(",")
-    if not isinstance(v, (list, tuple)):
-        raise _bad(key, f"must be a list of module names such as ['q_proj', 'v_proj'], not {v!r}")
-    out = []
-    for item in v:
-        if not isinstance(item, str) or not item.strip().strip("'\""):
-            raise _bad(key, f"must contain module names (strings), got {item!r}")
-        out.append(item.strip().strip("'\""))
-    if not out:
-        raise _bad(key, "is empty; leave it out to adapt every attention and MLP linear layer")
-    return out
-
-
-def _typed_value(key: str, tpe: str, v: Any) -> Any:
-    """Byzer-LLM typed keys carry strings; convert by the type named in the key."""
-    if not isinstance(v, str):
-        return v
-    if tpe in ("list", "dict"):
-        try:
-            return json.loads(v)
-        except ValueError:
-            raise _bad(key, f"must hold JSON ({tpe}), got {v!r}") from None
-    return v  # int/float/bool are converted (and checked) by the field's own parser
-
-
 def _as_ds_config(key: str, v: Any) -> dict[str, Any]:
     """A dict, a JSON string (Byzer-LLM's ``json_config``) or a path to a JSON file."""
     if v is None:
@@ -286,53 +214,35 @@ def _as_ds_config(key: str, v: Any) -> dict[str, Any]:
     return dict(v)
 
 
-def _parse_hp(
-    raw: Mapping[str, Any], origins: Mapping[str, str]
-) -> tuple[Hyperparameters, int | None]:
-    """Returns the hyperparameters and LazyLLM's global ``batch_size`` if one was given.
+def _parse_hp(raw: Mapping[str, Any], origins: Mapping[str, str]) -> Hyperparameters:
+    """The typed hyperparameters, checked by the rules of the one table.
 
     ``origins`` maps each key to how the user spelled its place (``hyperparameters.x`` or a
     flat ``x``), so errors point at what they wrote.
     """
     hp = Hyperparameters()
-    global_batch: int | None = None
+    values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = _HP_ALIASES.get(key, key)
         where = origins.get(key, f"hyperparameters.{key}")
-        if name == "batch_size":
-            global_batch = _as_int(where, value, minimum=1)
-        elif name == "learning_rate":
-            hp.learning_rate = None if value is None else _as_float(where, value)
-            if hp.learning_rate is not None and hp.learning_rate <= 0:
-                raise _bad(where, "must be > 0")
-        elif name in ("num_train_epochs", "weight_decay", "max_grad_norm"):
-            setattr(hp, name, _as_float(where, value))
-        elif name == "val_set_size":
-            size = _as_float(where, value)
-            if size >= 1 and not size.is_integer():
-                raise _bad(where, f"must be a fraction below 1 or a whole row count, got {value}")
-            hp.val_set_size = size
-        elif name == "train_on_inputs":
-            hp.train_on_inputs = _as_bool(where, value)
-        elif name == "lr_scheduler_type":
-            hp.lr_scheduler_type = _as_choice(where, value, LR_SCHEDULERS)
-        elif name in ("per_device_train_batch_size", "gradient_accumulation_steps", "cutoff_len"):
-            setattr(hp, name, _as_int(where, value, minimum=1))
-        elif name in _fields(Hyperparameters):
-            setattr(hp, name, _as_int(where, value))
-        else:
-            known = sorted({*_fields(Hyperparameters), *_HP_ALIASES, "batch_size"})
-            raise _bad(where, f"is not a known hyperparameter; known: {', '.join(known)}")
-    if hp.num_train_epochs <= 0 and hp.max_steps == 0:
-        raise _bad("hyperparameters.num_train_epochs", "must be > 0 unless max_steps is set")
-    return hp, global_batch
+        if key in HYPERPARAMETER_ALIASES:
+            raise alias_error(f"job spec field {where!r}", key, HYPERPARAMETER_ALIASES[key])
+        if key not in HYPERPARAMETERS:
+            raise _bad(where, f"is not a known hyperparameter; known: {', '.join(HYPERPARAMETERS)}")
+        if key == "learning_rate" and value is None:
+            continue  # None: the default for what is trained
+        values[key] = hyperparameter_value(key, value, f"job spec field {where!r}")
+        setattr(hp, key, values[key])
+    check_epochs(values, "job spec field 'hyperparameters.num_train_epochs'")
+    return hp
 
 
 def _parse_lora(raw: Mapping[str, Any], origins: Mapping[str, str]) -> LoraSpec:
     lora = LoraSpec()
     for key, value in raw.items():
-        name = _LORA_ALIASES.get(key, key)
         where = origins.get(key, f"lora.{key}")
+        if key in LORA_ALIASES:
+            raise alias_error(f"job spec field {where!r}", key, f"lora.{LORA_ALIASES[key]}")
+        name = key
         if name == "r":
             lora.r = _as_int(where, value, minimum=1)
         elif name == "alpha":
@@ -342,9 +252,9 @@ def _parse_lora(raw: Mapping[str, Any], origins: Mapping[str, str]) -> LoraSpec:
             if lora.dropout >= 1:
                 raise _bad(where, f"must be below 1, got {value}")
         elif name == "target_modules":
-            lora.target_modules = _as_modules(where, value)
+            lora.target_modules = target_modules_value(f"job spec field {where!r}", value)
         else:
-            raise _bad(where, "is not a LoRA setting; known: r, alpha, dropout, target_modules")
+            raise _bad(where, f"is not a LoRA setting; known: {', '.join(LORA_FIELDS)}")
     return lora
 
 
@@ -352,7 +262,7 @@ def _parse_lora(raw: Mapping[str, Any], origins: Mapping[str, str]) -> LoraSpec:
 class JobSpec:
     """One training job: kind, inputs, outputs and how to train.
 
-    Build it with :meth:`from_dict` (validates and accepts the names users know); ``to_dict``
+    Build it with :meth:`from_dict` (validates; canonical names only); ``to_dict``
     round-trips. Paths are kept as given; :func:`llmesh.trainer_worker.runner.launch` checks
     that they exist before starting any process.
 
@@ -424,7 +334,8 @@ class JobSpec:
         """Validate a job spec and fill in defaults.
 
         Accepts hyperparameter and LoRA keys either nested (``hyperparameters``, ``lora``) or
-        flat at the top level, under the names listed in the module docstring.
+        flat at the top level (of LoRA, only ``target_modules``), under the canonical names of
+        :mod:`llmesh.common.training_spec`.
 
         Raises:
             InvalidArgument: naming the first bad or unknown key and what it should be.
@@ -434,47 +345,40 @@ class JobSpec:
         top: dict[str, Any] = {}
         hp_raw: dict[str, Any] = {}
         lora_raw: dict[str, Any] = {}
-        hp_names = {*_fields(Hyperparameters), *_HP_ALIASES, "batch_size"}
-        lora_flat = {*_LORA_ALIASES, "target_modules"}
         spec_fields = _fields(cls)
-
         origins: dict[str, str] = {}
 
         def put(target: dict[str, Any], key: str, value: Any, origin: str) -> None:
-            aliases = _LORA_ALIASES if target is lora_raw else _HP_ALIASES
-            key = aliases.get(key, key) if target is not top else key
             if key in target:
-                raise _bad(origin, f"sets {key!r} a second time (through an alias)")
+                raise _bad(origin, f"sets {key!r} a second time (flat and nested)")
             target[key] = value
             origins[key] = origin
 
         for key, value in data.items():
             if not isinstance(key, str):
                 raise InvalidArgument(f"job spec keys must be strings, got {key!r}")
-            typed = _TYPED_KEY.match(key)
-            if typed:
-                key, value = typed.group(2), _typed_value(key, typed.group(1), value)
-            name = _TOP_ALIASES.get(key, key)
-            if name == "hyperparameters":
+            if key == "hyperparameters":
                 if not isinstance(value, Mapping):
                     raise _bad(key, "must be an object of training settings")
                 for k, v in value.items():
                     put(hp_raw, k, v, f"hyperparameters.{k}")
-            elif name == "lora":
+            elif key == "lora":
                 if value is None:
                     continue
                 if not isinstance(value, Mapping):
                     raise _bad(key, "must be an object with r, alpha, dropout, target_modules")
                 for k, v in value.items():
                     put(lora_raw, k, v, f"lora.{k}")
-            elif name in spec_fields:
-                put(top, name, value, key)
-            elif key in hp_names:
-                put(hp_raw, key, value, key)
-            elif key in lora_flat:
+            elif key in spec_fields:
+                put(top, key, value, key)
+            elif key in HYPERPARAMETERS or key in HYPERPARAMETER_ALIASES:
+                put(hp_raw, key, value, key)  # an alias is refused with its canonical name
+            elif key in LORA_ALIASES or key == "target_modules":
                 put(lora_raw, key, value, key)
+            elif key in FIELD_ALIASES:
+                raise alias_error(f"job spec field {key!r}", key, FIELD_ALIASES[key])
             else:
-                known = sorted({*spec_fields, *_TOP_ALIASES, *hp_names, *lora_flat})
+                known = sorted({*spec_fields, *HYPERPARAMETERS, "target_modules"})
                 raise _bad(key, f"is not a known setting; known: {', '.join(known)}")
 
         for required in ("job_id", "kind", "output_dir"):
@@ -489,17 +393,8 @@ class JobSpec:
                 f"digit), got {job_id!r}",
             )
         kind = _as_choice("kind", top["kind"], KINDS)
-        hp, global_batch = _parse_hp(hp_raw, origins)
+        hp = _parse_hp(hp_raw, origins)
         num_ranks = _as_int("num_ranks", top.get("num_ranks", 1), minimum=1)
-        if global_batch is not None and "gradient_accumulation_steps" not in hp_raw:
-            per_step = hp.per_device_train_batch_size * num_ranks
-            if global_batch % per_step:
-                raise _bad(
-                    "batch_size",
-                    f"({global_batch}) must be a multiple of per_device_train_batch_size "
-                    f"({hp.per_device_train_batch_size}) x num_ranks ({num_ranks})",
-                )
-            hp.gradient_accumulation_steps = global_batch // per_step
         method = top.get("method")
         if method is not None:
             method = _as_choice("method", method, (*METHODS, "lora_sft", "full_sft"))
