@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -55,9 +56,26 @@ def _torch() -> list[cp.Device]:
 
 
 def detect_devices() -> list[cp.Device]:
-    """This machine's GPUs, by nvidia-smi when it is installed, else by torch; [] when none."""
+    """This machine's GPUs, by nvidia-smi when it is installed, else by torch; [] when none.
+
+    Ids are nvidia-smi's (PCI bus order; replica processes get ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+    so the same ids mean the same GPUs). When this process was itself given a
+    ``CUDA_VISIBLE_DEVICES`` list of ids (a Slurm or container allocation), only those count.
+    """
+    allowed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [p.strip() for p in (allowed or "").split(",") if p.strip()]
+    numbered = allowed is not None and all(i.isdigit() for i in ids)
     found = _nvidia_smi()
-    return found if found is not None else _torch()
+    if found is None:
+        found = _torch()
+        if numbered:
+            # torch numbers the GPUs it sees from 0; name them by the ids they were given.
+            for device, real in zip(found, ids, strict=False):
+                device.id = real
+        return found
+    if numbered:
+        found = [d for d in found if d.id in set(ids)]
+    return found
 
 
 def detect_gpus() -> int:

@@ -58,6 +58,7 @@ class NodeAgent:
         self._retry: asyncio.TimerHandle | None = None
         self._wanted: dict[ReplicaKey, common_pb2.Replica] = {}
         self._lock = asyncio.Lock()
+        self._closed = False
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -81,6 +82,8 @@ class NodeAgent:
     async def converge(self, wanted: dict[ReplicaKey, common_pb2.Replica]) -> None:
         """Start, load, unload and stop so that this node serves exactly ``wanted``."""
         async with self._lock:
+            if self._closed:
+                return
             self._wanted = wanted
             await self._converge()
 
@@ -90,6 +93,9 @@ class NodeAgent:
             if key not in wanted:
                 del self.adapters[key]
                 self._spawn(base.remove_adapter(key[0], key[1]), name=f"unload-adapter-{key}")
+            elif base.key in self._stopping or self.supervisors.get(base.key) is not base:
+                # Its base replica is going away (e.g. re-placed): re-home it below.
+                del self.adapters[key]
         for key in list(self.supervisors):
             if key not in wanted and key not in self._stopping:
                 self._stopping.add(key)
@@ -127,7 +133,8 @@ class NodeAgent:
 
     def _retry_converge(self) -> None:
         self._retry = None
-        self._spawn(self.converge(dict(self._wanted)), name="converge-retry")
+        if not self._closed:
+            self._spawn(self.converge(dict(self._wanted)), name="converge-retry")
 
     def _base_for(self, base_model: str, index: int) -> ReplicaSupervisor | None:
         found = [
@@ -142,24 +149,28 @@ class NodeAgent:
         try:
             await supervisor.stop(drain=self.settings.drain_timeout, forget=False)
         finally:
-            self.supervisors.pop(key, None)
-            self._stopping.discard(key)
-            # Last: once its statuses are gone, a waiting undeploy returns.
+            if self.supervisors.get(key) is supervisor:
+                del self.supervisors[key]
+            # Its statuses go before a new supervisor may publish under the same keys; once
+            # they are gone, a waiting undeploy returns.
             await supervisor.forget()
+            self._stopping.discard(key)
         log.info("stopped replica %s %d (generation %d)", key[0], key[2], key[1])
         # Assigned again while draining (a re-placement keeps the generation): start anew.
-        if key in self._wanted:
+        if key in self._wanted and not self._closed:
             await self.converge(dict(self._wanted))
 
     async def close(self, *, drain: float) -> None:
         """Drain and stop every replica process; wait for stops in progress."""
+        async with self._lock:
+            self._closed = True
         if self._retry is not None:
             self._retry.cancel()
         for task in list(self._tasks):
             if not task.get_name().startswith(("stop-", "unload-")):
                 task.cancel()
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=drain + 15)
+            await asyncio.wait(list(self._tasks), timeout=self.settings.drain_timeout + 45)
         await asyncio.gather(
             *(sup.stop(drain=drain) for sup in self.supervisors.values()),
             return_exceptions=True,

@@ -168,7 +168,19 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         host = socket.gethostname()
     address = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
     control = ReplicaControlServicer(manager, board, address)
-    replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server(control, server.server)
+    # The agent's handle (drain, adapters) is on its own loopback-only server: clients that
+    # can reach InferenceService must not be able to drain the replica or load adapters.
+    control_server = Server(
+        [
+            (
+                replica_service_pb2_grpc.add_ReplicaServiceServicer_to_server,
+                control,
+                "llmesh.v1.ReplicaService",
+            )
+        ],
+        listen="127.0.0.1:0",
+    )
+    await control_server.start()
     await server.start()
     model = cp.Model()
     model.CopyFrom(spec.model)
@@ -176,16 +188,26 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     model.infer_params.update(engine_params(spec))
     # The address file tells the agent where to watch us; written atomically.
     tmp = spec.address_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.write_text(
+        json.dumps(
+            {"address": address, "control_address": control_server.address, "pid": os.getpid()}
+        )
+    )
     tmp.replace(spec.address_file)
     manager.spawn(manager.load(spec.assignment, model, address), name="load-base")
     try:
         yield server, manager
     finally:
         await server.set_not_serving()
+        for hosted in manager.replicas.values():
+            if hosted.status.state == common_pb2.REPLICA_STATE_READY:
+                hosted.status.state = common_pb2.REPLICA_STATE_DRAINING
+                await board.publish_replica(hosted.status)
         await manager.drain_all(5.0)
         await server.stop(1.0)
+        # The engine stops before the agent's stream does: the agent waits for our exit.
         await manager.close()
+        await control_server.stop(0.5)
 
 
 async def serve(spec: ReplicaSpec) -> None:

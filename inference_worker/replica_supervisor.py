@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +40,57 @@ FAILED = common_pb2.REPLICA_STATE_FAILED
 DRAINING = common_pb2.REPLICA_STATE_DRAINING
 
 Publish = Callable[[common_pb2.Replica], Awaitable[None]]
+
+# A run that stayed up this long was healthy: the next crash restarts without a long backoff.
+_HEALTHY_RUN_S = 60.0
+
+
+def process_exit(proc: subprocess.Popen[bytes]) -> asyncio.Future[int]:
+    """A future that resolves to the exit code when ``proc`` exits (reaping it).
+
+    Waits on a pidfd with the event loop, not in a thread: a thread per live replica would
+    exhaust asyncio's default executor on a node with many replicas.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    if proc.poll() is not None:
+        done.set_result(proc.returncode)
+        return done
+    fd = os.pidfd_open(proc.pid)
+
+    def exited() -> None:
+        if proc.poll() is None:
+            return  # woken without an exit; the pidfd stays readable once it happens
+        loop.remove_reader(fd)
+        os.close(fd)
+        if not done.done():
+            done.set_result(proc.returncode)
+
+    def cancelled(fut: asyncio.Future[int]) -> None:
+        if fut.cancelled():
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+                os.close(fd)
+
+    loop.add_reader(fd, exited)
+    done.add_done_callback(cancelled)
+    return done
+
+
+async def _call_quietly(call: Awaitable[object]) -> None:
+    """An RPC to a replica process that may be dying: its failures do not matter here.
+
+    Closing the channel under an RPC cancels it with CancelledError rather than RpcError; that
+    one is swallowed too unless this task itself is being cancelled.
+    """
+    try:
+        await call
+    except grpc.RpcError:
+        pass
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 @dataclass
@@ -109,6 +160,8 @@ class ReplicaSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._crashes: deque[float] = deque()
+        self._failure = ""  # why the engine failed to load, once it has
+        self._adapter_lock = asyncio.Lock()
         self.restarts = 0
         name = f"{model.name}-{assignment.index}-g{assignment.generation}"
         self.dir = settings.run_dir / name
@@ -174,21 +227,35 @@ class ReplicaSupervisor:
         """Serve an adapter from this replica's engine (now, and after every restart)."""
         key = (model.name, assignment.generation)
         self.adapters[key] = (assignment, model)
-        await self._load_adapters()
+        if self._failure:
+            # The base failed to load: the adapter cannot load either, say so at once.
+            await self._report(
+                self._status(
+                    assignment,
+                    state=FAILED,
+                    reason=f"base model {self.model.name!r} replica failed: {self._failure}",
+                    inflight=0,
+                )
+            )
+            return
+        async with self._adapter_lock:
+            await self._load_adapters()
 
     async def remove_adapter(self, name: str, generation: int) -> None:
         """Drain an adapter's requests and unload it; its status leaves etcd."""
-        entry = self.adapters.pop((name, generation), None)
-        if entry is None:
-            return
-        if (name, generation) in self._loaded and self._stub is not None:
-            self._loaded.discard((name, generation))
-            with contextlib.suppress(grpc.RpcError):
-                await self._stub.UnloadAdapter(
-                    rs.UnloadAdapterRequest(model=name, generation=generation), timeout=60
+        async with self._adapter_lock:
+            entry = self.adapters.pop((name, generation), None)
+            if entry is None:
+                return
+            if (name, generation) in self._loaded and self._stub is not None:
+                self._loaded.discard((name, generation))
+                await _call_quietly(
+                    self._stub.UnloadAdapter(
+                        rs.UnloadAdapterRequest(model=name, generation=generation), timeout=60
+                    )
                 )
-        published = self._published.pop((name, generation), None)
-        await self._remove(published or self._status(entry[0]))
+            published = self._published.pop((name, generation), None)
+            await self._remove(published or self._status(entry[0]))
 
     async def _load_adapters(self) -> None:
         if self._stub is None:
@@ -201,21 +268,26 @@ class ReplicaSupervisor:
                 await self._stub.LoadAdapter(
                     rs.LoadAdapterRequest(model=model, assignment=assignment), timeout=30
                 )
-            except grpc.RpcError as err:
+            except (grpc.RpcError, asyncio.CancelledError) as err:
                 self._loaded.discard(key)
+                if isinstance(err, asyncio.CancelledError):
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
                 log.warning("loading adapter %s into %s failed: %s", key[0], self.dir.name, err)
 
     # ---- the process -----------------------------------------------------------------------
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         address_file = self.dir / "address.json"
         address_file.unlink(missing_ok=True)
         share = self.model.gpus_per_replica if 0 < self.model.gpus_per_replica < 1 else 0.0
+        host = self.settings.listen_host
         spec = ReplicaSpec(
             model=self.model,
             assignment=self.assignment,
-            listen=f"{self.settings.listen_host}:0",
+            listen=f"[{host}]:0" if ":" in host else f"{host}:0",
             address_file=address_file,
             advertise_host=self.settings.advertise_host,
             gpu_share=share,
@@ -223,7 +295,9 @@ class ReplicaSupervisor:
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
         env = {**os.environ, **self.settings.env}
-        # The replica sees only its own devices; none at all when it holds none.
+        # The replica sees only its own devices, numbered as nvidia-smi numbers them; none at
+        # all when it holds none.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(self.assignment.devices)
         log_file = open(self.log_path, "ab")
         try:
@@ -233,18 +307,21 @@ class ReplicaSupervisor:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
+                # Its own session: a terminal's Ctrl-C (or a group kill) reaches the agent,
+                # which drains and stops its replicas in order; PDEATHSIG covers the agent dying.
+                start_new_session=True,
             )
         finally:
             log_file.close()
 
-    async def _wait_address(self, proc: subprocess.Popen[bytes]) -> str | None:
+    async def _wait_address(
+        self, proc: subprocess.Popen[bytes], exited: asyncio.Future[int]
+    ) -> dict[str, str] | None:
         path = self.dir / "address.json"
-        while proc.poll() is None:
+        while not exited.done():
             if path.exists():
-                import json
-
-                return str(json.loads(path.read_text())["address"])
-            await asyncio.sleep(0.05)
+                return dict(json.loads(path.read_text()))
+            await asyncio.wait([exited], timeout=0.05)
         return None
 
     def log_tail(self, lines: int = 12) -> str:
@@ -256,13 +333,27 @@ class ReplicaSupervisor:
 
     async def _run(self) -> None:
         backoff = 0.5
+        reason = ""
+        loop = asyncio.get_running_loop()
         while not self._stopping:
-            outcome = await self._run_once()
+            started = loop.time()
+            try:
+                outcome = await self._run_once(reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("supervising replica %s failed", self.dir.name)
+                await self._report_down(FAILED, f"the node agent could not run it: {exc}")
+                return
             if self._stopping:
                 return
             if outcome is None:
-                return  # the engine failed to load: FAILED is reported, no restart
-            now = time.monotonic()
+                # The engine failed to load: FAILED with its reason, no restart.
+                await self._report_down(FAILED, self._failure)
+                return
+            now = loop.time()
+            if now - started > _HEALTHY_RUN_S:
+                backoff = 0.5
             self._crashes.append(now)
             while self._crashes and now - self._crashes[0] > self.settings.crash_window:
                 self._crashes.popleft()
@@ -275,42 +366,58 @@ class ReplicaSupervisor:
                 log.warning("replica %s FAILED: %s", self.dir.name, outcome)
                 await self._report_down(FAILED, reason)
                 return
+            reason = f"restarting: {outcome}"
             log.warning("replica %s: %s; restarting in %.1fs", self.dir.name, outcome, backoff)
-            await self._report_down(LOADING, f"restarting: {outcome}")
+            await self._report_down(LOADING, reason)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.settings.backoff_max)
             self.restarts += 1
 
-    async def _run_once(self) -> str | None:
+    async def _run_once(self, reason: str) -> str | None:
         """Run the process until it dies or wedges.
 
         Returns:
-            Why it ended, or None when it must not be restarted (its engine failed to load).
+            Why it ended, or None when it must not be restarted (its engine failed to load;
+            the reason is in ``self._failure``).
         """
         self.address = ""
         self._loaded.clear()
         proc = self.proc = self._spawn()
-        await self._report(self._status(state=LOADING, reason="", inflight=0))
+        exited = process_exit(proc)
+        await self._report(self._status(state=LOADING, reason=reason, inflight=0))
+        outcome: str | None = None
         try:
-            address = await self._wait_address(proc)
-            if address is None:
+            where = await self._wait_address(proc, exited)
+            if where is None:
                 return f"replica process exited with code {proc.returncode} before serving"
-            self.address = address
-            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.address = where["address"]
+            self._channel = grpc.aio.insecure_channel(
+                where.get("control_address", self.address), options=CHANNEL_OPTIONS
+            )
             self._stub = replica_service_pb2_grpc.ReplicaServiceStub(self._channel)
-            return await self._watch(proc)
+            outcome = await self._watch(proc, exited)
+            if outcome is not None and not self._stopping:
+                # Out of routing before the kill: a dying process may take a while to go.
+                await self._report_down(LOADING, f"restarting: {outcome}")
+            return outcome
         finally:
             self._stub = None
             if self._channel is not None:
                 await self._channel.close(None)
                 self._channel = None
-            if proc.poll() is None:
-                # Wedged, or supervision ended: the process must not linger.
+            if not self._stopping and proc.poll() is None:
+                # Wedged, or its engine failed: the process must not linger. (A stop sends
+                # its own SIGTERM, then SIGKILL.)
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
+            if not self._stopping:
+                done, _ = await asyncio.wait([exited], timeout=30)
+                if not done:
+                    log.error("replica %s pid %d survived SIGKILL", self.dir.name, proc.pid)
 
-    async def _watch(self, proc: subprocess.Popen[bytes]) -> str | None:
+    async def _watch(
+        self, proc: subprocess.Popen[bytes], exited: asyncio.Future[int]
+    ) -> str | None:
         assert self._stub is not None
         stream = self._stub.WatchReplica(
             rs.WatchReplicaRequest(heartbeat_seconds=self.settings.heartbeat)
@@ -328,11 +435,11 @@ class ReplicaSupervisor:
                 inbox.put_nowait(exc)
 
         reader = asyncio.create_task(read(), name=f"watch-{self.dir.name}")
-        exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
         loop = asyncio.get_running_loop()
         last_report = loop.time()
         last_progress, progress_since = -1, loop.time()
         wedge = self.settings.wedge_timeout
+        watching = wedge > 0  # 0 turns wedge detection off
         # Loading may hold the process's event loop for long stretches (imports, weights), so
         # silence counts as a wedge only once the replica has served.
         served = False
@@ -340,7 +447,9 @@ class ReplicaSupervisor:
             while True:
                 nxt = asyncio.ensure_future(inbox.get())
                 done, _ = await asyncio.wait(
-                    [nxt, exited], timeout=min(wedge, 1.0), return_when=asyncio.FIRST_COMPLETED
+                    [nxt, exited],
+                    timeout=min(wedge, 1.0) if watching else 1.0,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 now = loop.time()
                 if exited in done:
@@ -348,14 +457,14 @@ class ReplicaSupervisor:
                     return f"replica process exited with code {proc.returncode}"
                 if nxt not in done:
                     nxt.cancel()
-                    if served and now - last_report > wedge:
+                    if watching and served and now - last_report > wedge:
                         return f"replica process sent no report for {wedge:g} s (wedged)"
                     continue
                 message = nxt.result()
                 if message is None or isinstance(message, BaseException):
                     # A dying process breaks the stream a moment before its exit is seen.
                     await asyncio.wait([exited], timeout=1.0)
-                    if proc.poll() is not None:
+                    if exited.done():
                         return f"replica process exited with code {proc.returncode}"
                     if message is None:
                         return "replica process closed its status stream"
@@ -367,7 +476,7 @@ class ReplicaSupervisor:
                 )
                 if message.progress != last_progress or message.inflight == 0:
                     last_progress, progress_since = message.progress, now
-                elif now - progress_since > wedge:
+                elif watching and now - progress_since > wedge:
                     return (
                         f"engine made no progress for {wedge:g} s with {message.inflight} "
                         "request(s) in flight (wedged)"
@@ -377,23 +486,28 @@ class ReplicaSupervisor:
         finally:
             stream.cancel()
             reader.cancel()
-            if not exited.done():
-                exited.cancel()
 
     async def _relay(self, message: rs.WatchReplicaResponse) -> bool:
         """Publish what the process reports; True when its base replica FAILED to load."""
-        base_failed = False
+        base: common_pb2.Replica | None = None
         for replica in message.replicas:
-            status = self._status(replica)
             if replica.model == self.model.name and replica.index == self.assignment.index:
-                if replica.state == READY:
-                    await self._load_adapters()
-                if replica.state == FAILED:
-                    base_failed = True
-                    await self._report_down(FAILED, replica.reason)
-                    continue
-            await self._report(status)
-        return base_failed
+                base = replica
+                continue
+            # Only adapters the agent still wants: a late snapshot must not bring back the
+            # status of one it has just removed.
+            if (replica.model, replica.generation) in self.adapters:
+                await self._report(self._status(replica))
+        if base is None:
+            return False
+        if base.state == FAILED:
+            self._failure = base.reason or "the engine failed to load"
+            return True
+        await self._report(self._status(base))
+        if base.state == READY:
+            async with self._adapter_lock:
+                await self._load_adapters()
+        return False
 
     # ---- stopping --------------------------------------------------------------------------
 
@@ -408,20 +522,21 @@ class ReplicaSupervisor:
         proc = self.proc
         if self._stub is not None and proc is not None and proc.poll() is None:
             await self._report(self._status(state=DRAINING, inflight=0))
-            with contextlib.suppress(grpc.RpcError):
-                await self._stub.Drain(rs.DrainRequest(timeout_seconds=drain), timeout=drain + 5)
+            await _call_quietly(
+                self._stub.Drain(rs.DrainRequest(timeout_seconds=drain), timeout=drain + 5)
+            )
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), self.settings.stop_grace)
-            except asyncio.TimeoutError:
+            exited = process_exit(proc)
+            done, _ = await asyncio.wait([exited], timeout=self.settings.stop_grace)
+            if not done:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-        if self._task is not None:
+                await asyncio.wait([exited], timeout=30)
+        if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait([self._task])
         if forget:
             await self.forget()
 

@@ -90,7 +90,8 @@ async def run_inference_worker(
         replica_env: extra environment variables for every replica process.
     """
     tracing.configure("llmesh-inference-worker")
-    devices = node_devices(gpus=gpus, gpu_ids=gpu_ids)
+    # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
+    devices = await asyncio.to_thread(node_devices, gpus=gpus, gpu_ids=gpu_ids)
     presence = await join_mesh(
         [],
         kind="inference",
@@ -121,7 +122,11 @@ async def run_inference_worker(
         env=dict(replica_env or {}),
     )
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
-    await presence.server.start()
+    try:
+        await presence.server.start()
+    except BaseException:
+        await presence.close(grace=0)
+        raise
     watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
     watcher.start()
     running = InferenceWorker(presence, agent, watcher)
