@@ -177,3 +177,31 @@ def test_adapter_errors_are_clear(served: Any, test_model_dir: Path, tmp_path: P
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "serves adapters chat-d" in err.value.details()
     stub.UndeployModel(cp.UndeployModelRequest(name="chat-d", wait=True))
+
+
+def test_adapter_comes_back_with_its_base_after_a_crash(
+    served: Any, test_model_dir: Path
+) -> None:
+    """kill -9 of the base replica's process: both leave routing, and after the agent's
+    restart the adapter is loaded into the new process and answers as before."""
+    import os
+    import signal
+    import time
+
+    _, stub, llm, adapters = served
+    deploy_adapter(stub, "chat-crash", make_adapter(test_model_dir, adapters / "c", seed=3))
+    tuned = ask(llm, "chat-crash")
+    (base,) = stub.GetModel(cp.GetModelRequest(name="chat")).model.replicas
+    os.kill(base.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        (b,) = stub.GetModel(cp.GetModelRequest(name="chat")).model.replicas
+        (a,) = stub.GetModel(cp.GetModelRequest(name="chat-crash")).model.replicas
+        if b.state == a.state == common_pb2.REPLICA_STATE_READY and b.pid != base.pid:
+            break
+        assert time.monotonic() < deadline, (b, a)
+        time.sleep(0.1)
+    assert a.pid == b.pid and a.address == b.address
+    assert replica_stats(b.address, "chat")["loras"] == "chat-crash"
+    assert ask(llm, "chat-crash") == tuned
+    stub.UndeployModel(cp.UndeployModelRequest(name="chat-crash", wait=True))
