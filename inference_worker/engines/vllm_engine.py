@@ -168,6 +168,9 @@ class VLLMEngine(Engine):
             "enable_log_requests": False,
             "disable_log_stats": True,
         }
+        structured = _structured_outputs_config()
+        if structured is not None:
+            kwargs["structured_outputs_config"] = structured
         if self._want_max_model_len is not None:
             kwargs["max_model_len"] = self._want_max_model_len
         if self._enable_lora:
@@ -701,6 +704,20 @@ def _client_errors() -> tuple[type[BaseException], ...]:
         return (ValueError, TypeError, VLLMClientError)
     except ImportError:
         return (ValueError, TypeError)
+
+
+def _structured_outputs_config() -> Any:
+    """JSON output without free whitespace, as the transformers engine decodes it.
+
+    With whitespace allowed between tokens a weak model can spend every token it has on spaces
+    and newlines and never close the object. vLLM sets this per engine, not per request, and
+    only for a named grammar backend: xgrammar, the one the transformers engine uses too.
+    """
+    try:
+        from vllm.config import StructuredOutputsConfig
+    except ImportError:  # older vLLM: its default stays
+        return None
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
 
 
 def _engine_args(cls: Any, kwargs: dict[str, Any]) -> Any:

