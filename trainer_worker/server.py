@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.common import tracing
 from llmesh.common.devices import detect_gpus
-from llmesh.common.etcd import EtcdKV, worker_client
-from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys, parse_endpoint
+from llmesh.common.etcd import EtcdKV
+from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.grpc_server import Server
+from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.trainer_worker.servicer import TrainerServicer
@@ -89,7 +88,9 @@ async def run_trainer_worker(
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
-    server = Server(
+    if gpus is None:
+        gpus = float(await asyncio.to_thread(detect_gpus))
+    presence = await join_mesh(
         [
             (
                 trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
@@ -97,28 +98,23 @@ async def run_trainer_worker(
                 "llmesh.v1.TrainerService",
             )
         ],
-        listen=listen,
-    )
-    address = advertise or server.address
-    if address.startswith(("0.0.0.0:", "[::]:")):
-        address = f"{socket.gethostname()}:{server.port}"
-    worker = cp.Worker(
-        id=worker_id or f"{socket.gethostname()}-{server.port}",
-        address=address,
-        cpus=float(cpus if cpus is not None else os.cpu_count() or 1),
-        gpus=float(gpus if gpus is not None else detect_gpus()),
         kind="trainer",
+        listen=listen,
+        advertise=advertise,
+        etcd=etcd,
+        namespace=namespace,
+        worker_id=worker_id,
+        cpus=cpus,
+        gpus=gpus,
+        lease_ttl=lease_ttl,
     )
-    host, port = parse_endpoint(etcd)
-    client = worker_client(etcd)
-    keys = Keys(namespace)
-    session = WorkerSession(client, keys, worker, ttl=lease_ttl)
-    try:
-        await session.__aenter__()
-    except Exception as exc:
-        await server.stop(0)
-        await client.close()
-        raise ConnectionError(f"cannot register with etcd at {host}:{port}: {exc}") from exc
+    server, worker, client, keys, session = (
+        presence.server,
+        presence.worker,
+        presence.client,
+        presence.keys,
+        presence.session,
+    )
     # Job records go through the shared compare-and-swap over EtcdKV; lease and watches stay on
     # the aetcd client.
     records_kv = EtcdKV(etcd)
@@ -144,10 +140,8 @@ async def run_trainer_worker(
         # Jobs first, while the lease still stands: our own "shut down" outcome is recorded
         # before the control plane could see the worker gone and fail the jobs itself.
         await manager.close()
-        await session.close()
-        await server.stop(5.0)
+        await presence.close(grace=5.0)
         await records_kv.close()
-        await client.close()
         log.info("trainer worker %s stopped", worker.id)
 
 

@@ -142,13 +142,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for m in sorted(models, key=lambda m: m.name):
+        replicas = sorted(m.replicas, key=lambda r: r.index)
         states = " ".join(
             f"{r.index}:{_state(r.state)}" + (f"({r.reason[:60]})" if r.reason else "")
-            for r in sorted(m.replicas, key=lambda r: r.index)
+            for r in replicas
+        )
+        # Where each replica runs: its worker, its own process and the devices it holds.
+        where = " ".join(
+            f"{r.index}:{r.worker_id or '-'}"
+            + (f" pid {r.pid}" if r.pid else "")
+            + (f" gpu {','.join(r.devices)}" if r.devices else "")
+            for r in replicas
         )
         total = m.num_replicas or len(m.replicas)
-        rows.append([m.name, m.backend, f"{_ready_count(m)}/{total}", states or "-", m.model_path])
-    print(format_table(["NAME", "BACKEND", "READY", "STATES", "PATH"], rows))
+        rows.append(
+            [
+                m.name,
+                m.backend,
+                f"{_ready_count(m)}/{total}",
+                states or "-",
+                where or "-",
+                m.model_path,
+            ]
+        )
+    print(format_table(["NAME", "BACKEND", "READY", "STATES", "PROCESSES", "PATH"], rows))
     return 0
 
 
@@ -166,12 +183,22 @@ def cmd_workers(args: argparse.Namespace) -> int:
             w.kind or "-",
             f"{_num(w.cpus_used)}/{_num(w.cpus)}",
             f"{_num(w.gpus_used)}/{_num(w.gpus)}",
+            _devices(w),
             ", ".join(w.replicas) or "-",
         ]
         for w in sorted(workers, key=lambda w: w.id)
     ]
-    print(format_table(["ID", "ADDRESS", "KIND", "CPUS", "GPUS", "REPLICAS"], rows))
+    print(format_table(["ID", "ADDRESS", "KIND", "CPUS", "GPUS", "DEVICES", "REPLICAS"], rows))
     return 0
+
+
+def _devices(worker: cp.Worker) -> str:
+    """Each device id with who holds it, e.g. ``0=chat/0 1=free 2=emb/0+emb/1``."""
+    if not worker.devices:
+        return "-"
+    return " ".join(
+        f"{d.id}={'+'.join(d.holders) if d.holders else 'free'}" for d in worker.devices
+    )
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:

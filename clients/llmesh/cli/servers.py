@@ -184,11 +184,21 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             worker_id=args.worker_id,
             cpus=args.cpus,
             gpus=args.gpus,
+            gpu_ids=args.gpu_ids,
             lease_ttl=args.lease_ttl,
             drain_grace=args.drain_grace,
+            wedge_timeout=args.wedge_timeout,
+            run_dir=args.run_dir,
         )
     )
     return 0
+
+
+def _gpu_ids(text: str) -> list[str]:
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("give GPU ids separated by commas, e.g. 0,1")
+    return ids
 
 
 def _cmd_trainer_worker(args: argparse.Namespace) -> int:
@@ -360,6 +370,33 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=30.0,
         help=t("seconds to finish requests", "停机时留给进行中请求的秒数"),
+    )
+    iw.add_argument(
+        "--gpu-ids",
+        type=_gpu_ids,
+        default=None,
+        help=t(
+            "GPU ids this worker may use, e.g. 0,1 (wins over --gpus)",
+            "本节点可用的 GPU id，如 0,1（优先于 --gpus）",
+        ),
+    )
+    iw.add_argument(
+        "--wedge-timeout",
+        type=float,
+        default=30.0,
+        help=t(
+            "seconds a replica may hold requests without progress before it is restarted "
+            "(0: never)",
+            "副本有请求却无进展多少秒后重启（0：不检测）",
+        ),
+    )
+    iw.add_argument(
+        "--run-dir",
+        default=None,
+        help=t(
+            "where replica processes keep their spec and log (default: a temporary directory)",
+            "副本进程存放配置与日志的目录（默认：临时目录）",
+        ),
     )
     iw.set_defaults(func=_cmd_inference_worker)
 
