@@ -215,8 +215,10 @@ class FakeClient:
                 model_path="/models/tiny",
                 num_replicas=2,
                 replicas=[
-                    common_pb2.Replica(index=1, state=loading),
-                    common_pb2.Replica(index=0, state=ready),
+                    common_pb2.Replica(index=1, state=loading, worker_id="w1"),
+                    common_pb2.Replica(
+                        index=0, state=ready, worker_id="w1", pid=4242, devices=["0", "2"]
+                    ),
                 ],
             )
         ]
@@ -229,8 +231,14 @@ class FakeClient:
                 kind="inference",
                 cpus=8,
                 cpus_used=2.5,
-                gpus=0,
+                gpus=3,
+                gpus_used=2,
                 replicas=["chat/0", "chat/1"],
+                devices=[
+                    cp.Device(id="0", holders=["chat/0"]),
+                    cp.Device(id="1"),
+                    cp.Device(id="2", holders=["chat/0"]),
+                ],
             )
         ]
 
@@ -296,13 +304,19 @@ def test_query_template_default_uses_the_user_assistant_mapping(
 def test_models_table(fake_client: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "BACKEND", "READY", "STATES", "PATH"]
+    assert lines[0].split() == ["NAME", "BACKEND", "READY", "STATES", "PROCESSES", "PATH"]
     assert lines[1].split() == [
         "chat",
         "transformers",
         "1/2",
         "0:READY",
         "1:LOADING",
+        "0:w1",
+        "pid",
+        "4242",
+        "gpu",
+        "0,2",
+        "1:w1",
         "/models/tiny",
     ]
     assert lines[0].index("BACKEND") == lines[1].index("transformers")
@@ -311,13 +325,16 @@ def test_models_table(fake_client: type[FakeClient], capsys: pytest.CaptureFixtu
 def test_workers_table(fake_client: type[FakeClient], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["workers"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "ADDRESS", "KIND", "CPUS", "GPUS", "REPLICAS"]
+    assert lines[0].split() == ["ID", "ADDRESS", "KIND", "CPUS", "GPUS", "DEVICES", "REPLICAS"]
     assert lines[1].split() == [
         "w1",
         "127.0.0.1:7001",
         "inference",
         "2.5/8",
-        "0/0",
+        "2/3",
+        "0=chat/0",
+        "1=free",
+        "2=chat/0",
         "chat/0,",
         "chat/1",
     ]
