@@ -93,6 +93,9 @@ def test_sigkilled_worker_leaves_routing_and_model_keeps_serving(
         cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120)
     ).model
     assert sorted(r.worker_id for r in deployed.replicas) == ["w0", "w1"]
+    # Each replica runs in its own process, a child of its worker's node agent.
+    orphans = [r.pid for r in deployed.replicas if r.worker_id == "w0"]
+    assert orphans and all(orphans) and all(_alive(p) for p in orphans)
 
     victim = workers[0]
     os.kill(victim.proc.pid, signal.SIGKILL)
@@ -109,6 +112,11 @@ def test_sigkilled_worker_leaves_routing_and_model_keeps_serving(
         assert route.worker_id == "w1"
         assert _chat(route.address)[-1].finished
     assert [w.id for w in stub.ListWorkers(cp.ListWorkersRequest()).workers] == ["w1"]
+    # The killed agent's replica processes died with it (PR_SET_PDEATHSIG): no orphans.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in orphans):
+        time.sleep(0.1)
+    assert not [p for p in orphans if _alive(p)]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM])

@@ -113,6 +113,15 @@ def run_demo(args: argparse.Namespace) -> int:
             for m in llm.list_models():
                 where = ", ".join(f"{r.worker_id}@{r.address}" for r in m.replicas)
                 print(f"  {m.name:<7} backend={m.backend:<12} replicas: {where}", flush=True)
+            _say("llmesh models: each replica is its own process (pid) on its own devices")
+            table = subprocess.run(
+                [sys.executable, "-m", "llmesh", "models", "--control_plane", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            for line in table.stdout.splitlines():
+                print(f"  {line}", flush=True)
 
             _say("stream_chat_oai: tokens straight from the worker (the control plane only routes)")
             question = "What is the capital of France?"
