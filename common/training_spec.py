@@ -348,6 +348,10 @@ def validate_spec(spec: tr.TrainingJobSpec) -> None:
         raise InvalidArgument(f"spec.num_ranks={spec.num_ranks} is negative; use 1 or more")
     if spec.cpus < 0 or spec.gpus < 0:
         raise InvalidArgument("spec.cpus and spec.gpus must not be negative")
+    if spec.gpus != int(spec.gpus):
+        raise InvalidArgument(
+            f"spec.gpus is {spec.gpus:g}; a training job holds whole GPUs: give 0, 1, 2, ..."
+        )
     if spec.lora.r < 0 or spec.lora.alpha < 0 or not 0 <= spec.lora.dropout < 1:
         raise InvalidArgument(
             "spec.lora needs r >= 0, alpha >= 0 and 0 <= dropout < 1 (0 means the default)"

@@ -255,6 +255,22 @@ class JobScheduler:
                 free[job.worker_id] = (cpus - rules.default_cpus(job.spec), gpus - job.spec.gpus)
         return free
 
+    def _free_devices(self, worker_id: str) -> list[str]:
+        """GPU ids of a trainer worker that no active job holds, lowest first."""
+        worker = self.registry.workers().get(worker_id)
+        if worker is None:
+            return []
+        ids = [d.id for d in worker.devices] or [str(i) for i in range(int(worker.gpus))]
+        held: set[str] = set()
+        unnamed = 0  # GPUs of jobs placed before jobs named their devices
+        for job in self.registry.jobs().values():
+            if job.worker_id == worker_id and job.state in rules.ACTIVE_STATES:
+                held.update(job.devices)
+                if not job.devices:
+                    unnamed += int(job.spec.gpus)
+        free = [i for i in ids if i not in held]
+        return free[unnamed:]
+
     async def schedule(self) -> int:
         """Place queued jobs (oldest first) on trainer workers with room; returns how many.
 
@@ -296,6 +312,12 @@ class JobScheduler:
                 free = self._free().get(worker_id)
                 if free is None or free[0] + 1e-9 < need[0] or free[1] + 1e-9 < need[1]:
                     return None
+                # The GPUs themselves, not a count: two jobs never get the same id.
+                devices = self._free_devices(worker_id)[: int(need[1])]
+                if len(devices) < int(need[1]):
+                    return None
+                del job.devices[:]
+                job.devices.extend(devices)
                 job.worker_id = worker_id
                 job.reason = ""
                 return job
@@ -365,6 +387,7 @@ class JobScheduler:
                     if job.cancel_requested:
                         return _cancel_unplaced(job)
                     job.worker_id = ""
+                    del job.devices[:]
                     return job
                 if job.state == State.TRAINING_JOB_STATE_RUNNING and overdue:
                     return _finish(

@@ -532,7 +532,9 @@ class JobManager:
         # the log must be rebuildable from the file with the same sequence numbers.
         events_path = Path(spec.output_dir) / EVENTS_FILE
         offset = await asyncio.to_thread(file_size, events_path)
-        proc = JobProcess(spec)  # raw output goes to {output_dir}/job.log
+        # Its ranks see only the GPUs placement gave the job (none for a CPU job on a GPU host).
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(record.devices)} if record.devices else {}
+        proc = JobProcess(spec, env=env)  # raw output goes to {output_dir}/job.log
         try:
             await proc.start()
         except LLMeshError as exc:

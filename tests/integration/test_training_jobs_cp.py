@@ -326,3 +326,34 @@ async def test_cancel_asked_then_worker_lost_before_start_ends_cancelled(
 
     j = await eventually(cancelled)
     assert "went away before the job started" in j.reason
+
+
+async def test_gpu_jobs_get_distinct_device_ids(plane: Any, etcd: aetcd.Client, keys: Keys) -> None:
+    """A trainer worker with 3 GPUs: a 2-GPU job and a 1-GPU job hold different ids, a third
+    job waits, and takes the ids a finished job gives back."""
+    await SimWorker(etcd, keys, "t-gpu", cpus=8, gpus=3, kind="trainer").start(ttl=30)
+    two = await create(plane.stub, sft_spec(gpus=2))
+    one = await create(plane.stub, sft_spec(gpus=1))
+
+    async def placed(job_id: str) -> tr.TrainingJob | None:
+        j = await get(plane.stub, job_id)
+        return j if j.worker_id else None
+
+    two, one = await eventually(lambda: placed(two.id)), await eventually(lambda: placed(one.id))
+    assert len(two.devices) == 2 and len(one.devices) == 1
+    assert sorted([*two.devices, *one.devices]) == ["0", "1", "2"]
+    waiting = await create(plane.stub, sft_spec(gpus=1))
+    await plane.server.registry.sync()
+    assert not (await get(plane.stub, waiting.id)).worker_id
+
+    def done(j: tr.TrainingJob) -> None:
+        j.state = S.TRAINING_JOB_STATE_SUCCEEDED
+
+    assert await worker_writes(etcd, keys, one.id, done)
+    later = await eventually(lambda: placed(waiting.id))
+    assert list(later.devices) == list(one.devices)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(plane.stub, sft_spec(gpus=1.5))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "whole GPUs" in err.value.details()

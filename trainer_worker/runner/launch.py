@@ -245,10 +245,10 @@ def job_pids(job_id: str) -> list[int]:
     return out
 
 
-def _world_info(num_ranks: int) -> str:
-    # On a GPU host the worker may restrict us with CUDA_VISIBLE_DEVICES; the launcher sets it
+def _world_info(num_ranks: int, visible_devices: str) -> str:
+    # The worker gives a GPU job its devices in CUDA_VISIBLE_DEVICES; the launcher sets it
     # again per node from this list, so pass the real ids rather than 0..n-1.
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    visible = [d for d in visible_devices.split(",") if d.strip()]
     ids: list[Any] = visible[:num_ranks] if len(visible) >= num_ranks else list(range(num_ranks))
     if ids and all(str(i).isdigit() for i in ids):
         ids = [int(i) for i in ids]
@@ -452,7 +452,10 @@ class JobProcess:
                 "-u",
                 "-m",
                 "deepspeed.launcher.launch",
-                f"--world_info={_world_info(self.spec.num_ranks)}",
+                "--world_info="
+                + _world_info(
+                    self.spec.num_ranks, self._child_env().get("CUDA_VISIBLE_DEVICES", "")
+                ),
                 "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}",
                 "--module",

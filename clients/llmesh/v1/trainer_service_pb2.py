@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmesh/v1/trainer_service.proto\x12\tllmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x91\x04\n\x0fTrainingJobSpec\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.llmesh.v1.TrainingJobKind\x12\x17\n\x0f\x62\x61se_model_path\x18\x02 \x01(\t\x12\x11\n\tdata_path\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x05 \x01(\t\x12)\n\x06method\x18\x06 \x01(\x0e\x32\x19.llmesh.v1.TrainingMethod\x12#\n\x04lora\x18\x07 \x01(\x0b\x32\x15.llmesh.v1.LoraConfig\x12H\n\x0fhyperparameters\x18\x08 \x03(\x0b\x32/.llmesh.v1.TrainingJobSpec.HyperparametersEntry\x12\x10\n\x08template\x18\t \x01(\t\x12\x1d\n\x15\x64\x65\x65pspeed_config_json\x18\n \x01(\t\x12\x11\n\tnum_ranks\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_config\x18\x0c \x01(\t\x12\x16\n\x0etokenizer_path\x18\r \x01(\t\x12\x0c\n\x04\x63pus\x18\x0e \x01(\x01\x12\x0c\n\x04gpus\x18\x0f \x01(\x01\x12\x13\n\x06resume\x18\x10 \x01(\x08H\x00\x88\x01\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_resume\"\xc0\x01\n\x10TrainingProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_eval_loss\"s\n\x10TrainingArtifact\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.llmesh.v1.ArtifactKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x17\n\x0f\x62\x61se_model_path\x18\x04 \x01(\t\"\xad\x03\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.llmesh.v1.TrainingJobSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.llmesh.v1.TrainingJobState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12-\n\x08progress\x18\x06 \x01(\x0b\x32\x1b.llmesh.v1.TrainingProgress\x12-\n\x08\x61rtifact\x18\x07 \x01(\x0b\x32\x1b.llmesh.v1.TrainingArtifact\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12\x12\n\nrequest_id\x18\x0c \x01(\t\"0\n\x12TrainingCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"Q\n\x13TrainingStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.llmesh.v1.TrainingJobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xba\x02\n\x10TrainingJobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0cstate_change\x18\x03 \x01(\x0b\x32\x1e.llmesh.v1.TrainingStateChangeH\x00\x12/\n\x08progress\x18\x04 \x01(\x0b\x32\x1b.llmesh.v1.TrainingProgressH\x00\x12\x12\n\x08log_line\x18\x05 \x01(\tH\x00\x12\x33\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x1d.llmesh.v1.TrainingCheckpointH\x00\x12/\n\x08\x61rtifact\x18\x07 \x01(\x0b\x32\x1b.llmesh.v1.TrainingArtifactH\x00\x42\x07\n\x05\x65vent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.TrainingJob\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\">\n\x10WatchJobResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.llmesh.v1.TrainingJobEvent*\x91\x01\n\x0fTrainingJobKind\x12!\n\x1dTRAINING_JOB_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TRAINING_JOB_KIND_SFT\x10\x01\x12\x1e\n\x1aTRAINING_JOB_KIND_PRETRAIN\x10\x02\x12 \n\x1cTRAINING_JOB_KIND_MERGE_LORA\x10\x03*e\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x18\n\x14TRAINING_METHOD_FULL\x10\x02*\xd8\x01\n\x10TrainingJobState\x12\"\n\x1eTRAINING_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRAINING_JOB_STATE_QUEUED\x10\x01\x12\x1e\n\x1aTRAINING_JOB_STATE_RUNNING\x10\x02\x12 \n\x1cTRAINING_JOB_STATE_SUCCEEDED\x10\x03\x12\x1d\n\x19TRAINING_JOB_STATE_FAILED\x10\x04\x12 \n\x1cTRAINING_JOB_STATE_CANCELLED\x10\x05*k\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41RTIFACT_KIND_LORA_ADAPTER\x10\x01\x12\x1c\n\x18\x41RTIFACT_KIND_FULL_MODEL\x10\x02\x32\x96\x01\n\x0eTrainerService\x12=\n\x06GetJob\x12\x18.llmesh.v1.GetJobRequest\x1a\x19.llmesh.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.llmesh.v1.WatchJobRequest\x1a\x1b.llmesh.v1.WatchJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmesh/v1/trainer_service.proto\x12\tllmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x91\x04\n\x0fTrainingJobSpec\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.llmesh.v1.TrainingJobKind\x12\x17\n\x0f\x62\x61se_model_path\x18\x02 \x01(\t\x12\x11\n\tdata_path\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x05 \x01(\t\x12)\n\x06method\x18\x06 \x01(\x0e\x32\x19.llmesh.v1.TrainingMethod\x12#\n\x04lora\x18\x07 \x01(\x0b\x32\x15.llmesh.v1.LoraConfig\x12H\n\x0fhyperparameters\x18\x08 \x03(\x0b\x32/.llmesh.v1.TrainingJobSpec.HyperparametersEntry\x12\x10\n\x08template\x18\t \x01(\t\x12\x1d\n\x15\x64\x65\x65pspeed_config_json\x18\n \x01(\t\x12\x11\n\tnum_ranks\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_config\x18\x0c \x01(\t\x12\x16\n\x0etokenizer_path\x18\r \x01(\t\x12\x0c\n\x04\x63pus\x18\x0e \x01(\x01\x12\x0c\n\x04gpus\x18\x0f \x01(\x01\x12\x13\n\x06resume\x18\x10 \x01(\x08H\x00\x88\x01\x01\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_resume\"\xc0\x01\n\x10TrainingProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_eval_loss\"s\n\x10TrainingArtifact\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.llmesh.v1.ArtifactKind\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x17\n\x0f\x62\x61se_model_path\x18\x04 \x01(\t\"\xbe\x03\n\x0bTrainingJob\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.llmesh.v1.TrainingJobSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.llmesh.v1.TrainingJobState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12-\n\x08progress\x18\x06 \x01(\x0b\x32\x1b.llmesh.v1.TrainingProgress\x12-\n\x08\x61rtifact\x18\x07 \x01(\x0b\x32\x1b.llmesh.v1.TrainingArtifact\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\r \x03(\t\"0\n\x12TrainingCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\"Q\n\x13TrainingStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.llmesh.v1.TrainingJobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xba\x02\n\x10TrainingJobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0cstate_change\x18\x03 \x01(\x0b\x32\x1e.llmesh.v1.TrainingStateChangeH\x00\x12/\n\x08progress\x18\x04 \x01(\x0b\x32\x1b.llmesh.v1.TrainingProgressH\x00\x12\x12\n\x08log_line\x18\x05 \x01(\tH\x00\x12\x33\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x1d.llmesh.v1.TrainingCheckpointH\x00\x12/\n\x08\x61rtifact\x18\x07 \x01(\x0b\x32\x1b.llmesh.v1.TrainingArtifactH\x00\x42\x07\n\x05\x65vent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"5\n\x0eGetJobResponse\x12#\n\x03job\x18\x01 \x01(\x0b\x32\x16.llmesh.v1.TrainingJob\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\">\n\x10WatchJobResponse\x12*\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1b.llmesh.v1.TrainingJobEvent*\x91\x01\n\x0fTrainingJobKind\x12!\n\x1dTRAINING_JOB_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TRAINING_JOB_KIND_SFT\x10\x01\x12\x1e\n\x1aTRAINING_JOB_KIND_PRETRAIN\x10\x02\x12 \n\x1cTRAINING_JOB_KIND_MERGE_LORA\x10\x03*e\n\x0eTrainingMethod\x12\x1f\n\x1bTRAINING_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14TRAINING_METHOD_LORA\x10\x01\x12\x18\n\x14TRAINING_METHOD_FULL\x10\x02*\xd8\x01\n\x10TrainingJobState\x12\"\n\x1eTRAINING_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRAINING_JOB_STATE_QUEUED\x10\x01\x12\x1e\n\x1aTRAINING_JOB_STATE_RUNNING\x10\x02\x12 \n\x1cTRAINING_JOB_STATE_SUCCEEDED\x10\x03\x12\x1d\n\x19TRAINING_JOB_STATE_FAILED\x10\x04\x12 \n\x1cTRAINING_JOB_STATE_CANCELLED\x10\x05*k\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41RTIFACT_KIND_LORA_ADAPTER\x10\x01\x12\x1c\n\x18\x41RTIFACT_KIND_FULL_MODEL\x10\x02\x32\x96\x01\n\x0eTrainerService\x12=\n\x06GetJob\x12\x18.llmesh.v1.GetJobRequest\x1a\x19.llmesh.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.llmesh.v1.WatchJobRequest\x1a\x1b.llmesh.v1.WatchJobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAININGJOBSPEC_HYPERPARAMETERSENTRY']._loaded_options = None
   _globals['_TRAININGJOBSPEC_HYPERPARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAININGJOBKIND']._serialized_start=2098
-  _globals['_TRAININGJOBKIND']._serialized_end=2243
-  _globals['_TRAININGMETHOD']._serialized_start=2245
-  _globals['_TRAININGMETHOD']._serialized_end=2346
-  _globals['_TRAININGJOBSTATE']._serialized_start=2349
-  _globals['_TRAININGJOBSTATE']._serialized_end=2565
-  _globals['_ARTIFACTKIND']._serialized_start=2567
-  _globals['_ARTIFACTKIND']._serialized_end=2674
+  _globals['_TRAININGJOBKIND']._serialized_start=2115
+  _globals['_TRAININGJOBKIND']._serialized_end=2260
+  _globals['_TRAININGMETHOD']._serialized_start=2262
+  _globals['_TRAININGMETHOD']._serialized_end=2363
+  _globals['_TRAININGJOBSTATE']._serialized_start=2366
+  _globals['_TRAININGJOBSTATE']._serialized_end=2582
+  _globals['_ARTIFACTKIND']._serialized_start=2584
+  _globals['_ARTIFACTKIND']._serialized_end=2691
   _globals['_LORACONFIG']._serialized_start=79
   _globals['_LORACONFIG']._serialized_end=158
   _globals['_TRAININGJOBSPEC']._serialized_start=161
@@ -53,21 +53,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAININGARTIFACT']._serialized_start=887
   _globals['_TRAININGARTIFACT']._serialized_end=1002
   _globals['_TRAININGJOB']._serialized_start=1005
-  _globals['_TRAININGJOB']._serialized_end=1434
-  _globals['_TRAININGCHECKPOINT']._serialized_start=1436
-  _globals['_TRAININGCHECKPOINT']._serialized_end=1484
-  _globals['_TRAININGSTATECHANGE']._serialized_start=1486
-  _globals['_TRAININGSTATECHANGE']._serialized_end=1567
-  _globals['_TRAININGJOBEVENT']._serialized_start=1570
-  _globals['_TRAININGJOBEVENT']._serialized_end=1884
-  _globals['_GETJOBREQUEST']._serialized_start=1886
-  _globals['_GETJOBREQUEST']._serialized_end=1917
-  _globals['_GETJOBRESPONSE']._serialized_start=1919
-  _globals['_GETJOBRESPONSE']._serialized_end=1972
-  _globals['_WATCHJOBREQUEST']._serialized_start=1974
-  _globals['_WATCHJOBREQUEST']._serialized_end=2031
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2033
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2095
-  _globals['_TRAINERSERVICE']._serialized_start=2677
-  _globals['_TRAINERSERVICE']._serialized_end=2827
+  _globals['_TRAININGJOB']._serialized_end=1451
+  _globals['_TRAININGCHECKPOINT']._serialized_start=1453
+  _globals['_TRAININGCHECKPOINT']._serialized_end=1501
+  _globals['_TRAININGSTATECHANGE']._serialized_start=1503
+  _globals['_TRAININGSTATECHANGE']._serialized_end=1584
+  _globals['_TRAININGJOBEVENT']._serialized_start=1587
+  _globals['_TRAININGJOBEVENT']._serialized_end=1901
+  _globals['_GETJOBREQUEST']._serialized_start=1903
+  _globals['_GETJOBREQUEST']._serialized_end=1934
+  _globals['_GETJOBRESPONSE']._serialized_start=1936
+  _globals['_GETJOBRESPONSE']._serialized_end=1989
+  _globals['_WATCHJOBREQUEST']._serialized_start=1991
+  _globals['_WATCHJOBREQUEST']._serialized_end=2048
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2050
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2112
+  _globals['_TRAINERSERVICE']._serialized_start=2694
+  _globals['_TRAINERSERVICE']._serialized_end=2844
 # @@protoc_insertion_point(module_scope)

@@ -142,7 +142,7 @@ class TrainingArtifact(_message.Message):
     def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., path: _Optional[str] = ..., worker_id: _Optional[str] = ..., base_model_path: _Optional[str] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec", "state", "reason", "worker_id", "progress", "artifact", "create_time", "start_time", "end_time", "cancel_requested", "request_id")
+    __slots__ = ("id", "spec", "state", "reason", "worker_id", "progress", "artifact", "create_time", "start_time", "end_time", "cancel_requested", "request_id", "devices")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class TrainingJob(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TrainingJobSpec
     state: TrainingJobState
@@ -167,7 +168,8 @@ class TrainingJob(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     cancel_requested: bool
     request_id: str
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., artifact: _Optional[_Union[TrainingArtifact, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TrainingJobSpec, _Mapping]] = ..., state: _Optional[_Union[TrainingJobState, str]] = ..., reason: _Optional[str] = ..., worker_id: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., artifact: _Optional[_Union[TrainingArtifact, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., request_id: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainingCheckpoint(_message.Message):
     __slots__ = ("step", "path")
