@@ -18,21 +18,23 @@ from llmesh.cli import training as cli_training
 from llmesh.client import ByzerLLM
 from llmesh.common.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from llmesh.training import (
+    TrainingJobFailed,
+    merge_lora_spec,
+    parse_params,
+    pretrain_spec,
+    sft_spec,
+    split_json_config,
+)
+from llmesh.training_watch import (
     JobTracker,
     LossCurve,
     ProgressView,
-    TrainingJobFailed,
     WatchLoop,
     format_age,
     format_duration,
     format_job_row,
     format_progress,
-    merge_lora_spec,
-    parse_params,
     parse_states,
-    pretrain_spec,
-    sft_spec,
-    split_json_config,
     write_loss_png,
 )
 from llmesh.v1 import control_plane_service_pb2 as cp

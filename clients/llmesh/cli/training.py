@@ -24,14 +24,13 @@ from llmesh.client import ByzerLLM
 from llmesh.common.errors import LLMeshError
 from llmesh.common.job_rules import is_final, kind_name, state_name
 from llmesh.i18n import MESSAGES
-from llmesh.training import (
+from llmesh.training import merge_lora_spec, split_json_config
+from llmesh.training_watch import (
     LossCurve,
     ProgressView,
     format_job_row,
     format_progress,
-    merge_lora_spec,
     names_by_value,
-    split_json_config,
     write_loss_png,
 )
 from llmesh.v1 import trainer_service_pb2 as tr

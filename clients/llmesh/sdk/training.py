@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from llmesh import training
+from llmesh import training, training_watch
 from llmesh.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from llmesh.common.job_rules import is_final, kind_name, state_name, validate_spec
 from llmesh.route_cache import CONTROL_CALL_TIMEOUT_S
@@ -93,7 +93,7 @@ class TrainingMixin:
             states: only jobs in these states, by name (``"running"``, ``"SUCCEEDED"``) or
                 ``TrainingJobState`` value; None for all.
         """
-        request = cp.ListTrainingJobsRequest(states=training.parse_states(states))
+        request = cp.ListTrainingJobsRequest(states=training_watch.parse_states(states))
         response = yield ControlCall("ListTrainingJobs", request, CONTROL_CALL_TIMEOUT_S)
         return list(response.jobs)
 

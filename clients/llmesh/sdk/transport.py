@@ -39,7 +39,7 @@ from llmesh.sdk.ops import (
 )
 from llmesh.sdk.results import TextStream
 from llmesh.sdk.shapes import SingleOutputMeta
-from llmesh.training import WatchLoop
+from llmesh.training_watch import WatchLoop
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import trainer_service_pb2 as tr
