@@ -238,6 +238,7 @@ def cmd_job_get(args: argparse.Namespace) -> int:
         ("state", _job_state(job.state) + (" (cancel requested)" if job.cancel_requested else "")),
         ("reason", job.reason),
         ("worker", job.worker_id),
+        ("gpus", ",".join(job.devices)),
         ("progress", format_progress(job.progress) if job.progress.total_steps else ""),
         ("base model", spec.base_model_path),
         ("adapter", spec.adapter_path),
