@@ -211,11 +211,10 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
 
 
 async def serve(spec: ReplicaSpec) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM (the agent's stop); SIGINT is ignored (see :func:`main`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with run_replica(spec):
         await stop.wait()
 
@@ -224,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     # SIGKILL, not SIGTERM: a wedged engine may never run a Python signal handler.
     die_with_parent(signal.SIGKILL)
+    # A terminal's Ctrl-C reaches the whole process group; the agent stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=os.environ.get("LLMESH_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
