@@ -27,8 +27,9 @@ class StatusBoard:
 
     def __init__(self) -> None:
         self.replicas: dict[tuple[str, int, int], common_pb2.Replica] = {}
-        self.changed = asyncio.Event()
         self._version = 0
+        # Resolved by the next change; every watcher waits on the same one.
+        self._next: asyncio.Future[None] | None = None
 
     @staticmethod
     def _key(replica: common_pb2.Replica) -> tuple[str, int, int]:
@@ -46,7 +47,9 @@ class StatusBoard:
 
     def _bump(self) -> None:
         self._version += 1
-        self.changed.set()
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
+        self._next = None
 
     @property
     def version(self) -> int:
@@ -54,17 +57,13 @@ class StatusBoard:
 
     async def wait_change(self, after: int, timeout: float) -> None:
         """Return once the version passed ``after`` or after ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._version == after:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self.changed.clear()
-            waiter = asyncio.ensure_future(self.changed.wait())
-            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation.
-            await asyncio.wait([waiter], timeout=left)
-            waiter.cancel()
+        if self._version != after:
+            return
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        # asyncio.wait, not wait_for: it never cancels the shared future, and on 3.11
+        # wait_for can swallow a cancellation.
+        await asyncio.wait([self._next], timeout=timeout)
 
 
 class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
@@ -101,19 +100,13 @@ class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
         heartbeat = request.heartbeat_seconds or DEFAULT_HEARTBEAT_S
         if heartbeat < 0:
             raise InvalidArgument("heartbeat_seconds must be 0 (default) or positive")
-        loop = asyncio.get_running_loop()
         while True:
             version = self.board.version
-            message = self.snapshot()
-            yield message
-            # Next message on a status change, when the in-flight count moves (polled a few
-            # times a second, so a busy replica does not send one per request), or on the
-            # heartbeat.
-            deadline = loop.time() + heartbeat
-            while loop.time() < deadline:
-                await self.board.wait_change(version, min(0.2, deadline - loop.time()))
-                if self.board.version != version or self.snapshot().inflight != message.inflight:
-                    break
+            yield self.snapshot()
+            # Next message on a status change or on the heartbeat. In-flight counts reach the
+            # board through the manager's rate-limited publisher, so a busy replica does not
+            # send one message per request.
+            await self.board.wait_change(version, heartbeat)
 
     @rpc_handler
     async def LoadAdapter(
@@ -148,10 +141,6 @@ class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
     async def Drain(
         self, request: rs.DrainRequest, context: grpc.aio.ServicerContext
     ) -> rs.DrainResponse:
-        for hosted in self.manager.replicas.values():
-            if hosted.status.state == common_pb2.REPLICA_STATE_READY:
-                hosted.status.state = common_pb2.REPLICA_STATE_DRAINING
-                await self.board.publish_replica(hosted.status)
         with contextlib.suppress(Exception):
             await self.manager.drain_all(max(request.timeout_seconds, 0.0))
         left = sum(h.inflight for h in self.manager.replicas.values())

@@ -386,10 +386,11 @@ class ReplicaManager:
         log.info("unloaded %s replica %d (generation %d)", key[0], key[2], key[1])
 
     async def drain_all(self, timeout: float) -> None:
-        """Mark every replica DRAINING and wait (bounded) for in-flight requests to end."""
-        for hosted in self.replicas.values():
+        """Report every replica DRAINING and wait (bounded) for in-flight requests to end."""
+        for hosted in list(self.replicas.values()):
             if hosted.status.state == READY:
                 hosted.status.state = DRAINING
+                await self.session.publish_replica(hosted.status)
         waits = [h.idle.wait() for h in self.replicas.values()]
         if waits:
             with contextlib.suppress(asyncio.TimeoutError):

@@ -199,10 +199,6 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         yield server, manager
     finally:
         await server.set_not_serving()
-        for hosted in manager.replicas.values():
-            if hosted.status.state == common_pb2.REPLICA_STATE_READY:
-                hosted.status.state = common_pb2.REPLICA_STATE_DRAINING
-                await board.publish_replica(hosted.status)
         await manager.drain_all(5.0)
         await server.stop(1.0)
         # The engine stops before the agent's stream does: the agent waits for our exit.

@@ -25,7 +25,13 @@ from llmesh.common.errors import (
 )
 from llmesh.llm_config import GenerationConfig, generation_config, strip_config_prefix
 from llmesh.sdk.ops import ChatStream, Gather, Steps, async_operation, operation, steps
-from llmesh.sdk.results import ChatProgress, echo_input, to_chat_messages, to_response
+from llmesh.sdk.results import (
+    ChatProgress,
+    TextStream,
+    echo_input,
+    to_chat_messages,
+    to_response,
+)
 from llmesh.sdk.settings import Settings
 from llmesh.sdk.shapes import (
     EventCallback,
@@ -309,10 +315,14 @@ class ChatMixin(Settings):
         name, start, config = await self.aio_transport.run(
             self._stream_start(conversations, model, role_mapping, llm_config)
         )
-        texts = self.aio_transport.chat_texts(name, start, config, self.clean_func_of(name))
-        async with contextlib.aclosing(texts) as items:
-            async for item in items:
-                yield item
+        # Fed here, not through a second generator: this runs once per message.
+        texts = TextStream(start.request_id, self.clean_func_of(name))
+        stream = self.aio_transport.chat_stream(name, start, config)
+        async with contextlib.aclosing(stream) as responses:
+            async for response in responses:
+                item = texts.feed(response)
+                if item is not None:
+                    yield item
 
     async def aclose_async_channels(self) -> None:
         """Close the grpc.aio channels the running event loop used (``async_*`` calls)."""

@@ -397,21 +397,6 @@ class AsyncTransport:
                     raise Unavailable("the chat stream ended without a final message")
                 return
 
-    async def chat_texts(
-        self,
-        model: str,
-        start: inf.ChatStart,
-        config: GenerationConfig,
-        clean: Callable[[str], str],
-    ) -> AsyncIterator[tuple[str, SingleOutputMeta]]:
-        """:meth:`chat_stream` as ``stream_chat_oai`` items (see :class:`TextStream`)."""
-        texts = TextStream(start.request_id, clean)
-        async with contextlib.aclosing(self.chat_stream(model, start, config)) as stream:
-            async for response in stream:
-                item = texts.feed(response)
-                if item is not None:
-                    yield item
-
     async def watch_training_job(
         self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
     ) -> AsyncIterator[tuple[tr.TrainingJob, tr.TrainingJobEvent | None]]:
