@@ -53,13 +53,23 @@ def parse_policy(name: str | int | None) -> int:
 
 
 class Selector:
-    """Picks replicas; holds the round-robin counters and the caller's own in-flight counts."""
+    """Picks replicas; holds the round-robin counters and the caller's own in-flight counts.
 
-    def __init__(self, *, rng: random.Random | None = None) -> None:
+    Args:
+        rng: random source for ties and the random policy.
+        own_counts: the caller reports every request's end (:meth:`finished`), so its local
+            count is exact: a replica's load is the larger of its published count and the
+            caller's own in-flight requests on it (the SDK). Without it (the control plane,
+            which never sees requests end) the local count holds what was sent since the
+            replica last published, and a new published count starts it over.
+    """
+
+    def __init__(self, *, rng: random.Random | None = None, own_counts: bool = False) -> None:
         self._rr: dict[str, itertools.count[int]] = {}
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
-        # Requests this selector sent to a replica that its published count does not show yet.
+        self.own_counts = own_counts
+        # Requests this selector sent to each replica (see own_counts for which ones).
         self.local_inflight: dict[tuple[str, str, int], int] = {}
 
     def select(
@@ -72,12 +82,44 @@ class Selector:
         pinned_replica: int | None = None,
         purpose_pins: Mapping[str, int] | None = None,
         affinity_key: str = "",
+        start: bool = False,
     ) -> common_pb2.Replica:
         """Choose one READY replica of ``model`` or raise a clear error.
 
         Order of precedence: an explicit replica pin, a pin by purpose, an affinity key, then
         the policy.
+
+        Args:
+            start: count the request on the chosen replica (as :meth:`started`) in the same
+                step as the choice, so concurrent picks see each other: a burst of N over R
+                equal replicas lands within one of N/R on each.
         """
+        with self._lock:
+            chosen = self._choose(
+                model,
+                replicas,
+                purpose=purpose,
+                policy=policy,
+                pinned_replica=pinned_replica,
+                purpose_pins=purpose_pins,
+                affinity_key=affinity_key,
+            )
+            if start:
+                self._count(chosen)
+        return chosen
+
+    def _choose(
+        self,
+        model: str,
+        replicas: Sequence[common_pb2.Replica],
+        *,
+        purpose: int,
+        policy: int,
+        pinned_replica: int | None,
+        purpose_pins: Mapping[str, int] | None,
+        affinity_key: str,
+    ) -> common_pb2.Replica:
+        # Called with the lock held.
         if not replicas:
             raise NotFound(
                 f"model {model!r} has no replicas; deploy it first (llmesh deploy --model {model})"
@@ -111,35 +153,39 @@ class Selector:
         if affinity_key:
             return max(ready, key=lambda r: _hrw(affinity_key, r))
         if policy == cp.LOAD_BALANCE_POLICY_ROUND_ROBIN:
-            with self._lock:
-                counter = self._rr.setdefault(model, itertools.count())
-                n = next(counter)
+            n = next(self._rr.setdefault(model, itertools.count()))
             return ready[n % len(ready)]
         if policy == cp.LOAD_BALANCE_POLICY_RANDOM:
             return self._rng.choice(ready)
         if policy not in (cp.LOAD_BALANCE_POLICY_LEAST_LOADED, cp.LOAD_BALANCE_POLICY_UNSPECIFIED):
             raise InvalidArgument(f"unknown load-balance policy value {policy}")
-        with self._lock:
-            # Ties go to a random replica so a burst does not pile onto index 0.
-            return min(
-                ready,
-                key=lambda r: (
-                    self._load(r) / max(r.max_concurrency, 1),
-                    self._rng.random(),
-                ),
-            )
+        # Ties go to a random replica so a burst does not pile onto index 0.
+        return min(
+            ready,
+            key=lambda r: (self._load(r) / max(r.max_concurrency, 1), self._rng.random()),
+        )
 
     def _load(self, r: common_pb2.Replica) -> int:
-        return r.inflight + self.local_inflight.get(_ident(r), 0)
+        local = self.local_inflight.get(_ident(r), 0)
+        return max(r.inflight, local) if self.own_counts else r.inflight + local
+
+    def _count(self, r: common_pb2.Replica) -> None:
+        key = _ident(r)
+        self.local_inflight[key] = self.local_inflight.get(key, 0) + 1
 
     def started(self, r: common_pb2.Replica) -> None:
         """Count a request sent to ``r`` until :meth:`finished` (for least-loaded)."""
         with self._lock:
-            key = _ident(r)
-            self.local_inflight[key] = self.local_inflight.get(key, 0) + 1
+            self._count(r)
 
     def observed(self, r: common_pb2.Replica) -> None:
-        """``r`` published a new in-flight count, which includes what was sent to it so far."""
+        """``r`` published a new in-flight count, which includes what was sent to it so far.
+
+        Without ``own_counts`` the local count starts over; with it the local count is exact
+        and stays.
+        """
+        if self.own_counts:
+            return
         with self._lock:
             self.local_inflight.pop(_ident(r), None)
 

@@ -149,7 +149,8 @@ class RouteCache:
         down_for: float = DOWN_FOR_S,
     ) -> None:
         self._stub = cp_grpc.ControlPlaneServiceStub(control_plane)
-        self.selector = selector or Selector()
+        # The SDK ends every request it counts, so its own counts are exact (see Selector).
+        self.selector = selector or Selector(own_counts=True)
         self.first_snapshot_timeout = first_snapshot_timeout
         self.down_for = down_for
         self._watches: dict[str, _ModelWatch] = {}
@@ -220,12 +221,6 @@ class RouteCache:
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     def _apply(self, watch: _ModelWatch, model: cp.Model) -> None:
-        before = {replica_id(r): r.inflight for r in watch.replicas or ()}
-        for replica in model.replicas:
-            # A newly published in-flight count already includes the requests this client
-            # sent, so the local count for that replica starts over (no double counting).
-            if before.get(replica_id(replica)) != replica.inflight:
-                self.selector.observed(replica)
         with self._lock:
             watch.replicas = list(model.replicas)
             watch.generation = model.generation
@@ -301,6 +296,7 @@ class RouteCache:
         pinned_replica: int | None = None,
         affinity_key: str = "",
         exclude: frozenset[ReplicaId] | set[ReplicaId] = frozenset(),
+        start: bool = False,
     ) -> common_pb2.Replica:
         """Choose the replica that serves one request.
 
@@ -312,6 +308,8 @@ class RouteCache:
             pinned_replica: pin this request to one replica index.
             affinity_key: requests with the same key go to the same replica.
             exclude: replicas this request already tried; never chosen again.
+            start: count the request on the chosen replica in the same step as the choice
+                (end it with :meth:`finished`), so concurrent picks see each other.
 
         Raises:
             NotFound, FailedPrecondition: no replica can take the request.
@@ -326,6 +324,8 @@ class RouteCache:
                 raise FailedPrecondition(
                     f"no other replica of model {model!r} can take the request"
                 )
+            if start:
+                self.selector.started(replica)
             return replica
         pinned = pinned_replica is not None or bool(
             purpose_pins and PURPOSE_NAMES.get(purpose, "chat") in purpose_pins
@@ -339,7 +339,14 @@ class RouteCache:
             pinned_replica=pinned_replica,
             purpose_pins=purpose_pins,
             affinity_key=affinity_key,
+            start=start,
         )
+
+    def settled(self, model: str) -> bool:
+        """True when :meth:`pick` for ``model`` will not wait (its watch has answered once)."""
+        with self._lock:
+            watch = self._watches.get(model)
+        return watch is not None and watch.settled.is_set()
 
     def candidates(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import uuid
@@ -212,3 +213,55 @@ def test_over_capacity_raises_resource_exhausted(sdk_mesh: Any) -> None:
     finally:
         for s in held:
             s.close()
+
+
+@pytest.fixture(scope="module")
+def burst_model(sdk_mesh: Any, test_model_dir: Path) -> Iterator[str]:
+    """A model on two replicas with 16 slots each, for bursts of concurrent streams."""
+    _, llm = sdk_mesh
+    llm.setup_num_workers(2).setup_cpus_per_worker(0.5).setup_infer_backend("transformers")
+    llm.deploy(str(test_model_dir), "custom/llama", "burst", {"max_concurrency": 16})
+    yield "burst"
+    llm.undeploy("burst", wait=True)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_burst_of_streams_spreads_over_replicas(
+    sdk_mesh: Any, burst_model: str, flavour: str
+) -> None:
+    """16 streams started at once over two equal replicas land 8 ± 1 on each."""
+    mesh, llm = sdk_mesh
+    llm.setup_load_balance_way("lru")
+    before = _served(mesh, burst_model)
+    cfg = {"max_length": 6, "temperature": 0, "ignore_eos": True}
+    if flavour == "async":
+
+        async def one() -> int:
+            n = 0
+            async for _ in llm.async_stream_chat_oai(HELLO, model=burst_model, llm_config=cfg):
+                n += 1
+            return n
+
+        async def burst() -> list[int]:
+            try:
+                return await asyncio.gather(*(one() for _ in range(16)))
+            finally:
+                await llm.aclose_async_channels()
+
+        counts = asyncio.run(burst())
+    else:
+        gate = threading.Barrier(16)
+        counts = []
+
+        def one() -> None:
+            gate.wait()
+            counts.append(len(list(llm.stream_chat_oai(HELLO, model=burst_model, llm_config=cfg))))
+
+        threads = [threading.Thread(target=one) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(counts) == 16 and all(n >= 1 for n in counts), counts
+    got = _delta(before, _served(mesh, burst_model))
+    assert sorted(got) == ["w0", "w1"] and abs(got["w0"] - got["w1"]) <= 2, got

@@ -567,20 +567,53 @@ def test_rpc_errors_translate_status_codes(code: grpc.StatusCode, cls: type) -> 
         raise _FakeRpcError(code, "the message")
 
 
-def test_a_new_published_count_resets_the_local_count(routes: RouteCache) -> None:
+def test_the_sdk_load_is_the_larger_of_published_and_own_counts(routes: RouteCache) -> None:
     from llmesh.route_cache import _ModelWatch
 
     a, b = _replica(0, "a:1"), _replica(1, "b:1")
     watch = _ModelWatch("chat")
     routes._apply(watch, cp.Model(name="chat", generation=1, replicas=[a, b]))
     routes.started(a)
+    routes.started(a)
     routes.started(b)
     busy_a = _replica(0, "a:1")
-    busy_a.inflight = 1
+    busy_a.inflight = 1  # published before our second request arrived
     routes._apply(watch, cp.Model(name="chat", generation=1, replicas=[busy_a, b]))
-    assert replica_id(a) not in routes.selector.local_inflight
-    assert routes.selector.local_inflight[replica_id(b)] == 1
+    # The SDK ends every request it counts, so a publish does not reset its own counts.
+    assert routes.selector.local_inflight[replica_id(a)] == 2
+    assert routes.selector._load(busy_a) == 2
+    busy_a.inflight = 5  # other clients' requests too
+    assert routes.selector._load(busy_a) == 5
     assert watch.settled.is_set() and not watch.stale
+
+
+def test_a_burst_of_concurrent_picks_spreads_evenly(routes: RouteCache) -> None:
+    import threading
+
+    from llmesh.route_cache import _ModelWatch
+
+    replicas = [_replica(i, f"h:{i}") for i in range(3)]
+    for r in replicas:
+        r.max_concurrency = 16
+    watch = _ModelWatch("chat")
+    routes._watches["chat"] = watch
+    routes._apply(watch, cp.Model(name="chat", generation=1, replicas=replicas))
+    assert routes.settled("chat")
+    picked: list[int] = []
+    gate = threading.Barrier(31)
+
+    def pick() -> None:
+        gate.wait()
+        picked.append(routes.pick("chat", start=True).index)
+
+    threads = [threading.Thread(target=pick) for _ in range(31)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = [picked.count(i) for i in range(3)]
+    assert sorted(counts) == [10, 10, 11], counts
+    assert sum(routes.selector.local_inflight.values()) == 31
 
 
 def test_calls_after_close_say_so() -> None:

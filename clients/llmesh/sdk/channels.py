@@ -122,10 +122,11 @@ def name_worker(replica: common_pb2.Replica, exc: LLMeshError) -> LLMeshError:
 class Attempt:
     """One try of a request on one replica, as a ``with`` block around the call.
 
-    Counts the request in flight on the replica while the block runs. When the block fails with
-    UNAVAILABLE or RESOURCE_EXHAUSTED before any output (``received`` still False) the error is
-    recorded in ``attempts`` and swallowed, so the caller's loop tries another replica; after
-    output, or when no retry is left, it is raised with the worker named.
+    Ends the count of the request on the replica that :meth:`Router.pick` started. When the
+    block fails with UNAVAILABLE or RESOURCE_EXHAUSTED before any output (``received`` still
+    False) the error is recorded in ``attempts`` and swallowed, so the caller's loop tries
+    another replica; after output, or when no retry is left, it is raised with the worker
+    named.
 
     Args:
         routes: the route cache.
@@ -141,7 +142,7 @@ class Attempt:
         self.received = False
 
     def __enter__(self) -> Attempt:
-        self.routes.started(self.replica)
+        # The request was counted on the replica when it was picked (Router.pick).
         return self
 
     def __exit__(
@@ -214,6 +215,9 @@ class Router:
     ) -> common_pb2.Replica:
         """A replica for the next try of a request (may block on a model's first routes).
 
+        The request is counted on the replica in the same step as the choice (so a burst of
+        concurrent picks spreads evenly); run the try in :meth:`attempt`, which ends the count.
+
         Args:
             model: the model.
             purpose: a ``Purpose`` value, for pins.
@@ -231,6 +235,7 @@ class Router:
                 purpose_pins=self._pins(purpose),
                 affinity_key=affinity_key,
                 exclude=attempts.tried,
+                start=True,
             )
         except LLMeshError as exc:
             # Having run out of replicas to retry on, report why the last one failed.

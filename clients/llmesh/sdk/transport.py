@@ -264,8 +264,8 @@ class SyncTransport:
 class AsyncTransport:
     """Runs operations with grpc.aio calls on the running event loop.
 
-    Picking a replica may wait for a model's first route snapshot, so it runs on a worker
-    thread; everything else stays on the loop.
+    Picking a replica for a model whose routes are not cached yet may wait for its first
+    route snapshot, so that one pick runs on a worker thread; everything else stays on the loop.
 
     Args:
         router: the client's channels, route cache and retry rules.
@@ -311,7 +311,10 @@ class AsyncTransport:
         await self.router.aio_channels.close()
 
     async def _pick(self, model: str, purpose: int, attempts: Attempts, affinity: str = "") -> Any:
-        # The route cache may wait for a model's first snapshot: keep that off the loop.
+        if self.router.routes.settled(model):
+            # Routes are cached: pick on the loop, no thread hop (this runs once per request).
+            return self.router.pick(model, purpose, attempts, affinity)
+        # The first request for a model may wait for its route snapshot: keep that off the loop.
         return await asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity)
 
     async def _worker_call(self, op: WorkerCall) -> Any:
