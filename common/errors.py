@@ -119,14 +119,33 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_for_code(code: int | grpc.StatusCode, message: str) -> LLMeshError:
+    """The llmesh exception for a status code and its sentence.
+
+    For statuses carried inside messages (a ChatSession request's ``RequestError``) rather than
+    as the status of a call.
+
+    Args:
+        code: a ``grpc.StatusCode`` or its number (``google.rpc.Code``).
+        message: what was wrong.
+    """
+    status = code if isinstance(code, grpc.StatusCode) else _BY_NUMBER.get(code)
+    if status is None:
+        status = grpc.StatusCode.UNKNOWN
+    cls = _BY_CODE.get(status, LLMeshError)
+    out = cls(message or status.name)
+    out.code = status
+    return out
+
+
 def from_rpc_error(err: grpc.RpcError) -> LLMeshError:
     """Turn a gRPC error seen by a client into the matching llmesh exception."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, LLMeshError)
-    out = cls(details or code.name)
-    out.code = code
-    return out
+    return error_for_code(code, details)
 
 
 def rpc_handler(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -93,6 +93,30 @@ def server_span(name: str, context: Any) -> Iterator[None]:
             yield
     finally:
         otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def request_span(name: str, carrier: Mapping[str, str] | None) -> Iterator[None]:
+    """Open a SERVER span for one request on a multi-request stream, continuing the trace
+    whose context the request carried (``SessionStart.trace_context``)."""
+    if not _configured:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(dict(carrier or {})))
+    try:
+        with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
+            yield
+    finally:
+        otel_context.detach(token)
+
+
+def trace_carrier() -> dict[str, str]:
+    """The current trace context as a W3C carrier dict (empty when nothing is traced)."""
+    if not _configured and not _has_active_span():
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
 
 
 @contextlib.contextmanager

@@ -10,75 +10,25 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import json_format
 
-from llmesh.common.errors import InvalidArgument, rpc_handler
-from llmesh.inference_worker.engines.base import (
-    GenerationChunk,
-    SamplingParams,
-    StructuredOutput,
+from llmesh.common.errors import AlreadyExists, InvalidArgument, error_for_code, rpc_handler
+from llmesh.inference_worker.chat_runs import (
+    FINISH,
+    ChatRun,
+    Outbox,
+    chat_messages,
+    count_end,
+    new_request_id,
+    sampling_params,
+    stop_runs,
+    usage,
 )
+from llmesh.inference_worker.engines.base import GenerationChunk, SamplingParams
 from llmesh.inference_worker.replica_manager import HostedReplica, ReplicaManager
-from llmesh.v1 import common_pb2, inference_service_pb2_grpc
 from llmesh.v1 import inference_service_pb2 as inf
+from llmesh.v1 import inference_service_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-FINISH = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "stop_string": common_pb2.FINISH_REASON_STOP_STRING,
-    "aborted": common_pb2.FINISH_REASON_ABORTED,
-}
-
-
-def sampling_params(p: common_pb2.GenerationParams) -> SamplingParams:
-    """GenerationParams (unset fields = engine defaults) → SamplingParams."""
-    out = SamplingParams()
-    for name in ("temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed"):
-        if p.HasField(name):
-            setattr(out, name, getattr(p, name))
-    out.stop = [s for s in p.stop if s]
-    out.stop_token_ids = list(p.stop_token_ids)
-    if p.HasField("extra"):
-        out.extra = json_format.MessageToDict(p.extra)
-    if p.HasField("structured_output"):
-        so = p.structured_output
-        out.structured_output = StructuredOutput(
-            json_schema=so.json_schema, regex=so.regex, choice=list(so.choice)
-        )
-    return out
-
-
-def _messages(msgs: list[common_pb2.ChatMessage]) -> list[dict[str, str]]:
-    roles = {"system", "user", "assistant", "tool"}
-    out = []
-    for i, m in enumerate(msgs):
-        if m.role not in roles:
-            raise InvalidArgument(
-                f"messages[{i}].role is {m.role!r}; use one of system, user, assistant, tool"
-            )
-        out.append({"role": m.role, "content": m.content})
-    return out
-
-
-def _count_end(replica: HostedReplica, finish_reason: str | None, gone: bool) -> None:
-    """Count a stream on its replica's ``aborted`` counter if it ended aborted.
-
-    Aborted means a final "aborted" chunk (cancel message, Abort RPC, engine stop), or no final
-    chunk at all because the call went away (disconnect, deadline). A stream that failed with
-    an error is not an abort.
-    """
-    if finish_reason == "aborted" or (finish_reason is None and gone):
-        replica.aborted += 1
-
-
-def _usage(chunk: GenerationChunk) -> common_pb2.Usage:
-    return common_pb2.Usage(
-        prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens,
-        total_tokens=chunk.prompt_tokens + chunk.completion_tokens,
-    )
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -86,20 +36,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, manager: ReplicaManager) -> None:
         self.manager = manager
-
-    async def _prompt(
-        self, replica: HostedReplica, messages: list[common_pb2.ChatMessage], prompt: str
-    ) -> str:
-        if messages and prompt:
-            raise InvalidArgument("give either messages or prompt, not both")
-        if not messages and not prompt:
-            raise InvalidArgument("the request has neither messages nor prompt; give one")
-        if prompt:
-            return prompt
-        assert replica.engine is not None
-        return await replica.engine.apply_chat_template(
-            _messages(list(messages)), add_generation_prompt=True
-        )
 
     @rpc_handler
     async def Chat(
@@ -114,66 +50,112 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if first.WhichOneof("kind") != "start":
             raise InvalidArgument("the first message on a Chat stream must be a start message")
         start = first.start
-        if not start.model:
-            raise InvalidArgument("ChatStart.model is empty; name the model to use")
-        replica = self.manager.find(
-            start.model, start.replica if start.HasField("replica") else None
-        )
-        request_id = start.request_id or uuid.uuid4().hex
-        params = sampling_params(start.params)
-        params.lora = replica.lora  # an adapter model decodes with its adapter
-        async with self.manager.slot(replica, request_id):
-            assert replica.engine is not None
-            engine = replica.engine
-            prompt = await self._prompt(replica, list(start.messages), start.prompt)
-            stream = engine.generate(request_id, prompt, params)
+        if not start.request_id:
+            start.request_id = new_request_id()
+        outbox = Outbox()
+        # The run a ChatSession uses, its output read back from the outbox: deltas merge while
+        # the client lags, and the request's error becomes the call's status.
+        run = ChatRun(self.manager, outbox, start)
+        run.launch("chat")
 
-            cancelled = asyncio.Event()
+        async def read_cancels() -> None:
+            # The rest of the client stream: a cancel message (or half-close) ends here.
+            with contextlib.suppress(Exception):
+                async for msg in request_iterator:
+                    if msg.WhichOneof("kind") == "cancel":
+                        await run.cancel()
+                        return
 
-            async def read_cancels() -> None:
-                # The rest of the client stream: a cancel message (or half-close) ends here.
-                with contextlib.suppress(Exception):
-                    async for msg in request_iterator:
-                        if msg.WhichOneof("kind") == "cancel":
-                            cancelled.set()
-                            await engine.abort(request_id)
-                            return
+        reader = asyncio.create_task(read_cancels(), name=f"cancel-reader-{start.request_id}")
+        try:
+            while True:
+                message = await outbox.take()
+                for delta in message.deltas:
+                    yield delta
+                    if delta.finished:
+                        return
+                if message.errors:
+                    error = message.errors[0]
+                    raise error_for_code(error.code, error.message)
+        finally:
+            reader.cancel()
+            await stop_runs({start.request_id: run})
 
-            reader = asyncio.create_task(read_cancels(), name=f"cancel-reader-{request_id}")
-            aborted = False
-            finish_reason: str | None = None
-            gone = False
+    @rpc_handler
+    async def ChatSession(
+        self,
+        request_iterator: AsyncIterator[inf.ChatSessionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inf.ChatSessionResponse]:
+        outbox = Outbox()
+        runs: dict[str, ChatRun] = {}
+        reading = True
+
+        def ended(request_id: str, run: ChatRun) -> None:
+            if runs.get(request_id) is run:
+                del runs[request_id]
+            if not reading and not runs:
+                outbox.wake()  # the client half-closed and the last request ended
+
+        def begin(item: inf.SessionStart) -> None:
+            start = item.start
+            request_id = start.request_id
+            if not request_id:
+                outbox.fail(
+                    "",
+                    InvalidArgument(
+                        "SessionStart.start.request_id is empty; every request on a "
+                        "ChatSession needs an id, unique among the session's running requests"
+                    ),
+                )
+                return
+            if request_id in runs:
+                outbox.fail(
+                    request_id,
+                    AlreadyExists(
+                        f"request id {request_id!r} is already running on this session; "
+                        "use a unique request_id"
+                    ),
+                )
+                return
+            run = ChatRun(
+                self.manager,
+                outbox,
+                start,
+                timeout=item.timeout_ms / 1000 if item.timeout_ms else None,
+                trace_context=item.trace_context,
+            )
+            runs[request_id] = run
+            run.launch("session").add_done_callback(lambda _: ended(request_id, run))
+
+        async def read() -> None:
+            nonlocal reading
             try:
-                async for chunk in stream:
-                    self.manager.progress += 1
-                    if cancelled.is_set() and not aborted:
-                        # A cancel read while the prompt was still being tokenized found no
-                        # request to abort; the engine knows it by now.
-                        aborted = await engine.abort(request_id) or chunk.finish_reason is not None
-                    if chunk.finish_reason is not None:
-                        finish_reason = chunk.finish_reason
-                        yield inf.ChatResponse(
-                            request_id=request_id,
-                            delta=chunk.delta,
-                            token_ids=chunk.token_ids,
-                            finish_reason=FINISH.get(chunk.finish_reason, 0),
-                            usage=_usage(chunk),
-                            finished=True,
-                        )
-                        break
-                    if chunk.delta or chunk.token_ids:
-                        yield inf.ChatResponse(
-                            request_id=request_id, delta=chunk.delta, token_ids=chunk.token_ids
-                        )
-            except (asyncio.CancelledError, GeneratorExit):
-                gone = True  # client disconnect or deadline: the call went away mid-stream
-                raise
+                async for msg in request_iterator:
+                    for item in msg.starts:
+                        begin(item)
+                    for request_id in msg.cancels:
+                        run = runs.get(request_id)
+                        if run is not None:
+                            await run.cancel()
             finally:
-                reader.cancel()
-                _count_end(replica, finish_reason, gone)
-                # Closing the engine stream aborts the request in the engine (disconnect,
-                # deadline or cancel all land here) before the slot is released.
-                await stream.aclose()
+                # Half-close (or a broken stream): no new requests; the session ends once the
+                # running ones did.
+                reading = False
+                outbox.wake()
+
+        reader = asyncio.create_task(read(), name="session-reader")
+        try:
+            while True:
+                message = await outbox.take()
+                if message.deltas or message.errors:
+                    yield message
+                if not reading and not runs and not outbox.pending():
+                    return
+        finally:
+            reader.cancel()
+            # The client went away (or the server stops): abort whatever still runs.
+            await stop_runs(runs)
 
     async def _generate_one(
         self, replica: HostedReplica, request_id: str, prompt: str, params: SamplingParams
@@ -192,12 +174,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             gone = True
             raise
         finally:
-            _count_end(replica, last.finish_reason, gone)
+            count_end(replica, last.finish_reason, gone)
             await stream.aclose()
         return inf.Generation(
             text="".join(text),
             finish_reason=FINISH.get(last.finish_reason or "", 0),
-            usage=_usage(last),
+            usage=usage(last),
             request_id=request_id,
         )
 
@@ -286,7 +268,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         replica = self.manager.find(request.model)
         assert replica.engine is not None
         prompt = await replica.engine.apply_chat_template(
-            _messages(list(request.messages)), add_generation_prompt=request.add_generation_prompt
+            chat_messages(list(request.messages)),
+            add_generation_prompt=request.add_generation_prompt,
         )
         return inf.ApplyChatTemplateResponse(prompt=prompt)
 

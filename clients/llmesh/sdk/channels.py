@@ -1,7 +1,8 @@
 """Channels, replica choice and retries, shared by the sync and the async transport.
 
 :class:`Router` owns what one client holds open: the sync channels (one per address), the
-grpc.aio channels (per event loop and address), and the route cache that follows each model's
+grpc.aio channels and chat sessions (per event loop and address), the I/O loop thread the sync
+API runs its sessions on, and the route cache that follows each model's
 replicas. Both transports pick replicas and count retries through it, so the two retry the
 same way: :class:`Attempts` is the per-request bookkeeping and :class:`Attempt` one try on one
 replica.
@@ -27,6 +28,7 @@ from llmesh.common.errors import (
 )
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
+from llmesh.sdk.sessions import IoLoop, Sessions
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
@@ -191,6 +193,10 @@ class Router:
             route_kwargs["first_snapshot_timeout"] = first_route_timeout
         self.routes = RouteCache(self.pool.get(control_plane), **route_kwargs)
         self.aio_channels = AioChannels()
+        #: Chat sessions per (event loop, worker address).
+        self.sessions = Sessions(self.aio_worker)
+        #: The event loop thread the sync API runs its sessions on.
+        self.io = IoLoop()
         self.closed = False
 
     def close(self) -> None:
@@ -198,8 +204,13 @@ class Router:
         if self.closed:
             return
         self.closed = True
+        self.io.close(self._close_io)
         self.routes.close()
         self.pool.close()
+
+    async def _close_io(self) -> None:
+        await self.sessions.close()
+        await self.aio_channels.close()
 
     def check_open(self) -> None:
         """Raise FailedPrecondition once the client is closed."""

@@ -15,16 +15,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-import grpc
-
-from llmesh.common.errors import DeadlineExceeded, Unavailable
+from llmesh.common.errors import DeadlineExceeded, LLMeshError, Unavailable
 from llmesh.common.tracing import client_span
 from llmesh.llm_config import GenerationConfig
 from llmesh.route_cache import call_unary, rpc_errors
-from llmesh.sdk.calls import ChatCall, cancel_aio_call
+from llmesh.sdk.calls import CANCEL_GRACE_S
 from llmesh.sdk.channels import Attempts, Router
 from llmesh.sdk.ops import (
     ChatStream,
@@ -38,6 +37,7 @@ from llmesh.sdk.ops import (
     WorkerCall,
 )
 from llmesh.sdk.results import TextStream
+from llmesh.sdk.sessions import AsyncInbox, ThreadInbox, remaining
 from llmesh.sdk.shapes import SingleOutputMeta
 from llmesh.training_watch import WatchLoop
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -66,6 +66,31 @@ def _advance(steps: Steps[Any], value: Any, error: BaseException | None) -> tupl
         return False, steps.send(value)
     except StopIteration as stop:
         return True, stop.value
+
+
+#: How long past a request's deadline the client waits for the worker's word on it (the
+#: worker enforces the deadline and reports DEADLINE_EXCEEDED itself).
+DEADLINE_GRACE_S = 5.0
+
+
+def _deadline(timeout: float | None, now: float) -> float | None:
+    return None if timeout is None else now + timeout + DEADLINE_GRACE_S
+
+
+def _drain(inbox: ThreadInbox) -> None:
+    """Wait briefly for a cancelled request's final message (or error)."""
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    with contextlib.suppress(LLMeshError):
+        while True:
+            if any(r.finished for r in inbox.next(remaining(deadline))):
+                return
+
+
+async def _adrain(inbox: AsyncInbox, deadline: float) -> None:
+    """Wait briefly for a cancelled request's final message (or error)."""
+    while True:
+        if any(r.finished for r in await inbox.next(deadline)):
+            return
 
 
 def _watch_loop(job_id: str, after_sequence: int, timeout: float | None) -> WatchLoop:
@@ -168,43 +193,71 @@ class SyncTransport:
     def chat_stream(
         self, model: str, start: inf.ChatStart, config: GenerationConfig
     ) -> Iterator[inf.ChatResponse]:
-        """Yield a Chat call's responses, retrying on another replica before any output.
+        """Yield a request's responses, retrying on another replica before any output.
 
-        Closing this generator early cancels the request on the worker.
+        The request runs on the replica's ChatSession, which the SDK's I/O loop thread keeps
+        open; this thread only waits for its output. Closing this generator early cancels the
+        request on the worker.
 
         Args:
             model: the model.
-            start: the request; its ``replica`` is set to the replica chosen.
+            start: the request; its ``replica`` is set to the replica chosen, its
+                ``request_id`` when empty.
             config: the call's timeout and affinity key.
         """
         attempts = Attempts()
+        if not start.request_id:
+            start.request_id = uuid.uuid4().hex
+        request_id = start.request_id
+        io = self.router.io
         while True:
             replica = self.router.pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
             start.replica = replica.index
+            address = replica.address
             with self.router.attempt(attempts, replica) as attempt:
-                stub = self.router.worker(replica.address)
-                # The span covers opening the call only: a span held open across yields would
-                # leak its context into the caller's code between items.
-                with client_span("InferenceService/Chat") as metadata:
-                    chat = ChatCall(stub, start, timeout=config.timeout, metadata=metadata)
+                inbox = ThreadInbox()
+                with client_span("InferenceService/ChatSession") as metadata:
+                    carrier = dict(metadata)
+                # A copy: the I/O thread sends it later, and a retry changes ``replica``.
+                sent = inf.ChatStart()
+                sent.CopyFrom(start)
+                io.call(self._session_start, address, sent, inbox, config.timeout, carrier)
+                deadline = _deadline(config.timeout, time.monotonic())
                 finished = False
                 try:
-                    with rpc_errors():
-                        for response in chat.call:
+                    while not finished:
+                        for response in inbox.next(remaining(deadline)):
                             attempt.received = True
                             finished = response.finished
                             yield response
-                            if finished:
-                                break
                 finally:
-                    if finished:
-                        chat.end_requests()
-                    else:
-                        chat.cancel()
-                if not finished:
-                    # The attempt adds which worker it was.
-                    raise Unavailable("the chat stream ended without a final message")
+                    if not finished:
+                        io.call(self._session_call, address, "cancel", request_id)
+                        _drain(inbox)
+                    io.call(self._session_call, address, "forget", request_id)
                 return
+
+    def _session_start(
+        self,
+        address: str,
+        start: inf.ChatStart,
+        inbox: ThreadInbox,
+        timeout: float | None,
+        carrier: dict[str, str],
+    ) -> None:
+        # On the I/O loop.
+        try:
+            session = self.router.sessions.get(address)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
+            inbox.fail(exc if isinstance(exc, LLMeshError) else Unavailable(str(exc)))
+            return
+        session.start(start, inbox, timeout=timeout, trace_context=carrier)
+
+    def _session_call(self, address: str, method: str, request_id: str) -> None:
+        # On the I/O loop.
+        session = self.router.sessions.existing(address)
+        if session is not None:
+            getattr(session, method)(request_id)
 
     def chat_texts(
         self,
@@ -307,7 +360,8 @@ class AsyncTransport:
                 value, error = None, exc
 
     async def close(self) -> None:
-        """Close the grpc.aio channels the running event loop used."""
+        """End the running event loop's chat sessions and close its grpc.aio channels."""
+        await self.router.sessions.close()
         await self.router.aio_channels.close()
 
     async def _pick(self, model: str, purpose: int, attempts: Attempts, affinity: str = "") -> Any:
@@ -366,38 +420,41 @@ class AsyncTransport:
     async def chat_stream(
         self, model: str, start: inf.ChatStart, config: GenerationConfig
     ) -> AsyncIterator[inf.ChatResponse]:
-        """:meth:`SyncTransport.chat_stream` over grpc.aio: the same replica choice, retry
-        rules and cancel path.
+        """:meth:`SyncTransport.chat_stream` on the running loop's session to the replica: the
+        same replica choice, retry rules and cancel path, no thread.
 
         Closing the generator (``aclose``) cancels the request on the worker; cancellation of
         the calling task propagates after the cancel was sent.
         """
         attempts = Attempts()
+        if not start.request_id:
+            start.request_id = uuid.uuid4().hex
+        request_id = start.request_id
+        loop = asyncio.get_running_loop()
         while True:
             replica = await self._pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
             start.replica = replica.index
             with self.router.attempt(attempts, replica) as attempt:
-                stub = self.router.aio_worker(replica.address)
-                with client_span("InferenceService/Chat") as metadata:
-                    call = stub.Chat(timeout=config.timeout, metadata=metadata)
+                session = self.router.sessions.get(replica.address)
+                inbox = AsyncInbox()
+                with client_span("InferenceService/ChatSession") as metadata:
+                    session.start(
+                        start, inbox, timeout=config.timeout, trace_context=dict(metadata)
+                    )
+                deadline = _deadline(config.timeout, loop.time())
                 finished = False
                 try:
-                    with rpc_errors():
-                        await call.write(inf.ChatRequest(start=start))
-                        async for response in call:
+                    while not finished:
+                        for response in await inbox.next(deadline):
                             attempt.received = True
                             finished = response.finished
                             yield response
-                            if finished:
-                                break
                 finally:
-                    if finished:
-                        with contextlib.suppress(grpc.RpcError, grpc.aio.UsageError):
-                            await call.done_writing()
-                    else:
-                        await cancel_aio_call(call)
-                if not finished:
-                    raise Unavailable("the chat stream ended without a final message")
+                    if not finished:
+                        session.cancel(request_id)
+                        with contextlib.suppress(Exception):
+                            await _adrain(inbox, loop.time() + CANCEL_GRACE_S)
+                    session.forget(request_id)
                 return
 
     async def watch_training_job(

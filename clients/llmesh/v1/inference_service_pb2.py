@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from llmesh.v1 import common_pb2 as llmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmesh/v1/inference_service.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"e\n\x0b\x43hatRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.llmesh.v1.ChatStartH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.llmesh.v1.ChatCancelH\x00\x42\x06\n\x04kind\"\xb7\x01\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x07replica\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_replica\"\x0c\n\nChatCancel\"\xa7\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"r\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.llmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x7f\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\">\n\x10GenerateResponse\x12*\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x15.llmesh.v1.Generation\"?\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llmesh.v1.Usage\"@\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\"0\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0e\n\x06method\x18\x02 \x01(\t\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"r\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\"+\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"$\n\x13GetModelMetaRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc8\x02\n\x14GetModelMetaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x15\n\rarchitectures\x18\x03 \x03(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x16\n\x0esupport_stream\x18\x05 \x01(\x08\x12\x1d\n\x15support_chat_template\x18\x06 \x01(\x08\x12\x15\n\rembedding_dim\x18\x07 \x01(\x05\x12\x12\n\nmodel_path\x18\x08 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\t \x01(\x05\x12\x39\n\x05\x65xtra\x18\n \x03(\x0b\x32*.llmesh.v1.GetModelMetaResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xc1\x04\n\x10InferenceService\x12;\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x17.llmesh.v1.ChatResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12:\n\x05\x45mbed\x12\x17.llmesh.v1.EmbedRequest\x1a\x18.llmesh.v1.EmbedResponse\x12=\n\x06Rerank\x12\x18.llmesh.v1.RerankRequest\x1a\x19.llmesh.v1.RerankResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.llmesh.v1.ApplyChatTemplateRequest\x1a$.llmesh.v1.ApplyChatTemplateResponse\x12O\n\x0cGetModelMeta\x12\x1e.llmesh.v1.GetModelMetaRequest\x1a\x1f.llmesh.v1.GetModelMetaResponse\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmesh/v1/inference_service.proto\x12\tllmesh.v1\x1a\x16llmesh/v1/common.proto\"e\n\x0b\x43hatRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.llmesh.v1.ChatStartH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.llmesh.v1.ChatCancelH\x00\x42\x06\n\x04kind\"\xb7\x01\n\tChatStart\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x06params\x18\x04 \x01(\x0b\x32\x1b.llmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x07replica\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\n\n\x08_replica\"\x0c\n\nChatCancel\"\xa7\x01\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"N\n\x12\x43hatSessionRequest\x12\'\n\x06starts\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.SessionStart\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\t\"\xbe\x01\n\x0cSessionStart\x12#\n\x05start\x18\x01 \x01(\x0b\x32\x14.llmesh.v1.ChatStart\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12@\n\rtrace_context\x18\x03 \x03(\x0b\x32).llmesh.v1.SessionStart.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x13\x43hatSessionResponse\x12\'\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x17.llmesh.v1.ChatResponse\x12\'\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x17.llmesh.v1.RequestError\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"r\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07prompts\x18\x02 \x03(\t\x12+\n\x06params\x18\x03 \x01(\x0b\x32\x1b.llmesh.v1.GenerationParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x7f\n\nGeneration\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.llmesh.v1.Usage\x12\x12\n\nrequest_id\x18\x04 \x01(\t\">\n\x10GenerateResponse\x12*\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x15.llmesh.v1.Generation\"?\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"Z\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.llmesh.v1.Embedding\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.llmesh.v1.Usage\"@\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\"0\n\x0eRerankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0e\n\x06method\x18\x02 \x01(\t\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"r\n\x18\x41pplyChatTemplateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.llmesh.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\"+\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\"$\n\x13GetModelMetaRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xc8\x02\n\x14GetModelMetaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x15\n\rarchitectures\x18\x03 \x03(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x16\n\x0esupport_stream\x18\x05 \x01(\x08\x12\x1d\n\x15support_chat_template\x18\x06 \x01(\x08\x12\x15\n\rembedding_dim\x18\x07 \x01(\x05\x12\x12\n\nmodel_path\x18\x08 \x01(\t\x12\x17\n\x0fmax_concurrency\x18\t \x01(\x05\x12\x39\n\x05\x65xtra\x18\n \x03(\x0b\x32*.llmesh.v1.GetModelMetaResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\x93\x05\n\x10InferenceService\x12;\n\x04\x43hat\x12\x16.llmesh.v1.ChatRequest\x1a\x17.llmesh.v1.ChatResponse(\x01\x30\x01\x12P\n\x0b\x43hatSession\x12\x1d.llmesh.v1.ChatSessionRequest\x1a\x1e.llmesh.v1.ChatSessionResponse(\x01\x30\x01\x12\x43\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12:\n\x05\x45mbed\x12\x17.llmesh.v1.EmbedRequest\x1a\x18.llmesh.v1.EmbedResponse\x12=\n\x06Rerank\x12\x18.llmesh.v1.RerankRequest\x1a\x19.llmesh.v1.RerankResponse\x12\x43\n\x08Tokenize\x12\x1a.llmesh.v1.TokenizeRequest\x1a\x1b.llmesh.v1.TokenizeResponse\x12^\n\x11\x41pplyChatTemplate\x12#.llmesh.v1.ApplyChatTemplateRequest\x1a$.llmesh.v1.ApplyChatTemplateResponse\x12O\n\x0cGetModelMeta\x12\x1e.llmesh.v1.GetModelMetaRequest\x1a\x1f.llmesh.v1.GetModelMetaResponse\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmesh.v1.inference_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SESSIONSTART_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SESSIONSTART_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._loaded_options = None
   _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_CHATREQUEST']._serialized_start=72
@@ -42,40 +44,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATCANCEL']._serialized_end=373
   _globals['_CHATRESPONSE']._serialized_start=376
   _globals['_CHATRESPONSE']._serialized_end=543
-  _globals['_GENERATEREQUEST']._serialized_start=545
-  _globals['_GENERATEREQUEST']._serialized_end=659
-  _globals['_GENERATION']._serialized_start=661
-  _globals['_GENERATION']._serialized_end=788
-  _globals['_GENERATERESPONSE']._serialized_start=790
-  _globals['_GENERATERESPONSE']._serialized_end=852
-  _globals['_EMBEDREQUEST']._serialized_start=854
-  _globals['_EMBEDREQUEST']._serialized_end=917
-  _globals['_EMBEDDING']._serialized_start=919
-  _globals['_EMBEDDING']._serialized_end=946
-  _globals['_EMBEDRESPONSE']._serialized_start=948
-  _globals['_EMBEDRESPONSE']._serialized_end=1038
-  _globals['_RERANKREQUEST']._serialized_start=1040
-  _globals['_RERANKREQUEST']._serialized_end=1104
-  _globals['_RERANKRESPONSE']._serialized_start=1106
-  _globals['_RERANKRESPONSE']._serialized_end=1154
-  _globals['_TOKENIZEREQUEST']._serialized_start=1156
-  _globals['_TOKENIZEREQUEST']._serialized_end=1230
-  _globals['_TOKENIZERESPONSE']._serialized_start=1232
-  _globals['_TOKENIZERESPONSE']._serialized_end=1285
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=1287
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1401
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1403
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1446
-  _globals['_GETMODELMETAREQUEST']._serialized_start=1448
-  _globals['_GETMODELMETAREQUEST']._serialized_end=1484
-  _globals['_GETMODELMETARESPONSE']._serialized_start=1487
-  _globals['_GETMODELMETARESPONSE']._serialized_end=1815
-  _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._serialized_start=1771
-  _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._serialized_end=1815
-  _globals['_ABORTREQUEST']._serialized_start=1817
-  _globals['_ABORTREQUEST']._serialized_end=1851
-  _globals['_ABORTRESPONSE']._serialized_start=1853
-  _globals['_ABORTRESPONSE']._serialized_end=1885
-  _globals['_INFERENCESERVICE']._serialized_start=1888
-  _globals['_INFERENCESERVICE']._serialized_end=2465
+  _globals['_CHATSESSIONREQUEST']._serialized_start=545
+  _globals['_CHATSESSIONREQUEST']._serialized_end=623
+  _globals['_SESSIONSTART']._serialized_start=626
+  _globals['_SESSIONSTART']._serialized_end=816
+  _globals['_SESSIONSTART_TRACECONTEXTENTRY']._serialized_start=765
+  _globals['_SESSIONSTART_TRACECONTEXTENTRY']._serialized_end=816
+  _globals['_CHATSESSIONRESPONSE']._serialized_start=818
+  _globals['_CHATSESSIONRESPONSE']._serialized_end=921
+  _globals['_REQUESTERROR']._serialized_start=923
+  _globals['_REQUESTERROR']._serialized_end=988
+  _globals['_GENERATEREQUEST']._serialized_start=990
+  _globals['_GENERATEREQUEST']._serialized_end=1104
+  _globals['_GENERATION']._serialized_start=1106
+  _globals['_GENERATION']._serialized_end=1233
+  _globals['_GENERATERESPONSE']._serialized_start=1235
+  _globals['_GENERATERESPONSE']._serialized_end=1297
+  _globals['_EMBEDREQUEST']._serialized_start=1299
+  _globals['_EMBEDREQUEST']._serialized_end=1362
+  _globals['_EMBEDDING']._serialized_start=1364
+  _globals['_EMBEDDING']._serialized_end=1391
+  _globals['_EMBEDRESPONSE']._serialized_start=1393
+  _globals['_EMBEDRESPONSE']._serialized_end=1483
+  _globals['_RERANKREQUEST']._serialized_start=1485
+  _globals['_RERANKREQUEST']._serialized_end=1549
+  _globals['_RERANKRESPONSE']._serialized_start=1551
+  _globals['_RERANKRESPONSE']._serialized_end=1599
+  _globals['_TOKENIZEREQUEST']._serialized_start=1601
+  _globals['_TOKENIZEREQUEST']._serialized_end=1675
+  _globals['_TOKENIZERESPONSE']._serialized_start=1677
+  _globals['_TOKENIZERESPONSE']._serialized_end=1730
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=1732
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1846
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1848
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1891
+  _globals['_GETMODELMETAREQUEST']._serialized_start=1893
+  _globals['_GETMODELMETAREQUEST']._serialized_end=1929
+  _globals['_GETMODELMETARESPONSE']._serialized_start=1932
+  _globals['_GETMODELMETARESPONSE']._serialized_end=2260
+  _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._serialized_start=2216
+  _globals['_GETMODELMETARESPONSE_EXTRAENTRY']._serialized_end=2260
+  _globals['_ABORTREQUEST']._serialized_start=2262
+  _globals['_ABORTREQUEST']._serialized_end=2296
+  _globals['_ABORTRESPONSE']._serialized_start=2298
+  _globals['_ABORTRESPONSE']._serialized_end=2330
+  _globals['_INFERENCESERVICE']._serialized_start=2333
+  _globals['_INFERENCESERVICE']._serialized_end=2992
 # @@protoc_insertion_point(module_scope)

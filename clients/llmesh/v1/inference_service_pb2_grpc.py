@@ -41,6 +41,11 @@ class InferenceServiceStub:
                 request_serializer=llmesh_dot_v1_dot_inference__service__pb2.ChatRequest.SerializeToString,
                 response_deserializer=llmesh_dot_v1_dot_inference__service__pb2.ChatResponse.FromString,
                 _registered_method=True)
+        self.ChatSession = channel.stream_stream(
+                '/llmesh.v1.InferenceService/ChatSession',
+                request_serializer=llmesh_dot_v1_dot_inference__service__pb2.ChatSessionRequest.SerializeToString,
+                response_deserializer=llmesh_dot_v1_dot_inference__service__pb2.ChatSessionResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/llmesh.v1.InferenceService/Generate',
                 request_serializer=llmesh_dot_v1_dot_inference__service__pb2.GenerateRequest.SerializeToString,
@@ -87,6 +92,17 @@ class InferenceServiceServicer:
         """Streams a chat or completion. The client opens with a start message and may send
         a cancel message later on the same stream; the server streams deltas, then one
         final message with the finish reason and token usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatSession(self, request_iterator, context):
+        """Many chats and completions on one stream; what the SDK uses. The client sends starts
+        and cancels tagged with request ids; each server message carries the new deltas of every
+        request that has any, the final message of each request that finished, and the error of
+        each request that failed. A request fails alone; the session goes on. Per request the
+        semantics are those of Chat (cancel, Abort by id, deadline, finish reason, usage).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +164,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Chat,
                     request_deserializer=llmesh_dot_v1_dot_inference__service__pb2.ChatRequest.FromString,
                     response_serializer=llmesh_dot_v1_dot_inference__service__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.ChatSession,
+                    request_deserializer=llmesh_dot_v1_dot_inference__service__pb2.ChatSessionRequest.FromString,
+                    response_serializer=llmesh_dot_v1_dot_inference__service__pb2.ChatSessionResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
@@ -214,6 +235,33 @@ class InferenceService:
             '/llmesh.v1.InferenceService/Chat',
             llmesh_dot_v1_dot_inference__service__pb2.ChatRequest.SerializeToString,
             llmesh_dot_v1_dot_inference__service__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmesh.v1.InferenceService/ChatSession',
+            llmesh_dot_v1_dot_inference__service__pb2.ChatSessionRequest.SerializeToString,
+            llmesh_dot_v1_dot_inference__service__pb2.ChatSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
