@@ -36,6 +36,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     def __init__(self, manager: ReplicaManager) -> None:
         self.manager = manager
+        self.open_sessions = 0  # ChatSession streams open now (GetModelMeta shows it)
 
     @rpc_handler
     async def Chat(
@@ -145,6 +146,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 outbox.wake()
 
         reader = asyncio.create_task(read(), name="session-reader")
+        self.open_sessions += 1
         try:
             while True:
                 message = await outbox.take()
@@ -153,6 +155,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if not reading and not runs and not outbox.pending():
                     return
         finally:
+            self.open_sessions -= 1
             reader.cancel()
             # The client went away (or the server stops): abort whatever still runs.
             await stop_runs(runs)
@@ -302,6 +305,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 # Requests on the engine this model runs on, its adapters' included.
                 "engine_load": str((replica.base or replica).engine_load),
                 "loras": ",".join(replica.engine.loras()),
+                "open_sessions": str(self.open_sessions),
                 "pid": str(os.getpid()),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             },

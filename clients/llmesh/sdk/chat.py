@@ -315,12 +315,12 @@ class ChatMixin(Settings):
         name, start, config = await self.aio_transport.run(
             self._stream_start(conversations, model, role_mapping, llm_config)
         )
-        # Fed here, not through a second generator: this runs once per message.
+        # Fed here, not through a second generator: this runs once per batch of deltas.
         texts = TextStream(start.request_id, self.clean_func_of(name))
-        stream = self.aio_transport.chat_stream(name, start, config)
-        async with contextlib.aclosing(stream) as responses:
-            async for response in responses:
-                item = texts.feed(response)
+        stream = self.aio_transport.chat_batches(name, start, config)
+        async with contextlib.aclosing(stream) as batches:
+            async for batch in batches:
+                item = texts.feed(batch)
                 if item is not None:
                     yield item
 

@@ -82,9 +82,9 @@ class ControlCall:
 
 @dataclasses.dataclass(frozen=True)
 class ChatStream:
-    """A whole ``InferenceService.Chat`` stream; each response goes to ``sink``.
+    """A whole chat request (on its replica's ChatSession); each response goes to ``sink``.
 
-    Retried on another replica before any output, as the transports' ``chat_stream``.
+    Retried on another replica before any output, as the transports' ``chat_batches``.
     """
 
     model: str

@@ -157,12 +157,15 @@ class TextStream:
         self.progress = ChatProgress(request_id)
         self.clean = clean
 
-    def feed(self, response: inf.ChatResponse) -> tuple[str, SingleOutputMeta] | None:
-        """The item to yield for ``response``, or None when it added no text and did not end."""
-        before = len(self.progress.parts)
-        self.progress.add(response)
-        if len(self.progress.parts) > before or response.finished:
-            return self.clean(self.progress.text), SingleOutputMeta(self.progress.metadata())
+    def feed(self, responses: Sequence[inf.ChatResponse]) -> tuple[str, SingleOutputMeta] | None:
+        """The one item to yield for ``responses`` (what arrived since the previous item), or
+        None when they added no text and did not end the request."""
+        progress = self.progress
+        before = len(progress.parts)
+        for response in responses:
+            progress.add(response)
+        if len(progress.parts) > before or progress.finished:
+            return self.clean(progress.text), SingleOutputMeta(progress.metadata())
         return None
 
 

@@ -30,6 +30,7 @@ import grpc
 from llmesh.common.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     LLMeshError,
     Unavailable,
     error_for_code,
@@ -211,11 +212,6 @@ class Session:
         """Stop delivering a request's output (it finished, failed or its caller left)."""
         self._inboxes.pop(request_id, None)
 
-    @property
-    def requests(self) -> int:
-        """Requests the session is delivering output for."""
-        return len(self._inboxes)
-
     async def _write(self) -> None:
         try:
             while True:
@@ -332,11 +328,18 @@ class IoLoop:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
-        """The loop, started on first use."""
+        """The loop, started on first use.
+
+        Raises:
+            FailedPrecondition: the client was closed.
+        """
         with self._lock:
+            if self._closed:
+                raise FailedPrecondition("this ByzerLLM client is closed; create a new one")
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="llmesh-io", daemon=True)
@@ -348,15 +351,12 @@ class IoLoop:
         """Run ``fn(*args)`` on the loop soon (from any thread)."""
         self.loop.call_soon_threadsafe(fn, *args)
 
-    def run(self, coro: Any, timeout: float | None = None) -> Any:
-        """Run a coroutine on the loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def close(self, cleanup: Callable[[], Any] | None = None) -> None:
         """Run ``cleanup()`` (a coroutine function) on the loop, then stop it."""
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+            self._closed = True
         if loop is None or thread is None:
             return
         if cleanup is not None:

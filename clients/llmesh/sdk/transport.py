@@ -173,8 +173,9 @@ class SyncTransport:
             raise self.router.unavailable_control_plane(exc) from exc
 
     def _chat(self, op: ChatStream) -> None:
-        for response in self.chat_stream(op.model, op.start, op.config):
-            op.sink(response)
+        for batch in self.chat_batches(op.model, op.start, op.config):
+            for response in batch:
+                op.sink(response)
 
     def _watch_job(self, op: WatchJob) -> tr.TrainingJob | None:
         job: tr.TrainingJob | None = None
@@ -190,10 +191,12 @@ class SyncTransport:
         with concurrent.futures.ThreadPoolExecutor(workers, "llmesh-chat") as pool:
             return list(pool.map(self.run, op.steps))
 
-    def chat_stream(
+    def chat_batches(
         self, model: str, start: inf.ChatStart, config: GenerationConfig
-    ) -> Iterator[inf.ChatResponse]:
-        """Yield a request's responses, retrying on another replica before any output.
+    ) -> Iterator[list[inf.ChatResponse]]:
+        """Yield a request's responses as they arrive, retrying on another replica before any
+        output. Each item holds everything that arrived since the previous one (several
+        responses when the caller was slower than the worker).
 
         The request runs on the replica's ChatSession, which the SDK's I/O loop thread keeps
         open; this thread only waits for its output. Closing this generator early cancels the
@@ -226,10 +229,10 @@ class SyncTransport:
                 finished = False
                 try:
                     while not finished:
-                        for response in inbox.next(remaining(deadline)):
-                            attempt.received = True
-                            finished = response.finished
-                            yield response
+                        batch = inbox.next(remaining(deadline))
+                        attempt.received = True
+                        finished = batch[-1].finished
+                        yield batch
                 finally:
                     if not finished:
                         io.call(self._session_call, address, "cancel", request_id)
@@ -266,12 +269,13 @@ class SyncTransport:
         config: GenerationConfig,
         clean: Callable[[str], str],
     ) -> Iterator[tuple[str, SingleOutputMeta]]:
-        """:meth:`chat_stream` as ``stream_chat_oai`` items (see :class:`TextStream`)."""
+        """:meth:`chat_batches` as ``stream_chat_oai`` items (see :class:`TextStream`): one
+        item per batch, so a caller slower than the worker gets the text so far at once."""
         texts = TextStream(start.request_id, clean)
-        stream = self.chat_stream(model, start, config)
+        stream = self.chat_batches(model, start, config)
         try:
-            for response in stream:
-                item = texts.feed(response)
+            for batch in stream:
+                item = texts.feed(batch)
                 if item is not None:
                     yield item
         finally:
@@ -401,9 +405,11 @@ class AsyncTransport:
             raise self.router.unavailable_control_plane(exc) from exc
 
     async def _chat(self, op: ChatStream) -> None:
-        async with contextlib.aclosing(self.chat_stream(op.model, op.start, op.config)) as stream:
-            async for response in stream:
-                op.sink(response)
+        batches = self.chat_batches(op.model, op.start, op.config)
+        async with contextlib.aclosing(batches) as stream:
+            async for batch in stream:
+                for response in batch:
+                    op.sink(response)
 
     async def _watch_job(self, op: WatchJob) -> tr.TrainingJob | None:
         job: tr.TrainingJob | None = None
@@ -417,10 +423,10 @@ class AsyncTransport:
     async def _gather(self, op: Gather) -> list[Any]:
         return list(await asyncio.gather(*(self.run(s) for s in op.steps)))
 
-    async def chat_stream(
+    async def chat_batches(
         self, model: str, start: inf.ChatStart, config: GenerationConfig
-    ) -> AsyncIterator[inf.ChatResponse]:
-        """:meth:`SyncTransport.chat_stream` on the running loop's session to the replica: the
+    ) -> AsyncIterator[list[inf.ChatResponse]]:
+        """:meth:`SyncTransport.chat_batches` on the running loop's session to the replica: the
         same replica choice, retry rules and cancel path, no thread.
 
         Closing the generator (``aclose``) cancels the request on the worker; cancellation of
@@ -445,10 +451,10 @@ class AsyncTransport:
                 finished = False
                 try:
                     while not finished:
-                        for response in await inbox.next(deadline):
-                            attempt.received = True
-                            finished = response.finished
-                            yield response
+                        batch = await inbox.next(deadline)
+                        attempt.received = True
+                        finished = batch[-1].finished
+                        yield batch
                 finally:
                     if not finished:
                         session.cancel(request_id)
