@@ -103,7 +103,11 @@ class ChatProgress:
         self.request_id = request_id
         self.started = time.monotonic()
         self.first_token_at: float | None = None
-        self.parts: list[str] = []
+        # Text received since it was last joined; `_text` holds what was joined before.
+        self._parts: list[str] = []
+        self._text = ""
+        #: Messages that carried output so far.
+        self.deltas = 0
         self.generated = 0
         self.prompt_tokens = 0
         self.finish_reason: str | None = None
@@ -116,7 +120,9 @@ class ChatProgress:
         if response.delta or response.token_ids:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            self.parts.append(response.delta)
+            self.deltas += 1
+            if response.delta:
+                self._parts.append(response.delta)
             self.generated += len(response.token_ids)
         if response.finished:
             self.finished = True
@@ -127,8 +133,11 @@ class ChatProgress:
 
     @property
     def text(self) -> str:
-        """The answer so far."""
-        return "".join(self.parts)
+        """The answer so far, joined only when asked for."""
+        if self._parts:
+            self._text += "".join(self._parts)
+            self._parts.clear()
+        return self._text
 
     def metadata(self) -> dict[str, Any]:
         """Byzer-LLM's metadata: request id, token counts, timings and finish reason."""
@@ -159,12 +168,12 @@ class TextStream:
 
     def feed(self, responses: Sequence[inf.ChatResponse]) -> tuple[str, SingleOutputMeta] | None:
         """The one item to yield for ``responses`` (what arrived since the previous item), or
-        None when they added no text and did not end the request."""
+        None when they carried no output and did not end the request."""
         progress = self.progress
-        before = len(progress.parts)
+        before = progress.deltas
         for response in responses:
             progress.add(response)
-        if len(progress.parts) > before or progress.finished:
+        if progress.deltas > before or progress.finished:
             return self.clean(progress.text), SingleOutputMeta(progress.metadata())
         return None
 

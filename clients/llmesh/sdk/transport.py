@@ -1,12 +1,13 @@
 """The sync and the async transport: the only part of the SDK that differs between them.
 
 Both run an operation's steps (see :mod:`llmesh.sdk.ops`): they perform each op the steps
-yield (a routed worker call, a control-plane call, a Chat stream, a job watch, a pause) and send
-the result back. :class:`SyncTransport` blocks on grpc's sync stubs; :class:`AsyncTransport`
-awaits grpc.aio calls on the running event loop. Both pick replicas and retry through the same
-:class:`~llmesh.sdk.channels.Router`, and both give the chat and job-watch streams the callers
-iterate over (Chat with its cancel path: closing a stream early cancels the request on the
-worker).
+yield (a routed worker call, a control-plane call, a chat request, a job watch, a pause) and
+send the result back. :class:`SyncTransport` blocks on grpc's sync stubs and waits for chat
+output that the SDK's I/O loop thread receives; :class:`AsyncTransport` awaits grpc.aio calls on
+the running event loop. Both pick replicas and retry through the same
+:class:`~llmesh.sdk.channels.Router`, and both run chat requests on the replica's
+``ChatSession`` (:mod:`llmesh.sdk.sessions`) with the same cancel path: closing a stream early
+cancels the request on the worker.
 """
 
 from __future__ import annotations
