@@ -623,7 +623,7 @@ def markdown(report: dict[str, Any]) -> str:
         _row("AssignWorker RPC, round trip (a)", a),
         _row("↳ gRPC floor: health `Check` round trip, same server", a["health_check"]),
         _row("AssignWorker handler, no gRPC (a)", h["handler"]),
-        _row("↳ of which the replica view (`current_replicas`)", h["view"]),
+        _row("replica view built afresh (`current_replicas`)", h["view"]),
         _row(f"SDK `RouteCache.pick`, {p['models_cached']} models cached (b)", p),
         _row(f"`Selector.select` alone, all {report['scale']['models']:,} models (b)", s),
         f"| WatchModel fan-out to {f['watchers']:,} watchers, change → arrival (c) | {f['n']:,} "
