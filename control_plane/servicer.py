@@ -226,10 +226,9 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                     yield cp.WatchModelResponse(model=last_model, deleted=True)
                     return
                 view = self._view(current)
-                model, data = view.model, view.data
-                if data != last_sent:
-                    yield cp.WatchModelResponse(model=model)
-                    last_sent, last_model = data, model
+                if view.data != last_sent:
+                    yield view.response
+                    last_sent, last_model = view.data, view.model
                 await dirty.wait()
                 if self._closing.is_set():
                     raise Unavailable("the control plane is shutting down; watch again")
@@ -286,14 +285,22 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
 
 
 class _View:
-    """One model's API view and, once asked for, its deterministic serialization."""
+    """One model's API view and, once asked for, its serialization and its watch message."""
 
-    __slots__ = ("_data", "model", "spec")
+    __slots__ = ("_data", "_response", "model", "spec")
 
     def __init__(self, spec: cp.Model, model: cp.Model) -> None:
         self.spec = spec
         self.model = model
         self._data: bytes | None = None
+        self._response: cp.WatchModelResponse | None = None
+
+    @property
+    def response(self) -> cp.WatchModelResponse:
+        """The WatchModel message carrying the view (building one copies the whole model)."""
+        if self._response is None:
+            self._response = cp.WatchModelResponse(model=self.model)
+        return self._response
 
     @property
     def data(self) -> bytes:
