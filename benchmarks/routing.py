@@ -1,15 +1,18 @@
 """Routing at scale: the route decision with 1,000 workers x 10,000 models registered.
 
-Usage: .venv/bin/python benchmarks/routing.py [--quick] [--out DIR] [--profile]
+Usage: .venv/bin/python benchmarks/routing.py [--quick] [--out DIR] [--profile [--py-spy PATH]]
+       [--workers N] [--models N] [--watchers N] [--sdk-models N] [--seed N]
 
 A real etcd (a child process, as ``llmesh up`` runs it), the real control plane (``llmesh
 control-plane``, a child process) and real gRPC on loopback. Measured:
 
 (a) ``AssignWorker``: one unary call at a time from this process through the SDK's own call
     path (``call_unary`` on a sync stub, as ``RouteCache`` falls back to it), each to a random
-    model, policy least-loaded: round-trip latency p50/p99. Next to it, the same handler called
-    in this process without gRPC (``ControlPlaneServicer.AssignWorker`` over an ``EtcdRegistry``
-    loaded from the same etcd), which splits the round trip into the decision and the wire.
+    model (uniform over all of them), policy least-loaded: round-trip latency p50/p99. Each is
+    followed by a grpc.health ``Check`` on the same channel, the gRPC floor. Next to it, the
+    same handler called in this process without gRPC (``ControlPlaneServicer.AssignWorker``
+    over an ``EtcdRegistry`` loaded from the same etcd), which splits the round trip into the
+    decision and the wire.
 (b) The SDK's local pick: ``RouteCache.pick`` on models whose ``WatchModel`` stream has
     delivered its snapshot (one watch thread per model, as the SDK runs them; ``--sdk-models``
     of them, not all 10,000), and ``Selector.select`` alone over the replica sets of every
@@ -17,17 +20,19 @@ control-plane``, a child process) and real gRPC on loopback. Measured:
 (c) ``WatchModel`` fan-out: ``--watchers`` concurrent streams on one model (grpc.aio in this
     process over several connections); one replica's in-flight count is then written to etcd
     the way a worker publishes it, and each watcher's arrival time is taken against the moment
-    just before the write. Pooled over ``--fanout-rounds`` changes: p50/p99/max across watchers.
-    The control plane deliberately waits ``WATCH_COALESCE_SECONDS`` after a change before it
-    sends (to merge bursts), so that much of every number is by design.
+    just before the write. Pooled over 10 changes (2 with ``--quick``): p50/p99/max across
+    watchers. The control plane deliberately waits ``WATCH_COALESCE_SECONDS`` after a change
+    before it sends (to merge bursts), so that much of every number is by design.
 
 The mesh's records are written straight into etcd in bulk, not through ``DeployModel``: the
 same keys (:mod:`llmesh.common.etcd_keys`) and the same protobuf records the deployer and the
 workers write. Workers and replica statuses hang off one shared lease (each real worker has its
 own); models, assignments and the placement counter are durable, as the control plane writes
 them. Replicas per model are drawn uniformly from 1..8 over distinct workers (seeded), all READY
-with a random published in-flight count. The control plane starts after the bulk write, so its
-registry loads everything in its initial listing (as after a control-plane restart).
+with a random published in-flight count. The control plane starts on the empty namespace and
+follows the bulk write through its etcd watch: started after it, its initial listing overruns
+the 10 s startup timeout of ``llmesh control-plane`` on a small machine (``registry_load_s`` in
+the results is that listing, timed in this process).
 
 Results go to OUT/routing.{json,md} (default benchmarks/results). With ``--profile``, py-spy
 samples the control plane during (a) and (c) and the report lists where its time goes.
@@ -43,6 +48,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -326,7 +332,7 @@ def profiled(spy: str | None, pid: int, path: Path, seconds: float) -> Iterator[
     try:
         yield
     finally:
-        proc.send_signal(2)  # SIGINT: py-spy writes what it has
+        proc.send_signal(signal.SIGINT)  # py-spy writes what it has
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
         stop_child(proc, 5)
