@@ -14,7 +14,7 @@ from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import JobScheduler
 from llmesh.control_plane.registry import Change, Registry
 from llmesh.control_plane.spec import normalize
-from llmesh.control_plane.views import current_replicas, with_replicas, worker_views
+from llmesh.control_plane.views import with_replicas, worker_views
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
@@ -53,9 +53,19 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self.selector = selector or Selector()
         self._closing = asyncio.Event()
         self._watchers: set[asyncio.Event] = set()
+        # Each model's view (spec + replicas), built once per change of the model rather than
+        # once per AssignWorker call and once per watcher: with 1,000 watchers on a model, one
+        # change used to build and serialize the same view 1,000 times. Dropped in _on_change
+        # by the same test that wakes WatchModel (Change.affects).
+        self._views: dict[str, _View] = {}
         self._unsubscribe = registry.subscribe(self._on_change)
 
     def _on_change(self, change: Change) -> None:
+        if change.everything:
+            self._views.clear()
+        else:
+            for name in change.models:
+                self._views.pop(name, None)
         # A worker's newly published in-flight count already includes the requests this control
         # plane sent it, so its local count starts over.
         if change.everything:
@@ -63,10 +73,23 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         for replica in change.replicas:
             self.selector.observed(replica)
 
+    def _view(self, spec: cp.Model) -> _View:
+        """The model as the API shows it, shared until the model changes; never mutate it."""
+        view = self._views.get(spec.name)
+        # `spec is` guards against a spec swapped without a change notice (none is known).
+        if view is None or view.spec is not spec:
+            view = _View(spec, with_replicas(self.registry, spec))
+            # Not an adapter's: its PENDING placeholders follow its base model's, and a change
+            # to those names only the base. Not after close(): nothing would drop it then.
+            if not spec.base_model and not self._closing.is_set():
+                self._views[spec.name] = view
+        return view
+
     def close(self) -> None:
         """Stop accepting watches and end the open ones (they get UNAVAILABLE and reconnect)."""
         self._closing.set()
         self._unsubscribe()
+        self._views.clear()
         for event in self._watchers:
             event.set()
 
@@ -164,7 +187,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         spec = await self._lookup(request.model)
         replica = self.selector.select(
             spec.name,
-            current_replicas(self.registry, spec),
+            self._view(spec).model.replicas,
             purpose=request.purpose,
             policy=request.policy,
             pinned_replica=request.pinned_replica if request.HasField("pinned_replica") else None,
@@ -172,7 +195,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             affinity_key=request.affinity_key,
         )
         self.selector.started(replica)
-        return cp.AssignWorkerResponse(replica=replica)
+        return cp.AssignWorkerResponse(replica=replica)  # a copy: the view stays as it is
 
     @rpc_handler
     async def WatchModel(
@@ -202,11 +225,10 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                     # A new generation is a new deployment: this stream's deployment has ended.
                     yield cp.WatchModelResponse(model=last_model, deleted=True)
                     return
-                model = with_replicas(self.registry, current)
-                data = model.SerializeToString(deterministic=True)
-                if data != last_sent:
-                    yield cp.WatchModelResponse(model=model)
-                    last_sent, last_model = data, model
+                view = self._view(current)
+                if view.data != last_sent:
+                    yield view.response
+                    last_sent, last_model = view.data, view.model
                 await dirty.wait()
                 if self._closing.is_set():
                     raise Unavailable("the control plane is shutting down; watch again")
@@ -260,6 +282,32 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             if self._closing.is_set():
                 raise Unavailable("the control plane is shutting down; watch again")
             yield response
+
+
+class _View:
+    """One model's API view and, once asked for, its serialization and its watch message."""
+
+    __slots__ = ("_data", "_response", "model", "spec")
+
+    def __init__(self, spec: cp.Model, model: cp.Model) -> None:
+        self.spec = spec
+        self.model = model
+        self._data: bytes | None = None
+        self._response: cp.WatchModelResponse | None = None
+
+    @property
+    def response(self) -> cp.WatchModelResponse:
+        """The WatchModel message carrying the view (building one copies the whole model)."""
+        if self._response is None:
+            self._response = cp.WatchModelResponse(model=self.model)
+        return self._response
+
+    @property
+    def data(self) -> bytes:
+        """The view serialized deterministically (WatchModel sends only when it differs)."""
+        if self._data is None:
+            self._data = self.model.SerializeToString(deterministic=True)
+        return self._data
 
 
 def _job_id(job_id: str) -> str:
