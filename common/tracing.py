@@ -102,21 +102,16 @@ def request_span(name: str, carrier: Mapping[str, str] | None) -> Iterator[None]
     if not _configured:
         yield
         return
-    token = otel_context.attach(propagate.extract(dict(carrier or {})))
+    if not carrier:  # no context came with it: a child of whatever span is current
+        with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
+            yield
+        return
+    token = otel_context.attach(propagate.extract(dict(carrier)))
     try:
         with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
             yield
     finally:
         otel_context.detach(token)
-
-
-def trace_carrier() -> dict[str, str]:
-    """The current trace context as a W3C carrier dict (empty when nothing is traced)."""
-    if not _configured and not _has_active_span():
-        return {}
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier
 
 
 @contextlib.contextmanager

@@ -121,6 +121,9 @@ class Outbox:
     def __init__(self) -> None:
         self._message = inf.ChatSessionResponse()
         self._entries: dict[str, inf.ChatResponse] = {}
+        # Text of entries that got more than one chunk, joined once when taken (appending to
+        # a protobuf string would copy the whole text per token while the client lags).
+        self._texts: dict[str, list[str]] = {}
         self._ready = asyncio.Event()
 
     def add(self, request_id: str, chunk: GenerationChunk) -> None:
@@ -132,7 +135,11 @@ class Outbox:
             if not self._ready.is_set():
                 self._ready.set()
         elif chunk.delta:
-            entry.delta += chunk.delta
+            parts = self._texts.get(request_id)
+            if parts is None:
+                self._texts[request_id] = [entry.delta, chunk.delta]
+            else:
+                parts.append(chunk.delta)
         if chunk.token_ids:
             entry.token_ids.extend(chunk.token_ids)
         if chunk.finish_reason is not None:
@@ -156,7 +163,9 @@ class Outbox:
         """Wait until there is something to write and hand it over."""
         await self._ready.wait()
         message, self._message = self._message, inf.ChatSessionResponse()
-        self._entries = {}
+        for request_id, parts in self._texts.items():
+            self._entries[request_id].delta = "".join(parts)
+        self._entries, self._texts = {}, {}
         self._ready.clear()
         return message
 
@@ -192,6 +201,7 @@ class ChatRun:
         self.timeout = timeout
         self.trace_context = trace_context
         self.cancelled = False
+        self._deadline: asyncio.Timeout | None = None
         self._engine_started = False
         self._replica: HostedReplica | None = None
         self.task: asyncio.Task[None] | None = None
@@ -212,12 +222,19 @@ class ChatRun:
 
     async def _run(self) -> None:
         try:
-            with tracing.request_span("InferenceService/ChatSession.request", self.trace_context):
+            # A request on a session gets its own span in the caller's trace; a Chat call's
+            # request runs inside the call's own server span already.
+            span = (
+                tracing.request_span("InferenceService/ChatSession.request", self.trace_context)
+                if self.trace_context is not None
+                else contextlib.nullcontext()
+            )
+            with span:
                 if self.timeout is None:
                     await self._generate()
                 else:
                     try:
-                        async with asyncio.timeout(self.timeout):
+                        async with asyncio.timeout(self.timeout) as self._deadline:
                             await self._generate()
                     except TimeoutError:
                         raise DeadlineExceeded(
@@ -242,7 +259,11 @@ class ChatRun:
         async with manager.slot(replica, request_id):
             assert replica.engine is not None
             engine = replica.engine
-            prompt = await render_prompt(replica, list(start.messages), start.prompt)
+            try:
+                prompt = await render_prompt(replica, list(start.messages), start.prompt)
+            except asyncio.CancelledError:
+                count_end(replica, None, gone=True)  # a deadline or disconnect while rendering
+                raise
             stream = engine.generate(request_id, prompt, params)
             self._engine_started = True
             aborted = False
@@ -259,6 +280,9 @@ class ChatRun:
                     if chunk.finish_reason is not None:
                         finish_reason = chunk.finish_reason
                         outbox.add(request_id, chunk)
+                        if self._deadline is not None:
+                            # Answered: the clean-up below must not turn it into an error.
+                            self._deadline.reschedule(None)
                         break
                     if chunk.delta or chunk.token_ids:
                         outbox.add(request_id, chunk)

@@ -138,7 +138,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     for request_id in msg.cancels:
                         run = runs.get(request_id)
                         if run is not None:
-                            await run.cancel()
+                            try:
+                                await run.cancel()
+                            except Exception as exc:  # noqa: BLE001 - that request only
+                                log.warning("cancelling request %s failed: %s", request_id, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken client stream ends the session
+                log.info("a ChatSession's client stream broke: %s", exc)
             finally:
                 # Half-close (or a broken stream): no new requests; the session ends once the
                 # running ones did.

@@ -343,10 +343,11 @@ class RouteCache:
         )
 
     def settled(self, model: str) -> bool:
-        """True when :meth:`pick` for ``model`` will not wait (its watch has answered once)."""
+        """True when :meth:`pick` for ``model`` will not block: its routes are cached (a
+        watch that failed has none, and picking would ask the control plane)."""
         with self._lock:
             watch = self._watches.get(model)
-        return watch is not None and watch.settled.is_set()
+            return watch is not None and watch.settled.is_set() and watch.replicas is not None
 
     def candidates(
         self,

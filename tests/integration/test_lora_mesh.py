@@ -180,9 +180,7 @@ def test_adapter_errors_are_clear(served: Any, test_model_dir: Path, tmp_path: P
     stub.UndeployModel(cp.UndeployModelRequest(name="chat-d", wait=True))
 
 
-def test_adapter_comes_back_with_its_base_after_a_crash(
-    served: Any, test_model_dir: Path
-) -> None:
+def test_adapter_comes_back_with_its_base_after_a_crash(served: Any, test_model_dir: Path) -> None:
     """kill -9 of the base replica's process: both leave routing, and after the agent's
     restart the adapter is loaded into the new process and answers as before."""
     import os

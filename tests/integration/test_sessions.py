@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from llmesh import ByzerLLM
-from llmesh.common.errors import Unavailable
+from llmesh.common.errors import AlreadyExists, Unavailable
 from llmesh.v1 import common_pb2, inference_service_pb2_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 
@@ -103,6 +103,7 @@ def test_requests_on_one_session_end_or_fail_alone(session_mesh: Any) -> None:
     started_late = False
     for message in call:
         for d in message.deltas:
+            assert d.request_id not in finals and d.request_id not in errors, "output after the end"
             texts.setdefault(d.request_id, []).append(d.delta)
             tokens[d.request_id] = tokens.get(d.request_id, 0) + len(d.token_ids)
             if d.finished:
@@ -118,6 +119,7 @@ def test_requests_on_one_session_end_or_fail_alone(session_mesh: Any) -> None:
                     inf.ChatSessionRequest(starts=[start("ok-2", "Once upon a time", _params(30))])
                 )
         for e in message.errors:
+            assert e.request_id not in finals and e.request_id not in errors, "two ends"
             errors[e.request_id] = e
         if len(finals) + len(errors) == 6:
             outgoing.put(None)  # half-close: the stream ends once nothing runs
@@ -146,7 +148,7 @@ def test_a_stalled_request_does_not_slow_the_others(session_mesh: Any) -> None:
     mesh, llm = session_mesh
     cfg = {"temperature": 0, "ignore_eos": True}
 
-    async def main() -> tuple[list[Any], list[tuple[str, Any]], float]:
+    async def main() -> tuple[list[Any], list[tuple[str, Any]]]:
         stalled = llm.async_stream_chat_oai(
             HELLO, model="chat", llm_config={**cfg, "max_length": 160}
         )
@@ -161,16 +163,15 @@ def test_a_stalled_request_does_not_slow_the_others(session_mesh: Any) -> None:
             ]
             return last
 
-        began = time.monotonic()
-        done = await asyncio.gather(*(fast() for _ in range(3)))
-        took = time.monotonic() - began
+        # The fast requests end while the stalled one is not read at all.
+        done = await asyncio.wait_for(asyncio.gather(*(fast() for _ in range(3))), 60)
         # Let the stalled request finish on the worker before reading it again.
         assert await asyncio.to_thread(mesh.wait_idle, 60)
         rest = [item async for item in stalled]
         await llm.aclose_async_channels()
-        return [first, *rest], done, took
+        return [first, *rest], done
 
-    stalled_items, fast_items, _ = asyncio.run(main())
+    stalled_items, fast_items = asyncio.run(main())
     for _, meta in fast_items:
         assert meta["finish_reason"] == "length" and meta["generated_tokens_count"] == 24
     text, meta = stalled_items[-1]
@@ -179,6 +180,33 @@ def test_a_stalled_request_does_not_slow_the_others(session_mesh: Any) -> None:
     # whole backlog in one item, not one item per token.
     assert len(stalled_items) == 2, len(stalled_items)
     assert all(text.startswith(t) for t, _ in stalled_items)
+    assert mesh.wait_idle(10)
+
+
+def test_a_request_id_already_running_fails_alone(session_mesh: Any) -> None:
+    mesh, llm = session_mesh
+    rid = f"dup-{uuid.uuid4().hex[:6]}"
+    cfg = {"temperature": 0, "ignore_eos": True, "request_id": rid}
+
+    async def main() -> tuple[Any, BaseException | None]:
+        first = llm.async_stream_chat_oai(HELLO, model="chat", llm_config={**cfg, "max_length": 64})
+        await anext(first)
+        second_error: BaseException | None = None
+        try:
+            async for _ in llm.async_stream_chat_oai(
+                HELLO, model="chat", llm_config={**cfg, "max_length": 8}
+            ):
+                pass
+        except AlreadyExists as exc:
+            second_error = exc
+        *_, last = [item async for item in first]
+        await llm.aclose_async_channels()
+        return last, second_error
+
+    (_, meta), error = asyncio.run(asyncio.wait_for(main(), 60))
+    assert isinstance(error, AlreadyExists) and rid in str(error)
+    # The request already running keeps its output to the end.
+    assert meta["generated_tokens_count"] == 64 and meta["finish_reason"] == "length"
     assert mesh.wait_idle(10)
 
 

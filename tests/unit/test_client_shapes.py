@@ -4,7 +4,9 @@ replica filtering and retry bookkeeping. No servers: channels are created but ne
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -601,6 +603,16 @@ def test_a_burst_of_concurrent_picks_spreads_evenly(routes: RouteCache) -> None:
     assert routes.settled("chat")
     picked: list[int] = []
     gate = threading.Barrier(31)
+    choose = routes.selector._choose
+
+    def slow_choose(*args: Any, **kwargs: Any) -> Any:
+        # Hand the GIL to the other pickers between choosing and counting: a pick that does
+        # not count in the same locked step as its choice lets them all see the same loads.
+        chosen = choose(*args, **kwargs)
+        time.sleep(0.002)
+        return chosen
+
+    routes.selector._choose = slow_choose  # type: ignore[method-assign]
 
     def pick() -> None:
         gate.wait()

@@ -10,7 +10,7 @@ at once):
     The full mesh: etcd, a control plane and one inference worker, each a child process (the
     servers ``llmesh up`` runs), the model deployed with backend ``vllm``, requests streamed
     with the SDK (``ByzerLLM.async_stream_chat_oai``: route from the control plane's watch
-    cache, then a bidi gRPC ``Chat`` stream straight to the worker).
+    cache, then the bidi gRPC ``ChatSession`` stream the SDK keeps open to the replica).
 ``vllm-serve``
     vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) driven
     over HTTP streaming (``/v1/completions``, server-sent events) with aiohttp.

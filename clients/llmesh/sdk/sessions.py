@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import grpc
 
 from llmesh.common.errors import (
+    AlreadyExists,
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -40,6 +42,9 @@ from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
 
 log = logging.getLogger(__name__)
+
+#: Largest per-request timeout the wire carries (``SessionStart.timeout_ms`` is a uint32).
+MAX_TIMEOUT_MS = 2**32 - 1
 
 
 class Inbox(Protocol):
@@ -170,6 +175,7 @@ class Session:
         self._cancels: list[str] = []
         self._outgoing = asyncio.Event()
         self.closed = False
+        self._closing = False  # this client ends the stream (not the worker)
         self._call = stub.ChatSession()
         self._writer = asyncio.create_task(self._write(), name=f"llmesh-session-w-{address}")
         self._reader = asyncio.create_task(self._read(), name=f"llmesh-session-r-{address}")
@@ -193,24 +199,41 @@ class Session:
         if self.closed:
             inbox.fail(Unavailable(f"the session to {self.address} is closed; retry"))
             return
-        self._inboxes[start.request_id] = inbox
+        request_id = start.request_id
+        if request_id in self._inboxes:
+            # The server would refuse it too, under the same id as the running request: answer
+            # here, so the running one keeps its output.
+            inbox.fail(
+                AlreadyExists(
+                    f"request id {request_id!r} is already running on this client; use a "
+                    "unique request_id"
+                )
+            )
+            return
         item = inf.SessionStart(start=start)
         if trace_context:
             item.trace_context.update(trace_context)
         if timeout is not None:
-            item.timeout_ms = max(1, int(timeout * 1000))
+            item.timeout_ms = min(max(1, int(timeout * 1000)), MAX_TIMEOUT_MS)
+        self._inboxes[request_id] = inbox
         self._starts.append(item)
         self._outgoing.set()
 
-    def cancel(self, request_id: str) -> None:
-        """Ask the worker to stop a request; it answers with a final ABORTED message."""
-        if not self.closed and request_id in self._inboxes:
+    def cancel(self, request_id: str, inbox: Inbox) -> None:
+        """Ask the worker to stop a request; it answers with a final ABORTED message.
+
+        Args:
+            request_id: the request.
+            inbox: the inbox it was started with (another caller's request may use the id).
+        """
+        if not self.closed and self._inboxes.get(request_id) is inbox:
             self._cancels.append(request_id)
             self._outgoing.set()
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, inbox: Inbox) -> None:
         """Stop delivering a request's output (it finished, failed or its caller left)."""
-        self._inboxes.pop(request_id, None)
+        if self._inboxes.get(request_id) is inbox:
+            del self._inboxes[request_id]
 
     async def _write(self) -> None:
         try:
@@ -222,8 +245,13 @@ class Session:
                 message = inf.ChatSessionRequest(starts=self._starts, cancels=self._cancels)
                 self._starts, self._cancels = [], []
                 await self._call.write(message)
+        except asyncio.CancelledError:
+            raise
         except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
             pass  # the reader sees the stream end and fails what is left
+        except Exception as exc:  # noqa: BLE001 - nothing more can be sent: end the session
+            log.warning("writing to the session to %s failed: %s", self.address, exc)
+            self._call.cancel()
 
     async def _read(self) -> None:
         error: LLMeshError = Unavailable(
@@ -246,6 +274,9 @@ class Session:
                         log.warning("request %r failed: %s", failure.request_id, failure.message)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
+            if isinstance(error, Cancelled) and not self._closing:
+                # The worker ended the stream (it is stopping): as retryable as a lost worker.
+                error = Unavailable(f"the worker at {self.address} closed the session: {error}")
         except asyncio.CancelledError:
             error = Cancelled("the client closed its session")
             raise
@@ -265,6 +296,7 @@ class Session:
 
     async def aclose(self) -> None:
         """End the stream; requests still on it fail with CANCELLED."""
+        self._closing = True
         self._reader.cancel()
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -328,28 +360,25 @@ class IoLoop:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._pid = 0
         self._closed = False
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The loop, started on first use.
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop soon (from any thread); starts the loop on first use.
 
         Raises:
             FailedPrecondition: the client was closed.
         """
-        with self._lock:
+        with self._lock:  # held so that close() cannot stop the loop between check and call
             if self._closed:
                 raise FailedPrecondition("this ByzerLLM client is closed; create a new one")
-            if self._loop is None:
+            if self._loop is None or self._pid != os.getpid():
+                # First use, or a forked child: the parent's thread did not come along.
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="llmesh-io", daemon=True)
                 thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the loop soon (from any thread)."""
-        self.loop.call_soon_threadsafe(fn, *args)
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def close(self, cleanup: Callable[[], Any] | None = None) -> None:
         """Run ``cleanup()`` (a coroutine function) on the loop, then stop it."""

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from llmesh.common.errors import DeadlineExceeded, LLMeshError, Unavailable
+from llmesh.common.errors import DeadlineExceeded, FailedPrecondition, LLMeshError, Unavailable
 from llmesh.common.tracing import client_span
 from llmesh.llm_config import GenerationConfig
 from llmesh.route_cache import call_unary, rpc_errors
@@ -235,10 +235,11 @@ class SyncTransport:
                         finished = batch[-1].finished
                         yield batch
                 finally:
-                    if not finished:
-                        io.call(self._session_call, address, "cancel", request_id)
-                        _drain(inbox)
-                    io.call(self._session_call, address, "forget", request_id)
+                    with contextlib.suppress(FailedPrecondition):  # the client was closed
+                        if not finished:
+                            io.call(self._session_call, address, "cancel", request_id, inbox)
+                            _drain(inbox)
+                        io.call(self._session_call, address, "forget", request_id, inbox)
                 return
 
     def _session_start(
@@ -249,19 +250,18 @@ class SyncTransport:
         timeout: float | None,
         carrier: dict[str, str],
     ) -> None:
-        # On the I/O loop.
+        # On the I/O loop: whatever goes wrong must reach the waiting thread.
         try:
             session = self.router.sessions.get(address)
+            session.start(start, inbox, timeout=timeout, trace_context=carrier)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting thread
             inbox.fail(exc if isinstance(exc, LLMeshError) else Unavailable(str(exc)))
-            return
-        session.start(start, inbox, timeout=timeout, trace_context=carrier)
 
-    def _session_call(self, address: str, method: str, request_id: str) -> None:
+    def _session_call(self, address: str, method: str, request_id: str, inbox: ThreadInbox) -> None:
         # On the I/O loop.
         session = self.router.sessions.existing(address)
         if session is not None:
-            getattr(session, method)(request_id)
+            getattr(session, method)(request_id, inbox)
 
     def chat_texts(
         self,
@@ -374,7 +374,19 @@ class AsyncTransport:
             # Routes are cached: pick on the loop, no thread hop (this runs once per request).
             return self.router.pick(model, purpose, attempts, affinity)
         # The first request for a model may wait for its route snapshot: keep that off the loop.
-        return await asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity)
+        picking = asyncio.ensure_future(
+            asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity)
+        )
+        try:
+            return await asyncio.shield(picking)
+        except asyncio.CancelledError:
+            # The pick counted the request on its replica; nobody will run it.
+            picking.add_done_callback(self._uncount)
+            raise
+
+    def _uncount(self, picking: asyncio.Future[Any]) -> None:
+        if not picking.cancelled() and picking.exception() is None:
+            self.router.routes.finished(picking.result())
 
     async def _worker_call(self, op: WorkerCall) -> Any:
         attempts = Attempts()
@@ -458,10 +470,10 @@ class AsyncTransport:
                         yield batch
                 finally:
                     if not finished:
-                        session.cancel(request_id)
+                        session.cancel(request_id, inbox)
                         with contextlib.suppress(Exception):
                             await _adrain(inbox, loop.time() + CANCEL_GRACE_S)
-                    session.forget(request_id)
+                    session.forget(request_id, inbox)
                 return
 
     async def watch_training_job(
