@@ -145,7 +145,7 @@ def check_model_dir(config: EngineConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-request state shared by the decode thread and the asyncio generator
+# Per-request state shared by the step loop and the asyncio generator
 
 
 @dataclass
