@@ -76,10 +76,17 @@ class BatchKVCache(DynamicCache):
     model's forward pass with ``past_key_values=self`` and one new token per row, then
     :meth:`advance`. Rows join with :meth:`add` and leave with :meth:`remove` between steps.
     Not thread-safe: one step loop owns it.
+
+    Args:
+        max_rows: Rows the caller will ever add at once; buffers grow geometrically but not
+            past it (the caller enforces it, this only sizes allocations).
+        max_columns: Likewise for a row's length (the model's context).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_rows: int, max_columns: int) -> None:
         super().__init__()
+        self._max_rows = max_rows
+        self._max_columns = max_columns
         self.lengths: list[int] = []
         # The longest row: columns the next forward pass attends to, before its new token.
         self.span = 0
@@ -176,9 +183,9 @@ class BatchKVCache(DynamicCache):
             values[rows, :, cols] = value_states[:, :, 0]
         return keys[:n, :, : span + 1], values[:n, :, : span + 1]
 
-    @staticmethod
-    def _alloc(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-        columns = -(-columns // _COLUMN_QUANTUM) * _COLUMN_QUANTUM
+    def _alloc(self, like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        rounded = -(-columns // _COLUMN_QUANTUM) * _COLUMN_QUANTUM
+        columns = max(columns, min(rounded, self._max_columns))
         return like.new_zeros((rows, like.shape[1], columns, like.shape[3]))
 
     def _reserve(self, rows: int, columns: int) -> None:
@@ -188,8 +195,12 @@ class BatchKVCache(DynamicCache):
         have_rows, have_cols = self._keys[0].shape[0], self._keys[0].shape[2]
         if rows <= have_rows and columns <= have_cols:
             return
-        new_rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
-        new_cols = max(columns, 2 * have_cols) if columns > have_cols else have_cols
+        # Doubling keeps growth amortised; the limits keep a GPU from holding twice the cache
+        # the replica can ever use.
+        new_rows = max(rows, min(2 * have_rows, self._max_rows)) if rows > have_rows else have_rows
+        new_cols = have_cols
+        if columns > have_cols:
+            new_cols = max(columns, min(2 * have_cols, self._max_columns))
         n, span = self.rows, self.span
         for buffers in (self._keys, self._values):
             for i, old in enumerate(buffers):

@@ -239,7 +239,7 @@ async def test_batch_rows_match_decoding_alone_in_the_cache(test_model_dir: Path
                 tokens.append(token)
             reference.append(tokens)
 
-        cache = BatchKVCache()
+        cache = BatchKVCache(max_rows=4, max_columns=2048)
         rows: list[int] = []  # prompt index of each row
         got: dict[int, list[int]] = {}
         for i in (0, 1, 2):
