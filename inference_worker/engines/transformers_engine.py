@@ -1119,9 +1119,10 @@ class TransformersEngine(Engine):
                     self._step(new, batches, alone)
                 except Exception as exc:  # a bug in the loop itself: fail what is in flight
                     log.exception("decode step of model %s failed", self.config.model_name)
-                    for decoding in [d for b in batches.values() for d in b.rows] + alone:
-                        self._finish(decoding.req, ("aborted", "", []), error=exc)
-                    for req in new:
+                    in_flight = [d.req for b in batches.values() for d in b.rows]
+                    in_flight += [d.req for d in alone] + new
+                    for req in in_flight:
+                        # Some may have finished in this step before the failure.
                         with self._lock:
                             unfinished = self._active.get(req.request_id) is req
                         if unfinished:
@@ -1197,13 +1198,15 @@ class TransformersEngine(Engine):
         try:
             ids = torch.tensor([[d.next_token] for d in rows], dtype=torch.long, device=device)
             mask, positions = cache.step_inputs(device)
+            # Passed only when rows differ in length: a batch of one then calls the model
+            # exactly as a lone request always did.
+            padding = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
             with _lora_scope(batch.adapter):
                 out = self._model(
                     input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
                     past_key_values=cache,
                     use_cache=True,
+                    **padding,
                     **self._keep_last,
                 )
             cache.advance()
