@@ -2,7 +2,8 @@
 
 PEFT's own multi-adapter switching is unsafe for the transformers engine: ``set_adapter`` is
 global to the model, and its ``adapter_names=`` forward registers hooks for the length of one
-forward pass, while our requests decode concurrently, each in its own thread, on one model.
+forward pass, while requests with different adapters share one model, whose step loop
+switches adapters from one forward pass to the next (and adapters load meanwhile).
 So adapters are applied here instead:
 
 * :func:`read_adapter_config` checks a PEFT adapter directory (``adapter_config.json``) and

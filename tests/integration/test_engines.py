@@ -359,7 +359,7 @@ async def test_four_concurrent_streams_complete(llm: Engine) -> None:
 
 
 async def test_abort_some_of_many_leaves_no_state(llm: Engine) -> None:
-    # More streams than decode threads (max_concurrency 4), so some aborts hit queued requests.
+    # More streams than batch rows (max_concurrency 4), so some aborts hit queued requests.
     ids = [f"many-{i}" for i in range(12)]
     to_abort = ids[::4]
     tasks = {

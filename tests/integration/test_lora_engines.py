@@ -230,7 +230,7 @@ async def test_two_adapters_and_base_decode_concurrently(
     await tf.add_lora("a1", str(adapters["a1"]))
     assert tf.meta().extra["loras"] == "a0,a1"
     jobs = [(name, p) for name in ("base", "a0", "a1") for p in PROMPTS]
-    # Each request decodes in its own thread on the one shared model.
+    # Requests of one adapter share a forward pass per step; each adapter in use gets its own.
     results = await asyncio.gather(
         *(
             ids(tf, f"c{i}", p, greedy(lora=None if name == "base" else name))
