@@ -38,6 +38,13 @@ AUTO_BACKENDS: tuple[str, ...] = (*AUTO_CAUSAL_BACKENDS, "embedding", "rerank")
 DEFAULT_MAX_CONCURRENCY = 8
 """Requests one replica serves at once when infer_params ``max_concurrency`` is unset."""
 
+DEFAULT_QUEUE_FACTOR = 4
+"""A replica's admission queue holds this many times ``max_concurrency`` when ``max_queue`` is
+unset."""
+
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+"""Seconds a request waits in a replica's admission queue when ``queue_timeout`` is unset."""
+
 DTYPES: Mapping[str, str] = {
     "auto": "auto",
     "float32": "float32",
@@ -277,7 +284,7 @@ _TORCH_THREADS = IntParam("torch.set_num_threads at start (process-wide in torch
 
 _TRANSFORMERS: dict[str, InferParam] = {
     "max_concurrency": IntParam(
-        "requests decoded at once (default 8); more are refused with RESOURCE_EXHAUSTED"
+        "requests decoded at once (default 8); more wait in the admission queue (max_queue)"
     ),
     "max_model_len": IntParam(
         "context length in tokens, prompt plus completion (default and upper bound: the model's)"
@@ -297,7 +304,7 @@ _TRANSFORMERS: dict[str, InferParam] = {
 
 _VLLM: dict[str, InferParam] = {
     "max_concurrency": IntParam(
-        "requests served at once (default 8; more are refused with RESOURCE_EXHAUSTED), and "
+        "requests served at once (default 8; more wait in the admission queue, max_queue), and "
         "the default max_num_seqs"
     ),
     "max_num_seqs": IntParam(
@@ -378,12 +385,26 @@ def _any_of(backends: Sequence[str]) -> dict[str, InferParam]:
     return out
 
 
+#: Every backend's admission queue (``llmesh.inference_worker.replica_manager``).
+_ADMISSION: dict[str, InferParam] = {
+    "max_queue": IntParam(
+        "requests that wait in line for a slot once max_concurrency are running (default "
+        f"{DEFAULT_QUEUE_FACTOR} x max_concurrency; 0 refuses at once with RESOURCE_EXHAUSTED)",
+        minimum=0,
+    ),
+    "queue_timeout": FloatParam(
+        f"seconds a request waits in line before RESOURCE_EXHAUSTED (default "
+        f"{DEFAULT_QUEUE_TIMEOUT_S:g}; the request's own deadline ends it sooner)",
+        high=86400.0,
+    ),
+}
+
 _ENGINE_PARAMS: dict[str, Mapping[str, InferParam]] = {
-    "transformers": _TRANSFORMERS,
-    "embedding": _EMBEDDING,
-    "rerank": _EMBEDDING,
-    "vllm": _VLLM,
-    "deepspeed": _DEEPSPEED,
+    "transformers": {**_TRANSFORMERS, **_ADMISSION},
+    "embedding": {**_EMBEDDING, **_ADMISSION},
+    "rerank": {**_EMBEDDING, **_ADMISSION},
+    "vllm": {**_VLLM, **_ADMISSION},
+    "deepspeed": {**_DEEPSPEED, **_ADMISSION},
 }
 
 INFER_PARAMS: Mapping[str, Mapping[str, InferParam]] = {

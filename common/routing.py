@@ -166,8 +166,9 @@ class Selector:
         )
 
     def _load(self, r: common_pb2.Replica) -> int:
+        # Requests waiting in the replica's admission queue are load too.
         local = self.local_inflight.get(_ident(r), 0)
-        return max(r.inflight, local) if self.own_counts else r.inflight + local
+        return r.queued + (max(r.inflight, local) if self.own_counts else r.inflight + local)
 
     def _count(self, r: common_pb2.Replica) -> None:
         key = _ident(r)

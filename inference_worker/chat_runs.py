@@ -27,7 +27,11 @@ from llmesh.inference_worker.engines.base import (
     SamplingParams,
     StructuredOutput,
 )
-from llmesh.inference_worker.replica_manager import HostedReplica, ReplicaManager
+from llmesh.inference_worker.replica_manager import (
+    AbortedWhileQueued,
+    HostedReplica,
+    ReplicaManager,
+)
 from llmesh.v1 import common_pb2
 from llmesh.v1 import inference_service_pb2 as inf
 
@@ -219,6 +223,9 @@ class ChatRun:
         replica = self._replica
         if self._engine_started and replica is not None and replica.engine is not None:
             await replica.engine.abort(self.request_id)
+        elif replica is not None:
+            # Waiting in the admission queue: leave it at once, the engine never sees it.
+            await self.manager.abort(self.request_id)
 
     async def _run(self) -> None:
         try:
@@ -256,49 +263,59 @@ class ChatRun:
         params = sampling_params(start.params)
         params.lora = replica.lora  # an adapter model decodes with its adapter
         request_id = self.request_id
-        async with manager.slot(replica, request_id):
-            assert replica.engine is not None
-            engine = replica.engine
-            try:
-                prompt = await render_prompt(replica, list(start.messages), start.prompt)
-            except asyncio.CancelledError:
-                count_end(replica, None, gone=True)  # a deadline or disconnect while rendering
-                raise
-            stream = engine.generate(request_id, prompt, params)
-            self._engine_started = True
-            aborted = False
-            finish_reason: str | None = None
-            gone = False
-            outbox = self.outbox
-            try:
-                async for chunk in stream:
-                    manager.progress += 1
-                    if self.cancelled and not aborted:
-                        # A cancel that came while the prompt was still being tokenized found
-                        # no request to abort; the engine knows it by now.
-                        aborted = await engine.abort(request_id) or chunk.finish_reason is not None
-                    if chunk.finish_reason is not None:
-                        finish_reason = chunk.finish_reason
-                        outbox.add(request_id, chunk)
-                        if self._deadline is not None:
-                            # Answered: the clean-up below must not turn it into an error.
-                            self._deadline.reschedule(None)
-                        break
-                    if chunk.delta or chunk.token_ids:
-                        outbox.add(request_id, chunk)
-            except (asyncio.CancelledError, GeneratorExit):
-                gone = True  # disconnect or deadline: the request went away mid-stream
-                raise
-            finally:
-                count_end(replica, finish_reason, gone)
-                # Closing the engine stream aborts the request in the engine (disconnect,
-                # deadline or cancel all land here) before the slot is released.
-                await stream.aclose()
-            if finish_reason is None:
-                raise Unavailable(
-                    f"the engine ended request {request_id} without a final message (it is "
-                    "stopping); retry on another replica"
-                )
+        try:
+            async with manager.slot(replica, request_id):
+                await self._decode(replica, params)
+        except AbortedWhileQueued:
+            # Cancelled or aborted while waiting for a slot: it ends like any aborted request.
+            count_end(replica, "aborted", gone=False)
+            self.outbox.add(request_id, GenerationChunk(finish_reason="aborted"))
+
+    async def _decode(self, replica: HostedReplica, params: SamplingParams) -> None:
+        """Render the prompt and stream the engine's output into the outbox (slot held)."""
+        start, manager, request_id = self.start, self.manager, self.request_id
+        assert replica.engine is not None
+        engine = replica.engine
+        try:
+            prompt = await render_prompt(replica, list(start.messages), start.prompt)
+        except asyncio.CancelledError:
+            count_end(replica, None, gone=True)  # a deadline or disconnect while rendering
+            raise
+        stream = engine.generate(request_id, prompt, params)
+        self._engine_started = True
+        aborted = False
+        finish_reason: str | None = None
+        gone = False
+        outbox = self.outbox
+        try:
+            async for chunk in stream:
+                manager.progress += 1
+                if self.cancelled and not aborted:
+                    # A cancel that came while the prompt was still being tokenized found
+                    # no request to abort; the engine knows it by now.
+                    aborted = await engine.abort(request_id) or chunk.finish_reason is not None
+                if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
+                    outbox.add(request_id, chunk)
+                    if self._deadline is not None:
+                        # Answered: the clean-up below must not turn it into an error.
+                        self._deadline.reschedule(None)
+                    break
+                if chunk.delta or chunk.token_ids:
+                    outbox.add(request_id, chunk)
+        except (asyncio.CancelledError, GeneratorExit):
+            gone = True  # disconnect or deadline: the request went away mid-stream
+            raise
+        finally:
+            count_end(replica, finish_reason, gone)
+            # Closing the engine stream aborts the request in the engine (disconnect,
+            # deadline or cancel all land here) before the slot is released.
+            await stream.aclose()
+        if finish_reason is None:
+            raise Unavailable(
+                f"the engine ended request {request_id} without a final message (it is "
+                "stopping); retry on another replica"
+            )
 
 
 def new_request_id() -> str:

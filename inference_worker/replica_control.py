@@ -91,6 +91,7 @@ class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
             replica.CopyFrom(status)
             if hosted is not None:
                 replica.inflight = hosted.inflight
+                replica.queued = self.manager.queued(hosted)
         return out
 
     @rpc_handler

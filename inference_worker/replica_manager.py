@@ -9,12 +9,19 @@ its node agent watches (``ReplicaService.WatchReplica``), which publishes it in 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmesh.common.backends import (
+    DEFAULT_QUEUE_FACTOR,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    check_infer_params,
+)
 from llmesh.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,6 +41,18 @@ FAILED = common_pb2.REPLICA_STATE_FAILED
 DRAINING = common_pb2.REPLICA_STATE_DRAINING
 
 ReplicaKey = tuple[str, int, int]  # (model, generation, index)
+
+
+class AbortedWhileQueued(Exception):
+    """A request left the admission queue by cancel or Abort before it reached the engine."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One request in a replica's admission queue; ``granted`` resolves when it gets a slot."""
+
+    request_id: str | None
+    granted: asyncio.Future[None]
 
 
 class StatusSink(Protocol):
@@ -62,6 +81,13 @@ class HostedReplica:
     base: HostedReplica | None = None
     # Requests on this replica's engine, its adapters' included (the engine's real load).
     engine_load: int = 0
+    # The admission queue of the engine (on the base replica; adapters wait in their base's):
+    # requests beyond max_concurrency wait here in FIFO order for a slot.
+    queue: collections.deque[_Waiter] = field(default_factory=collections.deque)
+    max_queue: int = 0
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT_S
+    # Mean seconds a request holds a slot (moving average), for the back-off a full queue names.
+    hold_s: float = 1.0
 
     @property
     def key(self) -> ReplicaKey:
@@ -135,50 +161,129 @@ class ReplicaManager:
     async def slot(
         self, replica: HostedReplica, request_id: str | None = None
     ) -> AsyncIterator[None]:
-        """Hold one of the replica's concurrency slots for the duration of a request."""
+        """Hold one of the replica's concurrency slots for the duration of a request.
+
+        When all ``max_concurrency`` slots are taken the request waits in the replica's FIFO
+        admission queue (``max_queue`` long, at most ``queue_timeout`` seconds); a slot that
+        frees goes to the head of the queue directly.
+
+        Raises:
+            Unavailable: the replica is draining (or started draining while the request waited).
+            ResourceExhausted: the queue is full, or the wait ran past ``queue_timeout``.
+            AlreadyExists: ``request_id`` is running (or waiting) already.
+            AbortedWhileQueued: cancelled by :meth:`abort` while waiting.
+        """
         if not replica.ready:
             raise Unavailable(
                 f"model {replica.status.model!r} is draining on this replica process; "
                 "retry on another replica"
             )
-        limit = replica.status.max_concurrency
-        # Adapters share their base replica's engine, so they share its concurrency limit.
-        owner = replica.base or replica
-        if owner.engine_load >= limit:
-            raise ResourceExhausted(
-                f"model {replica.status.model!r} replica {replica.status.index} is serving "
-                f"{replica.inflight} requests, its limit; retry later, deploy more replicas "
-                "(--num_workers) or raise infer_params max_concurrency"
+        if request_id is not None and request_id in self.requests:
+            raise AlreadyExists(
+                f"request id {request_id!r} is already running; use a unique request_id"
             )
+        # Adapters share their base replica's engine, so they share its slots and its queue.
+        owner = replica.base or replica
         if request_id is not None:
-            if request_id in self.requests:
-                raise AlreadyExists(
-                    f"request id {request_id!r} is already running; use a unique request_id"
-                )
             self.requests[request_id] = replica
             replica.request_ids.add(request_id)
+        try:
+            if owner.engine_load >= replica.status.max_concurrency or owner.queue:
+                await self._wait_in_line(replica, owner, request_id)
+            else:
+                owner.engine_load += 1
+        except BaseException:
+            if request_id is not None:
+                self.requests.pop(request_id, None)
+                replica.request_ids.discard(request_id)
+            raise
         replica.inflight += 1
-        owner.engine_load += 1
         replica.served += 1
         replica.idle.clear()
         self._mark(replica)
+        began = time.monotonic()
         try:
             yield
         finally:
             replica.inflight -= 1
-            owner.engine_load -= 1
             if request_id is not None:
                 self.requests.pop(request_id, None)
                 replica.request_ids.discard(request_id)
             if replica.inflight == 0:
                 replica.idle.set()
+            owner.hold_s += (time.monotonic() - began - owner.hold_s) * 0.1
+            self._release(owner)
             self._mark(replica)
 
+    async def _wait_in_line(
+        self, replica: HostedReplica, owner: HostedReplica, request_id: str | None
+    ) -> None:
+        """Queue for one of ``owner``'s engine slots; returns holding it."""
+        if len(owner.queue) >= owner.max_queue:
+            limit = replica.status.max_concurrency
+            backoff = max(0.1, owner.hold_s * (len(owner.queue) + 1) / max(limit, 1))
+            raise ResourceExhausted(
+                f"model {replica.status.model!r} replica {replica.status.index} is full: "
+                f"{owner.engine_load} requests running (max_concurrency {limit}) and "
+                f"{len(owner.queue)} waiting (max_queue {owner.max_queue}); back off about "
+                f"{backoff:.1f} s and retry, deploy more replicas (--num_workers) or raise "
+                "infer_params max_concurrency / max_queue"
+            )
+        waiter = _Waiter(request_id, asyncio.get_running_loop().create_future())
+        owner.queue.append(waiter)
+        self._mark(replica)
+        try:
+            async with asyncio.timeout(owner.queue_timeout):
+                await waiter.granted
+        except BaseException as exc:
+            granted = waiter.granted
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
+                self._release(owner)  # granted just as the wait ended: pass the slot on
+            if isinstance(exc, TimeoutError):
+                raise ResourceExhausted(
+                    f"request {request_id or '?'} waited {owner.queue_timeout:g} s in the queue "
+                    f"of model {replica.status.model!r} replica {replica.status.index} without "
+                    "a free slot; retry later or on another replica, or deploy more replicas"
+                ) from None
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                owner.queue.remove(waiter)
+            self._mark(replica)
+
+    def _release(self, owner: HostedReplica) -> None:
+        """Give a freed slot of ``owner``'s engine to the head of its queue, or free it."""
+        while owner.queue:
+            waiter = owner.queue.popleft()
+            if not waiter.granted.done():
+                waiter.granted.set_result(None)  # the slot moves over: engine_load stays
+                return
+        owner.engine_load -= 1
+
+    def fail_queue(self, owner: HostedReplica, error: BaseException) -> None:
+        """Fail every request waiting for ``owner``'s engine (it is draining or unloading)."""
+        while owner.queue:
+            waiter = owner.queue.popleft()
+            if not waiter.granted.done():
+                waiter.granted.set_exception(error)
+
     async def abort(self, request_id: str) -> bool:
+        """Stop a request by id: take it out of its queue, or abort it in the engine."""
         replica = self.requests.get(request_id)
-        if replica is None or replica.engine is None:
+        if replica is None:
+            return False
+        owner = replica.base or replica
+        for waiter in owner.queue:
+            if waiter.request_id == request_id and not waiter.granted.done():
+                waiter.granted.set_exception(AbortedWhileQueued(request_id))
+                return True
+        if replica.engine is None:
             return False
         return await replica.engine.abort(request_id)
+
+    def queued(self, replica: HostedReplica) -> int:
+        """Requests waiting for ``replica``'s engine (its base's queue for an adapter)."""
+        return len((replica.base or replica).queue)
 
     # ---- load / unload ----------------------------------------------------------------------
 
@@ -193,8 +298,12 @@ class ReplicaManager:
             keys, self._dirty = self._dirty, set()
             for key in keys:
                 r = self.replicas.get(key)
-                if r is not None and r.status.inflight != r.inflight:
+                if r is None:
+                    continue
+                queued = self.queued(r)
+                if r.status.inflight != r.inflight or r.status.queued != queued:
                     r.status.inflight = r.inflight
+                    r.status.queued = queued
                     await self.session.publish_replica(r.status)
             # Rate-limit: under load the count changes per request, etcd needn't see each one.
             await asyncio.sleep(self.publish_interval)
@@ -346,6 +455,11 @@ class ReplicaManager:
             return
         hosted.engine = engine
         status.max_concurrency = engine.max_concurrency
+        params = check_infer_params(model.backend or "transformers", dict(model.infer_params))
+        hosted.max_queue = int(
+            params.get("max_queue", DEFAULT_QUEUE_FACTOR * status.max_concurrency)
+        )
+        hosted.queue_timeout = float(params.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT_S))
         status.state = READY
         await self.session.publish_replica(status)
         log.info("%s replica %d READY", model.name, status.index)
@@ -359,6 +473,8 @@ class ReplicaManager:
             # Not ready any more: no adapter starts riding on it from here on.
             hosted.status.state = DRAINING
             await self.session.publish_replica(hosted.status)
+        if hosted.base is None:
+            self.fail_queue(hosted, _draining(hosted))
         # Adapters riding on this replica's engine go first (each drains its own requests).
         riders = [r.key for r in self.replicas.values() if r.base is hosted]
         for rider in riders:
@@ -391,6 +507,8 @@ class ReplicaManager:
             if hosted.status.state == READY:
                 hosted.status.state = DRAINING
                 await self.session.publish_replica(hosted.status)
+            if hosted.base is None:
+                self.fail_queue(hosted, _draining(hosted))
         waits = [h.idle.wait() for h in self.replicas.values()]
         if waits:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -411,3 +529,10 @@ class ReplicaManager:
                 with contextlib.suppress(Exception):
                     await hosted.engine.stop()
         self.replicas.clear()
+
+
+def _draining(hosted: HostedReplica) -> Unavailable:
+    return Unavailable(
+        f"model {hosted.status.model!r} replica {hosted.status.index} started draining while "
+        "the request waited for a slot; retry on another replica"
+    )

@@ -307,6 +307,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 "served_requests": str(replica.served),
                 "aborted_requests": str(replica.aborted),
                 "inflight_requests": str(replica.inflight),
+                "queued_requests": str(self.manager.queued(replica)),
                 "tracked_request_ids": str(len(self.manager.requests)),
                 "engine_active_requests": str(len(replica.engine.active_requests())),
                 # Requests on the engine this model runs on, its adapters' included.

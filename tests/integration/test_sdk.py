@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from llmesh import ByzerLLM
-from llmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from llmesh.common.errors import DeadlineExceeded, InvalidArgument, NotFound
 
 from .conftest import Mesh
 
@@ -200,19 +200,21 @@ def test_sdk_errors_are_typed(sdk_mesh: Any) -> None:
         llm.chat_oai([{"role": "user", "content": "word " * 5000}], model="chat")
 
 
-def test_over_capacity_raises_resource_exhausted(sdk_mesh: Any) -> None:
-    _, llm = sdk_mesh
+def test_over_capacity_waits_in_line_until_its_deadline(sdk_mesh: Any) -> None:
+    mesh, llm = sdk_mesh
     cfg = {"max_length": 1500, "ignore_eos": True}
-    # 2 replicas x max_concurrency 4 = 8 slots: hold them all, the ninth is refused.
+    # 2 replicas x max_concurrency 4 = 8 slots: hold them all; the ninth waits in a queue
+    # (instead of bouncing) until its own deadline passes.
     held = [llm.stream_chat_oai(HELLO, model="chat", llm_config=cfg) for _ in range(8)]
     for s in held:
         next(s)
     try:
-        with pytest.raises(ResourceExhausted, match="max_concurrency"):
-            llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 2})
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 2, "timeout_s": 1})
     finally:
         for s in held:
             s.close()
+    assert mesh.wait_idle(10)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from llmesh.v1 import common_pb2, control_plane_service_pb2_grpc, inference_serv
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import inference_service_pb2 as inf
 
-from .conftest import Mesh, wait_replica_idle
+from .conftest import Mesh, replica_stats, wait_replica_idle
 
 
 def _params(max_tokens: int, *, ignore_eos: bool = True) -> common_pb2.GenerationParams:
@@ -146,16 +146,21 @@ def test_deadline_frees_slot(stub: Any, served: Any) -> None:
     _wait_idle(served)
 
 
-def test_over_capacity_is_resource_exhausted(stub: Any, served: Any) -> None:
+def test_over_capacity_waits_in_line_for_a_free_slot(stub: Any, served: Any) -> None:
+    _, worker = served
+    address = worker.replica_address("chat")
     held = [ChatCall(stub, _start()) for _ in range(2)]
     for h in held:
         next(h.call)
-    extra = ChatCall(stub, _start())
-    with pytest.raises(grpc.RpcError) as err:
-        list(extra.call)
+    extra = ChatCall(stub, _start(params=_params(4)))
+    deadline = time.monotonic() + 10
+    while replica_stats(address, "chat")["queued_requests"] != "1":
+        assert time.monotonic() < deadline, "the third request never queued"
+        time.sleep(0.05)
+    held[0].cancel_message()  # a slot frees: the queued request takes it
+    responses = list(extra.call)
     extra.close_requests()
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_concurrency" in err.value.details()
+    assert responses[-1].finished and responses[-1].usage.completion_tokens == 4
     for h in held:
         h.call.cancel()
         h.close_requests()

@@ -89,7 +89,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation", "devices", "pid")
+    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation", "devices", "pid", "queued")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Replica(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     model: str
     index: int
     worker_id: str
@@ -112,4 +113,5 @@ class Replica(_message.Message):
     generation: int
     devices: _containers.RepeatedScalarFieldContainer[str]
     pid: int
-    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ...) -> None: ...
+    queued: int
+    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
