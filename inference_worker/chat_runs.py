@@ -21,7 +21,13 @@ import grpc
 from google.protobuf import json_format
 
 from llmesh.common import tracing
-from llmesh.common.errors import DeadlineExceeded, InvalidArgument, Unavailable, status_for
+from llmesh.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    status_for,
+)
 from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     SamplingParams,
@@ -262,6 +268,15 @@ class ChatRun:
         self._replica = replica
         params = sampling_params(start.params)
         params.lora = replica.lora  # an adapter model decodes with its adapter
+        if start.resume_token_ids:
+            engine = replica.engine
+            if engine is None or not engine.supports_resume:
+                raise FailedPrecondition(
+                    f"model {start.model!r} (backend {replica.model.backend or 'transformers'}) "
+                    "cannot continue a request another replica started; it can only be retried "
+                    "from the start"
+                )
+            params.resume_token_ids = list(start.resume_token_ids)
         request_id = self.request_id
         try:
             async with manager.slot(replica, request_id):

@@ -79,6 +79,9 @@ class SamplingParams:
     structured_output: StructuredOutput | None = None
     # Name of a LoRA adapter loaded with Engine.add_lora; None decodes with the base model.
     lora: str | None = None
+    # Token ids another replica generated before it was lost (ChatStart.resume_token_ids):
+    # the engine continues after them as if it had generated them itself.
+    resume_token_ids: list[int] = field(default_factory=list)
 
 
 def check_sampling_params(params: SamplingParams, *, vocab_size: int) -> bool:
@@ -163,6 +166,9 @@ class Engine(abc.ABC):
 
     Operations an engine does not offer raise :class:`llmesh.errors.Unimplemented`.
     """
+
+    #: ``generate`` honours ``SamplingParams.resume_token_ids`` (mid-stream failover lands here).
+    supports_resume: bool = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
