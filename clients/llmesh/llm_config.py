@@ -17,6 +17,10 @@ from llmesh.v1 import common_pb2
 CONFIG_PREFIXES = ("gen.", "generation.")
 #: Spellings of the output-length limit, most specific first.
 MAX_TOKENS_KEYS = ("max_tokens", "max_new_tokens", "max_length")
+#: Times a stream that breaks after output moves to another replica, unless ``max_migrations``
+#: says otherwise.
+DEFAULT_MAX_MIGRATIONS = 3
+
 #: Byzer-LLM's internal flags that mean nothing to a worker.
 _DROPPED_KEYS = frozenset({"stream", "abort"})
 
@@ -30,12 +34,15 @@ class GenerationConfig:
         request_id: the caller's request id (``gen.request_id``), or "" to let the SDK make one.
         timeout: deadline for the call in seconds (``timeout_s``), or None.
         affinity_key: requests with the same key go to the same replica (``affinity_key``).
+        max_migrations: how many times a stream that breaks after output may move to another
+            replica and continue where it was (``max_migrations``; 0 turns it off).
     """
 
     params: common_pb2.GenerationParams
     request_id: str = ""
     timeout: float | None = None
     affinity_key: str = ""
+    max_migrations: int = DEFAULT_MAX_MIGRATIONS
 
 
 def strip_config_prefix(key: str) -> str:
@@ -105,7 +112,8 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
     ``stop_token_ids`` (int or list; Byzer-LLM's ``stopping_sequences`` is read as ``stop``),
     ``repetition_penalty``, ``seed``; ``request_id`` names the request (for ``abort``);
     ``timeout_s`` sets the call deadline; ``affinity_key`` keeps related requests on one
-    replica. Keys set to None are skipped. Every other key goes to ``params.extra`` for engines
+    replica; ``max_migrations`` bounds how often a broken stream moves to another replica.
+    Keys set to None are skipped. Every other key goes to ``params.extra`` for engines
     that understand it.
 
     Args:
@@ -148,6 +156,10 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
                 raise InvalidArgument(f"llm_config[{key!r}] must be positive, got {value!r}")
         elif key == "affinity_key":
             out.affinity_key = str(value)
+        elif key == "max_migrations":
+            out.max_migrations = as_int(key, value)
+            if out.max_migrations < 0:
+                raise InvalidArgument(f"llm_config[{key!r}] must be 0 or more, got {value!r}")
         elif key in _DROPPED_KEYS:
             continue
         else:

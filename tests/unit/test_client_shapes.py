@@ -217,8 +217,10 @@ def test_progress_accumulates_text_and_metadata() -> None:
         "time_cost",
         "first_token_time",
         "speed",
+        "migrations",
     }
     assert meta["time_cost"] >= meta["first_token_time"] >= 0
+    assert meta["migrations"] == 0
 
 
 def test_to_chat_messages() -> None:
@@ -633,3 +635,35 @@ def test_calls_after_close_say_so() -> None:
     llm.close()
     with pytest.raises(FailedPrecondition, match="closed"):
         llm.list_models()
+
+
+def test_failover_moves_a_stream_that_broke_after_output(routes: RouteCache) -> None:
+    import collections
+
+    start = inf.ChatStart(model="chat", request_id="r1")
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    moved: list[int] = []
+    failover = channels.Failover(start, 2, routes, counts, lambda: moved.append(1))
+    attempts = channels.Attempts()
+    a, b = _replica(0, "a:1"), _replica(1, "b:1")
+    lost = Unavailable("worker a is gone")
+    # Nothing received yet: that is a plain retry (Attempts), not a move.
+    assert not failover.move(attempts, a, lost)
+    failover.received([inf.ChatResponse(token_ids=[5, 6]), inf.ChatResponse(token_ids=[7])])
+    assert failover.move(attempts, a, lost)
+    assert list(start.resume_token_ids) == [5, 6, 7] and moved == [1]
+    assert replica_id(a) in attempts.tried and routes.is_down("a:1")
+    assert attempts.last_error is lost
+    # The request's own fault is never moved.
+    assert not failover.move(attempts, b, InvalidArgument("bad"))
+    # A replica that cannot continue it: the caller gets the failure that made it move.
+    assert failover.refused(FailedPrecondition("cannot continue")) is lost
+    failover.received([inf.ChatResponse(token_ids=[8])])
+    assert failover.move(attempts, b, Unavailable("b is gone too"))
+    assert list(start.resume_token_ids) == [5, 6, 7, 8]
+    # max_migrations (2) reached: the third break is raised.
+    assert not failover.move(attempts, a, Unavailable("again"))
+    assert counts[("chat", "failed")] >= 1
+    fresh = channels.Failover(inf.ChatStart(model="chat"), 0, routes, counts)
+    fresh.received([inf.ChatResponse(token_ids=[1])])
+    assert not fresh.move(channels.Attempts(), a, lost)  # max_migrations 0 turns it off

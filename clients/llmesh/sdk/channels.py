@@ -11,6 +11,7 @@ replica.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import weakref
@@ -31,6 +32,7 @@ from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
 from llmesh.sdk.sessions import IoLoop, Sessions
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
+from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,91 @@ class Attempts:
             raise exc
         log.debug("replica %s of %s failed (%s); trying another", replica.index, replica.model, exc)
         self.last_error = exc
+
+
+class Failover:
+    """Mid-stream failover of one chat request: what it generated so far and where it moved.
+
+    When a stream breaks with UNAVAILABLE after output arrived (the replica died, its
+    connection reset, it was stopped), the request is started again on another READY replica
+    with ``ChatStart.resume_token_ids`` set to every token id received so far; that replica
+    continues from exactly there, so the caller's stream goes on without a repeat or a gap.
+
+    Args:
+        start: the request (its ``resume_token_ids`` are set here on each move).
+        max_migrations: moves allowed; 0 turns failover off.
+        routes: the route cache, told to avoid the replica that failed.
+        counts: where moves are counted per (model, outcome).
+        on_migrate: called once per move (the caller's metadata counts them).
+    """
+
+    def __init__(
+        self,
+        start: inf.ChatStart,
+        max_migrations: int,
+        routes: RouteCache,
+        counts: collections.Counter[tuple[str, str]],
+        on_migrate: Callable[[], None] | None = None,
+    ) -> None:
+        self.start = start
+        self.max_migrations = max_migrations
+        self.routes = routes
+        self.counts = counts
+        self.on_migrate = on_migrate
+        self.generated: list[int] = []
+        self.migrations = 0
+        #: The failure that made the request move last (raised if the move cannot be made).
+        self.cause: LLMeshError | None = None
+
+    def received(self, batch: list[inf.ChatResponse]) -> None:
+        """Remember the token ids of a batch of responses."""
+        for response in batch:
+            self.generated.extend(response.token_ids)
+
+    def move(self, attempts: Attempts, replica: common_pb2.Replica, exc: BaseException) -> bool:
+        """Whether the request moves to another replica after ``exc`` broke its stream on
+        ``replica``; when it does, the next start carries the resume record."""
+        if (
+            not isinstance(exc, Unavailable)
+            or not self.generated
+            or self.migrations >= self.max_migrations
+        ):
+            if self.migrations and self.generated:
+                self.counts[(self.start.model, "failed")] += 1
+            return False
+        attempts.tried.add(replica_id(replica))
+        attempts.retried_unavailable = False  # the new replica gets its own retry before output
+        # With no replica left to move to, the pick raises this failure.
+        attempts.last_error = exc
+        self.routes.mark_down(replica.address)
+        del self.start.resume_token_ids[:]
+        self.start.resume_token_ids.extend(self.generated)
+        self.migrations += 1
+        self.cause = exc
+        log.info(
+            "request %s on %s replica %d broke after %d tokens (%s); moving it",
+            self.start.request_id,
+            replica.model,
+            replica.index,
+            len(self.generated),
+            exc,
+        )
+        if self.on_migrate is not None:
+            self.on_migrate()
+        return True
+
+    def refused(self, exc: LLMeshError) -> LLMeshError:
+        """The error to raise when a resumed start failed with ``exc`` before output: the
+        original failure when the new replica cannot continue the request."""
+        if self.migrations and isinstance(exc, FailedPrecondition) and self.cause is not None:
+            self.counts[(self.start.model, "failed")] += 1
+            return self.cause
+        return exc
+
+    def finished(self) -> None:
+        """The request ended well; count it if it had moved."""
+        if self.migrations:
+            self.counts[(self.start.model, "resumed")] += 1
 
 
 def name_worker(replica: common_pb2.Replica, exc: LLMeshError) -> LLMeshError:
@@ -197,6 +284,8 @@ class Router:
         self.sessions = Sessions(self.aio_worker)
         #: The event loop thread the sync API runs its sessions on.
         self.io = IoLoop()
+        #: Mid-stream failovers per (model, outcome: "resumed" or "failed").
+        self.migrations: collections.Counter[tuple[str, str]] = collections.Counter()
         self.closed = False
 
     def close(self) -> None:
@@ -259,6 +348,15 @@ class Router:
     def attempt(self, attempts: Attempts, replica: common_pb2.Replica) -> Attempt:
         """One try on ``replica`` (see :class:`Attempt`)."""
         return Attempt(self.routes, attempts, replica)
+
+    def failover(
+        self,
+        start: inf.ChatStart,
+        max_migrations: int,
+        on_migrate: Callable[[], None] | None = None,
+    ) -> Failover:
+        """Failover bookkeeping for one chat request (see :class:`Failover`)."""
+        return Failover(start, max_migrations, self.routes, self.migrations, on_migrate)
 
     def live_addresses(self, model: str) -> list[str]:
         """Addresses of the workers with a READY or DRAINING replica of ``model``."""

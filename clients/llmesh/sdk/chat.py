@@ -239,7 +239,7 @@ class ChatMixin(Settings):
     ) -> Steps[ChatProgress]:
         progress = ChatProgress(start.request_id)
         try:
-            yield ChatStream(model, start, config, progress.add)
+            yield ChatStream(model, start, config, progress.add, progress.migrated)
         except (Unimplemented, FailedPrecondition) as exc:
             # An engine that cannot enforce the schema: the prompt alone has to do.
             if not _structured_refused(start, exc):
@@ -317,7 +317,7 @@ class ChatMixin(Settings):
         )
         # Fed here, not through a second generator: this runs once per batch of deltas.
         texts = TextStream(start.request_id, self.clean_func_of(name))
-        stream = self.aio_transport.chat_batches(name, start, config)
+        stream = self.aio_transport.chat_batches(name, start, config, texts.progress.migrated)
         async with contextlib.aclosing(stream) as batches:
             async for batch in batches:
                 item = texts.feed(batch)

@@ -91,6 +91,8 @@ class ChatStream:
     start: inf.ChatStart
     config: GenerationConfig
     sink: Callable[[inf.ChatResponse], None]
+    #: Called each time the request moves to another replica mid-stream.
+    on_migrate: Callable[[], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

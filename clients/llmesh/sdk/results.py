@@ -112,6 +112,8 @@ class ChatProgress:
         self.prompt_tokens = 0
         self.finish_reason: str | None = None
         self.finished = False
+        #: Times the request moved to another replica mid-stream (failover).
+        self.migrations = 0
 
     def add(self, response: inf.ChatResponse) -> None:
         """Take one Chat response into account."""
@@ -130,6 +132,10 @@ class ChatProgress:
             if response.HasField("usage"):
                 self.prompt_tokens = response.usage.prompt_tokens
                 self.generated = response.usage.completion_tokens or self.generated
+
+    def migrated(self) -> None:
+        """The request moved to another replica and continues there."""
+        self.migrations += 1
 
     @property
     def text(self) -> str:
@@ -151,6 +157,7 @@ class ChatProgress:
             "time_cost": elapsed,
             "first_token_time": first,
             "speed": self.generated / elapsed if elapsed > 0 else 0.0,
+            "migrations": self.migrations,
         }
 
 

@@ -78,6 +78,19 @@ def _deadline(timeout: float | None, now: float) -> float | None:
     return None if timeout is None else now + timeout + DEADLINE_GRACE_S
 
 
+def _left(ends: float | None, now: float, request_id: str, timeout: float | None) -> float | None:
+    """Seconds left of a request's deadline (one deadline across its retries and moves)."""
+    if ends is None:
+        return None
+    left = ends - now
+    if left <= 0:
+        raise DeadlineExceeded(
+            f"request {request_id} ran past its deadline of {timeout:g} s while moving to "
+            "another replica; allow more time (timeout_s)"
+        )
+    return left
+
+
 def _drain(inbox: ThreadInbox) -> None:
     """Wait briefly for a cancelled request's final message (or error)."""
     deadline = time.monotonic() + CANCEL_GRACE_S
@@ -174,7 +187,7 @@ class SyncTransport:
             raise self.router.unavailable_control_plane(exc) from exc
 
     def _chat(self, op: ChatStream) -> None:
-        for batch in self.chat_batches(op.model, op.start, op.config):
+        for batch in self.chat_batches(op.model, op.start, op.config, op.on_migrate):
             for response in batch:
                 op.sink(response)
 
@@ -193,54 +206,73 @@ class SyncTransport:
             return list(pool.map(self.run, op.steps))
 
     def chat_batches(
-        self, model: str, start: inf.ChatStart, config: GenerationConfig
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        on_migrate: Callable[[], None] | None = None,
     ) -> Iterator[list[inf.ChatResponse]]:
-        """Yield a request's responses as they arrive, retrying on another replica before any
-        output. Each item holds everything that arrived since the previous one (several
-        responses when the caller was slower than the worker).
+        """Yield a request's responses as they arrive. Each item holds everything that arrived
+        since the previous one (several responses when the caller was slower than the worker).
 
-        The request runs on the replica's ChatSession, which the SDK's I/O loop thread keeps
-        open; this thread only waits for its output. Closing this generator early cancels the
-        request on the worker.
+        Before any output a failed try goes to another replica (see :class:`Attempts`); after
+        output a stream that breaks with UNAVAILABLE moves to another replica and continues
+        where it was (see :class:`~llmesh.sdk.channels.Failover`), so the caller sees one
+        uninterrupted stream. The request runs on the replica's ChatSession, which the SDK's
+        I/O loop thread keeps open; this thread only waits for its output. Closing this
+        generator early cancels the request on the worker.
 
         Args:
             model: the model.
             start: the request; its ``replica`` is set to the replica chosen, its
-                ``request_id`` when empty.
-            config: the call's timeout and affinity key.
+                ``request_id`` when empty, its ``resume_token_ids`` when it moves.
+            config: the call's timeout, affinity key and ``max_migrations``.
+            on_migrate: called each time the request moves to another replica.
         """
         attempts = Attempts()
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
         request_id = start.request_id
         io = self.router.io
+        failover = self.router.failover(start, config.max_migrations, on_migrate)
+        ends = None if config.timeout is None else time.monotonic() + config.timeout
         while True:
+            timeout = _left(ends, time.monotonic(), request_id, config.timeout)
             replica = self.router.pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
             start.replica = replica.index
             address = replica.address
-            with self.router.attempt(attempts, replica) as attempt:
-                inbox = ThreadInbox()
-                with client_span("InferenceService/ChatSession") as metadata:
-                    carrier = dict(metadata)
-                # A copy: the I/O thread sends it later, and a retry changes ``replica``.
-                sent = inf.ChatStart()
-                sent.CopyFrom(start)
-                io.call(self._session_start, address, sent, inbox, config.timeout, carrier)
-                deadline = _deadline(config.timeout, time.monotonic())
-                finished = False
-                try:
-                    while not finished:
-                        batch = inbox.next(remaining(deadline))
-                        attempt.received = True
-                        finished = batch[-1].finished
-                        yield batch
-                finally:
-                    with contextlib.suppress(FailedPrecondition):  # the client was closed
-                        if not finished:
-                            io.call(self._session_call, address, "cancel", request_id, inbox)
-                            _drain(inbox)
-                        io.call(self._session_call, address, "forget", request_id, inbox)
-                return
+            try:
+                with self.router.attempt(attempts, replica) as attempt:
+                    inbox = ThreadInbox()
+                    with client_span("InferenceService/ChatSession") as metadata:
+                        carrier = dict(metadata)
+                    # A copy: the I/O thread sends it later, and a retry changes ``replica``.
+                    sent = inf.ChatStart()
+                    sent.CopyFrom(start)
+                    io.call(self._session_start, address, sent, inbox, timeout, carrier)
+                    deadline = _deadline(timeout, time.monotonic())
+                    finished = False
+                    try:
+                        while not finished:
+                            batch = inbox.next(remaining(deadline))
+                            attempt.received = True
+                            failover.received(batch)
+                            finished = batch[-1].finished
+                            yield batch
+                    finally:
+                        with contextlib.suppress(FailedPrecondition):  # the client was closed
+                            if not finished:
+                                io.call(self._session_call, address, "cancel", request_id, inbox)
+                                _drain(inbox)
+                            io.call(self._session_call, address, "forget", request_id, inbox)
+                    failover.finished()
+                    return
+            except LLMeshError as exc:
+                if not failover.move(attempts, replica, exc):
+                    error = failover.refused(exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
 
     def _session_start(
         self,
@@ -273,7 +305,7 @@ class SyncTransport:
         """:meth:`chat_batches` as ``stream_chat_oai`` items (see :class:`TextStream`): one
         item per batch, so a caller slower than the worker gets the text so far at once."""
         texts = TextStream(start.request_id, clean)
-        stream = self.chat_batches(model, start, config)
+        stream = self.chat_batches(model, start, config, texts.progress.migrated)
         try:
             for batch in stream:
                 item = texts.feed(batch)
@@ -418,7 +450,7 @@ class AsyncTransport:
             raise self.router.unavailable_control_plane(exc) from exc
 
     async def _chat(self, op: ChatStream) -> None:
-        batches = self.chat_batches(op.model, op.start, op.config)
+        batches = self.chat_batches(op.model, op.start, op.config, op.on_migrate)
         async with contextlib.aclosing(batches) as stream:
             async for batch in stream:
                 for response in batch:
@@ -437,10 +469,14 @@ class AsyncTransport:
         return list(await asyncio.gather(*(self.run(s) for s in op.steps)))
 
     async def chat_batches(
-        self, model: str, start: inf.ChatStart, config: GenerationConfig
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        on_migrate: Callable[[], None] | None = None,
     ) -> AsyncIterator[list[inf.ChatResponse]]:
         """:meth:`SyncTransport.chat_batches` on the running loop's session to the replica: the
-        same replica choice, retry rules and cancel path, no thread.
+        same replica choice, retry and failover rules and cancel path, no thread.
 
         Closing the generator (``aclose``) cancels the request on the worker; cancellation of
         the calling task propagates after the cancel was sent.
@@ -450,31 +486,41 @@ class AsyncTransport:
             start.request_id = uuid.uuid4().hex
         request_id = start.request_id
         loop = asyncio.get_running_loop()
+        failover = self.router.failover(start, config.max_migrations, on_migrate)
+        ends = None if config.timeout is None else loop.time() + config.timeout
         while True:
+            timeout = _left(ends, loop.time(), request_id, config.timeout)
             replica = await self._pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
             start.replica = replica.index
-            with self.router.attempt(attempts, replica) as attempt:
-                session = self.router.sessions.get(replica.address)
-                inbox = AsyncInbox()
-                with client_span("InferenceService/ChatSession") as metadata:
-                    session.start(
-                        start, inbox, timeout=config.timeout, trace_context=dict(metadata)
-                    )
-                deadline = _deadline(config.timeout, loop.time())
-                finished = False
-                try:
-                    while not finished:
-                        batch = await inbox.next(deadline)
-                        attempt.received = True
-                        finished = batch[-1].finished
-                        yield batch
-                finally:
-                    if not finished:
-                        session.cancel(request_id, inbox)
-                        with contextlib.suppress(Exception):
-                            await _adrain(inbox, loop.time() + CANCEL_GRACE_S)
-                    session.forget(request_id, inbox)
-                return
+            try:
+                with self.router.attempt(attempts, replica) as attempt:
+                    session = self.router.sessions.get(replica.address)
+                    inbox = AsyncInbox()
+                    with client_span("InferenceService/ChatSession") as metadata:
+                        session.start(start, inbox, timeout=timeout, trace_context=dict(metadata))
+                    deadline = _deadline(timeout, loop.time())
+                    finished = False
+                    try:
+                        while not finished:
+                            batch = await inbox.next(deadline)
+                            attempt.received = True
+                            failover.received(batch)
+                            finished = batch[-1].finished
+                            yield batch
+                    finally:
+                        if not finished:
+                            session.cancel(request_id, inbox)
+                            with contextlib.suppress(Exception):
+                                await _adrain(inbox, loop.time() + CANCEL_GRACE_S)
+                        session.forget(request_id, inbox)
+                    failover.finished()
+                    return
+            except LLMeshError as exc:
+                if not failover.move(attempts, replica, exc):
+                    error = failover.refused(exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
 
     async def watch_training_job(
         self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
