@@ -118,6 +118,14 @@ class ByzerLLM(
         """Stop the route watches and close every channel. Safe to call twice."""
         self.router.close()
 
+    def migration_counts(self) -> dict[tuple[str, str], int]:
+        """Mid-stream failovers this client made, per ``(model, outcome)``.
+
+        ``outcome`` is ``"resumed"`` (the request moved and finished on another replica) or
+        ``"failed"`` (it moved at least once and still failed).
+        """
+        return dict(self.router.migrations)
+
     def __enter__(self) -> ByzerLLM:
         return self
 
