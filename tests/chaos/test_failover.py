@@ -21,7 +21,9 @@ from typing import Any
 import pytest
 
 from llmesh import ByzerLLM
+from llmesh.inference_worker.replica_process import STALL_ENV
 from llmesh.v1 import common_pb2
+from tests.chaos.procs import Child, inference_worker
 from tests.integration.conftest import Mesh, replica_stats
 
 STREAMS = 16
@@ -56,7 +58,7 @@ def _config(i: int, sampling: str) -> dict[str, Any]:
 
 
 async def _run_all(
-    llm: ByzerLLM, sampling: str, kill: Any = None
+    llm: ByzerLLM, sampling: str, kill: Any = None, model: str = "chat"
 ) -> list[tuple[str, dict[str, Any]]]:
     """Run the streams concurrently; ``kill()`` once every stream has produced output."""
     started = [asyncio.Event() for _ in range(STREAMS)]
@@ -64,7 +66,7 @@ async def _run_all(
     async def one(i: int) -> tuple[str, dict[str, Any]]:
         item: tuple[str, Any] = ("", {})
         async for item in llm.async_stream_chat_oai(
-            _messages(i), model="chat", llm_config=_config(i, sampling)
+            _messages(i), model=model, llm_config=_config(i, sampling)
         ):
             if item[1].get("generated_tokens_count", 0) >= 10:
                 started[i].set()
@@ -119,3 +121,68 @@ def _wait_ready(llm: ByzerLLM, timeout: float = 120) -> None:
             return
         time.sleep(0.5)
     raise AssertionError("the killed replica did not come back READY")
+
+
+@pytest.fixture
+def agent_mesh(
+    etcd_server: Any, test_model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[Mesh, ByzerLLM, Child]]:
+    """w0 a node agent in its own process (so it can be SIGKILLed), w1 in-process."""
+    namespace = f"/llmesh-chaos-agent-{uuid.uuid4().hex[:6]}"
+    mesh = Mesh(etcd_server.endpoint, namespace)
+    address = mesh.start_control_plane()
+    agent = inference_worker(etcd_server.endpoint, namespace, "w0", tmp_path)
+    mesh.start_worker("w1", cpus=2)
+    llm = ByzerLLM(control_plane=address)
+    llm.setup_num_workers(2).setup_cpus_per_worker(1).setup_infer_backend("transformers")
+    llm.deploy(str(test_model_dir), "custom/llama", "chat", {"max_concurrency": STREAMS})
+    yield mesh, llm, agent
+    llm.close()
+    agent.kill()
+    mesh.close()
+
+
+def test_killing_a_node_agent_under_load_fails_nothing_and_changes_no_answer(
+    agent_mesh: Any,
+) -> None:
+    """SIGKILL the agent: its replica processes die with it (PDEATHSIG), and their streams
+    move to the other worker's replica."""
+    _, llm, agent = agent_mesh
+    reference = asyncio.run(_run_all(llm, "greedy"))
+    results = asyncio.run(_run_all(llm, "greedy", kill=agent.kill))
+    assert any(m["migrations"] for _, m in results), results
+    assert [t for t, _ in results] == [t for t, _ in reference]
+    assert all(m["generated_tokens_count"] == TOKENS for _, m in results)
+
+
+def test_a_wedged_replicas_requests_move_and_it_is_restarted(
+    etcd_server: Any, test_model_dir: Path
+) -> None:
+    """The engine of w0's replica stops producing (a hung kernel): the agent sees no progress
+    for 2 s, kills and restarts it, and its streams continue on w1's replica."""
+    mesh = Mesh(etcd_server.endpoint, f"/llmesh-chaos-wedge-{uuid.uuid4().hex[:6]}")
+    try:
+        address = mesh.start_control_plane()
+        mesh.start_worker("w1", cpus=2)
+        with ByzerLLM(control_plane=address) as llm:
+            llm.setup_num_workers(1).setup_cpus_per_worker(1).setup_infer_backend("transformers")
+            llm.deploy(str(test_model_dir), "custom/llama", "ref", {"max_concurrency": STREAMS})
+            reference = asyncio.run(_run_all(llm, "greedy", model="ref"))
+            llm.undeploy("ref", wait=True)
+            # After 40 chunks in its process, w0's engine stops producing output for good.
+            mesh.start_worker("w0", cpus=2, wedge_timeout=2, replica_env={STALL_ENV: "40"})
+            llm.setup_num_workers(2)
+            llm.deploy(str(test_model_dir), "custom/llama", "chat", {"max_concurrency": STREAMS})
+            first = {r.worker_id: r.pid for r in llm.get_model("chat").replicas}
+            results = asyncio.run(_run_all(llm, "greedy"))
+            assert any(m["migrations"] for _, m in results), results
+            assert [t for t, _ in results] == [t for t, _ in reference]
+            deadline = time.monotonic() + 60
+            while True:
+                now = {r.worker_id: r for r in llm.get_model("chat").replicas}
+                if now["w0"].pid not in (0, first["w0"]):
+                    break  # restarted in a new process
+                assert time.monotonic() < deadline, now
+                time.sleep(0.5)
+    finally:
+        mesh.close()

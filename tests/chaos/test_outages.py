@@ -12,69 +12,22 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmesh import ByzerLLM
 from llmesh.common.errors import LLMeshError, Unavailable
 from llmesh.common.local_etcd import LocalEtcd
-from llmesh.common.process import free_port
 from llmesh.v1 import common_pb2
+from tests.chaos.procs import Child, control_plane
 from tests.integration.conftest import Mesh
 
 STREAMS = 16
-
-
-class ControlPlane:
-    """``llmesh control-plane`` as a child process (so it can be SIGKILLed)."""
-
-    def __init__(self, etcd: str, namespace: str, log_dir: Path) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        self.log = open(log_dir / f"cp-{self.address.rsplit(':', 1)[1]}.log", "wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llmesh",
-                "control-plane",
-                "--listen",
-                self.address,
-                "--etcd",
-                etcd,
-                "--namespace",
-                namespace,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        channel = grpc.insecure_channel(self.address)
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                break
-            except grpc.RpcError:
-                assert self.proc.poll() is None, "the control plane exited; see its log"
-                assert time.monotonic() < deadline, "the control plane did not come up"
-                time.sleep(0.2)
-        channel.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +46,7 @@ def outage_mesh(
 ) -> Iterator[dict[str, Any]]:
     namespace = f"/llmesh-outage-{uuid.uuid4().hex[:6]}"
     log_dir = tmp_path_factory.mktemp("chaos-logs")
-    cp = ControlPlane(own_etcd.endpoint, namespace, log_dir)
+    cp = control_plane(own_etcd.endpoint, namespace, log_dir)
     mesh = Mesh(own_etcd.endpoint, namespace)
     mesh.start_worker("w0", cpus=2)
     mesh.start_worker("w1", cpus=2)
@@ -118,7 +71,7 @@ def _ask(llm: ByzerLLM, i: int, tokens: int) -> dict[str, Any]:
 
 def test_killing_the_control_plane_under_load_fails_no_request(outage_mesh: Any) -> None:
     llm: ByzerLLM = outage_mesh["llm"]
-    cp: ControlPlane = outage_mesh["cp"]
+    cp: Child = outage_mesh["cp"]
     assert _ask(llm, 0, 4)["generated_tokens_count"] == 4  # routes cached
 
     async def load() -> list[int]:
@@ -143,7 +96,7 @@ def test_killing_the_control_plane_under_load_fails_no_request(outage_mesh: Any)
     # New requests keep routing from the cache while no control plane runs.
     assert _ask(llm, 1, 4)["generated_tokens_count"] == 4
     # A new control plane picks up where etcd says.
-    new = ControlPlane(outage_mesh["etcd"].endpoint, outage_mesh["ns"], outage_mesh["logs"])
+    new = control_plane(outage_mesh["etcd"].endpoint, outage_mesh["ns"], outage_mesh["logs"])
     outage_mesh["cp"] = new
     with ByzerLLM(control_plane=new.address) as fresh:
         replicas = fresh.get_model("chat").replicas
@@ -154,12 +107,12 @@ def test_killing_the_control_plane_under_load_fails_no_request(outage_mesh: Any)
 
 def test_freezing_etcd_under_load_fails_no_inference_request(outage_mesh: Any) -> None:
     etcd: LocalEtcd = outage_mesh["etcd"]
-    cp: ControlPlane = outage_mesh["cp"]  # the one running now (the previous test replaced it)
+    cp: Child = outage_mesh["cp"]  # the one running now (the previous test replaced it)
     with ByzerLLM(control_plane=cp.address) as llm:
         _freeze_etcd_under_load(llm, etcd, cp)
 
 
-def _freeze_etcd_under_load(llm: ByzerLLM, etcd: LocalEtcd, cp: ControlPlane) -> None:
+def _freeze_etcd_under_load(llm: ByzerLLM, etcd: LocalEtcd, cp: Child) -> None:
     pid = etcd.proc.pid  # type: ignore[union-attr]
     freeze = float(os.environ.get("LLMESH_CHAOS_ETCD_FREEZE_S", "30"))
     assert _ask(llm, 0, 4)["generated_tokens_count"] == 4
