@@ -106,9 +106,10 @@ _DETOK_CONTEXT = 6
 # Compiled grammars kept per engine (least recently used dropped first); compiling a JSON schema
 # against a large vocabulary takes from milliseconds to seconds, and clients resend the same one.
 _GRAMMAR_CACHE_SIZE = 32
+# Seeds are 64-bit (negative ones too, as GenerationParams allows); hashed as unsigned.
+_U64 = 2**64 - 1
 # xgrammar errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed-check
 # expression; callers need only the sentence after it.
-_U64 = 2**64 - 1
 _XGR_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed:.*? is false:\s*)?")
 
 
