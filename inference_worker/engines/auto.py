@@ -220,6 +220,11 @@ class AutoEngine(Engine):
             )
         return self.inner
 
+    @property  # type: ignore[override]  # read-only here: the chosen engine decides
+    def supports_resume(self) -> bool:
+        """Whether the chosen engine continues requests (False before it is chosen)."""
+        return self.inner is not None and self.inner.supports_resume
+
     @property
     def max_concurrency(self) -> int:
         if self.inner is not None:

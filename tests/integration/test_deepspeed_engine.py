@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,26 @@ async def test_concurrent_streams_and_abort(ds_engine: Engine) -> None:
         finish = chunk.finish_reason or finish
     assert finish == "aborted"
     assert ds_engine.active_requests() == set()
+
+
+async def test_resumes_a_request_another_replica_started(ds_engine: Engine) -> None:
+    """The transformers loop's resume (tested at length in test_transformers_resume.py)."""
+    assert ds_engine.supports_resume
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=20, extra={"ignore_eos": True})
+
+    async def ids(request_id: str, p: SamplingParams) -> tuple[list[int], str, int]:
+        out: list[int] = []
+        async for chunk in ds_engine.generate(request_id, "Hello", p):
+            out.extend(chunk.token_ids)
+        return out, chunk.finish_reason or "", chunk.completion_tokens
+
+    full, finish, used = await ids("full", params)
+    splits = (0, 1, 10, 19, 20)
+    resumed = await asyncio.gather(
+        *(ids(f"resume-{k}", replace(params, resume_token_ids=full[:k])) for k in splits)
+    )
+    for k, got in zip(splits, resumed, strict=True):
+        assert got == (full[k:], finish, used), k
 
 
 async def test_meta_names_deepspeed(ds_engine: Engine) -> None:
