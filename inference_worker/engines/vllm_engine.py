@@ -97,6 +97,7 @@ class VLLMEngine(Engine):
     """
 
     backend = "vllm"
+    #: Continues a request another replica started; what holds exactly is in ``generate``.
     supports_resume = True
 
     def __init__(self, config: EngineConfig) -> None:
@@ -518,10 +519,13 @@ class VLLMEngine(Engine):
         remains of ``max_tokens``; only what follows them is streamed. ``completion_tokens``
         counts the resumed ids, ``prompt_tokens`` the prompt alone. What holds:
 
-        - Greedy decoding continues exactly as the unfailed request would have: the same ids,
-          and text that, appended to what the lost replica streamed, is the unfailed text,
-          also when the seam splits a multi-byte character. ``repetition_penalty`` sees the
-          resumed ids as vLLM sees prompt and output alike, so it keeps this too.
+        - Greedy decoding continues as the unfailed request would have: the same ids, and
+          text that, appended to what the lost replica streamed, is the unfailed text, also
+          when the seam splits a multi-byte character. ``repetition_penalty`` counts prompt
+          and output tokens alike in vLLM, so it keeps this too. The logits of the resumed
+          ids come from one prefill instead of step-by-step decoding, so in low precision a
+          near-tie can still go the other way, as it can between two unfailed runs batched
+          differently.
         - Stop strings are matched across the seam, including one that starts in the resumed
           text, and the characters vLLM held back while a stop string could still match are
           sent first (:class:`ResumeSeam`). A resume that already ends in EOS (unless
