@@ -52,6 +52,7 @@ from llmesh.inference_worker.engines.base import (
     prompt_room,
 )
 from llmesh.inference_worker.engines.transformers_engine import check_model_dir
+from llmesh.inference_worker.engines.vllm_resume import ResumeSeam
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class VLLMEngine(Engine):
     """
 
     backend = "vllm"
+    #: Continues a request another replica started; what holds exactly is in ``generate``.
+    supports_resume = True
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)
@@ -463,8 +466,14 @@ class VLLMEngine(Engine):
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _sampling_params(self, params: SamplingParams, max_tokens: int) -> Any:
-        """Validate our parameters and build vLLM's (DELTA output: each output is new text)."""
+    def _sampling_params(
+        self, params: SamplingParams, max_tokens: int, *, token_ids_only: bool = False
+    ) -> Any:
+        """Validate our parameters and build vLLM's (DELTA output: each output is new text).
+
+        ``token_ids_only``: vLLM neither detokenizes nor looks for stop strings (a resumed
+        request, whose :class:`ResumeSeam` does both).
+        """
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -484,6 +493,8 @@ class VLLMEngine(Engine):
             "output_kind": RequestOutputKind.DELTA,
             "skip_special_tokens": True,
         }
+        if token_ids_only:
+            kwargs.update(stop=None, detokenize=False)
         structured = _structured_outputs(getattr(params, "structured_output", None))
         if structured is not None:
             kwargs.update(structured)
@@ -503,21 +514,71 @@ class VLLMEngine(Engine):
         ("stop", "length", "stop_string" or "aborted") and token counts. Closing the iterator
         early (``aclose()``, cancellation) aborts the request in vLLM.
 
+        Resuming (``params.resume_token_ids``, ids another replica generated for this request
+        before it was lost): vLLM gets the prompt followed by those ids and generates what
+        remains of ``max_tokens``; only what follows them is streamed. ``completion_tokens``
+        counts the resumed ids, ``prompt_tokens`` the prompt alone. What holds:
+
+        - Greedy decoding continues as the unfailed request would have: the same ids, and
+          text that, appended to what the lost replica streamed, is the unfailed text, also
+          when the seam splits a multi-byte character. ``repetition_penalty`` counts prompt
+          and output tokens alike in vLLM, so it keeps this too. The logits of the resumed
+          ids come from one prefill instead of step-by-step decoding, so in low precision a
+          near-tie can still go the other way, as it can between two unfailed runs batched
+          differently.
+        - Stop strings are matched across the seam, including one that starts in the resumed
+          text, and the characters vLLM held back while a stop string could still match are
+          sent first (:class:`ResumeSeam`). A resume that already ends in EOS (unless
+          ``ignore_eos``), a stop token id or a stop string, or that used all of
+          ``max_tokens``, finishes at once without running the model.
+        - Seeded sampling is deterministic: the same seed, prompt and resumed ids give the same
+          continuation. It is not the unfailed request's continuation: vLLM seeds a fresh
+          generator per request, so sampling restarts from the seed at the seam.
+        - Structured output is refused (FailedPrecondition): vLLM 0.32's grammar advances only
+          with output tokens and cannot be given the resumed ones, so it would restart at the
+          seam and accept output that breaks the shape.
+        - A LoRA request continues with its adapter.
+
         Raises:
             InvalidArgument: bad parameters, a duplicate active ``request_id``, a prompt that
-                leaves no room in the context, or a structured output vLLM cannot compile.
-                Raised before any decoding starts.
-            FailedPrecondition / Unavailable: engine not started, stopping, or dead.
+                leaves no room in the context, a structured output vLLM cannot compile, or
+                resumed ids that cannot come from this request (not token ids, or more than it
+                could generate). Raised before any decoding starts.
+            FailedPrecondition / Unavailable: engine not started, stopping, or dead; a resumed
+                structured-output request.
         """
         engine = self._require_engine()
         if request_id in self._active:
             raise _duplicate(request_id)
         if params.lora and params.lora not in self._loras:
             raise self._lora_not_found(params.lora)
+        resume = list(params.resume_token_ids)
+        if resume and _structured_outputs(params.structured_output) is not None:
+            raise FailedPrecondition(
+                f"model {self.config.model_name} (vLLM) cannot continue a structured-output "
+                "request another replica started: vLLM's grammar cannot be given the tokens "
+                "already generated, so it would restart at the seam and break the shape; "
+                "retry the request from the start"
+            )
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
         room = prompt_room(n_prompt, self._max_model_len, self.config.model_name)
-        sampling = self._sampling_params(params, min(params.max_tokens, room))
+        max_tokens = min(params.max_tokens, room)
+        sampling = self._sampling_params(params, max_tokens)
+        seam: ResumeSeam | None = None
+        if resume:
+            seam = await asyncio.to_thread(
+                self._resume_seam, request_id, prompt_ids, sampling, resume, max_tokens
+            )
+            if seam.finish_reason is not None:
+                yield GenerationChunk(
+                    delta=seam.flush(),
+                    finish_reason=seam.finish_reason,
+                    prompt_tokens=n_prompt,
+                    completion_tokens=seam.completion_tokens,
+                )
+                return
+            sampling = self._sampling_params(params, max_tokens - len(resume), token_ids_only=True)
         engine = self._require_engine()
         if request_id in self._active:
             raise _duplicate(request_id)
@@ -530,12 +591,12 @@ class VLLMEngine(Engine):
             adapter.in_flight += 1
         self._active[request_id] = False
         stream = engine.generate(
-            {"prompt_token_ids": prompt_ids},
+            {"prompt_token_ids": prompt_ids + resume},
             sampling,
             request_id,
             lora_request=adapter.request if adapter is not None else None,
         )
-        completion = 0
+        completion = len(resume)
         finished = False
         try:
             try:
@@ -551,14 +612,25 @@ class VLLMEngine(Engine):
             while out is not None:
                 seq = out.outputs[0] if out.outputs else None
                 ids = list(seq.token_ids) if seq is not None else []
-                completion += len(ids)
                 text = seq.text if seq is not None else ""
-                if out.finished:
-                    finished = True
+                reason = self._finish_reason(request_id, seq) if out.finished else None
+                if seam is not None:
+                    ids, text, stop = seam.step(
+                        ids,
+                        finished=out.finished,
+                        stop_terminated=getattr(seq, "finish_reason", None) == "stop",
+                    )
+                    if stop is not None and not self._active.get(request_id):
+                        reason = "stop_string"
+                completion += len(ids)
+                if reason is not None:
+                    # A stop string the seam matched ends a request vLLM still runs: the
+                    # abort in `finally` stops it.
+                    finished = out.finished
                     yield GenerationChunk(
                         delta=text,
                         token_ids=ids,
-                        finish_reason=self._finish_reason(request_id, seq),
+                        finish_reason=reason,
                         prompt_tokens=n_prompt,
                         completion_tokens=completion,
                     )
@@ -615,6 +687,32 @@ class VLLMEngine(Engine):
                 # After the abort above: vLLM would reload an adapter that a request it still
                 # schedules names.
                 await self._unload(unload)
+
+    def _resume_seam(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: Any,
+        resume: list[int],
+        max_tokens: int,
+    ) -> ResumeSeam:
+        """The seam of a resumed request, with the EOS and stop ids vLLM would apply to it."""
+        engine = self._require_engine()
+        sampling = sampling.clone()
+        # What vLLM's input processor does to every request: EOS from the tokenizer, extra
+        # EOS ids from generation_config.json.
+        sampling.update_from_generation_config(
+            engine.input_processor.generation_config_fields, engine.renderer.get_eos_token_id()
+        )
+        return ResumeSeam(
+            self._tokenizer,
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            resume_ids=resume,
+            max_tokens=max_tokens,
+            vocab_size=self._vocab_size,
+        )
 
     def _finish_reason(self, request_id: str, seq: Any) -> str:
         if self._active.get(request_id):

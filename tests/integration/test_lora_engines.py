@@ -403,6 +403,23 @@ async def test_vllm_remove_while_streaming(
     assert await ids(llm, "base", prompt, greedy()) == reference["base", prompt]
 
 
+async def test_vllm_resume_continues_with_the_adapter(
+    clean_llm: Engine, adapters: dict[str, Path], reference: dict[tuple[str, str], list[int]]
+) -> None:
+    llm = clean_llm
+    assert llm.supports_resume  # the auto engine says what the vLLM engine it chose can do
+    await llm.add_lora("a0", str(adapters["a0"]))
+    try:
+        prompt = PROMPTS[1]
+        want = reference["a0", prompt]
+        for k in (1, N_TOKENS // 2):
+            params = greedy(lora="a0")
+            params.resume_token_ids = want[:k]
+            assert await ids(llm, f"resume-{k}", prompt, params) == want[k:], k
+    finally:
+        await llm.remove_lora("a0")
+
+
 async def test_vllm_adapter_errors_are_clear(clean_llm: Engine, adapters: dict[str, Path]) -> None:
     llm = clean_llm
     for kind, why in [
