@@ -231,11 +231,6 @@ class AutoEngine(Engine):
             return self.inner.max_concurrency
         return super().max_concurrency
 
-    @property
-    def supports_resume(self) -> bool:  # type: ignore[override]
-        """Whether the chosen engine continues requests another replica started."""
-        return self.inner is not None and self.inner.supports_resume
-
     async def start(self) -> None:
         """Choose (causal LMs: off the loop, it may import vLLM), log the choice, start it."""
         inner = self.inner
