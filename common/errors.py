@@ -103,8 +103,54 @@ _BY_CODE: dict[grpc.StatusCode, type[LLMeshError]] = {
 }
 
 
+# The most bytes a status message takes once percent-encoded into the grpc-message trailer.
+# Clients refuse trailers over 16 KiB (grpc.max_metadata_size, 8 KiB soft), and then report
+# RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of our sentence; a
+# message that echoes a huge request value (a 1 MB model name) got there.
+MAX_STATUS_MESSAGE_BYTES = 4096
+
+
+def _encoded_len(ch: str) -> int:
+    # grpc-message keeps printable ASCII but '%' as is and percent-encodes every other byte.
+    if " " <= ch <= "~" and ch != "%":
+        return 1
+    return 3 * len(ch.encode("utf-8", "surrogatepass"))
+
+
+def fit_status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` cut in the middle (where echoed values sit) so that it fits the trailer.
+
+    Its start (what was wrong) and its end (how to fix it) are kept.
+    """
+    if len(message) * 12 <= limit or sum(map(_encoded_len, message)) <= limit:
+        return message
+    budget = (limit - 64) // 2
+    head: list[str] = []
+    used = 0
+    for ch in message:
+        used += _encoded_len(ch)
+        if used > budget:
+            break
+        head.append(ch)
+    tail: list[str] = []
+    used = 0
+    for ch in reversed(message):
+        used += _encoded_len(ch)
+        if used > budget:
+            break
+        tail.append(ch)
+    cut = len(message) - len(head) - len(tail)
+    return f"{''.join(head)} …[{cut} characters cut]… {''.join(reversed(tail))}"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map an exception raised by server code to a status code and a message."""
+    """Map an exception raised by server code to a status code and a message (its sentence,
+    cut to fit a status trailer when it echoes a huge value)."""
+    code, message = _status_for(exc)
+    return code, fit_status_message(message)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, LLMeshError):
         return exc.code, str(exc)
     if isinstance(exc, ValueError):

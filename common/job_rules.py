@@ -12,6 +12,7 @@ import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from llmesh.common.errors import InvalidArgument
 from llmesh.common.training_spec import HYPERPARAMETERS, validate_spec
 from llmesh.v1 import trainer_service_pb2 as tr
 
@@ -19,7 +20,9 @@ __all__ = [
     "ACTIVE_STATES",
     "FINAL_STATES",
     "HYPERPARAMETERS",
+    "MAX_JOB_ID_LENGTH",
     "can_move",
+    "check_job_id_length",
     "default_cpus",
     "is_final",
     "kind_name",
@@ -88,3 +91,18 @@ def default_cpus(spec: tr.TrainingJobSpec) -> float:
     if spec.kind == Kind.TRAINING_JOB_KIND_MERGE_LORA:
         return 1.0
     return float(max(1, spec.num_ranks))
+
+
+# Job ids are made by the control plane ("sft-" and 10 hex digits); request ids are the
+# caller's. Either must stay far below etcd's request limit (1.5 MiB) once in a key.
+MAX_JOB_ID_LENGTH = 256
+
+
+def check_job_id_length(job_id: str, field: str = "id") -> str:
+    """``job_id`` unless it is too long to be one (InvalidArgument, naming ``field``)."""
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        raise InvalidArgument(
+            f"{field} is {len(job_id)} characters; job ids are at most {MAX_JOB_ID_LENGTH} "
+            "(use the id CreateTrainingJob returned, e.g. 'sft-1a2b3c4d5e')"
+        )
+    return job_id

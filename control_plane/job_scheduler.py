@@ -128,6 +128,7 @@ class JobScheduler:
             Unavailable: etcd is unreachable.
         """
         validate_spec(spec)
+        rules.check_job_id_length(request_id, "request_id")
         if spec.deepspeed_config_json:
             # Stored normalized, so a retried create with reformatted JSON is the same spec.
             spec.deepspeed_config_json = json.dumps(

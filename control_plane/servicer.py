@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
+from llmesh.common.job_rules import check_job_id_length
 from llmesh.common.routing import Selector
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import JobScheduler
@@ -313,4 +314,4 @@ class _View:
 def _job_id(job_id: str) -> str:
     if not job_id:
         raise InvalidArgument("id is required: the training job's id, as CreateTrainingJob gave it")
-    return job_id
+    return check_job_id_length(job_id)

@@ -113,9 +113,23 @@ class ReplicaControlServicer(replica_service_pb2_grpc.ReplicaServiceServicer):
     async def LoadAdapter(
         self, request: rs.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> rs.LoadAdapterResponse:
+        name = request.model.name
         if not request.model.base_model:
+            raise InvalidArgument(f"model {name!r} has no base_model; only adapters load this way")
+        # The replica is hosted (and found by requests) under the assignment's model name: one
+        # that differs from the adapter's, or names a base model here, would take its requests.
+        if not name or request.assignment.model != name:
             raise InvalidArgument(
-                f"model {request.model.name!r} has no base_model; only adapters load this way"
+                f"assignment.model {request.assignment.model!r} is not the adapter's name "
+                f"{name!r}; send the adapter's model record with its own assignment"
+            )
+        if any(
+            not h.model.base_model and h.status.model == name
+            for h in self.manager.replicas.values()
+        ):
+            raise InvalidArgument(
+                f"{name!r} is a base model on this replica process; an adapter needs a name "
+                "of its own"
             )
         self.manager.spawn(
             self.manager.load(request.assignment, request.model, self.address),

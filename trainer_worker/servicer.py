@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmesh.common.errors import InvalidArgument, ResourceExhausted, rpc_handler
+from llmesh.common.job_rules import check_job_id_length
 from llmesh.trainer_worker.job_log import WatcherDropped, is_final_event
 from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.v1 import trainer_service_pb2 as tr
@@ -23,7 +24,7 @@ from llmesh.v1 import trainer_service_pb2_grpc
 def _job_id(job_id: str) -> str:
     if not job_id.strip():
         raise InvalidArgument("job_id is empty; give the id CreateTrainingJob returned")
-    return job_id
+    return check_job_id_length(job_id, "job_id")
 
 
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
