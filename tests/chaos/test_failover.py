@@ -10,6 +10,7 @@ where they broke.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -186,3 +187,68 @@ def test_a_wedged_replicas_requests_move_and_it_is_restarted(
                 time.sleep(0.5)
     finally:
         mesh.close()
+
+
+SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "values": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                "minItems": 60,
+                "maxItems": 60,
+            }
+        },
+        "required": ["values"],
+    }
+)
+
+
+async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
+    """8 JSON-schema answers at once; ``kill()`` once w0's replica is decoding some of them."""
+
+    async def one(i: int) -> str:
+        (resp,) = await llm.async_chat_oai(
+            _messages(i),
+            model="chat",
+            response_class=SCHEMA,
+            llm_config={"temperature": 0, "max_length": 600, "timeout_s": 120},
+        )
+        return str(resp.output)
+
+    async def killer() -> None:
+        await asyncio.to_thread(kill)
+
+    tasks = [asyncio.create_task(one(i)) for i in range(8)]
+    try:
+        if kill is not None:
+            await killer()
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await llm.aclose_async_channels()
+
+
+def test_a_json_schema_answer_split_by_a_kill_still_parses_and_is_unchanged(
+    two_replicas: Any,
+) -> None:
+    mesh, llm = two_replicas
+    _wait_ready(llm)
+    reference = asyncio.run(_structured_all(llm))
+    for text in reference:
+        assert len(json.loads(text)["values"]) == 60
+
+    def kill_while_decoding() -> None:
+        address = mesh.workers["w0"][0].replica_address("chat")
+        deadline = time.monotonic() + 30
+        while int(replica_stats(address, "chat")["engine_active_requests"]) == 0:
+            assert time.monotonic() < deadline, "no request reached w0's replica"
+            time.sleep(0.01)
+        time.sleep(0.2)  # some tokens out, the JSON not finished
+        os.kill(int(replica_stats(address, "chat")["pid"]), signal.SIGKILL)
+
+    before = llm.migration_counts().get(("chat", "resumed"), 0)
+    results = asyncio.run(_structured_all(llm, kill=kill_while_decoding))
+    assert results == reference
+    assert llm.migration_counts().get(("chat", "resumed"), 0) > before
+    _wait_ready(llm)
