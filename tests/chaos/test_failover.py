@@ -215,7 +215,7 @@ async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
             response_class=SCHEMA,
             llm_config={"temperature": 0, "max_length": 600, "timeout_s": 120},
         )
-        return str(resp.output)
+        return str(resp.response.output)
 
     async def killer() -> None:
         await asyncio.to_thread(kill)
