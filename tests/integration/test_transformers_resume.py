@@ -36,34 +36,13 @@ from llmesh.inference_worker.engines.base import (
 from llmesh.inference_worker.engines.deepspeed_engine import DeepSpeedEngine
 from llmesh.inference_worker.engines.transformers_engine import TransformersEngine
 
-STORY = "Once upon a time"
-LONG_PROMPT = " ".join(["The little dog ran to the park and saw a big red ball."] * 6)
-IGNORE_EOS = {"ignore_eos": True}
-# The engine's context: LONG_PROMPT leaves it a few dozen tokens, so a long request ends at it.
+from .test_transformers_batching import IGNORE_EOS, LONG_PROMPT, PERSON, STORY, Outcome
+
 MAX_MODEL_LEN = 160
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 99},
-    },
-    "required": ["name", "age"],
-}
 # Byte-level BPE spells the emoji and the CJK characters with several byte tokens each.
 MULTIBYTE = "né 🌍 日本語"
 
 Pushes = dict[str, list[tuple[str, list[int]]]]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """Everything a consumer sees of one request."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass(frozen=True)
