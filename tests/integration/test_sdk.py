@@ -204,14 +204,29 @@ def test_over_capacity_waits_in_line_until_its_deadline(sdk_mesh: Any) -> None:
     mesh, llm = sdk_mesh
     cfg = {"max_length": 1500, "ignore_eos": True}
     # 2 replicas x max_concurrency 4 = 8 slots: hold them all; the ninth waits in a queue
-    # (instead of bouncing) until its own deadline passes.
-    held = [llm.stream_chat_oai(HELLO, model="chat", llm_config=cfg) for _ in range(8)]
-    for s in held:
-        next(s)
+    # (instead of bouncing) until its own deadline passes. The held streams are pinned four
+    # to a replica so this test does not depend on how the router spreads them.
+    held = []
     try:
-        with pytest.raises(DeadlineExceeded, match="deadline"):
-            llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 2, "timeout_s": 1})
+        for index in (0, 1):
+            llm.setup_pin_model_worker_mapping({"chat": index})
+            for _ in range(4):
+                stream = llm.stream_chat_oai(HELLO, model="chat", llm_config=cfg)
+                next(stream)
+                held.append(stream)
+        llm.setup_pin_model_worker_mapping(None)
+        try:
+            answer = llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 2, "timeout_s": 1})
+        except DeadlineExceeded as e:
+            assert "deadline" in str(e)
+        else:
+            loads = [(r.worker_id, r.inflight, r.queued) for r in llm.get_model("chat").replicas]
+            pytest.fail(
+                f"the ninth request was served while eight slots were held: {answer[0].metadata}; "
+                f"replicas (worker, in flight, queued): {loads}"
+            )
     finally:
+        llm.setup_pin_model_worker_mapping(None)
         for s in held:
             s.close()
     assert mesh.wait_idle(10)
