@@ -10,17 +10,19 @@ aetcd ships, and turns transport failures into :class:`llmesh.errors.Unavailable
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from types import TracebackType
 
 import aetcd
 import grpc
-from aetcd import rpc
+from aetcd import rpc, watcher
 from aetcd.utils import prefix_range_end
 
-from llmesh.common.errors import Internal, Unavailable
+from llmesh.common.errors import FailedPrecondition, Internal, Unavailable
 from llmesh.common.etcd_keys import parse_endpoint
+from llmesh.common.etcd_security import EtcdSecurity, EtcdToken, etcd_channel, is_stale_token
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,56 @@ WORKER_CHANNEL_OPTIONS = {
 }
 
 
-def worker_client(endpoint: str | None = None) -> aetcd.Client:
-    """The aetcd client a worker uses for its lease, watches and record writes."""
+class _SecuredClient(aetcd.Client):
+    """aetcd's client on a channel from :func:`etcd_channel`.
+
+    aetcd 1.0 opens a plaintext channel in ``connect`` (it has user/password but no TLS), so
+    this is its ``connect`` with that one line replaced; authentication is the channel's
+    token interceptor, which also refreshes a token etcd has forgotten.
+    """
+
+    def __init__(self, *args: object, security: EtcdSecurity | None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._security = security
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel, _ = etcd_channel(
+                f"{self._host}:{self._port}", self._security, list(self._options.items())
+            )
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def worker_client(
+    endpoint: str | None = None, *, security: EtcdSecurity | None = None
+) -> aetcd.Client:
+    """The aetcd client a worker uses for its lease, watches and record writes.
+
+    Args:
+        endpoint: etcd ``host:port``; None means ``LLMESH_ETCD`` or 127.0.0.1:2379.
+        security: TLS and user/password for etcd; None for plaintext without authentication.
+    """
     host, port = parse_endpoint(endpoint)
-    return aetcd.Client(host=host, port=port, timeout=10, options=WORKER_CHANNEL_OPTIONS)
+    if security is None:
+        return aetcd.Client(host=host, port=port, timeout=10, options=WORKER_CHANNEL_OPTIONS)
+    return _SecuredClient(
+        host=host, port=port, timeout=10, options=WORKER_CHANNEL_OPTIONS, security=security
+    )
 
 
 _OUTAGE_CODES = {
@@ -102,12 +150,21 @@ class EtcdKV:
     Args:
         endpoint: ``host:port`` of etcd; None means ``LLMESH_ETCD`` or 127.0.0.1:2379.
         timeout: deadline for each unary call, in seconds.
+        security: TLS and user/password for etcd; None for plaintext without authentication.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float = 5.0,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         host, port = parse_endpoint(endpoint)
         self.endpoint = f"{host}:{port}"
         self.timeout = timeout
+        self.security = security
+        self._token: EtcdToken | None = None
         self._channel: grpc.aio.Channel | None = None
         self._kv: rpc.KVStub | None = None
         self._watch: rpc.WatchStub | None = None
@@ -115,7 +172,9 @@ class EtcdKV:
     def _stubs(self) -> tuple[rpc.KVStub, rpc.WatchStub]:
         # Created lazily: grpc.aio channels belong to the loop that is running when they are made.
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
+            self._channel, self._token = etcd_channel(
+                self.endpoint, self.security, _CHANNEL_OPTIONS
+            )
             self._kv = rpc.KVStub(self._channel)
             self._watch = rpc.WatchStub(self._channel)
         assert self._kv is not None and self._watch is not None
@@ -132,6 +191,21 @@ class EtcdKV:
             return Unavailable(
                 f"etcd at {self.endpoint} is unreachable ({err.code().name}: {err.details()}); "
                 "retry once it is back"
+            )
+        details = err.details() or ""
+        if (
+            err.code()
+            in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+            or is_stale_token(err.code(), details)
+            or "authentication failed" in details
+        ):
+            return FailedPrecondition(
+                f"etcd at {self.endpoint} refused llmesh's credentials ({details}); check "
+                "--etcd-user / --etcd-password (or LLMESH_ETCD_USER / LLMESH_ETCD_PASSWORD) "
+                "and the user's role"
             )
         return Internal(f"etcd at {self.endpoint} failed: {err.code().name}: {err.details()}")
 
@@ -219,6 +293,11 @@ class WatchStream:
             )
         if not first.created or first.canceled:
             self._call.cancel()
+            token = self._kv._token
+            if token is not None and is_stale_token(None, first.cancel_reason):
+                # etcd refuses a watch in its first message, not with a status: the next
+                # attempt must authenticate again.
+                token.forget()
             raise WatchEnded(f"etcd refused the watch: {first.cancel_reason or first}")
         if first.events:  # never seen in practice, but do not drop them if etcd sends any
             self._pending: WatchResponse | None = first

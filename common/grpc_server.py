@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmesh.common.tls import TlsConfig, check_bind
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -84,6 +86,13 @@ class Server:
     Args:
         services: pairs of (add_XServicer_to_server function, servicer instance, full service name).
         listen: host:port to bind; port 0 picks a free port.
+        tls: serve TLS (mTLS when it requires client certificates); None for plaintext.
+        insecure: bind beyond loopback even without TLS and authentication (warns loudly).
+        authenticated: callers must present a bearer token (an auth interceptor is installed).
+
+    Raises:
+        InsecureBind: ``listen`` is beyond loopback without TLS and authentication, and
+            ``insecure`` is off (see :func:`llmesh.common.tls.check_bind`).
     """
 
     def __init__(
@@ -91,7 +100,12 @@ class Server:
         services: Iterable[tuple[Callable[[object, grpc.aio.Server], None], object, str]],
         *,
         listen: str = "127.0.0.1:0",
+        tls: TlsConfig | None = None,
+        insecure: bool = False,
+        authenticated: bool = False,
     ) -> None:
+        check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
+        self.tls = tls
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = (
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -105,7 +119,10 @@ class Server:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         host, _, port = listen.rpartition(":")
-        bound = self.server.add_insecure_port(listen)
+        if tls is None:
+            bound = self.server.add_insecure_port(listen)
+        else:
+            bound = self.server.add_secure_port(listen, tls.server_credentials())
         if bound == 0:
             raise OSError(f"could not bind {listen}: the port is in use or the host is not local")
         self.host = host.strip("[]") or "127.0.0.1"

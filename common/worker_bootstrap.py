@@ -16,7 +16,9 @@ import grpc
 
 from llmesh.common.etcd import worker_client
 from llmesh.common.etcd_keys import Keys, parse_endpoint
+from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.grpc_server import Server
+from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_session import WorkerSession
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -53,14 +55,20 @@ async def join_mesh(
     gpus: float,
     devices: Sequence[cp.Device] = (),
     lease_ttl: int,
+    tls: TlsConfig | None = None,
+    etcd_security: EtcdSecurity | None = None,
+    insecure: bool = False,
 ) -> WorkerPresence:
     """Bind the server and register the worker record under a fresh lease.
+
+    ``tls`` is the server's TLS, ``etcd_security`` how to reach etcd, ``insecure`` lets the
+    server bind beyond loopback without TLS and authentication.
 
     Raises:
         ConnectionError: etcd is unreachable (the server is stopped again).
         OSError: the listen address cannot be bound.
     """
-    server = Server(services, listen=listen)
+    server = Server(services, listen=listen, tls=tls, insecure=insecure)
     address = advertise or server.address
     if address.startswith(("0.0.0.0:", "[::]:")):
         address = f"{socket.gethostname()}:{server.port}"
@@ -73,7 +81,7 @@ async def join_mesh(
         devices=list(devices),
     )
     host, port = parse_endpoint(etcd)
-    client = worker_client(etcd)
+    client = worker_client(etcd, security=etcd_security)
     keys = Keys(namespace)
     session = WorkerSession(client, keys, worker, ttl=lease_ttl)
     try:

@@ -30,6 +30,7 @@ from llmesh.common.etcd import Compare, EtcdKV, Op, absent, mod_revision_is, put
 from llmesh.common.etcd_keys import Keys, decode, encode
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.job_records import swap_job
+from llmesh.common.tls import TlsConfig, aio_channel
 from llmesh.common.training_spec import validate_spec
 from llmesh.control_plane.registry import Change, Registry
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -64,6 +65,7 @@ class JobScheduler:
         reap_grace: seconds a trainer worker may be gone (lease lapsed) before its RUNNING jobs
             are recorded FAILED; a worker back within it (a network blip) keeps them. Jobs
             placed there but not started go back to the queue at once.
+        tls: TLS for the channels to trainer workers (WatchJob relays); None for plaintext.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class JobScheduler:
         *,
         max_attempts: int = 16,
         reap_grace: float = DEFAULT_REAP_GRACE_S,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.registry = registry
+        self.tls = tls
         self.kv = kv
         self.keys = keys
         self.max_attempts = max_attempts
@@ -509,7 +513,7 @@ class JobScheduler:
         loop = asyncio.get_running_loop()
         deadline: float | None = None
         unsubscribe = self.registry.subscribe(on_change)
-        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             stub = tr_grpc.TrainerServiceStub(channel)
             call = stub.WatchJob(tr.WatchJobRequest(job_id=job_id, after_sequence=after_sequence))
             read: asyncio.Future[Any] | None = None

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from llmesh.common import tracing
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
+from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.grpc_server import Server
+from llmesh.common.tls import TlsConfig
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
 from llmesh.control_plane.registry import EtcdRegistry, Registry
@@ -57,6 +59,9 @@ async def run_control_plane(
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
     job_reap_grace: float = DEFAULT_REAP_GRACE_S,
+    tls: TlsConfig | None = None,
+    etcd_security: EtcdSecurity | None = None,
+    insecure: bool = False,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -71,12 +76,15 @@ async def run_control_plane(
         startup_timeout: how long to wait for etcd before giving up with Unavailable.
         job_reap_grace: seconds a trainer worker may be gone before its running training
             jobs are recorded FAILED.
+        tls: TLS for its server and for the channels it opens to trainer workers.
+        etcd_security: TLS and user/password for etcd.
+        insecure: serve beyond loopback without TLS and authentication (warns).
 
     Yields:
         The running :class:`ControlPlane`.
     """
     tracing.configure("llmesh-control-plane")
-    kv = EtcdKV(etcd)
+    kv = EtcdKV(etcd, security=etcd_security)
     keys = Keys(namespace)
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
@@ -84,11 +92,13 @@ async def run_control_plane(
     try:
         await registry.start(timeout=startup_timeout)
         deployer = Deployer(registry, kv, keys)
-        scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace)
+        scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace, tls=tls)
         servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],
             listen=listen,
+            tls=tls,
+            insecure=insecure,
         )
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
@@ -125,6 +135,9 @@ async def serve_forever(
     grace: float = 5.0,
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
+    tls: TlsConfig | None = None,
+    etcd_security: EtcdSecurity | None = None,
+    insecure: bool = False,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -143,6 +156,9 @@ async def serve_forever(
             grace=grace,
             reconcile_grace=reconcile_grace,
             startup_timeout=startup_timeout,
+            tls=tls,
+            etcd_security=etcd_security,
+            insecure=insecure,
         ):
             await stop.wait()
             log.info("control plane stopping")

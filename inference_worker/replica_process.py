@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from llmesh.common import tracing
 from llmesh.common.grpc_server import Server
 from llmesh.common.process import die_with_parent
+from llmesh.common.tls import INSECURE_ENV, TlsConfig, env_flag
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
 from llmesh.inference_worker.replica_manager import ReplicaManager
@@ -147,7 +148,13 @@ def engine_factory() -> Callable[[EngineConfig], Engine]:
 
 @contextlib.asynccontextmanager
 async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaManager]]:
-    """Serve one replica; on exit drain it (bounded) and stop the engine."""
+    """Serve one replica; on exit drain it (bounded) and stop the engine.
+
+    TLS comes from ``LLMESH_TLS_*`` and ``LLMESH_INSECURE``, which the agent sets to its own
+    settings when it starts the process.
+    """
+    tls = TlsConfig.from_env()
+    insecure = env_flag(os.environ.get(INSECURE_ENV))
     board = StatusBoard()
     manager = ReplicaManager(board, engine_factory())
     servicer = InferenceServicer(manager)
@@ -160,6 +167,8 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
             )
         ],
         listen=spec.listen,
+        tls=tls,
+        insecure=insecure,
     )
     host = spec.advertise_host or server.host
     if host in ("0.0.0.0", "::"):
@@ -179,6 +188,7 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
             )
         ],
         listen="127.0.0.1:0",
+        tls=tls,
     )
     await control_server.start()
     await server.start()

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.tls import INSECURE_ENV, TlsConfig, aio_channel
 from llmesh.inference_worker.replica_process import ReplicaSpec
 from llmesh.v1 import common_pb2, replica_service_pb2_grpc
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -110,6 +111,9 @@ class SupervisorSettings:
         stop_grace: seconds a stopping replica gets between SIGTERM and SIGKILL.
         drain_timeout: seconds an undeployed replica's requests get to finish.
         env: extra environment variables for replica processes.
+        tls: the agent's TLS settings: replica processes serve with them (given through
+            ``LLMESH_TLS_*``), and the supervisor's channel to each replica uses them.
+        insecure: replica processes may bind beyond loopback without TLS (``LLMESH_INSECURE``).
     """
 
     run_dir: Path
@@ -123,6 +127,19 @@ class SupervisorSettings:
     stop_grace: float = 10.0
     drain_timeout: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    tls: TlsConfig | None = None
+    insecure: bool = False
+
+    def tls_env(self) -> dict[str, str | None]:
+        """What a replica's environment must say about TLS: set, or removed (None)."""
+        from llmesh.common import tls as tls_mod
+
+        names = (tls_mod.CERT_ENV, tls_mod.KEY_ENV, tls_mod.CA_ENV, tls_mod.REQUIRE_CLIENT_CERT_ENV)
+        out: dict[str, str | None] = dict.fromkeys(names)
+        if self.tls is not None:
+            out.update(self.tls.to_env())
+        out[INSECURE_ENV] = "1" if self.insecure else None
+        return out
 
 
 class ReplicaSupervisor:
@@ -295,6 +312,13 @@ class ReplicaSupervisor:
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
         env = {**os.environ, **self.settings.env}
+        # The agent's own settings, explicitly: an inherited LLMESH_TLS_* must not make the
+        # replica serve differently from what the agent dials.
+        for name, value in self.settings.tls_env().items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         # The replica sees only its own devices, numbered as nvidia-smi numbers them; none at
         # all when it holds none.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -392,8 +416,8 @@ class ReplicaSupervisor:
             if where is None:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
-            self._channel = grpc.aio.insecure_channel(
-                where.get("control_address", self.address), options=CHANNEL_OPTIONS
+            self._channel = aio_channel(
+                where.get("control_address", self.address), self.settings.tls, CHANNEL_OPTIONS
             )
             self._stub = replica_service_pb2_grpc.ReplicaServiceStub(self._channel)
             outcome = await self._watch(proc, exited)

@@ -18,6 +18,8 @@ from pathlib import Path
 from llmesh.common import tracing
 from llmesh.common.devices import node_devices
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.etcd_security import EtcdSecurity
+from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
 from llmesh.inference_worker.replica_supervisor import SupervisorSettings
@@ -68,6 +70,9 @@ async def run_inference_worker(
     max_restarts: int = 5,
     run_dir: str | Path | None = None,
     replica_env: Mapping[str, str] | None = None,
+    tls: TlsConfig | None = None,
+    etcd_security: EtcdSecurity | None = None,
+    insecure: bool = False,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -88,6 +93,11 @@ async def run_inference_worker(
         max_restarts: crashes within 5 minutes before a replica is FAILED for good.
         run_dir: where replica processes keep their spec, address and log (default: a temp dir).
         replica_env: extra environment variables for every replica process.
+        tls: TLS for its server and its replica processes' servers (passed to them), and
+            for the agent's channels to them; None for plaintext.
+        etcd_security: TLS and user/password for etcd (replica processes never reach etcd).
+        insecure: serve beyond loopback without TLS and authentication (warns); replica
+            processes get it too.
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
@@ -104,6 +114,9 @@ async def run_inference_worker(
         gpus=len(devices),
         devices=devices,
         lease_ttl=lease_ttl,
+        tls=tls,
+        etcd_security=etcd_security,
+        insecure=insecure,
     )
     worker = presence.worker
     own_dir = None
@@ -120,6 +133,8 @@ async def run_inference_worker(
         max_restarts=max_restarts,
         stop_grace=min(drain_grace, 10.0),
         env=dict(replica_env or {}),
+        tls=tls,
+        insecure=insecure,
     )
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
     try:

@@ -14,7 +14,9 @@ from llmesh.common import tracing
 from llmesh.common.devices import detect_gpus
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.grpc_server import Server
+from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
@@ -65,6 +67,9 @@ async def run_trainer_worker(
     cancel_grace: float = 10.0,
     progress_interval: float = 1.0,
     watch_queue_size: int = 1024,
+    tls: TlsConfig | None = None,
+    etcd_security: EtcdSecurity | None = None,
+    insecure: bool = False,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -84,6 +89,9 @@ async def run_trainer_worker(
         cancel_grace: seconds a job's ranks get between SIGTERM and SIGKILL.
         progress_interval: progress reaches the etcd record at most this often (seconds).
         watch_queue_size: events a WatchJob caller may lag behind before it is dropped.
+        tls: TLS for its server; None for plaintext.
+        etcd_security: TLS and user/password for etcd.
+        insecure: serve beyond loopback without TLS and authentication (warns).
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
@@ -107,6 +115,9 @@ async def run_trainer_worker(
         cpus=cpus,
         gpus=gpus,
         lease_ttl=lease_ttl,
+        tls=tls,
+        etcd_security=etcd_security,
+        insecure=insecure,
     )
     server, worker, client, keys, session = (
         presence.server,
@@ -117,7 +128,7 @@ async def run_trainer_worker(
     )
     # Job records go through the shared compare-and-swap over EtcdKV; lease and watches stay on
     # the aetcd client.
-    records_kv = EtcdKV(etcd)
+    records_kv = EtcdKV(etcd, security=etcd_security)
     manager = JobManager(
         client,
         records_kv,

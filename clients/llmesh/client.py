@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmesh.common.tls import TlsConfig
 from llmesh.functions import (
     ExecuteCodeResponse,
     FunctionCallList,
@@ -90,7 +91,10 @@ class ByzerLLM(
             ``url``). Defaults to ``$LLMESH_CONTROL_PLANE``, else ``127.0.0.1:50051``.
         **kwargs: Byzer-LLM options; ``verbose``, ``force_skip_context_length_check`` and
             ``default_max_output_length`` are kept, ``first_route_timeout`` sets how long the
-            first request for a model waits for its route stream. Others are ignored.
+            first request for a model waits for its route stream, ``tls`` (a
+            :class:`llmesh.common.tls.TlsConfig`) the TLS of every channel (default: from
+            ``$LLMESH_TLS_CA``, ``$LLMESH_TLS_CERT`` and ``$LLMESH_TLS_KEY``; plaintext when
+            unset). Others are ignored.
     """
 
     def __init__(self, control_plane: str | None = None, **kwargs: Any) -> None:
@@ -108,6 +112,7 @@ class ByzerLLM(
             first_route_timeout=(
                 float(first_route_timeout) if "first_route_timeout" in kwargs else None
             ),
+            tls=kwargs["tls"] if "tls" in kwargs else TlsConfig.from_env(),
         )
         #: Runs this client's calls with blocking gRPC.
         self.transport = SyncTransport(self.router)

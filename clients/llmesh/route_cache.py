@@ -24,6 +24,8 @@ import grpc
 from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.routing import PURPOSE_NAMES, Selector
+from llmesh.common.tls import TlsConfig
+from llmesh.common.tls import channel as channel_to
 from llmesh.common.tracing import client_span
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -79,10 +81,18 @@ def call_unary(
 
 
 class ChannelPool:
-    """One cached, thread-safe gRPC channel per address."""
+    """One cached, thread-safe gRPC channel per address.
 
-    def __init__(self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> None:
+    Args:
+        options: gRPC channel options.
+        tls: TLS for every channel (None: plaintext).
+    """
+
+    def __init__(
+        self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS, tls: TlsConfig | None = None
+    ) -> None:
         self._options = list(options)
+        self._tls = tls
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -91,7 +101,7 @@ class ChannelPool:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = channel_to(address, self._tls, self._options)
                 self._channels[address] = channel
             return channel
 

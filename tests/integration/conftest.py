@@ -48,11 +48,17 @@ def wait_replica_idle(address: str, model: str, timeout: float = 10) -> dict[str
 
 
 class Mesh:
-    """Runs control planes and workers on a private loop; every method is thread-safe."""
+    """Runs control planes and workers on a private loop; every method is thread-safe.
 
-    def __init__(self, etcd: str, namespace: str) -> None:
+    ``tls`` and ``etcd_security`` (both None: plaintext) are given to every server it starts.
+    """
+
+    def __init__(
+        self, etcd: str, namespace: str, *, tls: Any = None, etcd_security: Any = None
+    ) -> None:
         self.etcd = etcd
         self.namespace = namespace
+        self.security = {"tls": tls, "etcd_security": etcd_security}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="mesh")
         self.thread.start()
@@ -68,7 +74,9 @@ class Mesh:
         async def start() -> Any:
             stack = contextlib.AsyncExitStack()
             cp = await stack.enter_async_context(
-                run_control_plane(listen=listen, etcd=self.etcd, namespace=self.namespace)
+                run_control_plane(
+                    listen=listen, etcd=self.etcd, namespace=self.namespace, **self.security
+                )
             )
             return cp, stack
 
@@ -88,6 +96,8 @@ class Mesh:
         kwargs.setdefault("cpus", 4)
         kwargs.setdefault("lease_ttl", 2)
         kwargs.setdefault("drain_grace", 5)
+        for key, value in self.security.items():
+            kwargs.setdefault(key, value)
 
         async def start() -> Any:
             stack = contextlib.AsyncExitStack()

@@ -26,7 +26,7 @@ from typing import Any
 
 from llmesh import __version__
 from llmesh import bench as bench_command
-from llmesh.cli import demo, models, servers, training
+from llmesh.cli import certs, demo, models, servers, training
 from llmesh.client import default_control_plane
 from llmesh.common.errors import LLMeshError
 from llmesh.i18n import MESSAGES, set_language
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=bench_command.run)
 
     demo.add_demo_command(subparsers)
+    certs.add_certs_command(subparsers)
     servers.add_server_commands(subparsers)
     return parser
 

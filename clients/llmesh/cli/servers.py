@@ -23,13 +23,37 @@ import time
 from pathlib import Path
 
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.etcd_security import EtcdSecurity, add_etcd_arguments
 from llmesh.common.local_etcd import LocalEtcd
 from llmesh.common.process import guarded, stop_child
+from llmesh.common.tls import TlsConfig, add_tls_arguments
 from llmesh.i18n import t
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _security(args: argparse.Namespace) -> dict[str, object]:
+    """The TLS, etcd-security and --insecure keyword arguments a server command runs with."""
+    return {
+        "tls": TlsConfig.from_args(args),
+        "etcd_security": EtcdSecurity.from_args(args),
+        "insecure": bool(getattr(args, "insecure", False)),
+    }
+
+
+def _security_argv(security: dict[str, object]) -> list[str]:
+    """The same settings as flags for a child ``llmesh`` command (``up``'s workers)."""
+    argv: list[str] = []
+    tls, etcd_security = security["tls"], security["etcd_security"]
+    if isinstance(tls, TlsConfig):
+        argv += tls.to_argv()
+    if isinstance(etcd_security, EtcdSecurity):
+        argv += etcd_security.to_argv()
+    if security["insecure"]:
+        argv.append("--insecure")
+    return argv
 
 
 def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str]:
@@ -86,6 +110,9 @@ async def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    security = _security(args)
+    tls = security["tls"]
+    assert tls is None or isinstance(tls, TlsConfig)
     state_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="llmesh-"))
     etcd: LocalEtcd | None = None
     workers: list[subprocess.Popen[bytes]] = []
@@ -93,25 +120,40 @@ async def _up(args: argparse.Namespace) -> int:
         if args.etcd:
             endpoint = args.etcd
         else:
-            etcd = LocalEtcd(state_dir / "etcd")
+            # With TLS the local etcd serves it too (and demands client certificates when the
+            # mesh does), with the same certificate: every hop is encrypted.
+            etcd = LocalEtcd(state_dir / "etcd", tls=tls if tls and tls.cert else None)
+            if etcd.tls is not None and security["etcd_security"] is None:
+                security["etcd_security"] = EtcdSecurity(ca=tls.ca, cert=tls.cert, key=tls.key)
             # In the main thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that
             # started the child exits, and a pool thread may exit before we do.
             etcd.start()
             endpoint = etcd.endpoint
             print(f"etcd        {endpoint} (data in {etcd.data_dir})", flush=True)
+        child_argv = _security_argv(security)
+        child_env = {**os.environ}
+        if isinstance(security["etcd_security"], EtcdSecurity):
+            child_env.update(security["etcd_security"].secret_env())
         async with run_control_plane(
-            listen=args.listen, etcd=endpoint, namespace=args.namespace
+            listen=args.listen,
+            etcd=endpoint,
+            namespace=args.namespace,
+            **security,  # type: ignore[arg-type]
         ) as cp:
             print(f"control     {cp.address}", flush=True)
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
                 proc = subprocess.Popen(  # noqa: ASYNC220
-                    guarded(_worker_command(args, endpoint, i)), start_new_session=True
+                    guarded(_worker_command(args, endpoint, i) + child_argv),
+                    start_new_session=True,
+                    env=child_env,
                 )
                 workers.append(proc)
             for i in range(args.trainers):
                 proc = subprocess.Popen(  # noqa: ASYNC220
-                    guarded(_trainer_command(args, endpoint, i)), start_new_session=True
+                    guarded(_trainer_command(args, endpoint, i) + child_argv),
+                    start_new_session=True,
+                    env=child_env,
                 )
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
@@ -165,7 +207,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_control_plane(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import serve_forever
 
-    asyncio.run(serve_forever(listen=args.listen, etcd=args.etcd, namespace=args.namespace))
+    asyncio.run(
+        serve_forever(
+            listen=args.listen,
+            etcd=args.etcd,
+            namespace=args.namespace,
+            **_security(args),  # type: ignore[arg-type]
+        )
+    )
     return 0
 
 
@@ -189,6 +238,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             drain_grace=args.drain_grace,
             wedge_timeout=args.wedge_timeout,
             run_dir=args.run_dir,
+            **_security(args),
         )
     )
     return 0
@@ -216,6 +266,7 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             jobs_dir=args.jobs_dir,
             lease_ttl=args.lease_ttl,
             cancel_grace=args.cancel_grace,
+            **_security(args),
         )
     )
     return 0
@@ -297,6 +348,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=t("keep etcd data here (default: temporary)", "etcd 数据保存目录（默认：临时目录）"),
     )
+    add_tls_arguments(up)
+    add_etcd_arguments(up)
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
@@ -315,6 +368,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     cpl.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
     )
+    add_tls_arguments(cpl)
+    add_etcd_arguments(cpl)
     cpl.set_defaults(func=_cmd_control_plane)
 
     def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
@@ -357,6 +412,8 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             default=None,
             help=t("GPUs to declare (default: detected)", "声明的 GPU 数（默认：自动检测）"),
         )
+        add_tls_arguments(parser)
+        add_etcd_arguments(parser)
 
     iw = subparsers.add_parser(
         "inference-worker", help=t("run an inference worker", "运行推理工作节点")

@@ -28,6 +28,7 @@ from llmesh.common.errors import (
     Unavailable,
 )
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.tls import TlsConfig, aio_channel
 from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
 from llmesh.sdk.sessions import IoLoop, Sessions
 from llmesh.v1 import common_pb2
@@ -42,9 +43,14 @@ LIVE_STATES = (common_pb2.REPLICA_STATE_READY, common_pb2.REPLICA_STATE_DRAINING
 
 
 class AioChannels:
-    """grpc.aio channels per event loop and address (aio objects belong to their loop)."""
+    """grpc.aio channels per event loop and address (aio objects belong to their loop).
 
-    def __init__(self) -> None:
+    Args:
+        tls: TLS for every channel (None: plaintext).
+    """
+
+    def __init__(self, tls: TlsConfig | None = None) -> None:
+        self._tls = tls
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -61,7 +67,7 @@ class AioChannels:
             channels = self._by_loop.setdefault(loop, {})
             channel = channels.get(address)
             if channel is None:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = aio_channel(address, self._tls, CHANNEL_OPTIONS)
                 channels[address] = channel
             return channel
 
@@ -261,6 +267,7 @@ class Router:
         pins: returns the replica pins for a purpose.
         first_route_timeout: how long the first request for a model waits for its route
             stream; None for the route cache's default.
+        tls: TLS for every channel (control plane and replicas); None for plaintext.
     """
 
     def __init__(
@@ -270,16 +277,18 @@ class Router:
         policy: Callable[[], int],
         pins: Callable[[int], dict[str, int]],
         first_route_timeout: float | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.control_plane = control_plane
+        self.tls = tls
         self._policy = policy
         self._pins = pins
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(tls=tls)
         route_kwargs = {}
         if first_route_timeout is not None:
             route_kwargs["first_snapshot_timeout"] = first_route_timeout
         self.routes = RouteCache(self.pool.get(control_plane), **route_kwargs)
-        self.aio_channels = AioChannels()
+        self.aio_channels = AioChannels(tls)
         #: Chat sessions per (event loop, worker address).
         self.sessions = Sessions(self.aio_worker)
         #: The event loop thread the sync API runs its sessions on.
