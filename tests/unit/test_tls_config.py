@@ -1,0 +1,122 @@
+"""TLS settings, the exposure rule and the certificates `llmesh certs init` makes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from llmesh.common.certs import COMPONENTS, init_certs
+from llmesh.common.etcd_security import EtcdSecurity
+from llmesh.common.grpc_server import Server
+from llmesh.common.tls import InsecureBind, TlsConfig, check_bind, is_loopback
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    init_certs(directory, hosts=["mesh.example.org", "10.1.2.3"])
+    return directory
+
+
+def test_certs_init_makes_a_ca_and_a_pair_per_component(certs: Path) -> None:
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for name in COMPONENTS:
+        cert = x509.load_pem_x509_certificate((certs / f"{name}.pem").read_bytes())
+        assert cert.issuer == ca.subject
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.SERVER_AUTH in usages
+        assert ExtendedKeyUsageOID.CLIENT_AUTH in usages
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+        ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+        assert {"localhost", "mesh.example.org"} <= set(dns)
+        assert {"127.0.0.1", "::1", "10.1.2.3"} <= ips
+        assert (certs / f"{name}.key").stat().st_mode & 0o077 == 0  # keys are private
+
+
+def test_certs_init_will_not_replace_a_ca_unless_forced(certs: Path) -> None:
+    before = (certs / "ca.pem").read_bytes()
+    with pytest.raises(FileExistsError, match="--force"):
+        init_certs(certs)
+    assert (certs / "ca.pem").read_bytes() == before
+
+
+def test_settings_come_from_flags_then_env(certs: Path) -> None:
+    env = {
+        "LLMESH_TLS_CERT": str(certs / "client.pem"),
+        "LLMESH_TLS_KEY": str(certs / "client.key"),
+        "LLMESH_TLS_CA": str(certs / "ca.pem"),
+        "LLMESH_TLS_REQUIRE_CLIENT_CERT": "true",
+    }
+    config = TlsConfig.resolve(env=env)
+    assert config is not None and config.require_client_cert
+    assert config.cert == certs / "client.pem"
+    # A flag wins over its variable; the variables a config gives round-trip.
+    flagged = TlsConfig.resolve(cert=certs / "etcd.pem", key=certs / "etcd.key", env=env)
+    assert flagged is not None and flagged.cert == certs / "etcd.pem"
+    assert TlsConfig.from_env(config.to_env()) == config
+    assert TlsConfig.resolve(env={}) is None
+
+
+def test_incomplete_settings_say_what_to_pass(certs: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--tls-key"):
+        TlsConfig(cert=certs / "client.pem")
+    with pytest.raises(ValueError, match="--tls-ca"):
+        TlsConfig(cert=certs / "client.pem", key=certs / "client.key", require_client_cert=True)
+    with pytest.raises(ValueError, match="certs init"):
+        TlsConfig(ca=tmp_path / "missing.pem")
+    with pytest.raises(ValueError, match="--tls-cert"):
+        TlsConfig(ca=certs / "ca.pem").server_credentials()
+    with pytest.raises(ValueError, match="--etcd-password"):
+        EtcdSecurity(user="root")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("[::]", False),
+        ("", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_bind_needs_tls_and_authentication(
+    certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = TlsConfig(cert=certs / "control-plane.pem", key=certs / "control-plane.key")
+    check_bind("127.0.0.1:0", tls=None, authenticated=False, insecure=False)
+    with pytest.raises(InsecureBind, match=r"--tls-cert.*--insecure"):
+        check_bind("0.0.0.0:50051", tls=None, authenticated=False, insecure=False)
+    with pytest.raises(InsecureBind, match="authentication"):
+        check_bind("0.0.0.0:50051", tls=tls, authenticated=False, insecure=False)
+    check_bind("0.0.0.0:50051", tls=tls, authenticated=True, insecure=False)
+    with caplog.at_level(logging.WARNING, logger="llmesh.common.tls"):
+        check_bind("0.0.0.0:50051", tls=None, authenticated=False, insecure=True)
+    assert "INSECURE" in caplog.text
+
+
+def test_server_refuses_wildcard_bind_and_starts_with_insecure() -> None:
+    with pytest.raises(InsecureBind):
+        Server([], listen="0.0.0.0:0")
+
+    async def start_insecure() -> int:
+        server = Server([], listen="0.0.0.0:0", insecure=True)
+        await server.start()
+        await server.stop(0)
+        return server.port
+
+    assert asyncio.run(start_insecure()) > 0
