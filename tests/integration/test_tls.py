@@ -202,3 +202,16 @@ def test_control_plane_listed_workers_are_reachable(tls_mesh: Any, certs: Path) 
             cp.ListWorkersRequest(), timeout=10
         )
     assert [w.id for w in workers.workers] == ["w0"]
+
+
+def test_cli_client_commands_take_tls_flags(
+    tls_mesh: Any, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mesh, _ = tls_mesh
+    base = ["models", "--control_plane", mesh.address(), "--tls-ca", str(certs / "ca.pem")]
+    client = ["--tls-cert", str(certs / "client.pem"), "--tls-key", str(certs / "client.key")]
+    assert cli_main([*base, *client]) == 0
+    assert "chat" in capsys.readouterr().out
+    assert cli_main(base) == 1  # no client certificate: refused, one error line
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unavailable" in err

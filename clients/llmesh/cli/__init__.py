@@ -29,6 +29,7 @@ from llmesh import bench as bench_command
 from llmesh.cli import certs, demo, models, servers, training
 from llmesh.client import default_control_plane
 from llmesh.common.errors import LLMeshError
+from llmesh.common.tls import add_tls_arguments
 from llmesh.i18n import MESSAGES, set_language
 
 
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--control_plane", default=argparse.SUPPRESS, help=MESSAGES["help_control_plane"]
     )
+    # Client TLS (each falls back to its LLMESH_TLS_* variable): see llmesh.cli.connect.
+    add_tls_arguments(common, server=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
 
