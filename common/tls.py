@@ -219,6 +219,36 @@ def aio_channel(
     )
 
 
+def connect_hint(details: str, tls: TlsConfig | None) -> str:
+    """A sentence on what TLS setting may be wrong, for a client that could not connect.
+
+    gRPC reports a refused handshake as a plain "Socket closed" when the server hung up
+    (plaintext to a TLS server, no client certificate, one from another CA), so the hint is
+    worded as a possibility unless the handshake itself named the failure.
+    """
+    if "handshake" in details.lower() or "TSI_" in details or "SSL" in details:
+        return (
+            f" The TLS handshake failed: check that the CA (--tls-ca / {CA_ENV}) signed the "
+            "server's certificate and that the certificate names the host dialled."
+        )
+    if "Socket closed" not in details:
+        return ""
+    if tls is None:
+        return (
+            f" If the server uses TLS, set {CA_ENV} (and {CERT_ENV} / {KEY_ENV} when it "
+            "requires client certificates)."
+        )
+    if tls.cert is None:
+        return (
+            f" If the server requires client certificates, set {CERT_ENV} and {KEY_ENV} "
+            "(or --tls-cert / --tls-key)."
+        )
+    return (
+        " If the server requires client certificates, check that yours is signed by the CA "
+        "it trusts."
+    )
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an IP or a name) reaches only this machine.
 

@@ -154,7 +154,15 @@ def test_control_plane_refuses_clients_without_our_certificate(
     with ByzerLLM(control_plane=mesh.address(), tls=tls) as stranger:
         with pytest.raises(Unavailable) as err:
             stranger.list_models()
-    assert "control plane" in str(err.value) and mesh.address() in str(err.value)
+    message = str(err.value)
+    assert "control plane" in message and mesh.address() in message
+    # And a sentence on which TLS setting to fix.
+    hint = {
+        "plaintext": "set LLMESH_TLS_CA",
+        "no client certificate": "set LLMESH_TLS_CERT and LLMESH_TLS_KEY",
+        "another CA": "The TLS handshake failed",
+    }[client]
+    assert hint in message
 
 
 def test_etcd_refuses_clients_without_a_certificate(tls_etcd: LocalEtcd, certs: Path) -> None:

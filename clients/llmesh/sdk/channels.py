@@ -28,7 +28,7 @@ from llmesh.common.errors import (
     Unavailable,
 )
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
-from llmesh.common.tls import TlsConfig, aio_channel
+from llmesh.common.tls import TlsConfig, aio_channel, connect_hint
 from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
 from llmesh.sdk.sessions import IoLoop, Sessions
 from llmesh.v1 import common_pb2
@@ -317,7 +317,10 @@ class Router:
 
     def unavailable_control_plane(self, exc: Unavailable) -> Unavailable:
         """An outage of the control plane, naming the address that was tried."""
-        return Unavailable(f"the control plane at {self.control_plane} is unavailable: {exc}")
+        return Unavailable(
+            f"the control plane at {self.control_plane} is unavailable: {exc}"
+            + connect_hint(str(exc), self.tls)
+        )
 
     def pick(
         self, model: str, purpose: int, attempts: Attempts, affinity_key: str = ""
