@@ -62,6 +62,11 @@ class EtcdSecurity:
                 "etcd authentication needs the user and the password together: pass both "
                 f"--etcd-user and --etcd-password (or {USER_ENV} and {PASSWORD_ENV})"
             )
+        if (self.cert is None) != (self.key is None):
+            raise ValueError(
+                "a client certificate for etcd needs its key: pass both --etcd-cert and "
+                f"--etcd-key (or {CERT_ENV} and {KEY_ENV})"
+            )
         self.tls  # noqa: B018 - validate the files now, not at the first call
 
     @property

@@ -38,6 +38,8 @@ CERT_ENV = "LLMESH_TLS_CERT"
 KEY_ENV = "LLMESH_TLS_KEY"
 CA_ENV = "LLMESH_TLS_CA"
 REQUIRE_CLIENT_CERT_ENV = "LLMESH_TLS_REQUIRE_CLIENT_CERT"
+#: Every variable :meth:`TlsConfig.from_env` reads.
+ENV_NAMES = (CERT_ENV, KEY_ENV, CA_ENV, REQUIRE_CLIENT_CERT_ENV)
 #: Set (to 1) for processes a server started with ``--insecure`` spawns (replica processes).
 INSECURE_ENV = "LLMESH_INSECURE"
 

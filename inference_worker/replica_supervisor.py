@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
-from llmesh.common.tls import INSECURE_ENV, TlsConfig, aio_channel
+from llmesh.common.tls import ENV_NAMES, INSECURE_ENV, TlsConfig, aio_channel
 from llmesh.inference_worker.replica_process import ReplicaSpec
 from llmesh.v1 import common_pb2, replica_service_pb2_grpc
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -132,10 +132,7 @@ class SupervisorSettings:
 
     def tls_env(self) -> dict[str, str | None]:
         """What a replica's environment must say about TLS: set, or removed (None)."""
-        from llmesh.common import tls as tls_mod
-
-        names = (tls_mod.CERT_ENV, tls_mod.KEY_ENV, tls_mod.CA_ENV, tls_mod.REQUIRE_CLIENT_CERT_ENV)
-        out: dict[str, str | None] = dict.fromkeys(names)
+        out: dict[str, str | None] = dict.fromkeys(ENV_NAMES)
         if self.tls is not None:
             out.update(self.tls.to_env())
         out[INSECURE_ENV] = "1" if self.insecure else None
