@@ -181,8 +181,10 @@ class TlsConfig:
         cert, key, ca = self._pem
         if cert is None or key is None:
             raise ValueError(
-                "a TLS server needs a certificate and key: pass --tls-cert and --tls-key "
-                f"(or {CERT_ENV} and {KEY_ENV}); `llmesh certs init DIR` makes a set"
+                f"TLS is configured (a CA: --tls-ca or {CA_ENV}) but a server needs its own "
+                f"certificate and key too: pass --tls-cert and --tls-key (or {CERT_ENV} and "
+                f"{KEY_ENV}; `llmesh certs init DIR` makes a set), or unset the TLS settings "
+                "to serve plaintext on loopback"
             )
         return grpc.ssl_server_credentials(
             [(key, cert)],

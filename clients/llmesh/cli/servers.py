@@ -35,9 +35,16 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 def _security(args: argparse.Namespace) -> dict[str, object]:
-    """The TLS, etcd-security and --insecure keyword arguments a server command runs with."""
+    """The TLS, etcd-security and --insecure keyword arguments a server command runs with.
+
+    Raises:
+        ValueError: the settings are incomplete for a server (checked before anything starts).
+    """
+    tls = TlsConfig.from_args(args)
+    if tls is not None:
+        tls.server_credentials()  # a CA alone (say, a client's LLMESH_TLS_CA) cannot serve
     return {
-        "tls": TlsConfig.from_args(args),
+        "tls": tls,
         "etcd_security": EtcdSecurity.from_args(args),
         "insecure": bool(getattr(args, "insecure", False)),
     }
