@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+if TYPE_CHECKING:
+    from llmesh.common.auth_interceptor import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,8 @@ class Server:
     Args:
         services: pairs of (add_XServicer_to_server function, servicer instance, full service name).
         listen: host:port to bind; port 0 picks a free port.
+        auth: check bearer tokens on every call but health (see
+            :mod:`llmesh.common.auth_interceptor`); None serves without tokens.
     """
 
     def __init__(
@@ -91,8 +97,11 @@ class Server:
         services: Iterable[tuple[Callable[[object, grpc.aio.Server], None], object, str]],
         *,
         listen: str = "127.0.0.1:0",
+        auth: Authenticator | None = None,
     ) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.auth = auth
+        interceptors = [auth.interceptor()] if auth is not None else None
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = (
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         )

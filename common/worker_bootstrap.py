@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aetcd
 import grpc
 
+from llmesh.common.auth_interceptor import Authenticator
 from llmesh.common.etcd import worker_client
 from llmesh.common.etcd_keys import Keys, parse_endpoint
 from llmesh.common.grpc_server import Server
@@ -53,14 +54,18 @@ async def join_mesh(
     gpus: float,
     devices: Sequence[cp.Device] = (),
     lease_ttl: int,
+    auth: Authenticator | None = None,
 ) -> WorkerPresence:
     """Bind the server and register the worker record under a fresh lease.
+
+    ``auth`` makes the server check bearer tokens (its table is filled by the caller before
+    the server starts).
 
     Raises:
         ConnectionError: etcd is unreachable (the server is stopped again).
         OSError: the listen address cannot be bound.
     """
-    server = Server(services, listen=listen)
+    server = Server(services, listen=listen, auth=auth)
     address = advertise or server.address
     if address.startswith(("0.0.0.0:", "[::]:")):
         address = f"{socket.gethostname()}:{server.port}"

@@ -15,6 +15,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from llmesh.common import tracing
+from llmesh.common.audit import AuditLog
+from llmesh.common.auth import TokenTable, auth_from_env
+from llmesh.common.auth_interceptor import Authenticator
+from llmesh.common.auth_store import EtcdTokenFollower
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.grpc_server import Server
@@ -57,6 +61,7 @@ async def run_control_plane(
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
     job_reap_grace: float = DEFAULT_REAP_GRACE_S,
+    auth: bool | None = None,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -71,6 +76,8 @@ async def run_control_plane(
         startup_timeout: how long to wait for etcd before giving up with Unavailable.
         job_reap_grace: seconds a trainer worker may be gone before its running training
             jobs are recorded FAILED.
+        auth: require bearer tokens (records followed in etcd) and write the audit log;
+            None reads ``LLMESH_AUTH``.
 
     Yields:
         The running :class:`ControlPlane`.
@@ -81,14 +88,22 @@ async def run_control_plane(
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
+    tokens: EtcdTokenFollower | None = None
     try:
         await registry.start(timeout=startup_timeout)
+        authenticator = None
+        if auth_from_env(auth):
+            table = TokenTable()
+            tokens = EtcdTokenFollower(kv, keys, table)
+            await tokens.start()
+            authenticator = Authenticator(table, audit=AuditLog(kv, keys, server="control-plane"))
         deployer = Deployer(registry, kv, keys)
         scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace)
         servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],
             listen=listen,
+            auth=authenticator,
         )
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
@@ -113,6 +128,8 @@ async def run_control_plane(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if tokens is not None:
+            await tokens.stop()
         await registry.close()
         await kv.close()
 
@@ -125,6 +142,7 @@ async def serve_forever(
     grace: float = 5.0,
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
+    auth: bool | None = None,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -143,6 +161,7 @@ async def serve_forever(
             grace=grace,
             reconcile_grace=reconcile_grace,
             startup_timeout=startup_timeout,
+            auth=auth,
         ):
             await stop.wait()
             log.info("control plane stopping")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from llmesh.common.auth_client import aio_token_interceptors
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.inference_worker.replica_process import ReplicaSpec
 from llmesh.v1 import common_pb2, replica_service_pb2_grpc
@@ -110,6 +111,9 @@ class SupervisorSettings:
         stop_grace: seconds a stopping replica gets between SIGTERM and SIGKILL.
         drain_timeout: seconds an undeployed replica's requests get to finish.
         env: extra environment variables for replica processes.
+        token_file: the token records file replica processes check bearer tokens against
+            (the agent keeps it current); None serves without tokens.
+        token: the agent's own admin token, sent on its calls to the replicas.
     """
 
     run_dir: Path
@@ -123,6 +127,8 @@ class SupervisorSettings:
     stop_grace: float = 10.0
     drain_timeout: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 class ReplicaSupervisor:
@@ -291,6 +297,7 @@ class ReplicaSupervisor:
             address_file=address_file,
             advertise_host=self.settings.advertise_host,
             gpu_share=share,
+            token_file=self.settings.token_file,
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
@@ -393,7 +400,9 @@ class ReplicaSupervisor:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
             self._channel = grpc.aio.insecure_channel(
-                where.get("control_address", self.address), options=CHANNEL_OPTIONS
+                where.get("control_address", self.address),
+                options=CHANNEL_OPTIONS,
+                interceptors=aio_token_interceptors(self.settings.token),
             )
             self._stub = replica_service_pb2_grpc.ReplicaServiceStub(self._channel)
             outcome = await self._watch(proc, exited)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.common import tracing
+from llmesh.common.auth import auth_from_env
 from llmesh.common.devices import node_devices
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
+from llmesh.inference_worker.agent_auth import AgentAuth
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
 from llmesh.inference_worker.replica_supervisor import SupervisorSettings
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -68,6 +70,7 @@ async def run_inference_worker(
     max_restarts: int = 5,
     run_dir: str | Path | None = None,
     replica_env: Mapping[str, str] | None = None,
+    auth: bool | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -88,10 +91,15 @@ async def run_inference_worker(
         max_restarts: crashes within 5 minutes before a replica is FAILED for good.
         run_dir: where replica processes keep their spec, address and log (default: a temp dir).
         replica_env: extra environment variables for every replica process.
+        auth: require bearer tokens on the agent and its replica processes; None reads
+            ``LLMESH_AUTH``. The agent follows the token records in etcd and keeps a copy in
+            ``run_dir/tokens.json`` for its replicas (which have no etcd access), plus an
+            admin token of its own that only it holds, for its calls to them.
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
     devices = await asyncio.to_thread(node_devices, gpus=gpus, gpu_ids=gpu_ids)
+    agent_auth = AgentAuth(etcd, namespace) if auth_from_env(auth) else None
     presence = await join_mesh(
         [],
         kind="inference",
@@ -104,6 +112,7 @@ async def run_inference_worker(
         gpus=len(devices),
         devices=devices,
         lease_ttl=lease_ttl,
+        auth=agent_auth.authenticator if agent_auth else None,
     )
     worker = presence.worker
     own_dir = None
@@ -121,6 +130,14 @@ async def run_inference_worker(
         stop_grace=min(drain_grace, 10.0),
         env=dict(replica_env or {}),
     )
+    if agent_auth is not None:
+        try:
+            await agent_auth.start(worker.id, settings.run_dir / "tokens.json")
+        except BaseException:
+            await presence.close(grace=0)
+            raise
+        settings.token_file = agent_auth.token_file
+        settings.token = agent_auth.agent_token
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
     try:
         await presence.server.start()
@@ -139,6 +156,8 @@ async def run_inference_worker(
         # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
         await agent.close(drain=drain_grace)
         await presence.close(grace=min(drain_grace, 5.0))
+        if agent_auth is not None:
+            await agent_auth.close()
         if own_dir is not None:
             own_dir.cleanup()
         log.info("worker %s stopped", worker.id)

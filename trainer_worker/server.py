@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.common import tracing
+from llmesh.common.audit import AuditLog
+from llmesh.common.auth import TokenTable, auth_from_env
+from llmesh.common.auth_interceptor import Authenticator
+from llmesh.common.auth_store import EtcdTokenFollower
 from llmesh.common.devices import detect_gpus
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
@@ -65,6 +69,9 @@ async def run_trainer_worker(
     cancel_grace: float = 10.0,
     progress_interval: float = 1.0,
     watch_queue_size: int = 1024,
+    auth: bool | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+    allow_remote_code: bool | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -84,9 +91,17 @@ async def run_trainer_worker(
         cancel_grace: seconds a job's ranks get between SIGTERM and SIGKILL.
         progress_interval: progress reaches the etcd record at most this often (seconds).
         watch_queue_size: events a WatchJob caller may lag behind before it is dropped.
+        auth: require bearer tokens (records followed in etcd); None reads ``LLMESH_AUTH``.
+        allowed_roots: directories a job's data, model and output paths must lie under;
+            None reads ``LLMESH_ALLOWED_ROOTS`` (``os.pathsep``-separated); without either,
+            any path is allowed (as before).
+        allow_remote_code: whether a job may set ``trust_remote_code``; None reads
+            ``LLMESH_ALLOW_REMOTE_CODE``; off by default.
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
+    authenticator = Authenticator(TokenTable()) if auth_from_env(auth) else None
+    tokens: EtcdTokenFollower | None = None
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
@@ -107,6 +122,7 @@ async def run_trainer_worker(
         cpus=cpus,
         gpus=gpus,
         lease_ttl=lease_ttl,
+        auth=authenticator,
     )
     server, worker, client, keys, session = (
         presence.server,
@@ -129,6 +145,15 @@ async def run_trainer_worker(
         watch_queue_size=watch_queue_size,
     )
     servicer.manager = manager
+    if authenticator is not None:
+        authenticator.audit = AuditLog(records_kv, keys, server=f"trainer {worker.id}")
+        tokens = EtcdTokenFollower(records_kv, keys, authenticator.table)
+        try:
+            await tokens.start()
+        except BaseException:
+            await presence.close(grace=0)
+            await records_kv.close()
+            raise
     await server.start()
     manager.start()
     running = TrainerWorker(worker, server, session, manager)
@@ -141,6 +166,8 @@ async def run_trainer_worker(
         # before the control plane could see the worker gone and fail the jobs itself.
         await manager.close()
         await presence.close(grace=5.0)
+        if tokens is not None:
+            await tokens.stop()
         await records_kv.close()
         log.info("trainer worker %s stopped", worker.id)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmesh.common.auth_client import token_from_env
 from llmesh.functions import (
     ExecuteCodeResponse,
     FunctionCallList,
@@ -90,7 +91,9 @@ class ByzerLLM(
             ``url``). Defaults to ``$LLMESH_CONTROL_PLANE``, else ``127.0.0.1:50051``.
         **kwargs: Byzer-LLM options; ``verbose``, ``force_skip_context_length_check`` and
             ``default_max_output_length`` are kept, ``first_route_timeout`` sets how long the
-            first request for a model waits for its route stream. Others are ignored.
+            first request for a model waits for its route stream, ``token`` is the bearer
+            token sent on every call (default ``$LLMESH_TOKEN``; needed when the mesh runs
+            with ``--auth``). Others are ignored.
     """
 
     def __init__(self, control_plane: str | None = None, **kwargs: Any) -> None:
@@ -108,6 +111,7 @@ class ByzerLLM(
             first_route_timeout=(
                 float(first_route_timeout) if "first_route_timeout" in kwargs else None
             ),
+            token=token_from_env(kwargs.get("token")),
         )
         #: Runs this client's calls with blocking gRPC.
         self.transport = SyncTransport(self.router)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from llmesh.common.auth_client import sync_channel_with_token
 from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.routing import PURPOSE_NAMES, Selector
@@ -81,8 +82,11 @@ def call_unary(
 class ChannelPool:
     """One cached, thread-safe gRPC channel per address."""
 
-    def __init__(self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> None:
+    def __init__(
+        self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS, *, token: str | None = None
+    ) -> None:
         self._options = list(options)
+        self._token = token
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -91,7 +95,9 @@ class ChannelPool:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = sync_channel_with_token(
+                    grpc.insecure_channel(address, options=self._options), self._token
+                )
                 self._channels[address] = channel
             return channel
 

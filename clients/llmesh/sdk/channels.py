@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from llmesh.common.auth_client import aio_token_interceptors
 from llmesh.common.errors import (
     FailedPrecondition,
     LLMeshError,
@@ -44,7 +45,8 @@ LIVE_STATES = (common_pb2.REPLICA_STATE_READY, common_pb2.REPLICA_STATE_DRAINING
 class AioChannels:
     """grpc.aio channels per event loop and address (aio objects belong to their loop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        self._interceptors = aio_token_interceptors(token)
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -61,7 +63,9 @@ class AioChannels:
             channels = self._by_loop.setdefault(loop, {})
             channel = channels.get(address)
             if channel is None:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = grpc.aio.insecure_channel(
+                    address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
                 channels[address] = channel
             return channel
 
@@ -261,6 +265,7 @@ class Router:
         pins: returns the replica pins for a purpose.
         first_route_timeout: how long the first request for a model waits for its route
             stream; None for the route cache's default.
+        token: the bearer token every call carries; None sends none.
     """
 
     def __init__(
@@ -270,16 +275,17 @@ class Router:
         policy: Callable[[], int],
         pins: Callable[[int], dict[str, int]],
         first_route_timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         self.control_plane = control_plane
         self._policy = policy
         self._pins = pins
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(token=token)
         route_kwargs = {}
         if first_route_timeout is not None:
             route_kwargs["first_snapshot_timeout"] = first_route_timeout
         self.routes = RouteCache(self.pool.get(control_plane), **route_kwargs)
-        self.aio_channels = AioChannels()
+        self.aio_channels = AioChannels(token)
         #: Chat sessions per (event loop, worker address).
         self.sessions = Sessions(self.aio_worker)
         #: The event loop thread the sync API runs its sessions on.
