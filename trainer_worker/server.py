@@ -22,6 +22,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
+from llmesh.trainer_worker.path_policy import PathPolicy, roots_from_env
 from llmesh.trainer_worker.servicer import TrainerServicer
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2_grpc
@@ -54,6 +55,11 @@ class TrainerWorker:
         return self.worker.id
 
 
+def _path_policy(roots: Sequence[str | Path] | None, jobs_dir: Path) -> PathPolicy | None:
+    resolved = roots_from_env(roots)
+    return PathPolicy(resolved, jobs_dir) if resolved else None
+
+
 @contextlib.asynccontextmanager
 async def run_trainer_worker(
     *,
@@ -71,7 +77,6 @@ async def run_trainer_worker(
     watch_queue_size: int = 1024,
     auth: bool | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
-    allow_remote_code: bool | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -94,9 +99,7 @@ async def run_trainer_worker(
         auth: require bearer tokens (records followed in etcd); None reads ``LLMESH_AUTH``.
         allowed_roots: directories a job's data, model and output paths must lie under;
             None reads ``LLMESH_ALLOWED_ROOTS`` (``os.pathsep``-separated); without either,
-            any path is allowed (as before).
-        allow_remote_code: whether a job may set ``trust_remote_code``; None reads
-            ``LLMESH_ALLOW_REMOTE_CODE``; off by default.
+            any path is allowed (as before). ``jobs_dir`` is always allowed.
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
@@ -143,6 +146,7 @@ async def run_trainer_worker(
         progress_interval=progress_interval,
         cancel_grace=cancel_grace,
         watch_queue_size=watch_queue_size,
+        path_policy=_path_policy(allowed_roots, jobs_path),
     )
     servicer.manager = manager
     if authenticator is not None:

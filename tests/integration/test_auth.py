@@ -58,6 +58,7 @@ class AuthMesh:
     addresses: dict[str, str]
     tokens: dict[str, str]
     token_ids: dict[str, str]
+    model_dir: Path
 
     def run(self, coro: Any) -> Any:
         return self.mesh.call(coro)
@@ -115,6 +116,7 @@ def auth_mesh(etcd_server: Any, test_model_dir: Path, tmp_path_factory: Any) -> 
                 jobs_dir=jobs_dir,
                 lease_ttl=2,
                 auth=True,
+                allowed_roots=[jobs_dir / "allowed"],
             )
         )
         return trainer, stack
@@ -133,7 +135,7 @@ def auth_mesh(etcd_server: Any, test_model_dir: Path, tmp_path_factory: Any) -> 
             "trainer": trainer.address,
             "agent": worker.address,
         }
-        yield AuthMesh(mesh, namespace, addresses, tokens, ids)
+        yield AuthMesh(mesh, namespace, addresses, tokens, ids, test_model_dir)
     finally:
         llm.close()
         mesh.call(trainer_stack.aclose())
@@ -374,3 +376,28 @@ def test_sdk_reads_the_token_from_the_environment(
     monkeypatch.setenv("LLMESH_TOKEN", auth_mesh.tokens["user"])
     with ByzerLLM(control_plane=auth_mesh.addresses["cp"]) as llm:
         assert "chat" in [m.name for m in llm.list_models()]
+
+
+def test_training_paths_must_lie_under_the_allowed_roots(auth_mesh: AuthMesh) -> None:
+    from llmesh.errors import LLMeshError
+    from llmesh.v1 import trainer_service_pb2 as tr
+
+    spec = tr.TrainingJobSpec(
+        kind=tr.TRAINING_JOB_KIND_SFT,
+        base_model_path=str(auth_mesh.model_dir),  # outside the trainer's one allowed root
+        data_path=str(auth_mesh.model_dir),
+    )
+    cp = auth_mesh.addresses["cp"]
+    with ByzerLLM(control_plane=cp, token=auth_mesh.tokens["user"]) as user:
+        with pytest.raises(PermissionDenied):
+            user.create_training_job(spec)
+        with ByzerLLM(control_plane=cp, token=auth_mesh.tokens["admin"]) as admin:
+            job = admin.create_training_job(spec)
+        # The user follows it: the control plane relays the worker's stream with the
+        # user's own token.
+        with pytest.raises(LLMeshError) as info:
+            user.wait_training_job(job.id, timeout=60)
+    failed = info.value.job  # type: ignore[attr-defined]
+    assert failed.state == tr.TRAINING_JOB_STATE_FAILED
+    assert "spec.base_model_path" in failed.reason and "outside the directories" in failed.reason
+    assert "--allowed-root" in failed.reason

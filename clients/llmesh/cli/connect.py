@@ -11,6 +11,7 @@ def connect(args: argparse.Namespace) -> ByzerLLM:
     """A client of the control plane the command line names.
 
     Args:
-        args: the parsed command line; ``args.control_plane`` is ``HOST:PORT``.
+        args: the parsed command line; ``args.control_plane`` is ``HOST:PORT``, ``args.token``
+            the bearer token (None: ``$LLMESH_TOKEN``).
     """
-    return ByzerLLM(control_plane=args.control_plane)
+    return ByzerLLM(control_plane=args.control_plane, token=getattr(args, "token", None))

@@ -53,6 +53,8 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
         cmd += ["--cpus", str(args.worker_cpus)]
     if args.worker_gpus is not None:
         cmd += ["--gpus", str(args.worker_gpus)]
+    if args.auth:
+        cmd += ["--auth"]
     return cmd
 
 
@@ -75,6 +77,8 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
     ]
     if args.jobs_dir:
         cmd += ["--jobs-dir", args.jobs_dir]
+    if args.auth:
+        cmd += ["--auth"]
     return cmd
 
 
@@ -99,8 +103,10 @@ async def _up(args: argparse.Namespace) -> int:
             etcd.start()
             endpoint = etcd.endpoint
             print(f"etcd        {endpoint} (data in {etcd.data_dir})", flush=True)
+        if args.auth:
+            await _print_admin_token(endpoint, args.namespace)
         async with run_control_plane(
-            listen=args.listen, etcd=endpoint, namespace=args.namespace
+            listen=args.listen, etcd=endpoint, namespace=args.namespace, auth=bool(args.auth)
         ) as cp:
             print(f"control     {cp.address}", flush=True)
             for i in range(args.workers):
@@ -139,6 +145,27 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _print_admin_token(etcd: str, namespace: str) -> None:
+    """Create an admin token for this ``up`` and print it (its secret is stored nowhere)."""
+    from llmesh.common.auth import ROLE_ADMIN, new_token
+    from llmesh.common.auth_store import EtcdTokens
+    from llmesh.common.etcd import EtcdKV
+    from llmesh.common.etcd_keys import Keys
+
+    token, record = new_token("llmesh up", ROLE_ADMIN)
+    kv = EtcdKV(etcd)
+    try:
+        await EtcdTokens(kv, Keys(namespace)).add(record)
+    finally:
+        await kv.close()
+    print(f"admin token {token}", flush=True)
+    print(
+        f"            (id {record.id}; export LLMESH_TOKEN=<token>; revoke with "
+        f"`llmesh tokens revoke {record.id} --etcd {etcd}`)",
+        flush=True,
+    )
+
+
 async def _wait_workers(
     cp: object, want: int, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event
 ) -> None:
@@ -165,7 +192,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_control_plane(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import serve_forever
 
-    asyncio.run(serve_forever(listen=args.listen, etcd=args.etcd, namespace=args.namespace))
+    asyncio.run(
+        serve_forever(listen=args.listen, etcd=args.etcd, namespace=args.namespace, auth=args.auth)
+    )
     return 0
 
 
@@ -189,6 +218,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             drain_grace=args.drain_grace,
             wedge_timeout=args.wedge_timeout,
             run_dir=args.run_dir,
+            auth=args.auth,
         )
     )
     return 0
@@ -216,9 +246,25 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             jobs_dir=args.jobs_dir,
             lease_ttl=args.lease_ttl,
             cancel_grace=args.cancel_grace,
+            auth=args.auth,
+            allowed_roots=args.allowed_root,
         )
     )
     return 0
+
+
+def _auth_option(parser: argparse.ArgumentParser, *, up_help: bool = False) -> None:
+    if up_help:
+        text = t(
+            "require bearer tokens everywhere; creates and prints an admin token",
+            "所有服务都要求访问令牌；创建并打印一个管理员令牌",
+        )
+    else:
+        text = t(
+            "require bearer tokens (default $LLMESH_AUTH); `llmesh tokens create` makes them",
+            "要求访问令牌（默认 $LLMESH_AUTH）；用 `llmesh tokens create` 创建",
+        )
+    parser.add_argument("--auth", action="store_true", default=None, help=text)
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -297,6 +343,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=t("keep etcd data here (default: temporary)", "etcd 数据保存目录（默认：临时目录）"),
     )
+    _auth_option(up, up_help=True)
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
@@ -315,6 +362,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     cpl.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
     )
+    _auth_option(cpl)
     cpl.set_defaults(func=_cmd_control_plane)
 
     def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
@@ -398,6 +446,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "副本进程存放配置与日志的目录（默认：临时目录）",
         ),
     )
+    _auth_option(iw)
     iw.set_defaults(func=_cmd_inference_worker)
 
     tw = subparsers.add_parser(
@@ -429,6 +478,18 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         help=t(
             "seconds a cancelled job's ranks get before they are killed",
             "取消任务时，其进程被强制结束前的宽限秒数",
+        ),
+    )
+    _auth_option(tw)
+    tw.add_argument(
+        "--allowed-root",
+        action="append",
+        default=None,
+        help=t(
+            "a directory job data, model and output paths must lie under (repeatable; "
+            "default $LLMESH_ALLOWED_ROOTS, separated by ':')",
+            "任务的数据、模型和输出路径必须位于其下的目录"
+            "（可重复；默认 $LLMESH_ALLOWED_ROOTS，以 ':' 分隔）",
         ),
     )
     tw.set_defaults(func=_cmd_trainer_worker)
