@@ -24,6 +24,7 @@ import contextvars
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import threading
@@ -51,8 +52,6 @@ _TOKEN_RE = re.compile(r"^llmesh_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
 
 def auth_from_env(value: bool | None = None) -> bool:
     """Whether a server requires tokens: ``value`` when given, else ``LLMESH_AUTH``."""
-    import os
-
     if value is not None:
         return value
     return os.environ.get(AUTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")

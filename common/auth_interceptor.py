@@ -104,6 +104,8 @@ class Authenticator:
 
 
 def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED  # the client went away (a stream closed early)
     if exc is not None and not isinstance(exc, grpc.aio.AbortError):
         return status_for(exc)[0]
     code = context.code()

@@ -31,6 +31,7 @@ from llmesh.common import tracing
 from llmesh.common.grpc_server import Server
 from llmesh.common.process import die_with_parent
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.remote_code import remote_code_guard
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
 from llmesh.inference_worker.replica_manager import ReplicaManager
 from llmesh.inference_worker.servicer import InferenceServicer
@@ -59,6 +60,8 @@ class ReplicaSpec:
     gpu_share: float = 0.0
     # Token records the agent keeps current; set when the mesh requires bearer tokens.
     token_file: Path | None = None
+    # The operator allows deploys that ask for trust_remote_code (inference_worker.remote_code).
+    allow_remote_code: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -72,6 +75,7 @@ class ReplicaSpec:
                 "advertise_host": self.advertise_host,
                 "gpu_share": self.gpu_share,
                 "token_file": str(self.token_file) if self.token_file else "",
+                "allow_remote_code": self.allow_remote_code,
             }
         )
 
@@ -86,6 +90,7 @@ class ReplicaSpec:
             advertise_host=raw.get("advertise_host", ""),
             gpu_share=float(raw.get("gpu_share", 0.0)),
             token_file=Path(raw["token_file"]) if raw.get("token_file") else None,
+            allow_remote_code=bool(raw.get("allow_remote_code", False)),
         )
 
 
@@ -173,7 +178,9 @@ def replica_auth(spec: ReplicaSpec) -> tuple[Any, Any]:
 async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaManager]]:
     """Serve one replica; on exit drain it (bounded) and stop the engine."""
     board = StatusBoard()
-    manager = ReplicaManager(board, engine_factory())
+    manager = ReplicaManager(
+        board, remote_code_guard(engine_factory(), allowed=spec.allow_remote_code)
+    )
     servicer = InferenceServicer(manager)
     auth, token_follower = replica_auth(spec)
     if token_follower is not None:

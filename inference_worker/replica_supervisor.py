@@ -114,6 +114,7 @@ class SupervisorSettings:
         token_file: the token records file replica processes check bearer tokens against
             (the agent keeps it current); None serves without tokens.
         token: the agent's own admin token, sent on its calls to the replicas.
+        allow_remote_code: replicas may load models whose deploy asks for trust_remote_code.
     """
 
     run_dir: Path
@@ -129,6 +130,7 @@ class SupervisorSettings:
     env: dict[str, str] = field(default_factory=dict)
     token_file: Path | None = None
     token: str | None = field(default=None, repr=False)
+    allow_remote_code: bool = False
 
 
 class ReplicaSupervisor:
@@ -298,6 +300,7 @@ class ReplicaSupervisor:
             advertise_host=self.settings.advertise_host,
             gpu_share=share,
             token_file=self.settings.token_file,
+            allow_remote_code=self.settings.allow_remote_code,
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())

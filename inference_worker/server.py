@@ -22,6 +22,7 @@ from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
 from llmesh.inference_worker.agent_auth import AgentAuth
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
+from llmesh.inference_worker.remote_code import allow_from_env
 from llmesh.inference_worker.replica_supervisor import SupervisorSettings
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -71,6 +72,7 @@ async def run_inference_worker(
     run_dir: str | Path | None = None,
     replica_env: Mapping[str, str] | None = None,
     auth: bool | None = None,
+    allow_remote_code: bool | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -95,6 +97,8 @@ async def run_inference_worker(
             ``LLMESH_AUTH``. The agent follows the token records in etcd and keeps a copy in
             ``run_dir/tokens.json`` for its replicas (which have no etcd access), plus an
             admin token of its own that only it holds, for its calls to them.
+        allow_remote_code: let replicas whose deploy asks for ``trust_remote_code`` run
+            code from their model directory; None reads ``LLMESH_ALLOW_REMOTE_CODE`` (off).
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
@@ -129,6 +133,7 @@ async def run_inference_worker(
         max_restarts=max_restarts,
         stop_grace=min(drain_grace, 10.0),
         env=dict(replica_env or {}),
+        allow_remote_code=allow_from_env(allow_remote_code),
     )
     if agent_auth is not None:
         try:

@@ -30,6 +30,7 @@ from llmesh.common.errors import PermissionDenied, Unauthenticated
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import Keys
 from llmesh.v1 import (
+    common_pb2,
     control_plane_service_pb2,
     inference_service_pb2,
     replica_service_pb2,
@@ -401,3 +402,49 @@ def test_training_paths_must_lie_under_the_allowed_roots(auth_mesh: AuthMesh) ->
     assert failed.state == tr.TRAINING_JOB_STATE_FAILED
     assert "spec.base_model_path" in failed.reason and "outside the directories" in failed.reason
     assert "--allowed-root" in failed.reason
+
+
+def test_remote_code_needs_the_deploy_and_the_operator(auth_mesh: AuthMesh) -> None:
+    from llmesh.errors import LLMeshError
+
+    with ByzerLLM(control_plane=auth_mesh.addresses["cp"], token=auth_mesh.tokens["admin"]) as llm:
+        llm.setup_num_workers(1).setup_infer_backend("transformers")
+        try:
+            with pytest.raises(LLMeshError) as info:
+                llm.deploy(
+                    str(auth_mesh.model_dir),
+                    "custom/llama",
+                    "custom-code",
+                    {"trust_remote_code": "true", "max_concurrency": 1},
+                )
+            message = str(info.value)
+            assert "asks for trust_remote_code" in message and "--allow-remote-code" in message
+        finally:
+            llm.undeploy("custom-code")
+
+
+def test_chat_session_refuses_out_of_scope_requests_one_by_one(auth_mesh: AuthMesh) -> None:
+    from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
+
+    def start(request_id: str, model: str) -> inf.SessionStart:
+        return inf.SessionStart(
+            start=inf.ChatStart(
+                model=model,
+                request_id=request_id,
+                prompt="hi",
+                params=common_pb2.GenerationParams(max_tokens=2),
+            )
+        )
+
+    metadata = [("authorization", f"Bearer {auth_mesh.tokens['chat-only']}")]
+    with grpc.insecure_channel(auth_mesh.addresses["inference"]) as channel:
+        stub = inf_grpc.InferenceServiceStub(channel)
+        # The token may use "chat" but not "emb": one session carries both requests.
+        request = inf.ChatSessionRequest(starts=[start("ok", "chat"), start("no", "emb")])
+        errors, finished = {}, set()
+        for message in stub.ChatSession(iter([request]), metadata=metadata, timeout=60):
+            errors.update({e.request_id: e for e in message.errors})
+            finished.update(d.request_id for d in message.deltas if d.finished)
+    assert set(errors) == {"no"} and finished == {"ok"}
+    assert errors["no"].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "may use only chat, not model 'emb'" in errors["no"].message

@@ -203,3 +203,35 @@ def test_training_paths_stay_under_the_roots(
     assert roots_from_env(None) == [root.resolve(), outside.resolve()]
     monkeypatch.delenv("LLMESH_ALLOWED_ROOTS")
     assert roots_from_env(None) is None
+
+
+def test_remote_code_needs_both_keys() -> None:
+    from llmesh.common.backends import check_infer_params
+    from llmesh.inference_worker.engines.base import EngineConfig
+    from llmesh.inference_worker.remote_code import check_remote_code, remote_code_guard
+
+    for backend in ("transformers", "vllm", "deepspeed", "embedding", "rerank", "auto"):
+        assert check_infer_params(backend, {"trust_remote_code": "true"}) == {
+            "trust_remote_code": True
+        }
+    check_remote_code("m", {}, allowed=False)
+    check_remote_code("m", {"trust_remote_code": "false"}, allowed=False)
+    check_remote_code("m", {"trust_remote_code": "true"}, allowed=True)
+    built: list[str] = []
+
+    def factory(config: EngineConfig) -> object:
+        built.append(config.model_name)
+        return object()
+
+    guarded = remote_code_guard(factory, allowed=False)  # type: ignore[arg-type]
+    config = EngineConfig(
+        model_name="m",
+        model_path="/x",
+        backend="transformers",
+        infer_params={"trust_remote_code": "TRUE"},
+    )
+    with pytest.raises(PermissionDenied, match="does not allow it"):
+        guarded(config)
+    assert built == []  # refused before any engine was built
+    remote_code_guard(factory, allowed=True)(config)  # type: ignore[arg-type]
+    assert built == ["m"]

@@ -219,6 +219,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             wedge_timeout=args.wedge_timeout,
             run_dir=args.run_dir,
             auth=args.auth,
+            allow_remote_code=args.allow_remote_code,
         )
     )
     return 0
@@ -447,6 +448,17 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _auth_option(iw)
+    iw.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        default=None,
+        help=t(
+            "let deploys that ask for trust_remote_code run Python code from their model "
+            "directory (default $LLMESH_ALLOW_REMOTE_CODE; off)",
+            "允许请求 trust_remote_code 的部署运行模型目录中的 Python 代码"
+            "（默认 $LLMESH_ALLOW_REMOTE_CODE；关闭）",
+        ),
+    )
     iw.set_defaults(func=_cmd_inference_worker)
 
     tw = subparsers.add_parser(
