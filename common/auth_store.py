@@ -9,7 +9,9 @@
   atomically; :class:`TokenFileFollower` re-reads it when it changes (polled every
   ``interval`` seconds, 0.5 by default). The node agent writes one for its replica processes
   (its etcd records plus its own internal admin token), so a revoke reaches a replica within
-  about half a second after it reaches the agent.
+  about half a second after it reaches the agent. An operator may also keep the records in a
+  file of their own (``llmesh tokens ... --file``) and start servers with ``--token-file``
+  (``LLMESH_TOKEN_FILE``) instead of giving them the token records in etcd.
 """
 
 from __future__ import annotations
@@ -205,12 +207,21 @@ class TokenFileFollower:
         path: the file.
         table: the table to keep current.
         interval: seconds between checks of the file's modification time and size.
+        on_change: called with the table after each change.
     """
 
-    def __init__(self, path: str | Path, table: TokenTable, *, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        table: TokenTable,
+        *,
+        interval: float = 0.5,
+        on_change: object = None,
+    ) -> None:
         self.path = Path(path)
         self.table = table
         self.interval = interval
+        self.on_change = on_change
         self._seen: tuple[int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -228,6 +239,8 @@ class TokenFileFollower:
         except ValueError as exc:
             log.warning("keeping the last tokens: %s", exc)
         self._seen = stamp
+        if callable(self.on_change):
+            self.on_change(self.table)
 
     async def start(self) -> None:
         """Read the file, then follow it in the background."""
@@ -246,3 +259,27 @@ class TokenFileFollower:
         while True:
             await asyncio.sleep(self.interval)
             self.load()
+
+
+TOKEN_FILE_ENV = "LLMESH_TOKEN_FILE"
+
+
+def token_file_from_env(path: str | Path | None = None) -> Path | None:
+    """``path`` when given, else ``LLMESH_TOKEN_FILE``; None means the records in etcd."""
+    value = str(path) if path else os.environ.get(TOKEN_FILE_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def token_follower(
+    table: TokenTable,
+    *,
+    kv: EtcdKV,
+    keys: Keys,
+    token_file: str | Path | None = None,
+    on_change: object = None,
+) -> EtcdTokenFollower | TokenFileFollower:
+    """What keeps a server's table current: the token file when one is named, else etcd."""
+    path = token_file_from_env(token_file)
+    if path is not None:
+        return TokenFileFollower(path, table, on_change=on_change)
+    return EtcdTokenFollower(kv, keys, table, on_change=on_change)

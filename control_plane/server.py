@@ -18,7 +18,7 @@ from llmesh.common import tracing
 from llmesh.common.audit import AuditLog
 from llmesh.common.auth import TokenTable, auth_from_env
 from llmesh.common.auth_interceptor import Authenticator
-from llmesh.common.auth_store import EtcdTokenFollower
+from llmesh.common.auth_store import EtcdTokenFollower, TokenFileFollower, token_follower
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.grpc_server import Server
@@ -62,6 +62,7 @@ async def run_control_plane(
     startup_timeout: float = 10.0,
     job_reap_grace: float = DEFAULT_REAP_GRACE_S,
     auth: bool | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -78,6 +79,8 @@ async def run_control_plane(
             jobs are recorded FAILED.
         auth: require bearer tokens (records followed in etcd) and write the audit log;
             None reads ``LLMESH_AUTH``.
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
 
     Yields:
         The running :class:`ControlPlane`.
@@ -88,13 +91,13 @@ async def run_control_plane(
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
-    tokens: EtcdTokenFollower | None = None
+    tokens: EtcdTokenFollower | TokenFileFollower | None = None
     try:
         await registry.start(timeout=startup_timeout)
         authenticator = None
         if auth_from_env(auth):
             table = TokenTable()
-            tokens = EtcdTokenFollower(kv, keys, table)
+            tokens = token_follower(table, kv=kv, keys=keys, token_file=token_file)
             await tokens.start()
             authenticator = Authenticator(table, audit=AuditLog(kv, keys, server="control-plane"))
         deployer = Deployer(registry, kv, keys)
@@ -143,6 +146,7 @@ async def serve_forever(
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
     auth: bool | None = None,
+    token_file: str | None = None,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -162,6 +166,7 @@ async def serve_forever(
             reconcile_grace=reconcile_grace,
             startup_timeout=startup_timeout,
             auth=auth,
+            token_file=token_file,
         ):
             await stop.wait()
             log.info("control plane stopping")

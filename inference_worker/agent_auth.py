@@ -19,7 +19,12 @@ from pathlib import Path
 
 from llmesh.common.auth import ROLE_ADMIN, TokenRecord, TokenTable, new_token
 from llmesh.common.auth_interceptor import Authenticator
-from llmesh.common.auth_store import EtcdTokenFollower, write_token_file
+from llmesh.common.auth_store import (
+    EtcdTokenFollower,
+    TokenFileFollower,
+    token_follower,
+    write_token_file,
+)
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import Keys
 
@@ -32,9 +37,12 @@ class AgentAuth:
     Args:
         etcd: etcd endpoint host:port (None: ``LLMESH_ETCD``).
         namespace: the etcd key namespace.
+        source_file: follow this token file instead of etcd (None: ``LLMESH_TOKEN_FILE``,
+            else etcd).
     """
 
-    def __init__(self, etcd: str | None, namespace: str) -> None:
+    def __init__(self, etcd: str | None, namespace: str, source_file: str | None = None) -> None:
+        self.source_file = source_file
         self.kv = EtcdKV(etcd)
         self.keys = Keys(namespace)
         self.table = TokenTable()
@@ -43,15 +51,19 @@ class AgentAuth:
         self.token_file: Path | None = None
         self.agent_token: str | None = None
         self._agent_record: TokenRecord | None = None
-        self._follower: EtcdTokenFollower | None = None
+        self._follower: EtcdTokenFollower | TokenFileFollower | None = None
 
     async def start(self, worker_id: str, token_file: Path) -> None:
         """Make the agent's own token, read the records and start following them."""
         self.agent_token, self._agent_record = new_token(f"node-agent {worker_id}", ROLE_ADMIN)
         self.token_file = token_file
         token_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._follower = EtcdTokenFollower(
-            self.kv, self.keys, self.table, on_change=self._write_file
+        self._follower = token_follower(
+            self.table,
+            kv=self.kv,
+            keys=self.keys,
+            token_file=self.source_file,
+            on_change=self._write_file,
         )
         await self._follower.start()
 

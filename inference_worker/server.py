@@ -73,6 +73,7 @@ async def run_inference_worker(
     replica_env: Mapping[str, str] | None = None,
     auth: bool | None = None,
     allow_remote_code: bool | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -99,11 +100,13 @@ async def run_inference_worker(
             admin token of its own that only it holds, for its calls to them.
         allow_remote_code: let replicas whose deploy asks for ``trust_remote_code`` run
             code from their model directory; None reads ``LLMESH_ALLOW_REMOTE_CODE`` (off).
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
     devices = await asyncio.to_thread(node_devices, gpus=gpus, gpu_ids=gpu_ids)
-    agent_auth = AgentAuth(etcd, namespace) if auth_from_env(auth) else None
+    agent_auth = AgentAuth(etcd, namespace, token_file) if auth_from_env(auth) else None
     presence = await join_mesh(
         [],
         kind="inference",

@@ -14,7 +14,7 @@ from llmesh.common import tracing
 from llmesh.common.audit import AuditLog
 from llmesh.common.auth import TokenTable, auth_from_env
 from llmesh.common.auth_interceptor import Authenticator
-from llmesh.common.auth_store import EtcdTokenFollower
+from llmesh.common.auth_store import EtcdTokenFollower, TokenFileFollower, token_follower
 from llmesh.common.devices import detect_gpus
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
@@ -77,6 +77,7 @@ async def run_trainer_worker(
     watch_queue_size: int = 1024,
     auth: bool | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -100,11 +101,13 @@ async def run_trainer_worker(
         allowed_roots: directories a job's data, model and output paths must lie under;
             None reads ``LLMESH_ALLOWED_ROOTS`` (``os.pathsep``-separated); without either,
             any path is allowed (as before). ``jobs_dir`` is always allowed.
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
     authenticator = Authenticator(TokenTable()) if auth_from_env(auth) else None
-    tokens: EtcdTokenFollower | None = None
+    tokens: EtcdTokenFollower | TokenFileFollower | None = None
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
@@ -151,7 +154,9 @@ async def run_trainer_worker(
     servicer.manager = manager
     if authenticator is not None:
         authenticator.audit = AuditLog(records_kv, keys, server=f"trainer {worker.id}")
-        tokens = EtcdTokenFollower(records_kv, keys, authenticator.table)
+        tokens = token_follower(
+            authenticator.table, kv=records_kv, keys=keys, token_file=token_file
+        )
         try:
             await tokens.start()
         except BaseException:

@@ -448,3 +448,53 @@ def test_chat_session_refuses_out_of_scope_requests_one_by_one(auth_mesh: AuthMe
     assert set(errors) == {"no"} and finished == {"ok"}
     assert errors["no"].code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     assert "may use only chat, not model 'emb'" in errors["no"].message
+
+
+def test_a_token_file_instead_of_etcd(
+    auth_mesh: AuthMesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmesh.cli import main
+    from llmesh.control_plane.server import run_control_plane
+
+    path = tmp_path / "tokens.json"
+    assert (
+        main(
+            ["tokens", "create", "--name", "ops", "--role", "user", "--quiet", "--file", str(path)]
+        )
+        == 0
+    )
+    token = capsys.readouterr().out.strip()
+    token_id = token.split("_")[1]
+
+    async def start() -> Any:
+        stack = contextlib.AsyncExitStack()
+        cp = await stack.enter_async_context(
+            run_control_plane(
+                listen="127.0.0.1:0",
+                etcd=auth_mesh.mesh.etcd,
+                namespace=auth_mesh.namespace,
+                auth=True,
+                token_file=str(path),
+            )
+        )
+        return cp, stack
+
+    cp, stack = auth_mesh.run(start())
+    try:
+        list_models = SERVICES["cp"].methods_by_name["ListModels"]
+        assert call(cp.address, list_models, token) == grpc.StatusCode.OK
+        # The file is the whole truth here: etcd's tokens do not count.
+        assert (
+            call(cp.address, list_models, auth_mesh.tokens["admin"])
+            == grpc.StatusCode.UNAUTHENTICATED
+        )
+        assert main(["tokens", "list", "--file", str(path)]) == 0
+        assert token_id in capsys.readouterr().out
+        assert main(["tokens", "revoke", token_id, "--file", str(path)]) == 0
+        deadline = time.monotonic() + 2
+        while call(cp.address, list_models, token) == grpc.StatusCode.OK:
+            assert time.monotonic() < deadline, "the revoke did not reach the control plane"
+            time.sleep(0.05)
+        assert call(cp.address, list_models, token) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        auth_mesh.run(stack.aclose())

@@ -3,7 +3,8 @@
 They talk to etcd directly (``--etcd`` / ``LLMESH_ETCD``, ``--namespace``), not to the control
 plane: whoever can write etcd already controls the mesh, so etcd access is what makes an
 operator, and the first admin token needs no token to create. Secrets are printed once, at
-creation, and stored only as SHA-256 hashes.
+creation, and stored only as SHA-256 hashes. ``--file PATH`` keeps the records in a JSON file
+instead, for servers started with ``--token-file PATH``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Any, TypeVar
 from llmesh._table import format_table
 from llmesh.common.audit import AuditEntry, read_audit
 from llmesh.common.auth import ROLE_USER, ROLES, new_token
-from llmesh.common.auth_store import EtcdTokens
+from llmesh.common.auth_store import EtcdTokens, read_token_file, write_token_file
+from llmesh.common.errors import NotFound
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.i18n import t
@@ -48,7 +50,10 @@ def _cmd_create(args: argparse.Namespace) -> int:
     async def work(kv: EtcdKV, keys: Keys) -> None:
         await EtcdTokens(kv, keys).add(record)
 
-    _with_etcd(args, work)
+    if args.file:
+        write_token_file(args.file, [*read_token_file(args.file), record])
+    else:
+        _with_etcd(args, work)
     if args.quiet:
         print(token)
         return 0
@@ -69,7 +74,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     async def work(kv: EtcdKV, keys: Keys) -> list[Any]:
         return await EtcdTokens(kv, keys).list()
 
-    records = _with_etcd(args, work)
+    records = read_token_file(args.file) if args.file else _with_etcd(args, work)
     rows = [(r.id, r.name, r.role, ", ".join(r.models) or "*", _when(r.created)) for r in records]
     print(format_table(("ID", "NAME", "ROLE", "MODELS", "CREATED"), rows))
     return 0
@@ -81,7 +86,17 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         for token_id in args.ids:
             await store.revoke(token_id)
 
-    _with_etcd(args, work)
+    if args.file:
+        records = read_token_file(args.file)
+        unknown = set(args.ids) - {r.id for r in records}
+        if unknown:
+            raise NotFound(
+                f"no token in {args.file} has id {', '.join(sorted(unknown))}; "
+                "`llmesh tokens list --file` shows the ids"
+            )
+        write_token_file(args.file, [r for r in records if r.id not in args.ids])
+    else:
+        _with_etcd(args, work)
     print(t(f"revoked {', '.join(args.ids)}", f"已吊销 {', '.join(args.ids)}"))
     return 0
 
@@ -118,6 +133,18 @@ def _etcd_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
+
+
+def _file_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--file",
+        default=None,
+        help=t(
+            "keep the records in this JSON file instead of etcd (servers read it with "
+            "--token-file)",
+            "把令牌记录保存在此 JSON 文件而非 etcd（服务端用 --token-file 读取）",
+        ),
     )
 
 
@@ -168,17 +195,20 @@ def add_security_commands(subparsers: argparse._SubParsersAction) -> None:
         "--quiet", action="store_true", help=t("print the token only", "只打印令牌")
     )
     _etcd_options(create)
+    _file_option(create)
     create.set_defaults(func=_cmd_create)
 
     listing = actions.add_parser(
         "list", help=t("list tokens (never their secrets)", "列出令牌（不含密钥）")
     )
     _etcd_options(listing)
+    _file_option(listing)
     listing.set_defaults(func=_cmd_list)
 
     revoke = actions.add_parser("revoke", help=t("revoke tokens by id", "按 id 吊销令牌"))
     revoke.add_argument("ids", nargs="+", metavar="ID")
     _etcd_options(revoke)
+    _file_option(revoke)
     revoke.set_defaults(func=_cmd_revoke)
 
     audit = subparsers.add_parser(

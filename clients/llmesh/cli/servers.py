@@ -193,7 +193,13 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import serve_forever
 
     asyncio.run(
-        serve_forever(listen=args.listen, etcd=args.etcd, namespace=args.namespace, auth=args.auth)
+        serve_forever(
+            listen=args.listen,
+            etcd=args.etcd,
+            namespace=args.namespace,
+            auth=args.auth,
+            token_file=args.token_file,
+        )
     )
     return 0
 
@@ -220,6 +226,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             run_dir=args.run_dir,
             auth=args.auth,
             allow_remote_code=args.allow_remote_code,
+            token_file=args.token_file,
         )
     )
     return 0
@@ -249,6 +256,7 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             cancel_grace=args.cancel_grace,
             auth=args.auth,
             allowed_roots=args.allowed_root,
+            token_file=args.token_file,
         )
     )
     return 0
@@ -266,6 +274,17 @@ def _auth_option(parser: argparse.ArgumentParser, *, up_help: bool = False) -> N
             "要求访问令牌（默认 $LLMESH_AUTH）；用 `llmesh tokens create` 创建",
         )
     parser.add_argument("--auth", action="store_true", default=None, help=text)
+    if not up_help:
+        parser.add_argument(
+            "--token-file",
+            default=None,
+            help=t(
+                "with --auth: check tokens against this file (`llmesh tokens ... --file`) "
+                "instead of etcd (default $LLMESH_TOKEN_FILE)",
+                "配合 --auth：按此文件（`llmesh tokens ... --file`）而非 etcd 校验令牌"
+                "（默认 $LLMESH_TOKEN_FILE）",
+            ),
+        )
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
