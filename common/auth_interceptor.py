@@ -26,10 +26,11 @@ from llmesh.common.auth import (
     Principal,
     TokenTable,
     bearer_of,
+    current_principal,
     set_current_principal,
 )
 from llmesh.common.auth_policy import OPEN, Rule, role_allows, rule_for
-from llmesh.common.errors import LLMeshError, PermissionDenied, status_for
+from llmesh.common.errors import LLMeshError, PermissionDenied, Unauthenticated, status_for
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> gr
 class _AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
+        # Wrapped handlers, built once per method: building them per call cost about as much
+        # as the interceptor itself (measured on ListModels).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, Any]] = {}
 
     async def intercept_service(
         self,
@@ -139,7 +143,14 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
             self.auth.check_role(method, rule, principal)
         except LLMeshError as exc:
             return _refusal(self.auth, handler, method, exc, principal, audit=rule.admin)
-        return _wrap(self.auth, handler, method, rule, principal)
+        # grpc.aio runs each call's interceptors and handler in one task of its own, so the
+        # caller set here is what the handler (and the tasks it starts) sees, and no other call.
+        set_current_principal(principal)
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _wrap(self.auth, handler, method, rule))
+            self._wrapped[method] = cached
+        return cached[1]
 
 
 def _rebuild(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> Any:
@@ -192,17 +203,27 @@ def _refusal(
     return _rebuild(handler, refuse)
 
 
+def _caller() -> Principal:
+    principal = current_principal()
+    if principal is None:  # never seen; refuse rather than run a call nobody checked
+        raise Unauthenticated("the call's token was not checked; retry the call")
+    return principal
+
+
 def _wrap(
     auth: Authenticator,
     handler: grpc.RpcMethodHandler,
     method: str,
     rule: Rule,
-    principal: Principal,
 ) -> Any:
-    """The handler, run with the caller set, the request's models checked, admin calls audited."""
+    """The handler with the request's models checked and admin calls audited.
+
+    Built once per method; the caller comes from :func:`current_principal`, which the
+    interceptor sets for each call.
+    """
     original = _original(handler)
 
-    def scope_error(request: Any) -> PermissionDenied | None:
+    def scope_error(request: Any, principal: Principal) -> PermissionDenied | None:
         if rule.models is None or handler.request_streaming:
             return None
         for model in rule.models(request):
@@ -213,7 +234,9 @@ def _wrap(
                 )
         return None
 
-    async def finish(request: Any, context: Any, exc: BaseException | None) -> None:
+    async def finish(
+        request: Any, context: Any, exc: BaseException | None, principal: Principal
+    ) -> None:
         if not rule.admin:
             return
         body = None if handler.request_streaming else request
@@ -231,8 +254,8 @@ def _wrap(
     if handler.response_streaming:
 
         async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            set_current_principal(principal)
-            denied = scope_error(request)
+            principal = _caller()
+            denied = scope_error(request, principal)
             if denied is not None:
                 code, message = status_for(denied)
                 if rule.admin:
@@ -250,13 +273,13 @@ def _wrap(
                 error = exc
                 raise
             finally:
-                await finish(request, context, error)
+                await finish(request, context, error, principal)
 
         return _rebuild(handler, stream_behavior)
 
     async def unary_behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        set_current_principal(principal)
-        denied = scope_error(request)
+        principal = _caller()
+        denied = scope_error(request, principal)
         if denied is not None:
             code, message = status_for(denied)
             if rule.admin:
@@ -269,6 +292,6 @@ def _wrap(
             error = exc
             raise
         finally:
-            await finish(request, context, error)
+            await finish(request, context, error, principal)
 
     return _rebuild(handler, unary_behavior)

@@ -80,7 +80,12 @@ def call_unary(
 
 
 class ChannelPool:
-    """One cached, thread-safe gRPC channel per address."""
+    """One cached, thread-safe gRPC channel per address.
+
+    Args:
+        options: channel options.
+        token: a bearer token every call on these channels carries (None: none).
+    """
 
     def __init__(
         self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS, *, token: str | None = None

@@ -498,3 +498,23 @@ def test_a_token_file_instead_of_etcd(
         assert call(cp.address, list_models, token) == grpc.StatusCode.UNAUTHENTICATED
     finally:
         auth_mesh.run(stack.aclose())
+
+
+def test_concurrent_callers_never_see_each_other(auth_mesh: AuthMesh) -> None:
+    """Each call's caller is its own: interleaved calls of two tokens keep their answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokenize = SERVICES["inference"].methods_by_name["Tokenize"]
+    request = inf.TokenizeRequest(model="chat", text="hello")
+    labels = ["chat-only", "other-only"] * 20
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(
+                lambda label: call(
+                    auth_mesh.addresses["inference"], tokenize, auth_mesh.tokens[label], request
+                ),
+                labels,
+            )
+        )
+    expected = {"chat-only": grpc.StatusCode.OK, "other-only": grpc.StatusCode.PERMISSION_DENIED}
+    assert codes == [expected[label] for label in labels]
