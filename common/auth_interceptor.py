@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from llmesh.common.audit import AuditEntry, AuditLog, summarize
 from llmesh.common.auth import (
@@ -203,6 +204,41 @@ def _refusal(
     return _rebuild(handler, refuse)
 
 
+class _AuditedContext:
+    """The call's context, but an abort is audited before its status goes to the client.
+
+    grpc.aio sends the status as soon as ``abort`` is called, so recording the outcome after
+    the handler ended could land after the caller already saw it (and read the log).
+    """
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        auth: Authenticator,
+        method: str,
+        principal: Principal,
+        request: Any,
+    ) -> None:
+        self._context = context
+        self._auth = auth
+        self._method = method
+        self._principal = principal
+        self._request = request
+        self.audited = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
+        if not self.audited:
+            self.audited = True
+            body = self._request if isinstance(self._request, Message) else None
+            await self._auth.record(
+                self._method, self._principal, body, self._context, code, details
+            )
+        await self._context.abort(code, details, *args)
+
+
 def _caller() -> Principal:
     principal = current_principal()
     if principal is None:  # never seen; refuse rather than run a call nobody checked
@@ -237,7 +273,7 @@ def _wrap(
     async def finish(
         request: Any, context: Any, exc: BaseException | None, principal: Principal
     ) -> None:
-        if not rule.admin:
+        if not rule.admin or getattr(context, "audited", False):
             return
         body = None if handler.request_streaming else request
         code = _code_of(context, exc)
@@ -262,6 +298,8 @@ def _wrap(
                     await auth.record(method, principal, request, context, code, message)
                 await context.abort(code, message)
             error: BaseException | None = None
+            if rule.admin:
+                context = _AuditedContext(context, auth, method, principal, request)
             try:
                 result = original(request, context)
                 if inspect.isasyncgen(result):
@@ -286,6 +324,8 @@ def _wrap(
                 await auth.record(method, principal, request, context, code, message)
             await context.abort(code, message)
         error: BaseException | None = None
+        if rule.admin:
+            context = _AuditedContext(context, auth, method, principal, request)
         try:
             return await original(request, context)
         except BaseException as exc:

@@ -311,6 +311,15 @@ def test_audit_entries_for_each_admin_call(auth_mesh: AuthMesh) -> None:
         == grpc.StatusCode.PERMISSION_DENIED
     )
     assert call(cp, methods["DeployModel"], None) == grpc.StatusCode.UNAUTHENTICATED
+    # Every admin RPC of the control plane, enumerated from the table: an empty request is
+    # refused by the method itself (INVALID_ARGUMENT / NOT_FOUND), and is audited all the same.
+    admin_rpcs = [
+        m
+        for m in SERVICES["cp"].methods
+        if RULES[f"/{m.containing_service.full_name}/{m.name}"].admin
+    ]
+    assert {m.name for m in admin_rpcs} >= {"DeployModel", "UndeployModel", "CreateTrainingJob"}
+    empty_outcomes = {m.name: call(cp, m, admin).name for m in admin_rpcs}
 
     async def read() -> list[Any]:
         kv = EtcdKV(auth_mesh.mesh.etcd)
@@ -327,6 +336,8 @@ def test_audit_entries_for_each_admin_call(auth_mesh: AuthMesh) -> None:
     assert ("CancelTrainingJob", "NOT_FOUND", admin_id) in seen
     assert ("UndeployModel", "PERMISSION_DENIED", user_id) in seen
     assert ("DeployModel", "UNAUTHENTICATED", "") in seen
+    for name, code in empty_outcomes.items():
+        assert (name, code, admin_id) in seen, (name, code, [s for s in seen if s[0] == name])
     deploy = next(e for e in entries if e.method.endswith("/DeployModel") and e.code == "OK")
     assert deploy.who == f"test admin ({admin_id})" and deploy.peer.startswith("ipv")
     assert deploy.request["model"]["name"] == "chat" and deploy.time > 0
