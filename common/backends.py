@@ -399,12 +399,21 @@ _ADMISSION: dict[str, InferParam] = {
     ),
 }
 
+#: Every backend loads through transformers' Auto classes, which may run model-shipped code.
+_REMOTE_CODE: dict[str, InferParam] = {
+    "trust_remote_code": BoolParam(
+        "run Python code shipped in the model directory (custom architectures; default "
+        "false); the inference worker must allow it too (llmesh inference-worker "
+        "--allow-remote-code), or the replica fails to load with PERMISSION_DENIED"
+    ),
+}
+
 _ENGINE_PARAMS: dict[str, Mapping[str, InferParam]] = {
-    "transformers": {**_TRANSFORMERS, **_ADMISSION},
-    "embedding": {**_EMBEDDING, **_ADMISSION},
-    "rerank": {**_EMBEDDING, **_ADMISSION},
-    "vllm": {**_VLLM, **_ADMISSION},
-    "deepspeed": {**_DEEPSPEED, **_ADMISSION},
+    "transformers": {**_TRANSFORMERS, **_ADMISSION, **_REMOTE_CODE},
+    "embedding": {**_EMBEDDING, **_ADMISSION, **_REMOTE_CODE},
+    "rerank": {**_EMBEDDING, **_ADMISSION, **_REMOTE_CODE},
+    "vllm": {**_VLLM, **_ADMISSION, **_REMOTE_CODE},
+    "deepspeed": {**_DEEPSPEED, **_ADMISSION, **_REMOTE_CODE},
 }
 
 INFER_PARAMS: Mapping[str, Mapping[str, InferParam]] = {

@@ -80,6 +80,18 @@ class Cancelled(LLMeshError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unauthenticated(LLMeshError):
+    """The call carried no valid bearer token (missing, malformed, unknown or revoked)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(LLMeshError, PermissionError):
+    """The token is valid but its role or model scope does not allow this call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Internal(LLMeshError):
     """A bug on the server side; the message carries the exception type."""
 
@@ -98,6 +110,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LLMeshError]] = {
         Unimplemented,
         DeadlineExceeded,
         Cancelled,
+        Unauthenticated,
+        PermissionDenied,
         Internal,
     )
 }

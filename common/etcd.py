@@ -210,11 +210,22 @@ class EtcdKV:
         return Internal(f"etcd at {self.endpoint} failed: {err.code().name}: {err.details()}")
 
     async def range_prefix(
-        self, prefix: bytes, *, timeout: float | None = None
+        self,
+        prefix: bytes,
+        *,
+        timeout: float | None = None,
+        limit: int = 0,
+        newest_first: bool = False,
     ) -> rpc.RangeResponse:
-        """Every key under ``prefix`` in one consistent read (header.revision is its revision)."""
+        """Every key under ``prefix`` in one consistent read (header.revision is its revision).
+
+        ``limit`` caps the keys returned (0: all); ``newest_first`` sorts by key, descending.
+        """
         kv, _ = self._stubs()
-        request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix))
+        request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), limit=limit)
+        if newest_first:
+            request.sort_order = rpc.RangeRequest.DESCEND
+            request.sort_target = rpc.RangeRequest.KEY
         try:
             return await kv.Range(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as err:

@@ -11,6 +11,8 @@ Everything llmesh knows lives under one namespace (default ``/llmesh``)::
     {ns}/jobs/{job_id}                           TrainingJob (spec, state, progress)  durable
     {ns}/job_requests/{request_id}               job id (CreateTrainingJob idempotency) durable
     {ns}/artifacts/{job_id}                      TrainingArtifact of a SUCCEEDED job  durable
+    {ns}/tokens/{token_id}                       TokenRecord (JSON, hashed secret)    durable
+    {ns}/audit/{time_ns}-{random}                AuditEntry (JSON; one admin call)     durable
 
 Values are protobuf messages in their JSON form, so ``etcdctl get --prefix /llmesh`` stays
 readable. Keys under a worker lease vanish when the worker dies; durable keys are written only
@@ -118,6 +120,24 @@ class Keys:
     def artifact(self, job_id: str) -> bytes:
         """The TrainingArtifact a SUCCEEDED job published."""
         return f"{self.ns}/artifacts/{job_id}".encode()
+
+    @property
+    def tokens(self) -> bytes:
+        """Bearer token records (written by ``llmesh tokens``, an operator with etcd access)."""
+        return f"{self.ns}/tokens/".encode()
+
+    def token(self, token_id: str) -> bytes:
+        """One token record (:class:`llmesh.common.auth.TokenRecord`)."""
+        return f"{self.ns}/tokens/{token_id}".encode()
+
+    @property
+    def audit(self) -> bytes:
+        """The audit log; keys sort by time."""
+        return f"{self.ns}/audit/".encode()
+
+    def audit_entry(self, time_ns: int, suffix: str) -> bytes:
+        """One audit entry (:class:`llmesh.common.audit.AuditEntry`), written at ``time_ns``."""
+        return f"{self.ns}/audit/{time_ns:020d}-{suffix}".encode()
 
     def kind_of(self, key: bytes) -> str:
         """The first path segment after the namespace: models, workers, assignments, ..."""

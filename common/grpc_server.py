@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llmesh.common.tls import TlsConfig, check_bind
+
+if TYPE_CHECKING:
+    from llmesh.common.auth_interceptor import Authenticator
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,10 @@ class Server:
         listen: host:port to bind; port 0 picks a free port.
         tls: serve TLS (mTLS when it requires client certificates); None for plaintext.
         insecure: bind beyond loopback even without TLS and authentication (warns loudly).
-        authenticated: callers must present a bearer token (an auth interceptor is installed).
+        authenticated: callers are authenticated some other way than ``auth`` (counts for
+            the bind check).
+        auth: check bearer tokens on every call but health (see
+            :mod:`llmesh.common.auth_interceptor`); None serves without tokens.
 
     Raises:
         InsecureBind: ``listen`` is beyond loopback without TLS and authentication, and
@@ -103,10 +110,15 @@ class Server:
         tls: TlsConfig | None = None,
         insecure: bool = False,
         authenticated: bool = False,
+        auth: Authenticator | None = None,
     ) -> None:
-        check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
+        check_bind(
+            listen, tls=tls, authenticated=authenticated or auth is not None, insecure=insecure
+        )
         self.tls = tls
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.auth = auth
+        interceptors = [auth.interceptor()] if auth is not None else None
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         self.health = (
             health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         )

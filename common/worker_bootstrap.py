@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aetcd
 import grpc
 
+from llmesh.common.auth_interceptor import Authenticator
 from llmesh.common.etcd import worker_client
 from llmesh.common.etcd_keys import Keys, parse_endpoint
 from llmesh.common.etcd_security import EtcdSecurity
@@ -58,17 +59,19 @@ async def join_mesh(
     tls: TlsConfig | None = None,
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
+    auth: Authenticator | None = None,
 ) -> WorkerPresence:
     """Bind the server and register the worker record under a fresh lease.
 
     ``tls`` is the server's TLS, ``etcd_security`` how to reach etcd, ``insecure`` lets the
-    server bind beyond loopback without TLS and authentication.
+    server bind beyond loopback without TLS and authentication. ``auth`` makes the server check
+    bearer tokens (its table is filled by the caller before the server starts).
 
     Raises:
         ConnectionError: etcd is unreachable (the server is stopped again).
         OSError: the listen address cannot be bound.
     """
-    server = Server(services, listen=listen, tls=tls, insecure=insecure)
+    server = Server(services, listen=listen, tls=tls, insecure=insecure, auth=auth)
     address = advertise or server.address
     if address.startswith(("0.0.0.0:", "[::]:")):
         address = f"{socket.gethostname()}:{server.port}"

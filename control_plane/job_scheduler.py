@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from llmesh.common import job_rules as rules
+from llmesh.common.auth import forward_metadata
 from llmesh.common.errors import NotFound, Unavailable
 from llmesh.common.etcd import Compare, EtcdKV, Op, absent, mod_revision_is, put_op
 from llmesh.common.etcd_keys import Keys, decode, encode
@@ -515,7 +516,11 @@ class JobScheduler:
         unsubscribe = self.registry.subscribe(on_change)
         async with aio_channel(address, self.tls, CHANNEL_OPTIONS) as channel:
             stub = tr_grpc.TrainerServiceStub(channel)
-            call = stub.WatchJob(tr.WatchJobRequest(job_id=job_id, after_sequence=after_sequence))
+            # The caller's own token: the worker checks the same rights (none when off).
+            call = stub.WatchJob(
+                tr.WatchJobRequest(job_id=job_id, after_sequence=after_sequence),
+                metadata=forward_metadata(),
+            )
             read: asyncio.Future[Any] | None = None
             try:
                 while True:

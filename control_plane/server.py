@@ -15,6 +15,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from llmesh.common import tracing
+from llmesh.common.audit import AuditLog
+from llmesh.common.auth import TokenTable, auth_from_env
+from llmesh.common.auth_interceptor import Authenticator
+from llmesh.common.auth_store import EtcdTokenFollower, TokenFileFollower, token_follower
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.etcd_security import EtcdSecurity
@@ -62,6 +66,8 @@ async def run_control_plane(
     tls: TlsConfig | None = None,
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
+    auth: bool | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -79,6 +85,10 @@ async def run_control_plane(
         tls: TLS for its server and for the channels it opens to trainer workers.
         etcd_security: TLS and user/password for etcd.
         insecure: serve beyond loopback without TLS and authentication (warns).
+        auth: require bearer tokens (records followed in etcd) and write the audit log;
+            None reads ``LLMESH_AUTH``.
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
 
     Yields:
         The running :class:`ControlPlane`.
@@ -89,8 +99,15 @@ async def run_control_plane(
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
+    tokens: EtcdTokenFollower | TokenFileFollower | None = None
     try:
         await registry.start(timeout=startup_timeout)
+        authenticator = None
+        if auth_from_env(auth):
+            table = TokenTable()
+            tokens = token_follower(table, kv=kv, keys=keys, token_file=token_file)
+            await tokens.start()
+            authenticator = Authenticator(table, audit=AuditLog(kv, keys, server="control-plane"))
         deployer = Deployer(registry, kv, keys)
         scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace, tls=tls)
         servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
@@ -99,6 +116,7 @@ async def run_control_plane(
             listen=listen,
             tls=tls,
             insecure=insecure,
+            auth=authenticator,
         )
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
@@ -123,6 +141,8 @@ async def run_control_plane(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if tokens is not None:
+            await tokens.stop()
         await registry.close()
         await kv.close()
 
@@ -138,6 +158,8 @@ async def serve_forever(
     tls: TlsConfig | None = None,
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
+    auth: bool | None = None,
+    token_file: str | None = None,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -159,6 +181,8 @@ async def serve_forever(
             tls=tls,
             etcd_security=etcd_security,
             insecure=insecure,
+            auth=auth,
+            token_file=token_file,
         ):
             await stop.wait()
             log.info("control plane stopping")

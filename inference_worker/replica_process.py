@@ -32,6 +32,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.process import die_with_parent
 from llmesh.common.tls import INSECURE_ENV, TlsConfig, env_flag
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.remote_code import remote_code_guard
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
 from llmesh.inference_worker.replica_manager import ReplicaManager
 from llmesh.inference_worker.servicer import InferenceServicer
@@ -58,6 +59,10 @@ class ReplicaSpec:
     advertise_host: str = ""
     # Share of one device when the replica holds a fraction of it (gpus_per_replica < 1).
     gpu_share: float = 0.0
+    # Token records the agent keeps current; set when the mesh requires bearer tokens.
+    token_file: Path | None = None
+    # The operator allows deploys that ask for trust_remote_code (inference_worker.remote_code).
+    allow_remote_code: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -70,6 +75,8 @@ class ReplicaSpec:
                 "address_file": str(self.address_file),
                 "advertise_host": self.advertise_host,
                 "gpu_share": self.gpu_share,
+                "token_file": str(self.token_file) if self.token_file else "",
+                "allow_remote_code": self.allow_remote_code,
             }
         )
 
@@ -83,6 +90,8 @@ class ReplicaSpec:
             address_file=Path(raw["address_file"]),
             advertise_host=raw.get("advertise_host", ""),
             gpu_share=float(raw.get("gpu_share", 0.0)),
+            token_file=Path(raw["token_file"]) if raw.get("token_file") else None,
+            allow_remote_code=bool(raw.get("allow_remote_code", False)),
         )
 
 
@@ -146,6 +155,26 @@ def engine_factory() -> Callable[[EngineConfig], Engine]:
     return stalling
 
 
+def replica_auth(spec: ReplicaSpec) -> tuple[Any, Any]:
+    """The token check for a replica's servers and the follower of its agent's token file.
+
+    The replica has no etcd access, so its records come from the file the agent keeps current
+    (etcd's records plus the agent's own admin token); ``(None, None)`` without a file.
+    """
+    if spec.token_file is None:
+        return None, None
+    from llmesh.common.audit import AuditLog
+    from llmesh.common.auth import TokenTable
+    from llmesh.common.auth_interceptor import Authenticator
+    from llmesh.common.auth_store import TokenFileFollower
+    from llmesh.common.etcd_keys import Keys
+
+    table = TokenTable()
+    # No etcd here: the agent's calls (drain, adapters) are audited in this process's log.
+    audit = AuditLog(None, Keys(), server=f"replica {spec.model.name}")
+    return Authenticator(table, audit=audit), TokenFileFollower(spec.token_file, table)
+
+
 @contextlib.asynccontextmanager
 async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaManager]]:
     """Serve one replica; on exit drain it (bounded) and stop the engine.
@@ -156,8 +185,13 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     tls = TlsConfig.from_env()
     insecure = env_flag(os.environ.get(INSECURE_ENV))
     board = StatusBoard()
-    manager = ReplicaManager(board, engine_factory())
+    manager = ReplicaManager(
+        board, remote_code_guard(engine_factory(), allowed=spec.allow_remote_code)
+    )
     servicer = InferenceServicer(manager)
+    auth, token_follower = replica_auth(spec)
+    if token_follower is not None:
+        await token_follower.start()
     server = Server(
         [
             (
@@ -169,6 +203,7 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         listen=spec.listen,
         tls=tls,
         insecure=insecure,
+        auth=auth,
     )
     host = spec.advertise_host or server.host
     if host in ("0.0.0.0", "::"):
@@ -189,6 +224,7 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         ],
         listen="127.0.0.1:0",
         tls=tls,
+        auth=auth,
     )
     await control_server.start()
     await server.start()
@@ -214,6 +250,8 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         # The engine stops before the agent's stream does: the agent waits for our exit.
         await manager.close()
         await control_server.stop(0.5)
+        if token_follower is not None:
+            await token_follower.stop()
 
 
 async def serve(spec: ReplicaSpec) -> None:

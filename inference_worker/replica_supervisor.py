@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from llmesh.common.auth_client import aio_token_interceptors
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.tls import ENV_NAMES, INSECURE_ENV, TlsConfig, aio_channel
 from llmesh.inference_worker.replica_process import ReplicaSpec
@@ -114,6 +115,10 @@ class SupervisorSettings:
         tls: the agent's TLS settings: replica processes serve with them (given through
             ``LLMESH_TLS_*``), and the supervisor's channel to each replica uses them.
         insecure: replica processes may bind beyond loopback without TLS (``LLMESH_INSECURE``).
+        token_file: the token records file replica processes check bearer tokens against
+            (the agent keeps it current); None serves without tokens.
+        token: the agent's own admin token, sent on its calls to the replicas.
+        allow_remote_code: replicas may load models whose deploy asks for trust_remote_code.
     """
 
     run_dir: Path
@@ -137,6 +142,10 @@ class SupervisorSettings:
             out.update(self.tls.to_env())
         out[INSECURE_ENV] = "1" if self.insecure else None
         return out
+
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_remote_code: bool = False
 
 
 class ReplicaSupervisor:
@@ -305,6 +314,8 @@ class ReplicaSupervisor:
             address_file=address_file,
             advertise_host=self.settings.advertise_host,
             gpu_share=share,
+            token_file=self.settings.token_file,
+            allow_remote_code=self.settings.allow_remote_code,
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
@@ -414,7 +425,10 @@ class ReplicaSupervisor:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
             self._channel = aio_channel(
-                where.get("control_address", self.address), self.settings.tls, CHANNEL_OPTIONS
+                where.get("control_address", self.address),
+                self.settings.tls,
+                CHANNEL_OPTIONS,
+                aio_token_interceptors(self.settings.token),
             )
             self._stub = replica_service_pb2_grpc.ReplicaServiceStub(self._channel)
             outcome = await self._watch(proc, exited)

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.common import tracing
+from llmesh.common.auth import auth_from_env
 from llmesh.common.devices import node_devices
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
+from llmesh.inference_worker.agent_auth import AgentAuth
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
+from llmesh.inference_worker.remote_code import allow_from_env
 from llmesh.inference_worker.replica_supervisor import SupervisorSettings
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -73,6 +76,9 @@ async def run_inference_worker(
     tls: TlsConfig | None = None,
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
+    auth: bool | None = None,
+    allow_remote_code: bool | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -98,10 +104,21 @@ async def run_inference_worker(
         etcd_security: TLS and user/password for etcd (replica processes never reach etcd).
         insecure: serve beyond loopback without TLS and authentication (warns); replica
             processes get it too.
+        auth: require bearer tokens on the agent and its replica processes; None reads
+            ``LLMESH_AUTH``. The agent follows the token records in etcd and keeps a copy in
+            ``run_dir/tokens.json`` for its replicas (which have no etcd access), plus an
+            admin token of its own that only it holds, for its calls to them.
+        allow_remote_code: let replicas whose deploy asks for ``trust_remote_code`` run
+            code from their model directory; None reads ``LLMESH_ALLOW_REMOTE_CODE`` (off).
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
     devices = await asyncio.to_thread(node_devices, gpus=gpus, gpu_ids=gpu_ids)
+    agent_auth = (
+        AgentAuth(etcd, namespace, token_file, etcd_security) if auth_from_env(auth) else None
+    )
     presence = await join_mesh(
         [],
         kind="inference",
@@ -117,6 +134,7 @@ async def run_inference_worker(
         tls=tls,
         etcd_security=etcd_security,
         insecure=insecure,
+        auth=agent_auth.authenticator if agent_auth else None,
     )
     worker = presence.worker
     own_dir = None
@@ -135,7 +153,16 @@ async def run_inference_worker(
         env=dict(replica_env or {}),
         tls=tls,
         insecure=insecure,
+        allow_remote_code=allow_from_env(allow_remote_code),
     )
+    if agent_auth is not None:
+        try:
+            await agent_auth.start(worker.id, settings.run_dir / "tokens.json")
+        except BaseException:
+            await presence.close(grace=0)
+            raise
+        settings.token_file = agent_auth.token_file
+        settings.token = agent_auth.agent_token
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
     try:
         await presence.server.start()
@@ -154,6 +181,8 @@ async def run_inference_worker(
         # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
         await agent.close(drain=drain_grace)
         await presence.close(grace=min(drain_grace, 5.0))
+        if agent_auth is not None:
+            await agent_auth.close()
         if own_dir is not None:
             own_dir.cleanup()
         log.info("worker %s stopped", worker.id)

@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.common.errors import AlreadyExists, InvalidArgument, error_for_code, rpc_handler
+from llmesh.common.auth import check_model
+from llmesh.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    PermissionDenied,
+    error_for_code,
+    rpc_handler,
+)
 from llmesh.inference_worker.chat_runs import (
     FINISH,
     ChatRun,
@@ -51,6 +58,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if first.WhichOneof("kind") != "start":
             raise InvalidArgument("the first message on a Chat stream must be a start message")
         start = first.start
+        check_model(start.model)  # the token's model scope (no-op without tokens)
         if not start.request_id:
             start.request_id = new_request_id()
         outbox = Outbox()
@@ -118,6 +126,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         "use a unique request_id"
                     ),
                 )
+                return
+            try:
+                check_model(start.model)  # the token's model scope (no-op without tokens)
+            except PermissionDenied as exc:
+                outbox.fail(request_id, exc)
                 return
             run = ChatRun(
                 self.manager,

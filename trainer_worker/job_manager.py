@@ -33,7 +33,13 @@ import aetcd
 from google.protobuf.json_format import ParseError
 
 from llmesh.common import job_rules as rules
-from llmesh.common.errors import InvalidArgument, LLMeshError, NotFound, Unavailable
+from llmesh.common.errors import (
+    InvalidArgument,
+    LLMeshError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from llmesh.common.etcd import EtcdKV, Op, put_op
 from llmesh.common.etcd_keys import Keys, decode, encode
 from llmesh.common.job_records import read_job, swap_job
@@ -61,6 +67,7 @@ from llmesh.trainer_worker.job_run import (
     runner_outcome,
     shutdown_reason,
 )
+from llmesh.trainer_worker.path_policy import PathPolicy
 from llmesh.trainer_worker.runner.events import EVENTS_FILE, read_events
 from llmesh.trainer_worker.runner.launch import JobProcess
 from llmesh.trainer_worker.runner.spec import JobSpec
@@ -104,8 +111,11 @@ class JobManager:
         write_timeout: float = 10.0,
         keep_logs: int = 32,
         poll_interval: float = 0.2,
+        path_policy: PathPolicy | None = None,
     ) -> None:
         self.client = client
+        #: Where jobs' paths must lie (None: anywhere).
+        self.path_policy = path_policy
         self.kv = kv
         self.keys = keys
         self.worker_id = worker_id
@@ -508,7 +518,9 @@ class JobManager:
             # The one check of a spec (canonical names only), then the runner's own typing.
             validate_spec(job.spec)
             spec = JobSpec.from_dict(spec_to_runner_dict(job, jobs_dir=self.jobs_dir))
-        except InvalidArgument as exc:
+            if self.path_policy is not None:
+                self.path_policy.check(job.spec, run.output_dir)
+        except (InvalidArgument, PermissionDenied) as exc:
             return (FAILED, str(exc), None)  # QUEUED → FAILED: nothing was started
         record = await self._mark_running(run)
         if record is None:

@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmesh.common import tracing
+from llmesh.common.audit import AuditLog
+from llmesh.common.auth import TokenTable, auth_from_env
+from llmesh.common.auth_interceptor import Authenticator
+from llmesh.common.auth_store import EtcdTokenFollower, TokenFileFollower, token_follower
 from llmesh.common.devices import detect_gpus
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
@@ -20,6 +24,7 @@ from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
+from llmesh.trainer_worker.path_policy import PathPolicy, roots_from_env
 from llmesh.trainer_worker.servicer import TrainerServicer
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import trainer_service_pb2_grpc
@@ -52,6 +57,11 @@ class TrainerWorker:
         return self.worker.id
 
 
+def _path_policy(roots: Sequence[str | Path] | None, jobs_dir: Path) -> PathPolicy | None:
+    resolved = roots_from_env(roots)
+    return PathPolicy(resolved, jobs_dir) if resolved else None
+
+
 @contextlib.asynccontextmanager
 async def run_trainer_worker(
     *,
@@ -70,6 +80,9 @@ async def run_trainer_worker(
     tls: TlsConfig | None = None,
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
+    auth: bool | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+    token_file: str | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -92,9 +105,17 @@ async def run_trainer_worker(
         tls: TLS for its server; None for plaintext.
         etcd_security: TLS and user/password for etcd.
         insecure: serve beyond loopback without TLS and authentication (warns).
+        auth: require bearer tokens (records followed in etcd); None reads ``LLMESH_AUTH``.
+        allowed_roots: directories a job's data, model and output paths must lie under;
+            None reads ``LLMESH_ALLOWED_ROOTS`` (``os.pathsep``-separated); without either,
+            any path is allowed (as before). ``jobs_dir`` is always allowed.
+        token_file: check tokens against this file's records instead of etcd's (None reads
+            ``LLMESH_TOKEN_FILE``; unset: etcd).
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
+    authenticator = Authenticator(TokenTable()) if auth_from_env(auth) else None
+    tokens: EtcdTokenFollower | TokenFileFollower | None = None
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
@@ -118,6 +139,7 @@ async def run_trainer_worker(
         tls=tls,
         etcd_security=etcd_security,
         insecure=insecure,
+        auth=authenticator,
     )
     server, worker, client, keys, session = (
         presence.server,
@@ -138,8 +160,20 @@ async def run_trainer_worker(
         progress_interval=progress_interval,
         cancel_grace=cancel_grace,
         watch_queue_size=watch_queue_size,
+        path_policy=_path_policy(allowed_roots, jobs_path),
     )
     servicer.manager = manager
+    if authenticator is not None:
+        authenticator.audit = AuditLog(records_kv, keys, server=f"trainer {worker.id}")
+        tokens = token_follower(
+            authenticator.table, kv=records_kv, keys=keys, token_file=token_file
+        )
+        try:
+            await tokens.start()
+        except BaseException:
+            await presence.close(grace=0)
+            await records_kv.close()
+            raise
     await server.start()
     manager.start()
     running = TrainerWorker(worker, server, session, manager)
@@ -152,6 +186,8 @@ async def run_trainer_worker(
         # before the control plane could see the worker gone and fail the jobs itself.
         await manager.close()
         await presence.close(grace=5.0)
+        if tokens is not None:
+            await tokens.stop()
         await records_kv.close()
         log.info("trainer worker %s stopped", worker.id)
 

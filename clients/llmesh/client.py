@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llmesh.common.auth_client import token_from_env
 from llmesh.common.tls import TlsConfig
 from llmesh.functions import (
     ExecuteCodeResponse,
@@ -94,7 +95,8 @@ class ByzerLLM(
             first request for a model waits for its route stream, ``tls`` (a
             :class:`llmesh.common.tls.TlsConfig`) the TLS of every channel (default: from
             ``$LLMESH_TLS_CA``, ``$LLMESH_TLS_CERT`` and ``$LLMESH_TLS_KEY``; plaintext when
-            unset). Others are ignored.
+            unset), ``token`` the bearer token sent on every call (default ``$LLMESH_TOKEN``;
+            needed when the mesh runs with ``--auth``). Others are ignored.
     """
 
     def __init__(self, control_plane: str | None = None, **kwargs: Any) -> None:
@@ -113,6 +115,7 @@ class ByzerLLM(
                 float(first_route_timeout) if "first_route_timeout" in kwargs else None
             ),
             tls=kwargs["tls"] if "tls" in kwargs else TlsConfig.from_env(),
+            token=token_from_env(kwargs.get("token")),
         )
         #: Runs this client's calls with blocking gRPC.
         self.transport = SyncTransport(self.router)

@@ -17,6 +17,8 @@ MESSAGES_EN: dict[str, str] = {
     "desc": "llmesh: serve LLMs on a gRPC mesh (Byzer-LLM compatible)",
     "help_control_plane": "control plane address host:port "
     "(default: $LLMESH_CONTROL_PLANE or 127.0.0.1:50051)",
+    "help_token": "bearer token sent on every call (default: $LLMESH_TOKEN); "
+    "needed when the mesh runs with --auth",
     "help_deploy": "Deploy a model",
     "help_undeploy": "Undeploy a model",
     "help_query": "Query a deployed model and stream the answer",
@@ -113,6 +115,7 @@ MESSAGES_ZH: dict[str, str] = {
     "desc": "llmesh：在 gRPC 网格上部署和调用大模型（兼容 Byzer-LLM）",
     "help_control_plane": "控制平面地址 host:port"
     "（默认：$LLMESH_CONTROL_PLANE 或 127.0.0.1:50051）",
+    "help_token": "每次调用携带的访问令牌（默认：$LLMESH_TOKEN）；网格以 --auth 运行时需要",
     "help_deploy": "部署一个模型",
     "help_undeploy": "卸载一个模型",
     "help_query": "向已部署的模型提问，并流式输出回答",

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from llmesh.common.auth_client import sync_channel_with_token
 from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.routing import PURPOSE_NAMES, Selector
@@ -86,13 +87,19 @@ class ChannelPool:
     Args:
         options: gRPC channel options.
         tls: TLS for every channel (None: plaintext).
+        token: a bearer token every call on these channels carries (None: none).
     """
 
     def __init__(
-        self, options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS, tls: TlsConfig | None = None
+        self,
+        options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS,
+        tls: TlsConfig | None = None,
+        *,
+        token: str | None = None,
     ) -> None:
         self._options = list(options)
         self._tls = tls
+        self._token = token
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -101,7 +108,9 @@ class ChannelPool:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = channel_to(address, self._tls, self._options)
+                channel = sync_channel_with_token(
+                    channel_to(address, self._tls, self._options), self._token
+                )
                 self._channels[address] = channel
             return channel
 

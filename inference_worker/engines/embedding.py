@@ -55,6 +55,8 @@ class EmbeddingEngine(Engine):
         self._max_len_param: int | None = params.get("max_model_len")
         self._batch_size: int = params.get("batch_size", 32)
         self._torch_threads: int | None = params.get("torch_threads")
+        # Only when the deploy asked and the worker allowed it (see remote_code.py).
+        self._trust_remote_code: bool = params.get("trust_remote_code", False)
         self._model: Any = None
         self._device = "cpu"
         self._path = ""
@@ -86,7 +88,12 @@ class EmbeddingEngine(Engine):
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(self._path, device=self._device, local_files_only=True)
+            model = SentenceTransformer(
+                self._path,
+                device=self._device,
+                local_files_only=True,
+                trust_remote_code=self._trust_remote_code,
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise FailedPrecondition(
                 f"model {self.config.model_name} at {self._path!r} cannot be loaded by "

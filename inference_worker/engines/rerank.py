@@ -63,7 +63,12 @@ class RerankEngine(EmbeddingEngine):
 
         self.method = CROSS_ENCODER
         try:
-            model = CrossEncoder(self._path, device=self._device, local_files_only=True)
+            model = CrossEncoder(
+                self._path,
+                device=self._device,
+                local_files_only=True,
+                trust_remote_code=self._trust_remote_code,
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise FailedPrecondition(
                 f"model {self.config.model_name} at {self._path!r} cannot be loaded as a "

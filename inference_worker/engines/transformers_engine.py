@@ -693,6 +693,9 @@ class TransformersEngine(Engine):
         self._torch_threads: int | None = params.get("torch_threads")
         # A torch dtype name ("float16", ...) or "auto"; None: float32 on CPU, auto on GPU.
         self._dtype_param: str | None = params.get("dtype")
+        # Only when the deploy asked for it; the replica process refused it already unless the
+        # worker's operator allowed it (llmesh.inference_worker.remote_code).
+        self._trust_remote_code: bool = params.get("trust_remote_code", False)
         self._params = params
 
         self._model: Any = None
@@ -768,7 +771,9 @@ class TransformersEngine(Engine):
 
         name = self.config.model_name
         try:
-            hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+            hf_config = AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=self._trust_remote_code
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise FailedPrecondition(
                 f"model_path {path!r} of model {name} has a config.json transformers cannot "
@@ -797,14 +802,19 @@ class TransformersEngine(Engine):
             # float16 matmuls are slow or missing on many CPUs; float32 is the safe default.
             dtype_arg = torch.float32 if device == "cpu" else "auto"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=self._trust_remote_code
+            )
         except (OSError, ValueError, KeyError) as exc:
             raise FailedPrecondition(
                 f"model {name} at {path!r} has no usable tokenizer: {exc}"
             ) from exc
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype_arg, local_files_only=True
+                path,
+                dtype=dtype_arg,
+                local_files_only=True,
+                trust_remote_code=self._trust_remote_code,
             )
         except (OSError, ValueError, KeyError) as exc:
             raise FailedPrecondition(

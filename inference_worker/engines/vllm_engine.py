@@ -114,6 +114,8 @@ class VLLMEngine(Engine):
         self._max_loras: int = params.get("max_loras", _DEFAULT_MAX_LORAS)
         self._max_lora_rank: int = params.get("max_lora_rank", _DEFAULT_MAX_LORA_RANK)
         self._enforce_eager: bool | None = params.get("enforce_eager")
+        # Only when the deploy asked and the worker allowed it (see remote_code.py).
+        self._trust_remote_code: bool = params.get("trust_remote_code", False)
         self._engine: Any = None
         self._tokenizer: Any = None
         self._max_model_len = 0
@@ -160,6 +162,7 @@ class VLLMEngine(Engine):
         kwargs: dict[str, Any] = {
             "model": path,
             "tokenizer": path,
+            "trust_remote_code": self._trust_remote_code,
             "served_model_name": self.config.model_name,
             "dtype": self._dtype,
             "tensor_parallel_size": self._tp,

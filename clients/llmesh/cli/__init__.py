@@ -26,7 +26,7 @@ from typing import Any
 
 from llmesh import __version__
 from llmesh import bench as bench_command
-from llmesh.cli import certs, demo, models, servers, training
+from llmesh.cli import certs, demo, models, security, servers, training
 from llmesh.client import default_control_plane
 from llmesh.common.errors import LLMeshError
 from llmesh.common.tls import add_tls_arguments
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Client TLS (each falls back to its LLMESH_TLS_* variable): see llmesh.cli.connect.
     add_tls_arguments(common, server=False)
+    # The bearer token client commands send; default $LLMESH_TOKEN (see llmesh.common.auth).
+    parser.add_argument("--token", default=None, help=MESSAGES["help_token"])
+    common.add_argument("--token", default=argparse.SUPPRESS, help=MESSAGES["help_token"])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
 
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_demo_command(subparsers)
     certs.add_certs_command(subparsers)
     servers.add_server_commands(subparsers)
+    security.add_security_commands(subparsers)
     return parser
 
 

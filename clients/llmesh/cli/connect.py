@@ -15,5 +15,10 @@ def connect(args: argparse.Namespace) -> ByzerLLM:
         args: the parsed command line; ``args.control_plane`` is ``HOST:PORT``. TLS comes
             from ``--tls-ca/--tls-cert/--tls-key`` where the command has them, else from
             ``$LLMESH_TLS_CA``, ``$LLMESH_TLS_CERT`` and ``$LLMESH_TLS_KEY``.
+            ``args.token`` is the bearer token (None: ``$LLMESH_TOKEN``).
     """
-    return ByzerLLM(control_plane=args.control_plane, tls=TlsConfig.from_args(args))
+    return ByzerLLM(
+        control_plane=args.control_plane,
+        tls=TlsConfig.from_args(args),
+        token=getattr(args, "token", None),
+    )

@@ -84,6 +84,8 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
         cmd += ["--cpus", str(args.worker_cpus)]
     if args.worker_gpus is not None:
         cmd += ["--gpus", str(args.worker_gpus)]
+    if args.auth:
+        cmd += ["--auth"]
     return cmd
 
 
@@ -106,6 +108,8 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
     ]
     if args.jobs_dir:
         cmd += ["--jobs-dir", args.jobs_dir]
+    if args.auth:
+        cmd += ["--auth"]
     return cmd
 
 
@@ -141,10 +145,13 @@ async def _up(args: argparse.Namespace) -> int:
         child_env = {**os.environ}
         if isinstance(security["etcd_security"], EtcdSecurity):
             child_env.update(security["etcd_security"].secret_env())
+        if args.auth:
+            await _print_admin_token(endpoint, args.namespace, security["etcd_security"])
         async with run_control_plane(
             listen=args.listen,
             etcd=endpoint,
             namespace=args.namespace,
+            auth=bool(args.auth),
             **security,  # type: ignore[arg-type]
         ) as cp:
             print(f"control     {cp.address}", flush=True)
@@ -188,6 +195,29 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _print_admin_token(
+    etcd: str, namespace: str, etcd_security: EtcdSecurity | None = None
+) -> None:
+    """Create an admin token for this ``up`` and print it (its secret is stored nowhere)."""
+    from llmesh.common.auth import ROLE_ADMIN, new_token
+    from llmesh.common.auth_store import EtcdTokens
+    from llmesh.common.etcd import EtcdKV
+    from llmesh.common.etcd_keys import Keys
+
+    token, record = new_token("llmesh up", ROLE_ADMIN)
+    kv = EtcdKV(etcd, security=etcd_security)
+    try:
+        await EtcdTokens(kv, Keys(namespace)).add(record)
+    finally:
+        await kv.close()
+    print(f"admin token {token}", flush=True)
+    print(
+        f"            (id {record.id}; export LLMESH_TOKEN=<token>; revoke with "
+        f"`llmesh tokens revoke {record.id} --etcd {etcd}`)",
+        flush=True,
+    )
+
+
 async def _wait_workers(
     cp: object, want: int, procs: list[subprocess.Popen[bytes]], stop: asyncio.Event
 ) -> None:
@@ -220,6 +250,8 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
             etcd=args.etcd,
             namespace=args.namespace,
             **_security(args),  # type: ignore[arg-type]
+            auth=args.auth,
+            token_file=args.token_file,
         )
     )
     return 0
@@ -246,6 +278,9 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             wedge_timeout=args.wedge_timeout,
             run_dir=args.run_dir,
             **_security(args),
+            auth=args.auth,
+            allow_remote_code=args.allow_remote_code,
+            token_file=args.token_file,
         )
     )
     return 0
@@ -274,9 +309,37 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             lease_ttl=args.lease_ttl,
             cancel_grace=args.cancel_grace,
             **_security(args),
+            auth=args.auth,
+            allowed_roots=args.allowed_root,
+            token_file=args.token_file,
         )
     )
     return 0
+
+
+def _auth_option(parser: argparse.ArgumentParser, *, up_help: bool = False) -> None:
+    if up_help:
+        text = t(
+            "require bearer tokens everywhere; creates and prints an admin token",
+            "所有服务都要求访问令牌；创建并打印一个管理员令牌",
+        )
+    else:
+        text = t(
+            "require bearer tokens (default $LLMESH_AUTH); `llmesh tokens create` makes them",
+            "要求访问令牌（默认 $LLMESH_AUTH）；用 `llmesh tokens create` 创建",
+        )
+    parser.add_argument("--auth", action="store_true", default=None, help=text)
+    if not up_help:
+        parser.add_argument(
+            "--token-file",
+            default=None,
+            help=t(
+                "with --auth: check tokens against this file (`llmesh tokens ... --file`) "
+                "instead of etcd (default $LLMESH_TOKEN_FILE)",
+                "配合 --auth：按此文件（`llmesh tokens ... --file`）而非 etcd 校验令牌"
+                "（默认 $LLMESH_TOKEN_FILE）",
+            ),
+        )
 
 
 def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -357,6 +420,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_tls_arguments(up)
     add_etcd_arguments(up)
+    _auth_option(up, up_help=True)
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
@@ -377,6 +441,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     add_tls_arguments(cpl)
     add_etcd_arguments(cpl)
+    _auth_option(cpl)
     cpl.set_defaults(func=_cmd_control_plane)
 
     def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
@@ -462,6 +527,18 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "副本进程存放配置与日志的目录（默认：临时目录）",
         ),
     )
+    _auth_option(iw)
+    iw.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        default=None,
+        help=t(
+            "let deploys that ask for trust_remote_code run Python code from their model "
+            "directory (default $LLMESH_ALLOW_REMOTE_CODE; off)",
+            "允许请求 trust_remote_code 的部署运行模型目录中的 Python 代码"
+            "（默认 $LLMESH_ALLOW_REMOTE_CODE；关闭）",
+        ),
+    )
     iw.set_defaults(func=_cmd_inference_worker)
 
     tw = subparsers.add_parser(
@@ -493,6 +570,18 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         help=t(
             "seconds a cancelled job's ranks get before they are killed",
             "取消任务时，其进程被强制结束前的宽限秒数",
+        ),
+    )
+    _auth_option(tw)
+    tw.add_argument(
+        "--allowed-root",
+        action="append",
+        default=None,
+        help=t(
+            "a directory job data, model and output paths must lie under (repeatable; "
+            "default $LLMESH_ALLOWED_ROOTS, separated by ':')",
+            "任务的数据、模型和输出路径必须位于其下的目录"
+            "（可重复；默认 $LLMESH_ALLOWED_ROOTS，以 ':' 分隔）",
         ),
     )
     tw.set_defaults(func=_cmd_trainer_worker)

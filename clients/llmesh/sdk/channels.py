@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from llmesh.common.auth_client import aio_token_interceptors
 from llmesh.common.errors import (
     FailedPrecondition,
     LLMeshError,
@@ -47,10 +48,12 @@ class AioChannels:
 
     Args:
         tls: TLS for every channel (None: plaintext).
+        token: a bearer token every call on these channels carries (None: none).
     """
 
-    def __init__(self, tls: TlsConfig | None = None) -> None:
+    def __init__(self, tls: TlsConfig | None = None, token: str | None = None) -> None:
         self._tls = tls
+        self._interceptors = aio_token_interceptors(token)
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -67,7 +70,7 @@ class AioChannels:
             channels = self._by_loop.setdefault(loop, {})
             channel = channels.get(address)
             if channel is None:
-                channel = aio_channel(address, self._tls, CHANNEL_OPTIONS)
+                channel = aio_channel(address, self._tls, CHANNEL_OPTIONS, self._interceptors)
                 channels[address] = channel
             return channel
 
@@ -268,6 +271,7 @@ class Router:
         first_route_timeout: how long the first request for a model waits for its route
             stream; None for the route cache's default.
         tls: TLS for every channel (control plane and replicas); None for plaintext.
+        token: the bearer token every call carries; None sends none.
     """
 
     def __init__(
@@ -278,17 +282,18 @@ class Router:
         pins: Callable[[int], dict[str, int]],
         first_route_timeout: float | None = None,
         tls: TlsConfig | None = None,
+        token: str | None = None,
     ) -> None:
         self.control_plane = control_plane
         self.tls = tls
         self._policy = policy
         self._pins = pins
-        self.pool = ChannelPool(tls=tls)
+        self.pool = ChannelPool(tls=tls, token=token)
         route_kwargs = {}
         if first_route_timeout is not None:
             route_kwargs["first_snapshot_timeout"] = first_route_timeout
         self.routes = RouteCache(self.pool.get(control_plane), **route_kwargs)
-        self.aio_channels = AioChannels(tls)
+        self.aio_channels = AioChannels(tls, token)
         #: Chat sessions per (event loop, worker address).
         self.sessions = Sessions(self.aio_worker)
         #: The event loop thread the sync API runs its sessions on.
