@@ -53,6 +53,7 @@ async def join_mesh(
     gpus: float,
     devices: Sequence[cp.Device] = (),
     lease_ttl: int,
+    metrics_url: str = "",
 ) -> WorkerPresence:
     """Bind the server and register the worker record under a fresh lease.
 
@@ -71,6 +72,7 @@ async def join_mesh(
         gpus=float(gpus),
         kind=kind,
         devices=list(devices),
+        metrics_url=metrics_url,
     )
     host, port = parse_endpoint(etcd)
     client = worker_client(etcd)

@@ -18,11 +18,19 @@ from llmesh.common import tracing
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.grpc_server import Server
+from llmesh.common.metrics import (
+    ControlPlaneMetrics,
+    MetricsEndpoint,
+    metrics_address,
+    start_metrics,
+)
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
 from llmesh.control_plane.registry import EtcdRegistry, Registry
 from llmesh.control_plane.replacement import LostWorkerReplacer
 from llmesh.control_plane.servicer import ControlPlaneServicer
+from llmesh.control_plane.views import with_replicas
+from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,7 @@ class ControlPlane:
     registry: Registry
     servicer: ControlPlaneServicer
     server: Server
+    metrics: MetricsEndpoint | None = None
 
 
 @asynccontextmanager
@@ -57,6 +66,7 @@ async def run_control_plane(
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
     job_reap_grace: float = DEFAULT_REAP_GRACE_S,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -71,6 +81,8 @@ async def run_control_plane(
         startup_timeout: how long to wait for etcd before giving up with Unavailable.
         job_reap_grace: seconds a trainer worker may be gone before its running training
             jobs are recorded FAILED.
+        metrics_listen: HOST:PORT of /metrics; None: a free port on the listen host; "off":
+            none.
 
     Yields:
         The running :class:`ControlPlane`.
@@ -81,15 +93,21 @@ async def run_control_plane(
     registry = EtcdRegistry(kv, keys)
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
+    probe_task: asyncio.Task[None] | None = None
+    metrics: MetricsEndpoint | None = None
     try:
         await registry.start(timeout=startup_timeout)
         deployer = Deployer(registry, kv, keys)
         scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace)
-        servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
+        meters = ControlPlaneMetrics()
+        servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler, metrics=meters)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],
             listen=listen,
         )
+        meters.watch_registry(asyncio.get_running_loop(), lambda: _registry_sample(registry))
+        metrics = start_metrics(meters.registry, metrics_address(server.host, metrics_listen))
+        probe_task = asyncio.create_task(meters.probe_etcd(kv.current_revision), name="etcd-probe")
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
         reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
@@ -97,9 +115,15 @@ async def run_control_plane(
         log.info(
             "control plane on %s, etcd %s, namespace %s", server.address, kv.endpoint, namespace
         )
+        if metrics is not None:
+            log.info("control plane metrics on %s", metrics.url)
         try:
             yield ControlPlane(
-                address=server.address, registry=registry, servicer=servicer, server=server
+                address=server.address,
+                registry=registry,
+                servicer=servicer,
+                server=server,
+                metrics=metrics,
             )
         finally:
             # Drain: health says NOT_SERVING first so balancers stop sending, watches end so
@@ -108,13 +132,33 @@ async def run_control_plane(
             servicer.close()
             await server.stop(grace)
     finally:
-        for task in (reconcile_task, jobs_task):
+        for task in (reconcile_task, jobs_task, probe_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await registry.close()
         await kv.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _registry_sample(
+    registry: Registry,
+) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """(model, replica state) per replica of every model, and (kind, count) of live workers."""
+    replicas: list[tuple[str, str]] = []
+    for spec in list(registry.models().values()):
+        replicas.append((spec.name, ""))  # counts the model even with no replica
+        for r in with_replicas(registry, spec).replicas:
+            # UNSPECIFIED: a placeholder for a replica whose worker is not registered.
+            name = common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+            replicas.append((spec.name, "WORKER_GONE" if name == "UNSPECIFIED" else name))
+    kinds: dict[str, int] = {}
+    for worker in registry.workers().values():
+        kind = worker.kind or "inference"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return replicas, sorted(kinds.items())
 
 
 async def serve_forever(
@@ -125,6 +169,7 @@ async def serve_forever(
     grace: float = 5.0,
     reconcile_grace: float | None = 30.0,
     startup_timeout: float = 10.0,
+    metrics_listen: str | None = None,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -143,7 +188,11 @@ async def serve_forever(
             grace=grace,
             reconcile_grace=reconcile_grace,
             startup_timeout=startup_timeout,
-        ):
+            metrics_listen=metrics_listen,
+        ) as control_plane:
+            print(f"llmesh control plane serving on {control_plane.address}", flush=True)
+            if control_plane.metrics is not None:
+                print(f"llmesh control plane metrics {control_plane.metrics.url}", flush=True)
             await stop.wait()
             log.info("control plane stopping")
     finally:

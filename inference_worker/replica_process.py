@@ -29,6 +29,7 @@ from google.protobuf import json_format
 
 from llmesh.common import tracing
 from llmesh.common.grpc_server import Server
+from llmesh.common.metrics import ReplicaMetrics, metrics_address, start_metrics
 from llmesh.common.process import die_with_parent
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
@@ -57,6 +58,8 @@ class ReplicaSpec:
     advertise_host: str = ""
     # Share of one device when the replica holds a fraction of it (gpus_per_replica < 1).
     gpu_share: float = 0.0
+    # Where /metrics binds: None = a free port on the gRPC host, "off" = no endpoint.
+    metrics_listen: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -69,6 +72,7 @@ class ReplicaSpec:
                 "address_file": str(self.address_file),
                 "advertise_host": self.advertise_host,
                 "gpu_share": self.gpu_share,
+                "metrics_listen": self.metrics_listen,
             }
         )
 
@@ -82,6 +86,7 @@ class ReplicaSpec:
             address_file=Path(raw["address_file"]),
             advertise_host=raw.get("advertise_host", ""),
             gpu_share=float(raw.get("gpu_share", 0.0)),
+            metrics_listen=raw.get("metrics_listen"),
         )
 
 
@@ -149,7 +154,7 @@ def engine_factory() -> Callable[[EngineConfig], Engine]:
 async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaManager]]:
     """Serve one replica; on exit drain it (bounded) and stop the engine."""
     board = StatusBoard()
-    manager = ReplicaManager(board, engine_factory())
+    manager = ReplicaManager(board, engine_factory(), metrics=ReplicaMetrics())
     servicer = InferenceServicer(manager)
     server = Server(
         [
@@ -182,6 +187,11 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     )
     await control_server.start()
     await server.start()
+    metrics = start_metrics(
+        manager.metrics.registry,
+        metrics_address(server.host, spec.metrics_listen),
+        advertise_host=spec.advertise_host,
+    )
     model = cp.Model()
     model.CopyFrom(spec.model)
     model.infer_params.clear()
@@ -190,7 +200,12 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     tmp = spec.address_file.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
-            {"address": address, "control_address": control_server.address, "pid": os.getpid()}
+            {
+                "address": address,
+                "control_address": control_server.address,
+                "pid": os.getpid(),
+                "metrics_url": metrics.url if metrics is not None else "",
+            }
         )
     )
     tmp.replace(spec.address_file)
@@ -204,6 +219,8 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         # The engine stops before the agent's stream does: the agent waits for our exit.
         await manager.close()
         await control_server.stop(0.5)
+        if metrics is not None:
+            metrics.close()
 
 
 async def serve(spec: ReplicaSpec) -> None:

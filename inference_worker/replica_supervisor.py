@@ -123,6 +123,8 @@ class SupervisorSettings:
     stop_grace: float = 10.0
     drain_timeout: float = 30.0
     env: dict[str, str] = field(default_factory=dict)
+    # Whether replica processes serve /metrics (a free port on listen_host).
+    metrics: bool = True
 
 
 class ReplicaSupervisor:
@@ -152,6 +154,7 @@ class ReplicaSupervisor:
         self._remove = remove
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.metrics_url = ""
         self.adapters: dict[tuple[str, int], tuple[common_pb2.Replica, cp.Model]] = {}
         self._loaded: set[tuple[str, int]] = set()
         self._published: dict[tuple[str, int], common_pb2.Replica] = {}
@@ -175,6 +178,12 @@ class ReplicaSupervisor:
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else 0
 
+    def state_name(self) -> str:
+        """The state last published for the base replica (e.g. ``READY``), for metrics."""
+        status = self._published.get((self.model.name, self.assignment.generation))
+        state = status.state if status is not None else LOADING
+        return common_pb2.ReplicaState.Name(state).removeprefix("REPLICA_STATE_")
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervise-{self.dir.name}")
 
@@ -192,6 +201,7 @@ class ReplicaSupervisor:
             out.generation = self.assignment.generation
         out.worker_id = self.assignment.worker_id
         out.address = self.address
+        out.metrics_url = self.metrics_url
         out.pid = self.pid
         del out.devices[:]
         out.devices.extend(self.assignment.devices)
@@ -291,6 +301,7 @@ class ReplicaSupervisor:
             address_file=address_file,
             advertise_host=self.settings.advertise_host,
             gpu_share=share,
+            metrics_listen=None if self.settings.metrics else "off",
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
@@ -382,6 +393,7 @@ class ReplicaSupervisor:
             the reason is in ``self._failure``).
         """
         self.address = ""
+        self.metrics_url = ""
         self._loaded.clear()
         proc = self.proc = self._spawn()
         exited = process_exit(proc)
@@ -392,6 +404,7 @@ class ReplicaSupervisor:
             if where is None:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
+            self.metrics_url = where.get("metrics_url", "")
             self._channel = grpc.aio.insecure_channel(
                 where.get("control_address", self.address), options=CHANNEL_OPTIONS
             )

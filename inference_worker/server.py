@@ -18,6 +18,13 @@ from pathlib import Path
 from llmesh.common import tracing
 from llmesh.common.devices import node_devices
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
+from llmesh.common.metrics import (
+    MetricsEndpoint,
+    metrics_address,
+    node_agent_registry,
+    split_host_port,
+    start_metrics,
+)
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
 from llmesh.inference_worker.replica_supervisor import SupervisorSettings
@@ -33,6 +40,7 @@ class InferenceWorker:
     presence: WorkerPresence
     agent: NodeAgent
     watcher: AssignmentWatcher
+    metrics: MetricsEndpoint | None = None
 
     @property
     def worker(self) -> cp.Worker:
@@ -68,6 +76,7 @@ async def run_inference_worker(
     max_restarts: int = 5,
     run_dir: str | Path | None = None,
     replica_env: Mapping[str, str] | None = None,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -88,23 +97,37 @@ async def run_inference_worker(
         max_restarts: crashes within 5 minutes before a replica is FAILED for good.
         run_dir: where replica processes keep their spec, address and log (default: a temp dir).
         replica_env: extra environment variables for every replica process.
+        metrics_listen: HOST:PORT of the agent's /metrics; None: a free port on the listen
+            host; "off": no metrics, for the agent and its replica processes.
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
     devices = await asyncio.to_thread(node_devices, gpus=gpus, gpu_ids=gpu_ids)
-    presence = await join_mesh(
-        [],
-        kind="inference",
-        listen=listen,
-        advertise=advertise,
-        etcd=etcd,
-        namespace=namespace,
-        worker_id=worker_id,
-        cpus=cpus,
-        gpus=len(devices),
-        devices=devices,
-        lease_ttl=lease_ttl,
+    agents: list[NodeAgent] = []  # the agent, once it exists (metrics read it per scrape)
+    metrics = start_metrics(
+        node_agent_registry(asyncio.get_running_loop(), lambda: _processes(agents)),
+        metrics_address(split_host_port(listen)[0], metrics_listen),
+        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
     )
+    try:
+        presence = await join_mesh(
+            [],
+            kind="inference",
+            listen=listen,
+            advertise=advertise,
+            etcd=etcd,
+            namespace=namespace,
+            worker_id=worker_id,
+            cpus=cpus,
+            gpus=len(devices),
+            devices=devices,
+            lease_ttl=lease_ttl,
+            metrics_url=metrics.url if metrics is not None else "",
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     worker = presence.worker
     own_dir = None
     if run_dir is None:
@@ -120,8 +143,10 @@ async def run_inference_worker(
         max_restarts=max_restarts,
         stop_grace=min(drain_grace, 10.0),
         env=dict(replica_env or {}),
+        metrics=metrics is not None,
     )
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
+    agents.append(agent)
     try:
         await presence.server.start()
     except BaseException:
@@ -129,7 +154,7 @@ async def run_inference_worker(
         raise
     watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
     watcher.start()
-    running = InferenceWorker(presence, agent, watcher)
+    running = InferenceWorker(presence, agent, watcher, metrics)
     try:
         yield running
     finally:
@@ -141,7 +166,18 @@ async def run_inference_worker(
         await presence.close(grace=min(drain_grace, 5.0))
         if own_dir is not None:
             own_dir.cleanup()
+        if metrics is not None:
+            metrics.close()
         log.info("worker %s stopped", worker.id)
+
+
+def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, str, int, int]]:
+    """(model, index, state, pid, restarts) of each replica process the agent supervises."""
+    return [
+        (key[0], key[2], sup.state_name(), sup.pid, sup.restarts)
+        for agent in agents
+        for key, sup in agent.supervisors.items()
+    ]
 
 
 async def serve_forever(**kwargs: object) -> None:
@@ -152,4 +188,6 @@ async def serve_forever(**kwargs: object) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with run_inference_worker(**kwargs) as worker:  # type: ignore[arg-type]
         print(f"llmesh inference worker {worker.id} serving on {worker.address}", flush=True)
+        if worker.metrics is not None:
+            print(f"llmesh inference worker {worker.id} metrics {worker.metrics.url}", flush=True)
         await stop.wait()

@@ -15,11 +15,20 @@ from llmesh.common.devices import detect_gpus
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.grpc_server import Server
+from llmesh.common.metrics import (
+    JobSample,
+    MetricsEndpoint,
+    metrics_address,
+    split_host_port,
+    start_metrics,
+    trainer_registry,
+)
 from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.trainer_worker.servicer import TrainerServicer
 from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import trainer_service_pb2 as tr
 from llmesh.v1 import trainer_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,7 @@ class TrainerWorker:
     server: Server
     session: WorkerSession
     manager: JobManager
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -65,6 +75,7 @@ async def run_trainer_worker(
     cancel_grace: float = 10.0,
     progress_interval: float = 1.0,
     watch_queue_size: int = 1024,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -84,30 +95,44 @@ async def run_trainer_worker(
         cancel_grace: seconds a job's ranks get between SIGTERM and SIGKILL.
         progress_interval: progress reaches the etcd record at most this often (seconds).
         watch_queue_size: events a WatchJob caller may lag behind before it is dropped.
+        metrics_listen: HOST:PORT of the worker's /metrics; None: a free port on the listen
+            host; "off": none.
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
-    presence = await join_mesh(
-        [
-            (
-                trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
-                servicer,
-                "llmesh.v1.TrainerService",
-            )
-        ],
-        kind="trainer",
-        listen=listen,
-        advertise=advertise,
-        etcd=etcd,
-        namespace=namespace,
-        worker_id=worker_id,
-        cpus=cpus,
-        gpus=gpus,
-        lease_ttl=lease_ttl,
+    managers: list[JobManager] = []  # the job manager, once it exists (metrics read it)
+    metrics = start_metrics(
+        trainer_registry(asyncio.get_running_loop(), lambda: _jobs(managers)),
+        metrics_address(split_host_port(listen)[0], metrics_listen),
+        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
     )
+    try:
+        presence = await join_mesh(
+            [
+                (
+                    trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
+                    servicer,
+                    "llmesh.v1.TrainerService",
+                )
+            ],
+            kind="trainer",
+            listen=listen,
+            advertise=advertise,
+            etcd=etcd,
+            namespace=namespace,
+            worker_id=worker_id,
+            cpus=cpus,
+            gpus=gpus,
+            lease_ttl=lease_ttl,
+            metrics_url=metrics.url if metrics is not None else "",
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     server, worker, client, keys, session = (
         presence.server,
         presence.worker,
@@ -129,9 +154,10 @@ async def run_trainer_worker(
         watch_queue_size=watch_queue_size,
     )
     servicer.manager = manager
+    managers.append(manager)
     await server.start()
     manager.start()
-    running = TrainerWorker(worker, server, session, manager)
+    running = TrainerWorker(worker, server, session, manager, metrics)
     try:
         yield running
     finally:
@@ -142,7 +168,26 @@ async def run_trainer_worker(
         await manager.close()
         await presence.close(grace=5.0)
         await records_kv.close()
+        if metrics is not None:
+            metrics.close()
         log.info("trainer worker %s stopped", worker.id)
+
+
+def _jobs(managers: list[JobManager]) -> list[JobSample]:
+    """What the metrics show of each job this worker knows: state, step, loss, samples/s."""
+    out = []
+    for manager in managers:
+        for run in manager.runs.values():
+            state = tr.TrainingJobState.Name(run.record.state).removeprefix("TRAINING_JOB_STATE_")
+            sample = JobSample(job_id=run.job_id, state=state)
+            progress = run.progress
+            # Per-job series only while it runs: finished jobs would pile up series forever.
+            if progress is not None and state == "RUNNING":
+                sample.step, sample.total_steps = progress.step, progress.total_steps
+                sample.loss = progress.loss
+                sample.samples_per_second = progress.samples_per_second
+            out.append(sample)
+    return out
 
 
 async def serve_forever(**kwargs: object) -> None:
@@ -157,4 +202,6 @@ async def serve_forever(**kwargs: object) -> None:
             f"(jobs in {worker.manager.jobs_dir})",
             flush=True,
         )
+        if worker.metrics is not None:
+            print(f"llmesh trainer worker {worker.id} metrics {worker.metrics.url}", flush=True)
         await stop.wait()

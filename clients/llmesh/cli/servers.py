@@ -53,6 +53,8 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
         cmd += ["--cpus", str(args.worker_cpus)]
     if args.worker_gpus is not None:
         cmd += ["--gpus", str(args.worker_gpus)]
+    if args.no_metrics:
+        cmd += ["--no-metrics"]
     return cmd
 
 
@@ -75,6 +77,8 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
     ]
     if args.jobs_dir:
         cmd += ["--jobs-dir", args.jobs_dir]
+    if args.no_metrics:
+        cmd += ["--no-metrics"]
     return cmd
 
 
@@ -100,9 +104,14 @@ async def _up(args: argparse.Namespace) -> int:
             endpoint = etcd.endpoint
             print(f"etcd        {endpoint} (data in {etcd.data_dir})", flush=True)
         async with run_control_plane(
-            listen=args.listen, etcd=endpoint, namespace=args.namespace
+            listen=args.listen,
+            etcd=endpoint,
+            namespace=args.namespace,
+            metrics_listen=metrics_listen(args),
         ) as cp:
             print(f"control     {cp.address}", flush=True)
+            if cp.metrics is not None:
+                print(f"metrics     control plane {cp.metrics.url}", flush=True)
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
                 proc = subprocess.Popen(  # noqa: ASYNC220
@@ -115,6 +124,9 @@ async def _up(args: argparse.Namespace) -> int:
                 )
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
+            for worker in sorted(cp.registry.workers().values(), key=lambda w: w.id):
+                if worker.metrics_url:
+                    print(f"metrics     {worker.id} {worker.metrics_url}", flush=True)
             print(
                 f"workers     {args.workers} inference + {args.trainers} trainer registered; "
                 "ready (Ctrl-C stops everything)",
@@ -154,6 +166,30 @@ async def _wait_workers(
         raise TimeoutError("workers did not register within 120 s")
 
 
+def metrics_listen(args: argparse.Namespace) -> str | None:
+    """Where a server's /metrics binds: "off" for --no-metrics, else --metrics-listen."""
+    return "off" if args.no_metrics else args.metrics_listen
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-listen`` and ``--no-metrics``: where a server serves /metrics, or not."""
+    parser.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help=t(
+            "where /metrics (Prometheus) binds (default: a free port on the server's host; "
+            "'off': none)",
+            "Prometheus /metrics 的绑定地址（默认：服务所在主机的空闲端口；'off'：关闭）",
+        ),
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help=t("serve no /metrics endpoint", "不提供 /metrics 端点"),
+    )
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_up(args))
@@ -165,7 +201,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_control_plane(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import serve_forever
 
-    asyncio.run(serve_forever(listen=args.listen, etcd=args.etcd, namespace=args.namespace))
+    asyncio.run(
+        serve_forever(
+            listen=args.listen,
+            etcd=args.etcd,
+            namespace=args.namespace,
+            metrics_listen=metrics_listen(args),
+        )
+    )
     return 0
 
 
@@ -189,6 +232,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             drain_grace=args.drain_grace,
             wedge_timeout=args.wedge_timeout,
             run_dir=args.run_dir,
+            metrics_listen=metrics_listen(args),
         )
     )
     return 0
@@ -216,6 +260,7 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             jobs_dir=args.jobs_dir,
             lease_ttl=args.lease_ttl,
             cancel_grace=args.cancel_grace,
+            metrics_listen=metrics_listen(args),
         )
     )
     return 0
@@ -297,6 +342,23 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=t("keep etcd data here (default: temporary)", "etcd 数据保存目录（默认：临时目录）"),
     )
+    up.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help=t(
+            "no /metrics endpoints (each process serves one on a free port by default)",
+            "不提供 /metrics 端点（默认每个进程在空闲端口上提供一个）",
+        ),
+    )
+    up.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help=t(
+            "where the control plane's /metrics binds (default: a free port on --listen's host)",
+            "控制平面 /metrics 的绑定地址（默认：--listen 主机上的空闲端口）",
+        ),
+    )
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
@@ -315,6 +377,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     cpl.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
     )
+    add_metrics_options(cpl)
     cpl.set_defaults(func=_cmd_control_plane)
 
     def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
@@ -398,6 +461,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "副本进程存放配置与日志的目录（默认：临时目录）",
         ),
     )
+    add_metrics_options(iw)
     iw.set_defaults(func=_cmd_inference_worker)
 
     tw = subparsers.add_parser(
@@ -431,4 +495,5 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "取消任务时，其进程被强制结束前的宽限秒数",
         ),
     )
+    add_metrics_options(tw)
     tw.set_defaults(func=_cmd_trainer_worker)
