@@ -23,14 +23,17 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from llmesh.common.routing import PURPOSE_NAMES
@@ -110,6 +113,29 @@ class _Forward:
         return self._registry.collect()
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape (one a second per Prometheus)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _text_format_app(served: Collector) -> Callable[..., Any]:
+    """prometheus_client's WSGI app, always answering in the text format (0.0.4).
+
+    prometheus_client 0.26 writes OpenMetrics sample names with ``:`` turned into ``_``
+    (``llmesh:x_total`` became ``llmesh_x_total``) when Prometheus asks for OpenMetrics, as
+    2.42 does; the text format keeps the names as declared (vLLM's ``vllm:*`` too).
+    """
+    app = make_wsgi_app(served)  # type: ignore[arg-type]
+
+    def text_only(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    return text_only
+
+
 @dataclass
 class MetricsEndpoint:
     """A running /metrics HTTP endpoint.
@@ -167,15 +193,25 @@ def start_metrics(
         served = CollectorRegistry(auto_describe=False)
         served.register(_Forward(registry))  # type: ignore[arg-type]
         served.register(_Forward(REGISTRY))  # type: ignore[arg-type]
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
     try:
-        server, thread = start_http_server(
-            port, addr=host or "127.0.0.1", registry=served, certfile=certfile, keyfile=keyfile
+        server = make_server(
+            host or "127.0.0.1", port, _text_format_app(served), Server, _QuietHandler
         )
     except OSError as exc:
         raise OSError(
             f"cannot serve metrics on {listen} ({exc}); pick a free port with --metrics-listen "
             "HOST:PORT, or turn metrics off with --no-metrics"
         ) from exc
+    if certfile and keyfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     bound_port = int(server.server_address[1])
     url_host = advertise_host or host or "127.0.0.1"
     if url_host in ("0.0.0.0", "::"):

@@ -103,9 +103,20 @@ async def test_etcd_probe_reports_reachable_and_unreachable() -> None:
     assert m.registry.get_sample_value("llmesh:etcd_reachable") == 0
 
 
+# What Prometheus 2.42 sends: it prefers OpenMetrics.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
 def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    request = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT})
+    with urllib.request.urlopen(request, timeout=10) as response:
         text = response.read().decode()
+    # The names keep their colons (prometheus_client's OpenMetrics writer would turn them
+    # into underscores): the page is in the text format whatever the scraper asks for.
+    assert "llmesh_" not in text and "llmesh:" in text
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
