@@ -157,3 +157,47 @@ def test_endpoint_serves_loop_state_read_on_the_loop_and_the_global_registry() -
 
 def test_metrics_off_serves_nothing() -> None:
     assert start_metrics(ReplicaMetrics().registry, None) is None
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from llmesh.common.metrics import node_agent_registry
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        replica = ReplicaMetrics()
+        replica.watch_load(loop, lambda: [("chat", 0, 1, 0)])
+        req = replica.request("chat", 0)
+        req.admitted()
+        req.chunk(1)
+        req.chunk(1)
+        req.finished("stop", 3, 2)
+        replica.request("chat", 0).aborted("cancel")
+        replica.request("chat", 0).migrated()
+        replica.resource_exhausted("chat", 0, "queue_full")
+        control = ControlPlaneMetrics()
+        control.watch_registry(loop, lambda: ([("chat", "READY")], [("inference", 1)]))
+        control.routed("least_loaded", "policy")
+        control.etcd_latency.observe(0.001)
+        control.etcd_reachable.set(1)
+        registries = [
+            replica.registry,
+            control.registry,
+            node_agent_registry(loop, lambda: [("chat", 0, "READY", 1, 0)]),
+            trainer_registry(loop, lambda: [JobSample("j", "RUNNING", 1, 2, 0.5, 3.0)]),
+        ]
+        exported = {s.name for r in registries for f in r.collect() for s in f.samples}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    path = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"llmesh:[a-z0-9_]+", e)}
+    assert len(dashboard["panels"]) >= 10
+    assert used and not used - exported, sorted(used - exported)
