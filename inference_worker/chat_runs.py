@@ -291,6 +291,10 @@ class ChatRun:
             count_end(replica, "aborted", gone=False)
             self._measure_end("aborted", False, None)
             self.outbox.add(request_id, GenerationChunk(finish_reason="aborted"))
+        except asyncio.CancelledError:
+            # Gone while queued (deadline, disconnect); a no-op when _decode measured the end.
+            self._measure_end(None, True, None)
+            raise
 
     async def _decode(self, replica: HostedReplica, params: SamplingParams) -> None:
         """Render the prompt and stream the engine's output into the outbox (slot held)."""

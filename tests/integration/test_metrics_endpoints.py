@@ -173,6 +173,14 @@ def test_chat_traffic_fills_latencies_tokens_and_finish_reasons(running: Running
     assert grew("llmesh:generation_tokens_total") == 2 * usage.completion_tokens == 12
     assert grew("llmesh:prompt_tokens_total") == 2 * usage.prompt_tokens > 0
 
+    # The unary Generate RPC counts its prompts too.
+    running.inf_stub.Generate(
+        inf.GenerateRequest(model="chat", prompts=["a", "b"], params=_params(3)), timeout=60
+    )
+    before, after = after, running.replica_metrics()
+    assert grew("llmesh:request_success_total", finished_reason="length") == 2
+    assert grew("llmesh:generation_tokens_total") == 6
+
 
 def test_aborts_are_counted_by_how(running: Running) -> None:
     stub = running.inf_stub
@@ -257,8 +265,16 @@ def test_a_full_queue_counts_resource_exhausted_and_waiting(running: Running) ->
         list(stub.Chat(iter([inf.ChatRequest(start=third)]), timeout=60))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert exhausted() == base + 1
-    for call in calls:
-        call.cancel()
+
+    def disconnects() -> float:
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_aborted_total", **CHAT, how="disconnect") or 0
+
+    gone = disconnects()
+    calls[1].cancel()  # gone while still in the queue: an abort by disconnect too
+    wait_for(lambda: disconnects() == gone + 1, "the queued request's disconnect")
+    calls[0].cancel()
+    wait_for(lambda: disconnects() == gone + 2, "the running request's disconnect")
     wait_for(
         lambda: value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0,
         "the slot to free",
