@@ -201,3 +201,15 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
     used = {name for e in exprs for name in re.findall(r"llmesh:[a-z0-9_]+", e)}
     assert len(dashboard["panels"]) >= 10
     assert used and not used - exported, sorted(used - exported)
+
+
+def test_every_server_command_takes_the_metrics_flags() -> None:
+    from llmesh import cli
+    from llmesh.cli.servers import metrics_listen
+
+    parse = cli.build_parser().parse_args
+    for command in ("control-plane", "inference-worker", "trainer-worker", "up"):
+        assert metrics_listen(parse([command])) is None  # default: a free port
+        assert metrics_listen(parse([command, "--no-metrics"])) == "off"
+        args = parse([command, "--metrics-listen", "127.0.0.1:9100"])
+        assert metrics_listen(args) == "127.0.0.1:9100"
