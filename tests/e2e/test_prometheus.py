@@ -7,6 +7,7 @@ control plane's records, as `llmesh workers` shows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -61,6 +62,22 @@ def _wait_value(base: str, promql: str, want: float, timeout: float = 30) -> flo
             return float(got[0]["value"][1])
         time.sleep(0.25)
     raise AssertionError(f"{promql} did not reach {want} in Prometheus: {got}")
+
+
+def _wait_ready(base: str, prometheus: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait for Prometheus's readiness endpoint; fail with its log if it exits."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if prometheus.poll() is not None:
+            pytest.fail(f"prometheus exited with {prometheus.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"prometheus not ready within 30 s:\n{log.read_text()}")
 
 
 def test_prometheus_scrapes_the_mesh(
@@ -142,6 +159,7 @@ def test_prometheus_scrapes_the_mesh(
     )
     base = f"http://127.0.0.1:{prom_port}"
     try:
+        _wait_ready(base, prometheus, tmp_path / "prometheus.log")
         # Traffic: chats, and AssignWorker routing decisions.
         chat = inf_grpc.InferenceServiceStub(grpc.insecure_channel(replica.address))
         params = common_pb2.GenerationParams(max_tokens=5, temperature=0.0)
@@ -170,10 +188,11 @@ def test_prometheus_scrapes_the_mesh(
         _wait_value(base, 'process_resident_memory_bytes{job="trainer"}', 1)
     except BaseException:
         print((tmp_path / "prometheus.log").read_text(errors="replace")[-3000:])
-        with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as r:
-            print("metric names Prometheus holds:", r.read()[:6000])
-        with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=10) as r:
-            print("Prometheus targets:", r.read()[:6000])
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as r:
+                print("metric names Prometheus holds:", r.read()[:6000])
+            with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=10) as r:
+                print("Prometheus targets:", r.read()[:6000])
         raise
     finally:
         prometheus.terminate()
