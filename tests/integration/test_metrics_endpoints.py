@@ -173,6 +173,13 @@ def test_chat_traffic_fills_latencies_tokens_and_finish_reasons(running: Running
     assert grew("llmesh:generation_tokens_total") == 2 * usage.completion_tokens == 12
     assert grew("llmesh:prompt_tokens_total") == 2 * usage.prompt_tokens > 0
 
+    # A request that continues one another replica started counts as a migration here.
+    resumed = inf.ChatStart(model="chat", prompt="hello", params=_params(6))
+    resumed.resume_token_ids.extend([t for r in out for t in r.token_ids][:3])
+    assert list(running.inf_stub.Chat(iter([inf.ChatRequest(start=resumed)]), timeout=60))
+    before, after = after, running.replica_metrics()
+    assert grew("llmesh:request_migrations_total") == 1
+
     # The unary Generate RPC counts its prompts too.
     running.inf_stub.Generate(
         inf.GenerateRequest(model="chat", prompts=["a", "b"], params=_params(3)), timeout=60
