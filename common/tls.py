@@ -200,6 +200,14 @@ class TlsConfig:
         )
 
 
+def https_files(tls: TlsConfig | None) -> dict[str, str | None]:
+    """``certfile``/``keyfile`` for an HTTP endpoint served beside a gRPC server with ``tls``
+    (``/metrics``): the same certificate, so a TLS server's metrics are not plaintext."""
+    if tls is None or tls.cert is None or tls.key is None:
+        return {"certfile": None, "keyfile": None}
+    return {"certfile": str(tls.cert), "keyfile": str(tls.key)}
+
+
 def channel(
     address: str, tls: TlsConfig | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:

@@ -60,6 +60,7 @@ async def join_mesh(
     etcd_security: EtcdSecurity | None = None,
     insecure: bool = False,
     auth: Authenticator | None = None,
+    metrics_url: str = "",
 ) -> WorkerPresence:
     """Bind the server and register the worker record under a fresh lease.
 
@@ -82,6 +83,7 @@ async def join_mesh(
         gpus=float(gpus),
         kind=kind,
         devices=list(devices),
+        metrics_url=metrics_url,
     )
     host, port = parse_endpoint(etcd)
     client = worker_client(etcd, security=etcd_security)

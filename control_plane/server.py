@@ -23,12 +23,20 @@ from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.grpc_server import Server
-from llmesh.common.tls import TlsConfig
+from llmesh.common.metrics import (
+    ControlPlaneMetrics,
+    MetricsEndpoint,
+    metrics_address,
+    start_metrics,
+)
+from llmesh.common.tls import TlsConfig, https_files
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
 from llmesh.control_plane.registry import EtcdRegistry, Registry
 from llmesh.control_plane.replacement import LostWorkerReplacer
 from llmesh.control_plane.servicer import ControlPlaneServicer
+from llmesh.control_plane.views import with_replicas
+from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ class ControlPlane:
     registry: Registry
     servicer: ControlPlaneServicer
     server: Server
+    metrics: MetricsEndpoint | None = None
 
 
 @asynccontextmanager
@@ -68,6 +77,7 @@ async def run_control_plane(
     insecure: bool = False,
     auth: bool | None = None,
     token_file: str | None = None,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[ControlPlane]:
     """Start a control plane and stop it when the block exits.
 
@@ -89,6 +99,8 @@ async def run_control_plane(
             None reads ``LLMESH_AUTH``.
         token_file: check tokens against this file's records instead of etcd's (None reads
             ``LLMESH_TOKEN_FILE``; unset: etcd).
+        metrics_listen: HOST:PORT of /metrics; None: a free port on the listen host; "off":
+            none.
 
     Yields:
         The running :class:`ControlPlane`.
@@ -100,6 +112,8 @@ async def run_control_plane(
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
     tokens: EtcdTokenFollower | TokenFileFollower | None = None
+    probe_task: asyncio.Task[None] | None = None
+    metrics: MetricsEndpoint | None = None
     try:
         await registry.start(timeout=startup_timeout)
         authenticator = None
@@ -110,7 +124,8 @@ async def run_control_plane(
             authenticator = Authenticator(table, audit=AuditLog(kv, keys, server="control-plane"))
         deployer = Deployer(registry, kv, keys)
         scheduler = JobScheduler(registry, kv, keys, reap_grace=job_reap_grace, tls=tls)
-        servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler)
+        meters = ControlPlaneMetrics()
+        servicer = ControlPlaneServicer(registry, deployer, jobs=scheduler, metrics=meters)
         server = Server(
             [(cp_grpc.add_ControlPlaneServiceServicer_to_server, servicer, SERVICE_NAME)],
             listen=listen,
@@ -118,6 +133,11 @@ async def run_control_plane(
             insecure=insecure,
             auth=authenticator,
         )
+        meters.watch_registry(asyncio.get_running_loop(), lambda: _registry_sample(registry))
+        metrics = start_metrics(
+            meters.registry, metrics_address(server.host, metrics_listen), **https_files(tls)
+        )
+        probe_task = asyncio.create_task(meters.probe_etcd(kv.current_revision), name="etcd-probe")
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
         reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
@@ -125,9 +145,15 @@ async def run_control_plane(
         log.info(
             "control plane on %s, etcd %s, namespace %s", server.address, kv.endpoint, namespace
         )
+        if metrics is not None:
+            log.info("control plane metrics on %s", metrics.url)
         try:
             yield ControlPlane(
-                address=server.address, registry=registry, servicer=servicer, server=server
+                address=server.address,
+                registry=registry,
+                servicer=servicer,
+                server=server,
+                metrics=metrics,
             )
         finally:
             # Drain: health says NOT_SERVING first so balancers stop sending, watches end so
@@ -136,7 +162,7 @@ async def run_control_plane(
             servicer.close()
             await server.stop(grace)
     finally:
-        for task in (reconcile_task, jobs_task):
+        for task in (reconcile_task, jobs_task, probe_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -145,6 +171,26 @@ async def run_control_plane(
             await tokens.stop()
         await registry.close()
         await kv.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _registry_sample(
+    registry: Registry,
+) -> tuple[list[tuple[str, str]], list[tuple[str, int]]]:
+    """(model, replica state) per replica of every model, and (kind, count) of live workers."""
+    replicas: list[tuple[str, str]] = []
+    for spec in list(registry.models().values()):
+        replicas.append((spec.name, ""))  # counts the model even with no replica
+        for r in with_replicas(registry, spec).replicas:
+            # UNSPECIFIED: a placeholder for a replica whose worker is not registered.
+            name = common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+            replicas.append((spec.name, "WORKER_GONE" if name == "UNSPECIFIED" else name))
+    kinds: dict[str, int] = {}
+    for worker in registry.workers().values():
+        kind = worker.kind or "inference"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return replicas, sorted(kinds.items())
 
 
 async def serve_forever(
@@ -160,6 +206,7 @@ async def serve_forever(
     insecure: bool = False,
     auth: bool | None = None,
     token_file: str | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
     """Run a control plane until SIGINT or SIGTERM, then drain and return.
 
@@ -183,7 +230,11 @@ async def serve_forever(
             insecure=insecure,
             auth=auth,
             token_file=token_file,
-        ):
+            metrics_listen=metrics_listen,
+        ) as control_plane:
+            print(f"llmesh control plane serving on {control_plane.address}", flush=True)
+            if control_plane.metrics is not None:
+                print(f"llmesh control plane metrics {control_plane.metrics.url}", flush=True)
             await stop.wait()
             log.info("control plane stopping")
     finally:

@@ -10,6 +10,7 @@ import grpc
 
 from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
 from llmesh.common.job_rules import check_job_id_length
+from llmesh.common.metrics import ControlPlaneMetrics, routing_policy_name, routing_reason
 from llmesh.common.routing import Selector
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import JobScheduler
@@ -38,6 +39,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             UNIMPLEMENTED.
         selector: picks replicas for AssignWorker; one per control plane so round-robin and
             least-loaded see all of this control plane's assignments.
+        metrics: where AssignWorker counts its decisions (a private registry when None).
     """
 
     def __init__(
@@ -47,8 +49,10 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         *,
         jobs: JobScheduler | None = None,
         selector: Selector | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics or ControlPlaneMetrics()
         self.deployer = deployer
         self.jobs = jobs
         self.selector = selector or Selector()
@@ -185,16 +189,24 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     async def AssignWorker(
         self, request: cp.AssignWorkerRequest, context: grpc.aio.ServicerContext
     ) -> cp.AssignWorkerResponse:
-        spec = await self._lookup(request.model)
-        replica = self.selector.select(
-            spec.name,
-            self._view(spec).model.replicas,
-            purpose=request.purpose,
-            policy=request.policy,
-            pinned_replica=request.pinned_replica if request.HasField("pinned_replica") else None,
-            purpose_pins=dict(request.purpose_pins),
-            affinity_key=request.affinity_key,
-        )
+        policy = routing_policy_name(request.policy)
+        try:
+            spec = await self._lookup(request.model)
+            replica = self.selector.select(
+                spec.name,
+                self._view(spec).model.replicas,
+                purpose=request.purpose,
+                policy=request.policy,
+                pinned_replica=request.pinned_replica
+                if request.HasField("pinned_replica")
+                else None,
+                purpose_pins=dict(request.purpose_pins),
+                affinity_key=request.affinity_key,
+            )
+        except Exception:
+            self.metrics.routed(policy, "refused")
+            raise
+        self.metrics.routed(policy, routing_reason(request))
         self.selector.started(replica)
         return cp.AssignWorkerResponse(replica=replica)  # a copy: the view stays as it is
 

@@ -28,6 +28,7 @@ from llmesh.common.errors import (
     Unavailable,
     status_for,
 )
+from llmesh.common.metrics import RequestMetrics
 from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     SamplingParams,
@@ -214,6 +215,7 @@ class ChatRun:
         self._deadline: asyncio.Timeout | None = None
         self._engine_started = False
         self._replica: HostedReplica | None = None
+        self.metrics: RequestMetrics | None = None
         self.task: asyncio.Task[None] | None = None
 
     def launch(self, name: str = "chat-run") -> asyncio.Task[None]:
@@ -266,6 +268,7 @@ class ChatRun:
             raise InvalidArgument("ChatStart.model is empty; name the model to use")
         replica = manager.find(start.model, start.replica if start.HasField("replica") else None)
         self._replica = replica
+        self.metrics = manager.metrics.request(replica.status.model, replica.status.index)
         params = sampling_params(start.params)
         params.lora = replica.lora  # an adapter model decodes with its adapter
         if start.resume_token_ids:
@@ -277,14 +280,21 @@ class ChatRun:
                     "from the start"
                 )
             params.resume_token_ids = list(start.resume_token_ids)
+            self.metrics.migrated()
         request_id = self.request_id
         try:
             async with manager.slot(replica, request_id):
+                self.metrics.admitted()
                 await self._decode(replica, params)
         except AbortedWhileQueued:
             # Cancelled or aborted while waiting for a slot: it ends like any aborted request.
             count_end(replica, "aborted", gone=False)
+            self._measure_end("aborted", False, None)
             self.outbox.add(request_id, GenerationChunk(finish_reason="aborted"))
+        except asyncio.CancelledError:
+            # Gone while queued (deadline, disconnect); a no-op when _decode measured the end.
+            self._measure_end(None, True, None)
+            raise
 
     async def _decode(self, replica: HostedReplica, params: SamplingParams) -> None:
         """Render the prompt and stream the engine's output into the outbox (slot held)."""
@@ -295,6 +305,7 @@ class ChatRun:
             prompt = await render_prompt(replica, list(start.messages), start.prompt)
         except asyncio.CancelledError:
             count_end(replica, None, gone=True)  # a deadline or disconnect while rendering
+            self._measure_end(None, True, None)
             raise
         stream = engine.generate(request_id, prompt, params)
         self._engine_started = True
@@ -302,15 +313,20 @@ class ChatRun:
         finish_reason: str | None = None
         gone = False
         outbox = self.outbox
+        metrics = self.metrics
+        assert metrics is not None
+        final: GenerationChunk | None = None
         try:
             async for chunk in stream:
                 manager.progress += 1
+                if chunk.delta or chunk.token_ids:
+                    metrics.chunk(len(chunk.token_ids))
                 if self.cancelled and not aborted:
                     # A cancel that came while the prompt was still being tokenized found
                     # no request to abort; the engine knows it by now.
                     aborted = await engine.abort(request_id) or chunk.finish_reason is not None
                 if chunk.finish_reason is not None:
-                    finish_reason = chunk.finish_reason
+                    finish_reason, final = chunk.finish_reason, chunk
                     outbox.add(request_id, chunk)
                     if self._deadline is not None:
                         # Answered: the clean-up below must not turn it into an error.
@@ -323,6 +339,7 @@ class ChatRun:
             raise
         finally:
             count_end(replica, finish_reason, gone)
+            self._measure_end(finish_reason, gone, final)
             # Closing the engine stream aborts the request in the engine (disconnect,
             # deadline or cancel all land here) before the slot is released.
             await stream.aclose()
@@ -331,6 +348,24 @@ class ChatRun:
                 f"the engine ended request {request_id} without a final message (it is "
                 "stopping); retry on another replica"
             )
+
+    def _measure_end(
+        self, finish_reason: str | None, gone: bool, final: GenerationChunk | None
+    ) -> None:
+        """Report the request's end to its metrics: finished, or aborted and how."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if finish_reason == "aborted" or (finish_reason is None and gone):
+            if gone:
+                expired = self._deadline is not None and self._deadline.expired()
+                how = "deadline" if expired else "disconnect"
+            else:
+                # Not our own cancel: the Abort RPC (or an engine that stopped the request).
+                how = "cancel" if self.cancelled else "abort"
+            metrics.aborted(how)
+        elif finish_reason is not None and final is not None:
+            metrics.finished(finish_reason, final.prompt_tokens, final.completion_tokens)
 
 
 def new_request_id() -> str:

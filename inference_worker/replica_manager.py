@@ -29,6 +29,7 @@ from llmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmesh.common.metrics import ReplicaMetrics
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -115,6 +116,7 @@ class ReplicaManager:
         publish_interval: float = 0.2,
         drain_timeout: float = 30.0,
         adapter_wait: float = 600.0,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         self.session = session
         self.engine_factory = engine_factory
@@ -129,6 +131,15 @@ class ReplicaManager:
         self._dirty_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._publisher = asyncio.create_task(self._publish_loop(), name="load-publisher")
+        self.metrics = metrics or ReplicaMetrics()
+        self.metrics.watch_load(asyncio.get_running_loop(), self._load_sample)
+
+    def _load_sample(self) -> list[tuple[str, int, int, int]]:
+        """(model, index, running, waiting) per replica, for the metrics (read at scrape)."""
+        return [
+            (r.status.model, r.status.index, r.inflight, len(r.queue))
+            for r in self.replicas.values()
+        ]
 
     # ---- lookups used by the servicer -------------------------------------------------------
 
@@ -222,6 +233,9 @@ class ReplicaManager:
         if len(owner.queue) >= owner.max_queue:
             limit = replica.status.max_concurrency
             backoff = max(0.1, owner.hold_s * (len(owner.queue) + 1) / max(limit, 1))
+            self.metrics.resource_exhausted(
+                replica.status.model, replica.status.index, "queue_full"
+            )
             raise ResourceExhausted(
                 f"model {replica.status.model!r} replica {replica.status.index} is full: "
                 f"{owner.engine_load} requests running (max_concurrency {limit}) and "
@@ -240,6 +254,9 @@ class ReplicaManager:
             if granted.done() and not granted.cancelled() and granted.exception() is None:
                 self._release(owner)  # granted just as the wait ended: pass the slot on
             if isinstance(exc, TimeoutError):
+                self.metrics.resource_exhausted(
+                    replica.status.model, replica.status.index, "queue_timeout"
+                )
                 raise ResourceExhausted(
                     f"request {request_id or '?'} waited {owner.queue_timeout:g} s in the queue "
                     f"of model {replica.status.model!r} replica {replica.status.index} without "

@@ -29,8 +29,9 @@ from google.protobuf import json_format
 
 from llmesh.common import tracing
 from llmesh.common.grpc_server import Server
+from llmesh.common.metrics import ReplicaMetrics, metrics_address, start_metrics
 from llmesh.common.process import die_with_parent
-from llmesh.common.tls import INSECURE_ENV, TlsConfig, env_flag
+from llmesh.common.tls import INSECURE_ENV, TlsConfig, env_flag, https_files
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
 from llmesh.inference_worker.remote_code import remote_code_guard
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
@@ -63,6 +64,8 @@ class ReplicaSpec:
     token_file: Path | None = None
     # The operator allows deploys that ask for trust_remote_code (inference_worker.remote_code).
     allow_remote_code: bool = False
+    # Where /metrics binds: None = a free port on the gRPC host, "off" = no endpoint.
+    metrics_listen: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -77,6 +80,7 @@ class ReplicaSpec:
                 "gpu_share": self.gpu_share,
                 "token_file": str(self.token_file) if self.token_file else "",
                 "allow_remote_code": self.allow_remote_code,
+                "metrics_listen": self.metrics_listen,
             }
         )
 
@@ -92,6 +96,7 @@ class ReplicaSpec:
             gpu_share=float(raw.get("gpu_share", 0.0)),
             token_file=Path(raw["token_file"]) if raw.get("token_file") else None,
             allow_remote_code=bool(raw.get("allow_remote_code", False)),
+            metrics_listen=raw.get("metrics_listen"),
         )
 
 
@@ -186,7 +191,9 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     insecure = env_flag(os.environ.get(INSECURE_ENV))
     board = StatusBoard()
     manager = ReplicaManager(
-        board, remote_code_guard(engine_factory(), allowed=spec.allow_remote_code)
+        board,
+        remote_code_guard(engine_factory(), allowed=spec.allow_remote_code),
+        metrics=ReplicaMetrics(),
     )
     servicer = InferenceServicer(manager)
     auth, token_follower = replica_auth(spec)
@@ -228,6 +235,12 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     )
     await control_server.start()
     await server.start()
+    metrics = start_metrics(
+        manager.metrics.registry,
+        metrics_address(server.host, spec.metrics_listen),
+        advertise_host=spec.advertise_host,
+        **https_files(tls),
+    )
     model = cp.Model()
     model.CopyFrom(spec.model)
     model.infer_params.clear()
@@ -236,7 +249,12 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     tmp = spec.address_file.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
-            {"address": address, "control_address": control_server.address, "pid": os.getpid()}
+            {
+                "address": address,
+                "control_address": control_server.address,
+                "pid": os.getpid(),
+                "metrics_url": metrics.url if metrics is not None else "",
+            }
         )
     )
     tmp.replace(spec.address_file)
@@ -252,6 +270,8 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         await control_server.stop(0.5)
         if token_follower is not None:
             await token_follower.stop()
+        if metrics is not None:
+            metrics.close()
 
 
 async def serve(spec: ReplicaSpec) -> None:

@@ -134,6 +134,11 @@ class SupervisorSettings:
     env: dict[str, str] = field(default_factory=dict)
     tls: TlsConfig | None = None
     insecure: bool = False
+    token_file: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    allow_remote_code: bool = False
+    # Whether replica processes serve /metrics (a free port on listen_host).
+    metrics: bool = True
 
     def tls_env(self) -> dict[str, str | None]:
         """What a replica's environment must say about TLS: set, or removed (None)."""
@@ -142,10 +147,6 @@ class SupervisorSettings:
             out.update(self.tls.to_env())
         out[INSECURE_ENV] = "1" if self.insecure else None
         return out
-
-    token_file: Path | None = None
-    token: str | None = field(default=None, repr=False)
-    allow_remote_code: bool = False
 
 
 class ReplicaSupervisor:
@@ -175,6 +176,7 @@ class ReplicaSupervisor:
         self._remove = remove
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.metrics_url = ""
         self.adapters: dict[tuple[str, int], tuple[common_pb2.Replica, cp.Model]] = {}
         self._loaded: set[tuple[str, int]] = set()
         self._published: dict[tuple[str, int], common_pb2.Replica] = {}
@@ -198,6 +200,12 @@ class ReplicaSupervisor:
     def pid(self) -> int:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else 0
 
+    def state_name(self) -> str:
+        """The state last published for the base replica (e.g. ``READY``), for metrics."""
+        status = self._published.get((self.model.name, self.assignment.generation))
+        state = status.state if status is not None else LOADING
+        return common_pb2.ReplicaState.Name(state).removeprefix("REPLICA_STATE_")
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervise-{self.dir.name}")
 
@@ -215,6 +223,7 @@ class ReplicaSupervisor:
             out.generation = self.assignment.generation
         out.worker_id = self.assignment.worker_id
         out.address = self.address
+        out.metrics_url = self.metrics_url
         out.pid = self.pid
         del out.devices[:]
         out.devices.extend(self.assignment.devices)
@@ -316,6 +325,7 @@ class ReplicaSupervisor:
             gpu_share=share,
             token_file=self.settings.token_file,
             allow_remote_code=self.settings.allow_remote_code,
+            metrics_listen=None if self.settings.metrics else "off",
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
@@ -414,6 +424,7 @@ class ReplicaSupervisor:
             the reason is in ``self._failure``).
         """
         self.address = ""
+        self.metrics_url = ""
         self._loaded.clear()
         proc = self.proc = self._spawn()
         exited = process_exit(proc)
@@ -424,6 +435,7 @@ class ReplicaSupervisor:
             if where is None:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
+            self.metrics_url = where.get("metrics_url", "")
             self._channel = aio_channel(
                 where.get("control_address", self.address),
                 self.settings.tls,

@@ -20,7 +20,14 @@ from llmesh.common.auth import auth_from_env
 from llmesh.common.devices import node_devices
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity
-from llmesh.common.tls import TlsConfig
+from llmesh.common.metrics import (
+    MetricsEndpoint,
+    metrics_address,
+    node_agent_registry,
+    split_host_port,
+    start_metrics,
+)
+from llmesh.common.tls import TlsConfig, https_files
 from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
 from llmesh.inference_worker.agent_auth import AgentAuth
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
@@ -38,6 +45,7 @@ class InferenceWorker:
     presence: WorkerPresence
     agent: NodeAgent
     watcher: AssignmentWatcher
+    metrics: MetricsEndpoint | None = None
 
     @property
     def worker(self) -> cp.Worker:
@@ -79,6 +87,7 @@ async def run_inference_worker(
     auth: bool | None = None,
     allow_remote_code: bool | None = None,
     token_file: str | None = None,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[InferenceWorker]:
     """Start a node agent; on exit drain in order: NOT_SERVING → replicas drain and stop → revoke.
 
@@ -112,6 +121,8 @@ async def run_inference_worker(
             code from their model directory; None reads ``LLMESH_ALLOW_REMOTE_CODE`` (off).
         token_file: check tokens against this file's records instead of etcd's (None reads
             ``LLMESH_TOKEN_FILE``; unset: etcd).
+        metrics_listen: HOST:PORT of the agent's /metrics; None: a free port on the listen
+            host; "off": no metrics, for the agent and its replica processes.
     """
     tracing.configure("llmesh-inference-worker")
     # nvidia-smi or a torch import: seconds that must not hold up this loop's other tasks.
@@ -119,23 +130,36 @@ async def run_inference_worker(
     agent_auth = (
         AgentAuth(etcd, namespace, token_file, etcd_security) if auth_from_env(auth) else None
     )
-    presence = await join_mesh(
-        [],
-        kind="inference",
-        listen=listen,
-        advertise=advertise,
-        etcd=etcd,
-        namespace=namespace,
-        worker_id=worker_id,
-        cpus=cpus,
-        gpus=len(devices),
-        devices=devices,
-        lease_ttl=lease_ttl,
-        tls=tls,
-        etcd_security=etcd_security,
-        insecure=insecure,
-        auth=agent_auth.authenticator if agent_auth else None,
+    agents: list[NodeAgent] = []  # the agent, once it exists (metrics read it per scrape)
+    metrics = start_metrics(
+        node_agent_registry(asyncio.get_running_loop(), lambda: _processes(agents)),
+        metrics_address(split_host_port(listen)[0], metrics_listen),
+        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
+        **https_files(tls),
     )
+    try:
+        presence = await join_mesh(
+            [],
+            kind="inference",
+            listen=listen,
+            advertise=advertise,
+            etcd=etcd,
+            namespace=namespace,
+            worker_id=worker_id,
+            cpus=cpus,
+            gpus=len(devices),
+            devices=devices,
+            lease_ttl=lease_ttl,
+            tls=tls,
+            etcd_security=etcd_security,
+            insecure=insecure,
+            auth=agent_auth.authenticator if agent_auth else None,
+            metrics_url=metrics.url if metrics is not None else "",
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     worker = presence.worker
     own_dir = None
     if run_dir is None:
@@ -154,6 +178,7 @@ async def run_inference_worker(
         tls=tls,
         insecure=insecure,
         allow_remote_code=allow_from_env(allow_remote_code),
+        metrics=metrics is not None,
     )
     if agent_auth is not None:
         try:
@@ -164,6 +189,7 @@ async def run_inference_worker(
         settings.token_file = agent_auth.token_file
         settings.token = agent_auth.agent_token
     agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
+    agents.append(agent)
     try:
         await presence.server.start()
     except BaseException:
@@ -171,7 +197,7 @@ async def run_inference_worker(
         raise
     watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
     watcher.start()
-    running = InferenceWorker(presence, agent, watcher)
+    running = InferenceWorker(presence, agent, watcher, metrics)
     try:
         yield running
     finally:
@@ -185,7 +211,18 @@ async def run_inference_worker(
             await agent_auth.close()
         if own_dir is not None:
             own_dir.cleanup()
+        if metrics is not None:
+            metrics.close()
         log.info("worker %s stopped", worker.id)
+
+
+def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, str, int, int]]:
+    """(model, index, state, pid, restarts) of each replica process the agent supervises."""
+    return [
+        (key[0], key[2], sup.state_name(), sup.pid, sup.restarts)
+        for agent in agents
+        for key, sup in agent.supervisors.items()
+    ]
 
 
 async def serve_forever(**kwargs: object) -> None:
@@ -196,4 +233,6 @@ async def serve_forever(**kwargs: object) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with run_inference_worker(**kwargs) as worker:  # type: ignore[arg-type]
         print(f"llmesh inference worker {worker.id} serving on {worker.address}", flush=True)
+        if worker.metrics is not None:
+            print(f"llmesh inference worker {worker.id} metrics {worker.metrics.url}", flush=True)
         await stop.wait()

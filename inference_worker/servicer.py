@@ -188,9 +188,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         last = GenerationChunk()
         stream = replica.engine.generate(request_id, prompt, params)
         gone = False
+        metrics = self.manager.metrics.request(replica.status.model, replica.status.index)
         try:
             async for chunk in stream:
                 self.manager.progress += 1
+                if chunk.delta or chunk.token_ids:
+                    metrics.chunk(len(chunk.token_ids))
                 text.append(chunk.delta)
                 last = chunk
         except asyncio.CancelledError:
@@ -198,6 +201,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise
         finally:
             count_end(replica, last.finish_reason, gone)
+            if gone or last.finish_reason == "aborted":
+                metrics.aborted("disconnect" if gone else "abort")
+            elif last.finish_reason is not None:
+                metrics.finished(last.finish_reason, last.prompt_tokens, last.completion_tokens)
             await stream.aclose()
         return inf.Generation(
             text="".join(text),

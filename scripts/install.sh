@@ -13,6 +13,13 @@ if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; th
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 
+# A real Prometheus (Debian's 2.42) for tests/e2e/test_prometheus.py, which scrapes a mesh.
+if [ ! -x /usr/bin/prometheus ]; then
+  echo "== installing prometheus (Debian prometheus)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   python3 -m venv .venv

@@ -20,13 +20,22 @@ from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.grpc_server import Server
-from llmesh.common.tls import TlsConfig
+from llmesh.common.metrics import (
+    JobSample,
+    MetricsEndpoint,
+    metrics_address,
+    split_host_port,
+    start_metrics,
+    trainer_registry,
+)
+from llmesh.common.tls import TlsConfig, https_files
 from llmesh.common.worker_bootstrap import join_mesh
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.trainer_worker.path_policy import PathPolicy, roots_from_env
 from llmesh.trainer_worker.servicer import TrainerServicer
 from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import trainer_service_pb2 as tr
 from llmesh.v1 import trainer_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class TrainerWorker:
     server: Server
     session: WorkerSession
     manager: JobManager
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -83,6 +93,7 @@ async def run_trainer_worker(
     auth: bool | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
     token_file: str | None = None,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[TrainerWorker]:
     """Start a trainer worker; on exit stop it in order.
 
@@ -111,6 +122,8 @@ async def run_trainer_worker(
             any path is allowed (as before). ``jobs_dir`` is always allowed.
         token_file: check tokens against this file's records instead of etcd's (None reads
             ``LLMESH_TOKEN_FILE``; unset: etcd).
+        metrics_listen: HOST:PORT of the worker's /metrics; None: a free port on the listen
+            host; "off": none.
     """
     tracing.configure("llmesh-trainer-worker")
     jobs_path = _absolute(jobs_dir)
@@ -119,28 +132,41 @@ async def run_trainer_worker(
     servicer = TrainerServicer(None)  # type: ignore[arg-type]  # manager set below
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
-    presence = await join_mesh(
-        [
-            (
-                trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
-                servicer,
-                "llmesh.v1.TrainerService",
-            )
-        ],
-        kind="trainer",
-        listen=listen,
-        advertise=advertise,
-        etcd=etcd,
-        namespace=namespace,
-        worker_id=worker_id,
-        cpus=cpus,
-        gpus=gpus,
-        lease_ttl=lease_ttl,
-        tls=tls,
-        etcd_security=etcd_security,
-        insecure=insecure,
-        auth=authenticator,
+    managers: list[JobManager] = []  # the job manager, once it exists (metrics read it)
+    metrics = start_metrics(
+        trainer_registry(asyncio.get_running_loop(), lambda: _jobs(managers)),
+        metrics_address(split_host_port(listen)[0], metrics_listen),
+        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
+        **https_files(tls),
     )
+    try:
+        presence = await join_mesh(
+            [
+                (
+                    trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
+                    servicer,
+                    "llmesh.v1.TrainerService",
+                )
+            ],
+            kind="trainer",
+            listen=listen,
+            advertise=advertise,
+            etcd=etcd,
+            namespace=namespace,
+            worker_id=worker_id,
+            cpus=cpus,
+            gpus=gpus,
+            lease_ttl=lease_ttl,
+            tls=tls,
+            etcd_security=etcd_security,
+            insecure=insecure,
+            auth=authenticator,
+            metrics_url=metrics.url if metrics is not None else "",
+        )
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     server, worker, client, keys, session = (
         presence.server,
         presence.worker,
@@ -174,9 +200,10 @@ async def run_trainer_worker(
             await presence.close(grace=0)
             await records_kv.close()
             raise
+    managers.append(manager)
     await server.start()
     manager.start()
-    running = TrainerWorker(worker, server, session, manager)
+    running = TrainerWorker(worker, server, session, manager, metrics)
     try:
         yield running
     finally:
@@ -189,7 +216,26 @@ async def run_trainer_worker(
         if tokens is not None:
             await tokens.stop()
         await records_kv.close()
+        if metrics is not None:
+            metrics.close()
         log.info("trainer worker %s stopped", worker.id)
+
+
+def _jobs(managers: list[JobManager]) -> list[JobSample]:
+    """What the metrics show of each job this worker knows: state, step, loss, samples/s."""
+    out = []
+    for manager in managers:
+        for run in manager.runs.values():
+            state = tr.TrainingJobState.Name(run.record.state).removeprefix("TRAINING_JOB_STATE_")
+            sample = JobSample(job_id=run.job_id, state=state)
+            progress = run.progress
+            # Per-job series only while it runs: finished jobs would pile up series forever.
+            if progress is not None and state == "RUNNING":
+                sample.step, sample.total_steps = progress.step, progress.total_steps
+                sample.loss = progress.loss
+                sample.samples_per_second = progress.samples_per_second
+            out.append(sample)
+    return out
 
 
 async def serve_forever(**kwargs: object) -> None:
@@ -204,4 +250,6 @@ async def serve_forever(**kwargs: object) -> None:
             f"(jobs in {worker.manager.jobs_dir})",
             flush=True,
         )
+        if worker.metrics is not None:
+            print(f"llmesh trainer worker {worker.id} metrics {worker.metrics.url}", flush=True)
         await stop.wait()

@@ -172,7 +172,10 @@ class VLLMEngine(Engine):
             "enforce_eager": enforce_eager,
             # Requests are logged by the servicer; vLLM's per-request INFO lines would double it.
             "enable_log_requests": False,
-            "disable_log_stats": True,
+            # Stats on: vLLM's PrometheusStatLogger fills its vllm:* metrics in prometheus_client's
+            # global registry, which the replica process's /metrics serves. Its log line only
+            # comes from do_log_stats(), which nothing here calls.
+            "disable_log_stats": False,
         }
         structured = _structured_outputs_config()
         if structured is not None:

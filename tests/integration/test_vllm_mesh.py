@@ -83,3 +83,25 @@ def test_vllm_abort_frees_the_engine(vllm_mesh: Any) -> None:
     worker, _ = mesh.workers["w0"]
     wait_replica_idle(worker.replica_address("chat"), "chat", timeout=10)
     assert llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 4})[0].output
+
+
+def test_vllm_engine_metrics_are_exported_by_the_replica_process(vllm_mesh: Any) -> None:
+    """vLLM's own vllm:* metrics (stats on, its Prometheus logger) and ours on one page."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, llm = vllm_mesh
+    llm.chat_oai(HELLO, model="chat", llm_config={"max_length": 8, "temperature": 0})
+    (model,) = [m for m in llm.list_models() if m.name == "chat"]
+    (replica,) = model.replicas
+    with urllib.request.urlopen(replica.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, s.labels.get("model_name")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert ("vllm:num_requests_running", "chat") in samples
+    assert samples[("vllm:generation_tokens_total", "chat")] >= 1
+    assert samples[("llmesh:time_to_first_token_seconds_count", "chat")] >= 1

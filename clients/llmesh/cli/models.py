@@ -173,6 +173,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     """``llmesh workers``: a table of live workers and what they host."""
     with connect(args) as llm:
         workers = llm.list_workers()
+        models = llm.list_models() if workers else []
     if not workers:
         print(MESSAGES["no_workers"])
         return 0
@@ -189,7 +190,27 @@ def cmd_workers(args: argparse.Namespace) -> int:
         for w in sorted(workers, key=lambda w: w.id)
     ]
     print(format_table(["ID", "ADDRESS", "KIND", "CPUS", "GPUS", "DEVICES", "REPLICAS"], rows))
+    targets = _metrics_targets(workers, models)
+    if targets:
+        print()
+        print(format_table(["WORKER", "PROCESS", "METRICS"], targets))
     return 0
+
+
+def _metrics_targets(workers: list[cp.Worker], models: list[cp.Model]) -> list[list[str]]:
+    """Every /metrics URL the workers publish: their own, then their replica processes'."""
+    rows = []
+    for w in sorted(workers, key=lambda w: w.id):
+        if w.metrics_url:
+            rows.append([w.id, w.kind or "-", w.metrics_url])
+        # An adapter rides in its base replica's process: the same URL, listed once.
+        seen = set()
+        for m in sorted(models, key=lambda m: m.name):
+            for r in sorted(m.replicas, key=lambda r: r.index):
+                if r.worker_id == w.id and r.metrics_url and r.metrics_url not in seen:
+                    seen.add(r.metrics_url)
+                    rows.append([w.id, f"{m.name}/{r.index} pid {r.pid}", r.metrics_url])
+    return rows
 
 
 def _devices(worker: cp.Worker) -> str:

@@ -86,6 +86,8 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
         cmd += ["--gpus", str(args.worker_gpus)]
     if args.auth:
         cmd += ["--auth"]
+    if args.no_metrics:
+        cmd += ["--no-metrics"]
     return cmd
 
 
@@ -110,6 +112,8 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
         cmd += ["--jobs-dir", args.jobs_dir]
     if args.auth:
         cmd += ["--auth"]
+    if args.no_metrics:
+        cmd += ["--no-metrics"]
     return cmd
 
 
@@ -153,8 +157,11 @@ async def _up(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             auth=bool(args.auth),
             **security,  # type: ignore[arg-type]
+            metrics_listen=metrics_listen(args),
         ) as cp:
             print(f"control     {cp.address}", flush=True)
+            if cp.metrics is not None:
+                print(f"metrics     control plane {cp.metrics.url}", flush=True)
             for i in range(args.workers):
                 # Popen only forks; the brief block is fine at startup.
                 proc = subprocess.Popen(  # noqa: ASYNC220
@@ -171,6 +178,9 @@ async def _up(args: argparse.Namespace) -> int:
                 )
                 workers.append(proc)
             await _wait_workers(cp, len(workers), workers, stop)
+            for worker in sorted(cp.registry.workers().values(), key=lambda w: w.id):
+                if worker.metrics_url:
+                    print(f"metrics     {worker.id} {worker.metrics_url}", flush=True)
             print(
                 f"workers     {args.workers} inference + {args.trainers} trainer registered; "
                 "ready (Ctrl-C stops everything)",
@@ -233,6 +243,30 @@ async def _wait_workers(
         raise TimeoutError("workers did not register within 120 s")
 
 
+def metrics_listen(args: argparse.Namespace) -> str | None:
+    """Where a server's /metrics binds: "off" for --no-metrics, else --metrics-listen."""
+    return "off" if args.no_metrics else args.metrics_listen
+
+
+def add_metrics_options(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-listen`` and ``--no-metrics``: where a server serves /metrics, or not."""
+    parser.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help=t(
+            "where /metrics (Prometheus) binds (default: a free port on the server's host; "
+            "'off': none)",
+            "Prometheus /metrics 的绑定地址（默认：服务所在主机的空闲端口；'off'：关闭）",
+        ),
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help=t("serve no /metrics endpoint", "不提供 /metrics 端点"),
+    )
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_up(args))
@@ -252,6 +286,7 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
             **_security(args),  # type: ignore[arg-type]
             auth=args.auth,
             token_file=args.token_file,
+            metrics_listen=metrics_listen(args),
         )
     )
     return 0
@@ -281,6 +316,7 @@ def _cmd_inference_worker(args: argparse.Namespace) -> int:
             auth=args.auth,
             allow_remote_code=args.allow_remote_code,
             token_file=args.token_file,
+            metrics_listen=metrics_listen(args),
         )
     )
     return 0
@@ -312,6 +348,7 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
             auth=args.auth,
             allowed_roots=args.allowed_root,
             token_file=args.token_file,
+            metrics_listen=metrics_listen(args),
         )
     )
     return 0
@@ -421,6 +458,23 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     add_tls_arguments(up)
     add_etcd_arguments(up)
     _auth_option(up, up_help=True)
+    up.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help=t(
+            "no /metrics endpoints (each process serves one on a free port by default)",
+            "不提供 /metrics 端点（默认每个进程在空闲端口上提供一个）",
+        ),
+    )
+    up.add_argument(
+        "--metrics-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help=t(
+            "where the control plane's /metrics binds (default: a free port on --listen's host)",
+            "控制平面 /metrics 的绑定地址（默认：--listen 主机上的空闲端口）",
+        ),
+    )
     up.set_defaults(func=_cmd_up)
 
     cpl = subparsers.add_parser(
@@ -442,6 +496,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     add_tls_arguments(cpl)
     add_etcd_arguments(cpl)
     _auth_option(cpl)
+    add_metrics_options(cpl)
     cpl.set_defaults(func=_cmd_control_plane)
 
     def worker_options(parser: argparse.ArgumentParser, worker_id_help: tuple[str, str]) -> None:
@@ -539,6 +594,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "（默认 $LLMESH_ALLOW_REMOTE_CODE；关闭）",
         ),
     )
+    add_metrics_options(iw)
     iw.set_defaults(func=_cmd_inference_worker)
 
     tw = subparsers.add_parser(
@@ -584,4 +640,5 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "（可重复；默认 $LLMESH_ALLOWED_ROOTS，以 ':' 分隔）",
         ),
     )
+    add_metrics_options(tw)
     tw.set_defaults(func=_cmd_trainer_worker)

@@ -89,7 +89,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation", "devices", "pid", "queued")
+    __slots__ = ("model", "index", "worker_id", "address", "state", "reason", "inflight", "max_concurrency", "generation", "devices", "pid", "queued", "metrics_url")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Replica(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     model: str
     index: int
     worker_id: str
@@ -114,4 +115,5 @@ class Replica(_message.Message):
     devices: _containers.RepeatedScalarFieldContainer[str]
     pid: int
     queued: int
-    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, model: _Optional[str] = ..., index: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., reason: _Optional[str] = ..., inflight: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., generation: _Optional[int] = ..., devices: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., queued: _Optional[int] = ..., metrics_url: _Optional[str] = ...) -> None: ...

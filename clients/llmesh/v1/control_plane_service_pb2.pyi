@@ -71,7 +71,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_path: _Optional[str] = ..., backend: _Optional[str] = ..., infer_params: _Optional[_Mapping[str, str]] = ..., num_replicas: _Optional[int] = ..., cpus_per_replica: _Optional[float] = ..., gpus_per_replica: _Optional[float] = ..., pretrained_model_type: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[_common_pb2.Replica, _Mapping]]] = ..., generation: _Optional[int] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "address", "cpus", "gpus", "cpus_used", "gpus_used", "replicas", "kind", "devices")
+    __slots__ = ("id", "address", "cpus", "gpus", "cpus_used", "gpus_used", "replicas", "kind", "devices", "metrics_url")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class Worker(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     cpus: float
@@ -90,7 +91,8 @@ class Worker(_message.Message):
     replicas: _containers.RepeatedScalarFieldContainer[str]
     kind: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., cpus_used: _Optional[float] = ..., gpus_used: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., cpus_used: _Optional[float] = ..., gpus_used: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("id", "memory_bytes", "name", "holders", "free")

@@ -1,0 +1,215 @@
+"""The metric set and the /metrics endpoint (common/metrics.py), read back from real registries
+and a real HTTP scrape."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmesh.common.metrics import (
+    ControlPlaneMetrics,
+    JobSample,
+    ReplicaMetrics,
+    metrics_address,
+    routing_reason,
+    start_metrics,
+    trainer_registry,
+)
+from llmesh.v1 import control_plane_service_pb2 as cp
+
+
+def test_metrics_address_follows_the_server_host_unless_told() -> None:
+    assert metrics_address("127.0.0.1", None) == "127.0.0.1:0"
+    assert metrics_address("::1", None) == "[::1]:0"
+    assert metrics_address("127.0.0.1", "127.0.0.1:9100") == "127.0.0.1:9100"
+    assert metrics_address("127.0.0.1", "off") is None
+    assert metrics_address("127.0.0.1", "") is None
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        metrics_address("127.0.0.1", "nine-thousand")
+
+
+def test_a_finished_request_fills_the_vllm_style_metrics() -> None:
+    m = ReplicaMetrics()
+    req = m.request("chat", 0)
+    req.admitted()
+    for _ in range(4):
+        req.chunk(1)
+    req.finished("length", prompt_tokens=7, completion_tokens=4)
+    req.finished("length", prompt_tokens=7, completion_tokens=4)  # a second end is ignored
+    labels = {"model_name": "chat", "replica": "0"}
+    value = m.registry.get_sample_value
+    assert value("llmesh:request_queue_time_seconds_count", labels) == 1
+    assert value("llmesh:time_to_first_token_seconds_count", labels) == 1
+    assert value("llmesh:inter_token_latency_seconds_count", labels) == 3  # per step after 1st
+    assert value("llmesh:e2e_request_latency_seconds_count", labels) == 1
+    assert value("llmesh:prompt_tokens_total", labels) == 7
+    assert value("llmesh:generation_tokens_total", labels) == 4
+    assert value("llmesh:request_success_total", {**labels, "finished_reason": "length"}) == 1
+
+
+def test_aborts_are_counted_by_how_with_their_partial_output() -> None:
+    m = ReplicaMetrics()
+    for how in ("cancel", "abort", "disconnect", "deadline", "deadline"):
+        req = m.request("chat", 1)
+        req.chunk(2)
+        req.aborted(how)
+    value = m.registry.get_sample_value
+    labels = {"model_name": "chat", "replica": "1"}
+    assert value("llmesh:request_aborted_total", {**labels, "how": "deadline"}) == 2
+    assert value("llmesh:request_aborted_total", {**labels, "how": "cancel"}) == 1
+    assert value("llmesh:request_success_total", {**labels, "finished_reason": "abort"}) == 5
+    assert value("llmesh:generation_tokens_total", labels) == 10
+    m.resource_exhausted("chat", 1, "queue_full")
+    assert value("llmesh:resource_exhausted_total", {**labels, "reason": "queue_full"}) == 1
+    m.request("chat", 1).migrated()
+    assert value("llmesh:request_migrations_total", labels) == 1
+
+
+def test_routing_reason_follows_the_selector_precedence() -> None:
+    req = cp.AssignWorkerRequest(model="m", affinity_key="k", pinned_replica=1)
+    assert routing_reason(req) == "pinned"
+    req = cp.AssignWorkerRequest(model="m", affinity_key="k", purpose_pins={"chat": 0})
+    assert routing_reason(req) == "purpose_pin"
+    req = cp.AssignWorkerRequest(model="m", affinity_key="k", purpose_pins={"embedding": 0})
+    assert routing_reason(req) == "affinity"
+    assert routing_reason(cp.AssignWorkerRequest(model="m")) == "policy"
+
+
+async def test_etcd_probe_reports_reachable_and_unreachable() -> None:
+    m = ControlPlaneMetrics()
+    ok = asyncio.Event()
+
+    async def answer() -> int:
+        ok.set()
+        return 1
+
+    task = asyncio.create_task(m.probe_etcd(answer, interval=0.01))
+    await asyncio.wait_for(ok.wait(), 5)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert m.registry.get_sample_value("llmesh:etcd_reachable") == 1
+    assert m.registry.get_sample_value("llmesh:etcd_request_duration_seconds_count") >= 1
+
+    async def refuse() -> int:
+        raise ConnectionError("etcd is down")
+
+    task = asyncio.create_task(m.probe_etcd(refuse, interval=0.01))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert m.registry.get_sample_value("llmesh:etcd_reachable") == 0
+
+
+# What Prometheus 2.42 sends: it prefers OpenMetrics.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def _scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    request = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    # The names keep their colons (prometheus_client's OpenMetrics writer would turn them
+    # into underscores): the page is in the text format whatever the scraper asks for.
+    assert "llmesh_" not in text and "llmesh:" in text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_endpoint_serves_loop_state_read_on_the_loop_and_the_global_registry() -> None:
+    """A scrape from the HTTP thread reads loop-owned state on the loop, and sees the process
+    collector of prometheus_client's global registry (where vLLM's metrics live too)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    readers: list[int] = []
+    jobs = [JobSample("j1", "RUNNING", step=3, total_steps=10, loss=1.5, samples_per_second=2.0)]
+
+    def sample() -> list[JobSample]:
+        readers.append(threading.get_ident())
+        return jobs
+
+    endpoint = start_metrics(trainer_registry(loop, sample), "127.0.0.1:0")
+    assert endpoint is not None
+    try:
+        assert endpoint.url == f"http://127.0.0.1:{endpoint.port}/metrics"
+        got = _scrape(endpoint.url)
+        assert got[("llmesh:training_jobs", frozenset({("state", "RUNNING")}))] == 1
+        assert got[("llmesh:training_loss", frozenset({("job_id", "j1")}))] == 1.5
+        assert got[("llmesh:training_step", frozenset({("job_id", "j1")}))] == 3
+        assert any(name == "process_resident_memory_bytes" for name, _ in got)
+        assert readers == [thread.ident]
+    finally:
+        endpoint.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(endpoint.url, timeout=2)
+
+
+def test_metrics_off_serves_nothing() -> None:
+    assert start_metrics(ReplicaMetrics().registry, None) is None
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from llmesh.common.metrics import node_agent_registry
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        replica = ReplicaMetrics()
+        replica.watch_load(loop, lambda: [("chat", 0, 1, 0)])
+        req = replica.request("chat", 0)
+        req.admitted()
+        req.chunk(1)
+        req.chunk(1)
+        req.finished("stop", 3, 2)
+        replica.request("chat", 0).aborted("cancel")
+        replica.request("chat", 0).migrated()
+        replica.resource_exhausted("chat", 0, "queue_full")
+        control = ControlPlaneMetrics()
+        control.watch_registry(loop, lambda: ([("chat", "READY")], [("inference", 1)]))
+        control.routed("least_loaded", "policy")
+        control.etcd_latency.observe(0.001)
+        control.etcd_reachable.set(1)
+        registries = [
+            replica.registry,
+            control.registry,
+            node_agent_registry(loop, lambda: [("chat", 0, "READY", 1, 0)]),
+            trainer_registry(loop, lambda: [JobSample("j", "RUNNING", 1, 2, 0.5, 3.0)]),
+        ]
+        exported = {s.name for r in registries for f in r.collect() for s in f.samples}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    path = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"llmesh:[a-z0-9_]+", e)}
+    assert len(dashboard["panels"]) >= 10
+    assert used and not used - exported, sorted(used - exported)
+
+
+def test_every_server_command_takes_the_metrics_flags() -> None:
+    from llmesh import cli
+    from llmesh.cli.servers import metrics_listen
+
+    parse = cli.build_parser().parse_args
+    for command in ("control-plane", "inference-worker", "trainer-worker", "up"):
+        assert metrics_listen(parse([command])) is None  # default: a free port
+        assert metrics_listen(parse([command, "--no-metrics"])) == "off"
+        args = parse([command, "--metrics-listen", "127.0.0.1:9100"])
+        assert metrics_listen(args) == "127.0.0.1:9100"
