@@ -89,6 +89,8 @@ class Server:
         tls: serve TLS (mTLS when it requires client certificates); None for plaintext.
         insecure: bind beyond loopback even without TLS and authentication (warns loudly).
         authenticated: callers must present a bearer token (an auth interceptor is installed).
+            Required client certificates (``tls.require_client_cert``, mTLS) count as
+            authentication too, so a full-mTLS server may bind beyond loopback.
 
     Raises:
         InsecureBind: ``listen`` is beyond loopback without TLS and authentication, and
@@ -104,6 +106,9 @@ class Server:
         insecure: bool = False,
         authenticated: bool = False,
     ) -> None:
+        # The lead's decision: a server that demands client certificates authenticates its
+        # callers; bearer tokens (``authenticated``) are the other way.
+        authenticated = authenticated or (tls is not None and tls.require_client_cert)
         check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
         self.tls = tls
         self.server = grpc.aio.server(options=SERVER_OPTIONS)

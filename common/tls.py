@@ -11,8 +11,9 @@ are the only places llmesh opens a gRPC channel, and ``tls=None`` gives an insec
 Certificate checks use the host of the address dialled, so a certificate must name it (a
 DNS or IP subjectAltName) — no ``grpc.ssl_target_name_override``.
 
-:func:`check_bind` is the one exposure rule: loopback binds are always fine; anything else
-(``0.0.0.0`` and ``::`` included) needs TLS and authentication, or an explicit ``--insecure``.
+:func:`check_bind` is the one exposure rule: loopback binds (and Unix sockets) are always fine;
+anything else (``0.0.0.0`` and ``::`` included) needs TLS and authentication, or an explicit
+``--insecure``. Required client certificates (mTLS) count as authentication.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ ENV_NAMES = (CERT_ENV, KEY_ENV, CA_ENV, REQUIRE_CLIENT_CERT_ENV)
 INSECURE_ENV = "LLMESH_INSECURE"
 
 _TRUE = ("1", "true", "yes", "on")
+
+#: What the exposure refusal offers as authentication: one place to change when more land.
+AUTHENTICATION_OPTIONS = (
+    "client certificates (--tls-require-client-cert, i.e. mTLS) or bearer tokens (--auth)"
+)
 
 
 def env_flag(value: str | None) -> bool:
@@ -277,15 +283,22 @@ def is_loopback(host: str) -> bool:
 def check_bind(listen: str, *, tls: TlsConfig | None, authenticated: bool, insecure: bool) -> None:
     """Refuse to expose a server beyond loopback without TLS and authentication.
 
+    Runs once, at server construction: the name lookup in :func:`is_loopback` may block
+    briefly, which is acceptable before the server starts (never on a serving path).
+
     Args:
-        listen: the ``host:port`` the server is about to bind.
+        listen: the ``host:port`` the server is about to bind, or ``unix:PATH``.
         tls: the server's TLS settings (None: plaintext).
-        authenticated: callers must present a bearer token.
+        authenticated: callers must authenticate: client certificates are required (mTLS)
+            or a bearer-token interceptor is installed.
         insecure: the operator passed ``--insecure``: start anyway, with a loud warning.
 
     Raises:
         InsecureBind: a non-loopback bind lacks TLS or authentication and ``insecure`` is off.
     """
+    # A Unix socket is reachable only through the file system of this machine: local.
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return
     host = listen.rpartition(":")[0]
     if is_loopback(host):
         return
@@ -293,7 +306,7 @@ def check_bind(listen: str, *, tls: TlsConfig | None, authenticated: bool, insec
     if tls is None or tls.cert is None:
         missing.append("TLS (--tls-cert, --tls-key and --tls-ca; `llmesh certs init DIR`)")
     if not authenticated:
-        missing.append("authentication (bearer tokens; `llmesh tokens`)")
+        missing.append(f"authentication ({AUTHENTICATION_OPTIONS})")
     if not missing:
         return
     if insecure:
@@ -331,5 +344,6 @@ def add_tls_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -
         parser.add_argument(
             "--insecure",
             action="store_true",
-            help="start even when binding beyond loopback without TLS and authentication",
+            help="start even when binding beyond loopback without TLS and authentication "
+            "(mTLS or tokens)",
         )

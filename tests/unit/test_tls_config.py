@@ -101,9 +101,11 @@ def test_non_loopback_bind_needs_tls_and_authentication(
     check_bind("127.0.0.1:0", tls=None, authenticated=False, insecure=False)
     with pytest.raises(InsecureBind, match=r"--tls-cert.*--insecure"):
         check_bind("0.0.0.0:50051", tls=None, authenticated=False, insecure=False)
-    with pytest.raises(InsecureBind, match="authentication"):
+    with pytest.raises(InsecureBind, match=r"authentication \(client certificates"):
         check_bind("0.0.0.0:50051", tls=tls, authenticated=False, insecure=False)
     check_bind("0.0.0.0:50051", tls=tls, authenticated=True, insecure=False)
+    # A Unix socket is local whatever its path.
+    check_bind("unix:/tmp/llmesh.sock", tls=None, authenticated=False, insecure=False)
     with caplog.at_level(logging.WARNING, logger="llmesh.common.tls"):
         check_bind("0.0.0.0:50051", tls=None, authenticated=False, insecure=True)
     assert "INSECURE" in caplog.text
@@ -120,3 +122,36 @@ def test_server_refuses_wildcard_bind_and_starts_with_insecure() -> None:
         return server.port
 
     assert asyncio.run(start_insecure()) > 0
+
+
+def test_full_mtls_binds_beyond_loopback_without_insecure(certs: Path) -> None:
+    """Required client certificates are authentication: 0.0.0.0 serves without --insecure
+    (and answers an mTLS client); TLS that lets anyone in still refuses."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmesh.common.tls import aio_channel
+
+    mtls = TlsConfig(
+        cert=certs / "control-plane.pem",
+        key=certs / "control-plane.key",
+        ca=certs / "ca.pem",
+        require_client_cert=True,
+    )
+    client = TlsConfig(cert=certs / "client.pem", key=certs / "client.key", ca=certs / "ca.pem")
+
+    async def serve() -> int:
+        server = Server([], listen="0.0.0.0:0", tls=mtls)
+        await server.start()
+        try:
+            async with aio_channel(f"127.0.0.1:{server.port}", client) as ch:
+                reply = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+            return reply.status
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(serve()) == health_pb2.HealthCheckResponse.SERVING
+    one_way = TlsConfig(cert=mtls.cert, key=mtls.key, ca=mtls.ca, require_client_cert=False)
+    with pytest.raises(InsecureBind, match="--tls-require-client-cert"):
+        Server([], listen="0.0.0.0:0", tls=one_way)
