@@ -31,6 +31,8 @@ CERT_ENV = "LLMESH_ETCD_CERT"
 KEY_ENV = "LLMESH_ETCD_KEY"
 USER_ENV = "LLMESH_ETCD_USER"
 PASSWORD_ENV = "LLMESH_ETCD_PASSWORD"
+#: Prefix of every etcd security variable above (``LLMESH_ETCD`` alone is the endpoint).
+ENV_PREFIX = "LLMESH_ETCD_"
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
 # etcd's words for a token it no longer knows (rpctypes.ErrInvalidAuthToken and friends).
@@ -134,6 +136,16 @@ class EtcdSecurity:
     def secret_env(self) -> dict[str, str]:
         """The environment a child needs besides :meth:`to_argv`: the etcd password."""
         return {PASSWORD_ENV: self.password} if self.password is not None else {}
+
+
+def without_etcd_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without any ``LLMESH_ETCD_*`` variable, for processes that never talk to etcd.
+
+    Replica processes and training ranks run user-supplied models and code: they must not
+    inherit the agent's etcd password (nor its etcd client key), which would let them rewrite
+    the whole mesh's state.
+    """
+    return {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
 
 
 class EtcdToken:
