@@ -35,8 +35,15 @@ PASSWORD_ENV = "LLMESH_ETCD_PASSWORD"
 ENV_PREFIX = "LLMESH_ETCD_"
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
-# etcd's words for a token it no longer knows (rpctypes.ErrInvalidAuthToken and friends).
-_STALE_TOKEN = ("invalid auth token", "auth token is expired", "user name is empty")
+# etcd's words for a token it no longer knows or no longer honours (rpctypes
+# ErrInvalidAuthToken and friends). "revision of auth store is old" (ErrAuthOldRevision) comes
+# after any user or role change: the token predates it, and a new one fixes it.
+_STALE_TOKEN = (
+    "invalid auth token",
+    "auth token is expired",
+    "user name is empty",
+    "revision of auth store is old",
+)
 
 
 @dataclass(frozen=True)

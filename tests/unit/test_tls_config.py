@@ -155,3 +155,23 @@ def test_full_mtls_binds_beyond_loopback_without_insecure(certs: Path) -> None:
     one_way = TlsConfig(cert=mtls.cert, key=mtls.key, ca=mtls.ca, require_client_cert=False)
     with pytest.raises(InsecureBind, match="--tls-require-client-cert"):
         Server([], listen="0.0.0.0:0", tls=one_way)
+
+
+@pytest.mark.parametrize(
+    ("code", "details"),
+    [
+        ("UNAUTHENTICATED", "etcdserver: invalid auth token"),
+        # After any user or role change (etcd's ErrGRPCAuthOldRevision): a new token fixes it.
+        ("INVALID_ARGUMENT", "etcdserver: revision of auth store is old"),
+        (None, "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"),
+    ],
+)
+def test_what_counts_as_a_stale_etcd_token(code: str | None, details: str) -> None:
+    import grpc
+
+    from llmesh.common.etcd_security import is_stale_token
+
+    status = None if code is None else grpc.StatusCode[code]
+    assert is_stale_token(status, details)
+    assert not is_stale_token(grpc.StatusCode.PERMISSION_DENIED, details)
+    assert not is_stale_token(status, "etcdserver: permission denied")
