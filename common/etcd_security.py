@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,11 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from llmesh.common.tls import TlsConfig, aio_channel
+from llmesh.common.errors import FailedPrecondition
+from llmesh.common.etcd_keys import parse_endpoint
+from llmesh.common.tls import TlsConfig, aio_channel, is_loopback
+
+log = logging.getLogger(__name__)
 
 CA_ENV = "LLMESH_ETCD_CA"
 CERT_ENV = "LLMESH_ETCD_CERT"
@@ -143,6 +148,46 @@ class EtcdSecurity:
     def secret_env(self) -> dict[str, str]:
         """The environment a child needs besides :meth:`to_argv`: the etcd password."""
         return {PASSWORD_ENV: self.password} if self.password is not None else {}
+
+
+class CleartextPassword(FailedPrecondition):
+    """The etcd password would cross the network unencrypted."""
+
+
+def check_etcd_credentials(
+    endpoint: str | None, security: EtcdSecurity | None, *, insecure: bool
+) -> None:
+    """Refuse to send the etcd password in clear text beyond this machine.
+
+    etcd's ``Authenticate`` call carries the password itself, so user/password without TLS
+    to etcd is only acceptable on loopback, or when the operator passed ``--insecure``.
+    Runs once at startup (the loopback check may resolve a name).
+
+    Args:
+        endpoint: etcd's ``host:port`` (None: ``LLMESH_ETCD`` or the default).
+        security: how the process reaches etcd.
+        insecure: the process runs with ``--insecure``: allow it, with a warning.
+
+    Raises:
+        CleartextPassword: a password, no TLS, a non-loopback etcd and no ``--insecure``.
+    """
+    if security is None or security.password is None or security.tls is not None:
+        return
+    host, port = parse_endpoint(endpoint)
+    if is_loopback(host):
+        return
+    if insecure:
+        log.warning(
+            "INSECURE: sending the etcd password to %s:%s without TLS; started anyway because "
+            "--insecure was given.",
+            host,
+            port,
+        )
+        return
+    raise CleartextPassword(
+        f"refusing to send the etcd password to {host}:{port} in clear text: pass --etcd-ca "
+        f"(or {CA_ENV}) to reach etcd over TLS, or pass --insecure to send it anyway"
+    )
 
 
 def without_etcd_credentials(env: Mapping[str, str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from llmesh.common import tracing
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
-from llmesh.common.etcd_security import EtcdSecurity
+from llmesh.common.etcd_security import EtcdSecurity, check_etcd_credentials
 from llmesh.common.grpc_server import Server
 from llmesh.common.tls import TlsConfig
 from llmesh.control_plane.deployments import Deployer
@@ -84,6 +84,7 @@ async def run_control_plane(
         The running :class:`ControlPlane`.
     """
     tracing.configure("llmesh-control-plane")
+    check_etcd_credentials(etcd, etcd_security, insecure=insecure)
     kv = EtcdKV(etcd, security=etcd_security)
     keys = Keys(namespace)
     registry = EtcdRegistry(kv, keys)

@@ -175,3 +175,21 @@ def test_what_counts_as_a_stale_etcd_token(code: str | None, details: str) -> No
     assert is_stale_token(status, details)
     assert not is_stale_token(grpc.StatusCode.PERMISSION_DENIED, details)
     assert not is_stale_token(status, "etcdserver: permission denied")
+
+
+def test_etcd_password_never_crosses_the_network_in_clear(
+    certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from llmesh.common.etcd_security import CleartextPassword, check_etcd_credentials
+
+    password = EtcdSecurity(user="root", password="pw")
+    with pytest.raises(CleartextPassword, match=r"10\.1\.2\.3:2379.*--etcd-ca.*--insecure"):
+        check_etcd_credentials("10.1.2.3:2379", password, insecure=False)
+    check_etcd_credentials("127.0.0.1:2379", password, insecure=False)  # loopback: fine
+    check_etcd_credentials("localhost:2379", password, insecure=False)
+    tls = EtcdSecurity(ca=certs / "ca.pem", user="root", password="pw")
+    check_etcd_credentials("10.1.2.3:2379", tls, insecure=False)  # over TLS: fine
+    check_etcd_credentials("10.1.2.3:2379", None, insecure=False)  # no password to leak
+    with caplog.at_level(logging.WARNING, logger="llmesh.common.etcd_security"):
+        check_etcd_credentials("10.1.2.3:2379", password, insecure=True)
+    assert "INSECURE" in caplog.text
