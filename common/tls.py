@@ -3,8 +3,9 @@
 One :class:`TlsConfig` per process serves both its gRPC server and its outgoing channels: the
 certificate and key it presents (as a server, and as a client certificate when it dials a
 peer that requires one), the CA it trusts, and whether its server demands client
-certificates (mTLS). ``llmesh certs init`` makes certificates that carry both the serverAuth
-and clientAuth usages, so one pair does both jobs.
+certificates (mTLS). ``llmesh certs init`` makes component certificates that carry both the
+serverAuth and clientAuth usages, so one pair does both jobs (the users' ``client`` certificate
+has clientAuth only).
 
 Plaintext is the no-TLS case of the same code path: :func:`channel` and :func:`aio_channel`
 are the only places llmesh opens a gRPC channel, and ``tls=None`` gives an insecure one.

@@ -26,10 +26,19 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_certs_init_makes_a_ca_and_a_pair_per_component(certs: Path) -> None:
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert (certs.stat().st_mode & 0o777) == 0o700
     for name in COMPONENTS:
         cert = x509.load_pem_x509_certificate((certs / f"{name}.pem").read_bytes())
         assert cert.issuer == ca.subject
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert (certs / f"{name}.key").stat().st_mode & 0o077 == 0  # keys are private
+        if name == "client":
+            # Handed to users: client authentication only, no host names, so it cannot
+            # impersonate a server.
+            assert list(usages) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+            with pytest.raises(x509.ExtensionNotFound):
+                cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            continue
         assert ExtendedKeyUsageOID.SERVER_AUTH in usages
         assert ExtendedKeyUsageOID.CLIENT_AUTH in usages
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -37,7 +46,6 @@ def test_certs_init_makes_a_ca_and_a_pair_per_component(certs: Path) -> None:
         ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
         assert {"localhost", "mesh.example.org"} <= set(dns)
         assert {"127.0.0.1", "::1", "10.1.2.3"} <= ips
-        assert (certs / f"{name}.key").stat().st_mode & 0o077 == 0  # keys are private
 
 
 def test_certs_init_will_not_replace_a_ca_unless_forced(certs: Path) -> None:
@@ -45,6 +53,25 @@ def test_certs_init_will_not_replace_a_ca_unless_forced(certs: Path) -> None:
     with pytest.raises(FileExistsError, match="--force"):
         init_certs(certs)
     assert (certs / "ca.pem").read_bytes() == before
+
+
+def test_certs_init_force_rewrites_keys_private_and_never_through_a_symlink(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "certs"
+    init_certs(directory)
+    (directory / "control-plane.key").chmod(0o644)  # an operator's slip, or an old umask
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not a key")
+    (directory / "client.key").unlink()
+    (directory / "client.key").symlink_to(elsewhere)
+    directory.chmod(0o755)
+    init_certs(directory, force=True)
+    for name in ("ca", *COMPONENTS):
+        key = directory / f"{name}.key"
+        assert not key.is_symlink() and key.stat().st_mode & 0o777 == 0o600, name
+    assert elsewhere.read_text() == "not a key"
+    assert directory.stat().st_mode & 0o777 == 0o700
 
 
 def test_settings_come_from_flags_then_env(certs: Path) -> None:
