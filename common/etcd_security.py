@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class EtcdSecurity:
     cert: Path | None = None
     key: Path | None = None
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     def __post_init__(self) -> None:
         if (self.user is None) != (self.password is None):
@@ -224,6 +224,8 @@ class EtcdToken:
         self._token: str | None = None
         self._fetched = 0.0
         self._lock = asyncio.Lock()
+        # The loop keeps only weak references to tasks: hold the stream checks until done.
+        self._checks: set[asyncio.Future[None]] = set()
 
     def _usable(self, stale: str | None) -> bool:
         return (
@@ -241,10 +243,22 @@ class EtcdToken:
             # Another call may have refreshed it while this one waited.
             if not self._usable(stale):
                 assert self.channel is not None
-                response = await rpc.AuthStub(self.channel).Authenticate(
-                    rpc.AuthenticateRequest(name=self.user, password=self.password),
-                    timeout=self.timeout,
-                )
+                try:
+                    response = await rpc.AuthStub(self.channel).Authenticate(
+                        rpc.AuthenticateRequest(name=self.user, password=self.password),
+                        timeout=self.timeout,
+                    )
+                except grpc.aio.AioRpcError as err:
+                    if (
+                        err.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        and "authentication is not enabled" in (err.details() or "")
+                    ):
+                        raise FailedPrecondition(
+                            "etcd has authentication disabled but llmesh was given etcd "
+                            f"credentials: drop --etcd-user / --etcd-password ({USER_ENV} / "
+                            f"{PASSWORD_ENV}), or enable it in etcd (`etcdctl auth enable`)"
+                        ) from err
+                    raise
                 self._token = response.token
                 self._fetched = time.monotonic()
             assert self._token is not None
@@ -266,7 +280,12 @@ class EtcdToken:
             if is_stale_token(code, details):
                 self.forget(token)
 
-        call.add_done_callback(lambda _: asyncio.ensure_future(check()))
+        def schedule(_: Any) -> None:
+            task = asyncio.ensure_future(check())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+        call.add_done_callback(schedule)
         return call
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -274,12 +293,15 @@ class EtcdToken:
         return [_UnaryUnary(self), _UnaryStream(self), _StreamStream(self)]
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+def _with_token(
+    details: grpc.aio.ClientCallDetails, token: str, timeout: float | None = None
+) -> grpc.aio.ClientCallDetails:
+    """``details`` carrying ``token``; ``timeout`` (when given) replaces its deadline."""
     metadata = [(k, v) for k, v in (details.metadata or ()) if k != "token"]
     metadata.append(("token", token))
     return grpc.aio.ClientCallDetails(
         method=details.method,
-        timeout=details.timeout,
+        timeout=details.timeout if timeout is None else timeout,
         metadata=grpc.aio.Metadata(*metadata),
         credentials=details.credentials,
         wait_for_ready=details.wait_for_ready,
@@ -302,6 +324,7 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         if _is_authenticate(details):
             return await continuation(details, request)
+        started = time.monotonic()
         token = await self.token.get()
         call = await continuation(_with_token(details, token), request)
         try:
@@ -310,7 +333,13 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
             if not stale_token(err):
                 raise
             token = await self.token.get(stale=token)
-            call = await continuation(_with_token(details, token), request)
+            # The retry gets what is left of the caller's deadline, not a second one.
+            remaining = None
+            if details.timeout is not None:
+                remaining = details.timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise
+            call = await continuation(_with_token(details, token, remaining), request)
         return call
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,3 +145,19 @@ def test_a_watch_opened_after_the_token_went_stale_still_delivers_events(
             await client.close()
 
     asyncio.run(run())
+
+
+def test_credentials_for_an_etcd_without_authentication_say_so(etcd_server: Any) -> None:
+    """etcd without ``auth enable`` answers Authenticate with FAILED_PRECONDITION; llmesh
+    reports that as a precondition with what to change, not as an internal error."""
+    security = EtcdSecurity(user="root", password=PASSWORD)
+
+    async def read() -> None:
+        kv = EtcdKV(etcd_server.endpoint, security=security, timeout=3)
+        try:
+            await kv.current_revision()
+        finally:
+            await kv.close()
+
+    with pytest.raises(FailedPrecondition, match=r"authentication disabled.*--etcd-user"):
+        asyncio.run(read())

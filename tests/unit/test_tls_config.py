@@ -104,6 +104,11 @@ def test_incomplete_settings_say_what_to_pass(certs: Path, tmp_path: Path) -> No
         EtcdSecurity(user="root")
 
 
+def test_etcd_password_stays_out_of_repr() -> None:
+    security = EtcdSecurity(user="root", password="hunter2-secret")
+    assert "root" in repr(security) and "hunter2-secret" not in repr(security)
+
+
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [
