@@ -103,14 +103,21 @@ class EtcdSecurity:
     ) -> EtcdSecurity | None:
         """Settings from explicit values, each falling back to its ``LLMESH_ETCD_*`` variable.
 
+        ``cert`` and ``key`` fall back together: when either is given, neither variable is
+        read.
+
         Returns:
             None when nothing is set (plaintext, no authentication).
         """
         env = os.environ if env is None else env
+        # The certificate and key are one pair: given either explicitly, the environment
+        # supplies neither.
+        if not cert and not key:
+            cert, key = env.get(CERT_ENV), env.get(KEY_ENV)
         values = {
             "ca": ca or env.get(CA_ENV) or None,
-            "cert": cert or env.get(CERT_ENV) or None,
-            "key": key or env.get(KEY_ENV) or None,
+            "cert": cert or None,
+            "key": key or None,
         }
         user = user or env.get(USER_ENV) or None
         password = password or env.get(PASSWORD_ENV) or None

@@ -111,12 +111,18 @@ class TlsConfig:
     ) -> TlsConfig | None:
         """Settings from explicit values, each falling back to its ``LLMESH_TLS_*`` variable.
 
+        ``cert`` and ``key`` fall back together: when either is given, neither variable is
+        read.
+
         Returns:
             None when neither names a certificate nor a CA (plaintext).
         """
         env = os.environ if env is None else env
-        cert = cert or env.get(CERT_ENV) or None
-        key = key or env.get(KEY_ENV) or None
+        # The certificate and key are one pair: given either explicitly, the environment
+        # supplies neither (a flag's certificate with another pair's key cannot work).
+        if not cert and not key:
+            cert, key = env.get(CERT_ENV), env.get(KEY_ENV)
+        cert, key = cert or None, key or None
         ca = ca or env.get(CA_ENV) or None
         if require_client_cert is None:
             require_client_cert = env_flag(env.get(REQUIRE_CLIENT_CERT_ENV))

@@ -91,6 +91,25 @@ def test_settings_come_from_flags_then_env(certs: Path) -> None:
     assert TlsConfig.resolve(env={}) is None
 
 
+def test_a_flagged_cert_or_key_never_pairs_with_the_environment(certs: Path) -> None:
+    """--tls-cert with LLMESH_TLS_KEY of another pair would be a mismatched pair: a flag for
+    either one means the environment gives neither (so the missing half is named)."""
+    env = {
+        "LLMESH_TLS_CERT": str(certs / "client.pem"),
+        "LLMESH_TLS_KEY": str(certs / "client.key"),
+        "LLMESH_ETCD_CERT": str(certs / "client.pem"),
+        "LLMESH_ETCD_KEY": str(certs / "client.key"),
+    }
+    with pytest.raises(ValueError, match="--tls-key"):
+        TlsConfig.resolve(cert=certs / "etcd.pem", env=env)
+    with pytest.raises(ValueError, match="--tls-key"):
+        TlsConfig.resolve(key=certs / "etcd.key", env=env)
+    with pytest.raises(ValueError, match="--etcd-key"):
+        EtcdSecurity.resolve(cert=certs / "etcd.pem", env=env)
+    both = EtcdSecurity.resolve(cert=certs / "etcd.pem", key=certs / "etcd.key", env=env)
+    assert both is not None and (both.cert, both.key) == (certs / "etcd.pem", certs / "etcd.key")
+
+
 def test_incomplete_settings_say_what_to_pass(certs: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--tls-key"):
         TlsConfig(cert=certs / "client.pem")
