@@ -92,6 +92,9 @@ class Server:
             Required client certificates (``tls.require_client_cert``, mTLS) count as
             authentication too, so a full-mTLS server may bind beyond loopback.
 
+    Construction blocks briefly (it may resolve the listen host's name and reads the PEM
+    files): build servers at startup, before serving, never on a request path.
+
     Raises:
         InsecureBind: ``listen`` is beyond loopback without TLS and authentication, and
             ``insecure`` is off (see :func:`llmesh.common.tls.check_bind`).

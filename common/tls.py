@@ -179,7 +179,9 @@ class TlsConfig:
     @functools.cached_property
     def _pem(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         # Read once: the SDK opens a channel per replica address. Rotating certificates means
-        # restarting the process (or making a new client).
+        # restarting the process (or making a new client). The first read blocks briefly; it
+        # happens when a server is built or a client's first channel opens (startup), and the
+        # files are small local PEMs, so it stays on the loop rather than in a thread.
         def read(path: Path | None) -> bytes | None:
             return None if path is None else Path(path).read_bytes()
 

@@ -415,6 +415,9 @@ class ReplicaSupervisor:
             if where is None:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
+            # The replica serves the agent's own certificate, which must therefore name the
+            # loopback address dialled here (README, TLS): no target-name override, so a
+            # certificate is never accepted for a name it does not carry.
             self._channel = aio_channel(
                 where.get("control_address", self.address), self.settings.tls, CHANNEL_OPTIONS
             )
