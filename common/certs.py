@@ -2,10 +2,11 @@
 
 Made with the ``cryptography`` library (the maintained X.509 toolkit Python's ecosystem uses;
 no openssl subprocess). Keys are ECDSA P-256: fast to make, and accepted by gRPC's BoringSSL
-and by etcd's Go TLS alike. Every leaf certificate carries both the serverAuth and clientAuth
-extended key usages, so a process presents the same pair as a server and as a client (mTLS),
-and names localhost, 127.0.0.1, ::1, this machine's host name and any ``hosts`` given, which
-is what clients check against the address they dial.
+and by etcd's Go TLS alike. Every component certificate carries both the serverAuth and
+clientAuth extended key usages, so a process presents the same pair as a server and as a client
+(mTLS), and names localhost, 127.0.0.1, ::1, this machine's host name and any ``hosts`` given,
+which is what clients check against the address they dial. The ``client`` certificate, the one
+handed to users, has clientAuth only and names no host: it cannot impersonate a server.
 
 An organisation's own CA replaces all of this: give each process a certificate it signed (with
 those usages and names) and its CA bundle as ``--tls-ca``.
@@ -28,6 +29,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: The certificates ``llmesh certs init`` makes besides the CA: one per component and a client.
 COMPONENTS = ("control-plane", "inference-worker", "trainer-worker", "etcd", "client")
+#: The user-facing certificate: client authentication only, no host names.
+CLIENT = "client"
 CA_DAYS = 3650
 LEAF_DAYS = 825
 
@@ -50,14 +53,28 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Created 0600 from the start: a key must never be readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A fresh file, created 0600: a key must never be readable by others, not even briefly.
+    # Truncating an existing file would keep its old mode (--force over a 0644 key), and
+    # opening a symlink would write the key wherever it points.
+    _remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _remove(path)  # never write through a symlink
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _remove(path: Path) -> None:
+    # unlink removes a symlink itself, not its target.
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _names(hosts: Iterable[str]) -> list[x509.GeneralName]:
@@ -112,20 +129,29 @@ def make_ca(directory: Path, *, name: str = "llmesh CA") -> CertPair:
     return pair
 
 
-def make_leaf(directory: Path, ca: CertPair, name: str, hosts: Sequence[str] = ()) -> CertPair:
-    """Make ``{name}.pem`` / ``{name}.key`` signed by ``ca``, for server and client use.
+def make_leaf(
+    directory: Path,
+    ca: CertPair,
+    name: str,
+    hosts: Sequence[str] = (),
+    *,
+    server: bool = True,
+) -> CertPair:
+    """Make ``{name}.pem`` / ``{name}.key`` signed by ``ca``.
 
     Args:
         directory: where to write.
         ca: the CA's certificate and key.
         name: the certificate's common name and file stem.
         hosts: host names or IPs besides localhost, 127.0.0.1, ::1 and this machine's name.
+        server: usable as a server certificate too (serverAuth, and the host names); False
+            makes a client-only certificate (clientAuth, no subjectAltName).
     """
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     key = _key()
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
@@ -151,16 +177,19 @@ def make_leaf(directory: Path, ca: CertPair, name: str, hosts: Sequence[str] = (
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                if server
+                else [ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(_names(hosts)), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     pair = CertPair(directory / f"{name}.pem", directory / f"{name}.key")
     _write_key(pair.key, key)
     _write_cert(pair.cert, cert)
@@ -177,8 +206,9 @@ def init_certs(
     """Make a CA and one certificate per name in ``directory`` (``llmesh certs init``).
 
     Args:
-        directory: created if missing (mode 0700).
-        hosts: extra host names / IPs every certificate names (e.g. the machine's public name).
+        directory: created if missing; set to mode 0700 either way.
+        hosts: extra host names / IPs every server certificate names (e.g. the machine's
+            public name); the ``client`` certificate names none.
         names: the leaf certificates to make.
         force: overwrite an existing CA; without it an existing ``ca.pem`` is an error, so a
             second run cannot silently invalidate certificates already handed out.
@@ -191,6 +221,8 @@ def init_certs(
     """
     path = Path(directory).expanduser()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkdir's mode is masked by the umask and ignored for an existing directory: set it.
+    path.chmod(0o700)
     if (path / "ca.pem").exists() and not force:
         raise FileExistsError(
             f"{path} already holds a CA (ca.pem); pass --force to replace it and every "
@@ -199,5 +231,5 @@ def init_certs(
     ca = make_ca(path)
     out = {"ca": ca}
     for name in names:
-        out[name] = make_leaf(path, ca, name, hosts)
+        out[name] = make_leaf(path, ca, name, hosts, server=name != CLIENT)
     return out

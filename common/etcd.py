@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import aetcd
 import grpc
@@ -44,12 +45,41 @@ WORKER_CHANNEL_OPTIONS = {
 }
 
 
+class _CheckedWatcher(watcher.Watcher):
+    """aetcd's watcher, except that a watch etcd refuses at creation is an error.
+
+    etcd refuses a new watch on an open stream whose token it no longer knows (the token
+    expired or etcd restarted since the stream opened; a missing permission too) with a single
+    response that has both ``created`` and ``canceled`` set. aetcd 1.0 takes that for a created
+    watch, which then never delivers an event. Here it raises :class:`WatchEnded` instead:
+    aetcd then ends the whole stream and fails the pending ``watch`` call with it, the token is
+    dropped, and the caller's retry opens a new stream that authenticates again.
+    """
+
+    def __init__(self, *args: Any, token: EtcdToken | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._token = token
+
+    async def _handle_response(self, response: rpc.WatchResponse) -> None:
+        # A compacted start revision also comes as created+canceled; aetcd reports that one.
+        if response.created and response.canceled and not response.compact_revision:
+            if self._token is not None and is_stale_token(None, response.cancel_reason):
+                self._token.forget()
+            raise WatchEnded(
+                f"etcd refused the watch: {response.cancel_reason or 'no reason given'}; "
+                "watch again (a stale token is renewed on the next attempt), and check the "
+                "etcd user's read permission on the key if it keeps failing"
+            )
+        await super()._handle_response(response)
+
+
 class _SecuredClient(aetcd.Client):
     """aetcd's client on a channel from :func:`etcd_channel`.
 
     aetcd 1.0 opens a plaintext channel in ``connect`` (it has user/password but no TLS), so
     this is its ``connect`` with that one line replaced; authentication is the channel's
-    token interceptor, which also refreshes a token etcd has forgotten.
+    token interceptor, which also refreshes a token etcd has forgotten. Its watcher is
+    :class:`_CheckedWatcher`, so a watch refused for a stale token fails instead of hanging.
     """
 
     def __init__(self, *args: object, security: EtcdSecurity | None, **kwargs: object) -> None:
@@ -64,15 +94,18 @@ class _SecuredClient(aetcd.Client):
             return
         try:
             self._is_connecting = True
-            self.channel, _ = etcd_channel(
+            self.channel, token = etcd_channel(
                 f"{self._host}:{self._port}", self._security, list(self._options.items())
             )
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            self._watcher = _CheckedWatcher(
+                rpc.WatchStub(self.channel),
+                timeout=self._timeout,
+                metadata=self.metadata,
+                token=token,
             )
             self._connected.set()
         finally:

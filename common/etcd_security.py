@@ -14,27 +14,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aetcd import rpc
 
-from llmesh.common.tls import TlsConfig, aio_channel
+from llmesh.common.errors import FailedPrecondition
+from llmesh.common.etcd_keys import parse_endpoint
+from llmesh.common.tls import TlsConfig, aio_channel, is_loopback
+
+log = logging.getLogger(__name__)
 
 CA_ENV = "LLMESH_ETCD_CA"
 CERT_ENV = "LLMESH_ETCD_CERT"
 KEY_ENV = "LLMESH_ETCD_KEY"
 USER_ENV = "LLMESH_ETCD_USER"
 PASSWORD_ENV = "LLMESH_ETCD_PASSWORD"
+#: Prefix of every etcd security variable above (``LLMESH_ETCD`` alone is the endpoint).
+ENV_PREFIX = "LLMESH_ETCD_"
 
 _AUTHENTICATE = "/etcdserverpb.Auth/Authenticate"
-# etcd's words for a token it no longer knows (rpctypes.ErrInvalidAuthToken and friends).
-_STALE_TOKEN = ("invalid auth token", "auth token is expired", "user name is empty")
+# etcd's words for a token it no longer knows or no longer honours (rpctypes
+# ErrInvalidAuthToken and friends). "revision of auth store is old" (ErrAuthOldRevision) comes
+# after any user or role change: the token predates it, and a new one fixes it.
+_STALE_TOKEN = (
+    "invalid auth token",
+    "auth token is expired",
+    "user name is empty",
+    "revision of auth store is old",
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,7 @@ class EtcdSecurity:
     cert: Path | None = None
     key: Path | None = None
     user: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
 
     def __post_init__(self) -> None:
         if (self.user is None) != (self.password is None):
@@ -89,14 +103,21 @@ class EtcdSecurity:
     ) -> EtcdSecurity | None:
         """Settings from explicit values, each falling back to its ``LLMESH_ETCD_*`` variable.
 
+        ``cert`` and ``key`` fall back together: when either is given, neither variable is
+        read.
+
         Returns:
             None when nothing is set (plaintext, no authentication).
         """
         env = os.environ if env is None else env
+        # The certificate and key are one pair: given either explicitly, the environment
+        # supplies neither.
+        if not cert and not key:
+            cert, key = env.get(CERT_ENV), env.get(KEY_ENV)
         values = {
             "ca": ca or env.get(CA_ENV) or None,
-            "cert": cert or env.get(CERT_ENV) or None,
-            "key": key or env.get(KEY_ENV) or None,
+            "cert": cert or None,
+            "key": key or None,
         }
         user = user or env.get(USER_ENV) or None
         password = password or env.get(PASSWORD_ENV) or None
@@ -136,6 +157,56 @@ class EtcdSecurity:
         return {PASSWORD_ENV: self.password} if self.password is not None else {}
 
 
+class CleartextPassword(FailedPrecondition):
+    """The etcd password would cross the network unencrypted."""
+
+
+def check_etcd_credentials(
+    endpoint: str | None, security: EtcdSecurity | None, *, insecure: bool
+) -> None:
+    """Refuse to send the etcd password in clear text beyond this machine.
+
+    etcd's ``Authenticate`` call carries the password itself, so user/password without TLS
+    to etcd is only acceptable on loopback, or when the operator passed ``--insecure``.
+    Runs once at startup (the loopback check may resolve a name).
+
+    Args:
+        endpoint: etcd's ``host:port`` (None: ``LLMESH_ETCD`` or the default).
+        security: how the process reaches etcd.
+        insecure: the process runs with ``--insecure``: allow it, with a warning.
+
+    Raises:
+        CleartextPassword: a password, no TLS, a non-loopback etcd and no ``--insecure``.
+    """
+    if security is None or security.password is None or security.tls is not None:
+        return
+    host, port = parse_endpoint(endpoint)
+    if is_loopback(host):
+        return
+    if insecure:
+        log.warning(
+            "INSECURE: sending the etcd password to %s:%s without TLS; started anyway because "
+            "--insecure was given.",
+            host,
+            port,
+        )
+        return
+    raise CleartextPassword(
+        f"refusing to send the etcd password to {host}:{port} in clear text: pass --etcd-ca "
+        f"(or {CA_ENV}) to reach etcd over TLS, or pass --insecure to send it anyway"
+    )
+
+
+def without_etcd_credentials(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without any ``LLMESH_ETCD_*`` variable, for processes that never talk to etcd.
+
+    Replica processes and training ranks run user-supplied models and code: they must not
+    inherit the agent's etcd password (nor its etcd client key), which would let them rewrite
+    the whole mesh's state.
+    """
+    return {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
+
+
 class EtcdToken:
     """etcd's auth token for one channel: fetched on first use, fetched again when stale.
 
@@ -160,6 +231,8 @@ class EtcdToken:
         self._token: str | None = None
         self._fetched = 0.0
         self._lock = asyncio.Lock()
+        # The loop keeps only weak references to tasks: hold the stream checks until done.
+        self._checks: set[asyncio.Future[None]] = set()
 
     def _usable(self, stale: str | None) -> bool:
         return (
@@ -177,10 +250,22 @@ class EtcdToken:
             # Another call may have refreshed it while this one waited.
             if not self._usable(stale):
                 assert self.channel is not None
-                response = await rpc.AuthStub(self.channel).Authenticate(
-                    rpc.AuthenticateRequest(name=self.user, password=self.password),
-                    timeout=self.timeout,
-                )
+                try:
+                    response = await rpc.AuthStub(self.channel).Authenticate(
+                        rpc.AuthenticateRequest(name=self.user, password=self.password),
+                        timeout=self.timeout,
+                    )
+                except grpc.aio.AioRpcError as err:
+                    if (
+                        err.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        and "authentication is not enabled" in (err.details() or "")
+                    ):
+                        raise FailedPrecondition(
+                            "etcd has authentication disabled but llmesh was given etcd "
+                            f"credentials: drop --etcd-user / --etcd-password ({USER_ENV} / "
+                            f"{PASSWORD_ENV}), or enable it in etcd (`etcdctl auth enable`)"
+                        ) from err
+                    raise
                 self._token = response.token
                 self._fetched = time.monotonic()
             assert self._token is not None
@@ -202,7 +287,12 @@ class EtcdToken:
             if is_stale_token(code, details):
                 self.forget(token)
 
-        call.add_done_callback(lambda _: asyncio.ensure_future(check()))
+        def schedule(_: Any) -> None:
+            task = asyncio.ensure_future(check())
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+        call.add_done_callback(schedule)
         return call
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -210,12 +300,15 @@ class EtcdToken:
         return [_UnaryUnary(self), _UnaryStream(self), _StreamStream(self)]
 
 
-def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+def _with_token(
+    details: grpc.aio.ClientCallDetails, token: str, timeout: float | None = None
+) -> grpc.aio.ClientCallDetails:
+    """``details`` carrying ``token``; ``timeout`` (when given) replaces its deadline."""
     metadata = [(k, v) for k, v in (details.metadata or ()) if k != "token"]
     metadata.append(("token", token))
     return grpc.aio.ClientCallDetails(
         method=details.method,
-        timeout=details.timeout,
+        timeout=details.timeout if timeout is None else timeout,
         metadata=grpc.aio.Metadata(*metadata),
         credentials=details.credentials,
         wait_for_ready=details.wait_for_ready,
@@ -238,6 +331,7 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         if _is_authenticate(details):
             return await continuation(details, request)
+        started = time.monotonic()
         token = await self.token.get()
         call = await continuation(_with_token(details, token), request)
         try:
@@ -246,7 +340,13 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
             if not stale_token(err):
                 raise
             token = await self.token.get(stale=token)
-            call = await continuation(_with_token(details, token), request)
+            # The retry gets what is left of the caller's deadline, not a second one.
+            remaining = None
+            if details.timeout is not None:
+                remaining = details.timeout - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise
+            call = await continuation(_with_token(details, token, remaining), request)
         return call
 
 

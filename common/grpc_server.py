@@ -93,9 +93,14 @@ class Server:
         tls: serve TLS (mTLS when it requires client certificates); None for plaintext.
         insecure: bind beyond loopback even without TLS and authentication (warns loudly).
         authenticated: callers are authenticated some other way than ``auth`` (counts for
-            the bind check).
+            the bind check). Bearer tokens (``auth``) and required client certificates
+            (``tls.require_client_cert``, mTLS) count as authentication too, so a full-mTLS
+            or token-checking server may bind beyond loopback.
         auth: check bearer tokens on every call but health (see
             :mod:`llmesh.common.auth_interceptor`); None serves without tokens.
+
+    Construction blocks briefly (it may resolve the listen host's name and reads the PEM
+    files): build servers at startup, before serving, never on a request path.
 
     Raises:
         InsecureBind: ``listen`` is beyond loopback without TLS and authentication, and
@@ -112,9 +117,12 @@ class Server:
         authenticated: bool = False,
         auth: Authenticator | None = None,
     ) -> None:
-        check_bind(
-            listen, tls=tls, authenticated=authenticated or auth is not None, insecure=insecure
+        # A server that checks bearer tokens or demands client certificates authenticates
+        # its callers.
+        authenticated = (
+            authenticated or auth is not None or (tls is not None and tls.require_client_cert)
         )
+        check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
         self.tls = tls
         self.auth = auth
         interceptors = [auth.interceptor()] if auth is not None else None

@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from llmesh.common.process import free_port, guarded, stop_child
@@ -29,14 +30,21 @@ class LocalEtcd:
         tls: serve clients over TLS with this certificate and key; with
             ``require_client_cert`` etcd demands client certificates signed by its ``ca``
             (``--client-cert-auth``). The same pair is the health probe's client certificate.
+        extra_args: more etcd flags (e.g. ``--auth-token-ttl``).
     """
 
     def __init__(
-        self, data_dir: Path, *, log_level: str = "warn", tls: TlsConfig | None = None
+        self,
+        data_dir: Path,
+        *,
+        log_level: str = "warn",
+        tls: TlsConfig | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if tls is not None and tls.cert is None:
             raise ValueError("a TLS etcd needs a certificate and key (tls.cert, tls.key)")
         self.tls = tls
+        self.extra_args = list(extra_args)
         self.data_dir = data_dir
         self.log_path = data_dir.with_name(data_dir.name + ".log")
         self.log_level = log_level
@@ -77,6 +85,7 @@ class LocalEtcd:
                         *("--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer),
                         *("--initial-cluster", f"llmesh={peer}", "--log-level", self.log_level),
                         *tls_args,
+                        *self.extra_args,
                     ]
                 ),
                 stdout=log,

@@ -3,16 +3,18 @@
 One :class:`TlsConfig` per process serves both its gRPC server and its outgoing channels: the
 certificate and key it presents (as a server, and as a client certificate when it dials a
 peer that requires one), the CA it trusts, and whether its server demands client
-certificates (mTLS). ``llmesh certs init`` makes certificates that carry both the serverAuth
-and clientAuth usages, so one pair does both jobs.
+certificates (mTLS). ``llmesh certs init`` makes component certificates that carry both the
+serverAuth and clientAuth usages, so one pair does both jobs (the users' ``client`` certificate
+has clientAuth only).
 
 Plaintext is the no-TLS case of the same code path: :func:`channel` and :func:`aio_channel`
 are the only places llmesh opens a gRPC channel, and ``tls=None`` gives an insecure one.
 Certificate checks use the host of the address dialled, so a certificate must name it (a
 DNS or IP subjectAltName) — no ``grpc.ssl_target_name_override``.
 
-:func:`check_bind` is the one exposure rule: loopback binds are always fine; anything else
-(``0.0.0.0`` and ``::`` included) needs TLS and authentication, or an explicit ``--insecure``.
+:func:`check_bind` is the one exposure rule: loopback binds (and Unix sockets) are always fine;
+anything else (``0.0.0.0`` and ``::`` included) needs TLS and authentication, or an explicit
+``--insecure``. Required client certificates (mTLS) count as authentication.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ ENV_NAMES = (CERT_ENV, KEY_ENV, CA_ENV, REQUIRE_CLIENT_CERT_ENV)
 INSECURE_ENV = "LLMESH_INSECURE"
 
 _TRUE = ("1", "true", "yes", "on")
+
+#: What the exposure refusal offers as authentication: one place to change when more land.
+AUTHENTICATION_OPTIONS = (
+    "client certificates (--tls-require-client-cert, i.e. mTLS) or bearer tokens (--auth)"
+)
 
 
 def env_flag(value: str | None) -> bool:
@@ -104,12 +111,18 @@ class TlsConfig:
     ) -> TlsConfig | None:
         """Settings from explicit values, each falling back to its ``LLMESH_TLS_*`` variable.
 
+        ``cert`` and ``key`` fall back together: when either is given, neither variable is
+        read.
+
         Returns:
             None when neither names a certificate nor a CA (plaintext).
         """
         env = os.environ if env is None else env
-        cert = cert or env.get(CERT_ENV) or None
-        key = key or env.get(KEY_ENV) or None
+        # The certificate and key are one pair: given either explicitly, the environment
+        # supplies neither (a flag's certificate with another pair's key cannot work).
+        if not cert and not key:
+            cert, key = env.get(CERT_ENV), env.get(KEY_ENV)
+        cert, key = cert or None, key or None
         ca = ca or env.get(CA_ENV) or None
         if require_client_cert is None:
             require_client_cert = env_flag(env.get(REQUIRE_CLIENT_CERT_ENV))
@@ -166,7 +179,9 @@ class TlsConfig:
     @functools.cached_property
     def _pem(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         # Read once: the SDK opens a channel per replica address. Rotating certificates means
-        # restarting the process (or making a new client).
+        # restarting the process (or making a new client). The first read blocks briefly; it
+        # happens when a server is built or a client's first channel opens (startup), and the
+        # files are small local PEMs, so it stays on the loop rather than in a thread.
         def read(path: Path | None) -> bytes | None:
             return None if path is None else Path(path).read_bytes()
 
@@ -285,15 +300,22 @@ def is_loopback(host: str) -> bool:
 def check_bind(listen: str, *, tls: TlsConfig | None, authenticated: bool, insecure: bool) -> None:
     """Refuse to expose a server beyond loopback without TLS and authentication.
 
+    Runs once, at server construction: the name lookup in :func:`is_loopback` may block
+    briefly, which is acceptable before the server starts (never on a serving path).
+
     Args:
-        listen: the ``host:port`` the server is about to bind.
+        listen: the ``host:port`` the server is about to bind, or ``unix:PATH``.
         tls: the server's TLS settings (None: plaintext).
-        authenticated: callers must present a bearer token.
+        authenticated: callers must authenticate: client certificates are required (mTLS)
+            or a bearer-token interceptor is installed.
         insecure: the operator passed ``--insecure``: start anyway, with a loud warning.
 
     Raises:
         InsecureBind: a non-loopback bind lacks TLS or authentication and ``insecure`` is off.
     """
+    # A Unix socket is reachable only through the file system of this machine: local.
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return
     host = listen.rpartition(":")[0]
     if is_loopback(host):
         return
@@ -301,7 +323,7 @@ def check_bind(listen: str, *, tls: TlsConfig | None, authenticated: bool, insec
     if tls is None or tls.cert is None:
         missing.append("TLS (--tls-cert, --tls-key and --tls-ca; `llmesh certs init DIR`)")
     if not authenticated:
-        missing.append("authentication (bearer tokens; `llmesh tokens`)")
+        missing.append(f"authentication ({AUTHENTICATION_OPTIONS})")
     if not missing:
         return
     if insecure:
@@ -339,5 +361,6 @@ def add_tls_arguments(parser: argparse.ArgumentParser, *, server: bool = True) -
         parser.add_argument(
             "--insecure",
             action="store_true",
-            help="start even when binding beyond loopback without TLS and authentication",
+            help="start even when binding beyond loopback without TLS and authentication "
+            "(mTLS or tokens)",
         )

@@ -17,7 +17,7 @@ import grpc
 from llmesh.common.auth_interceptor import Authenticator
 from llmesh.common.etcd import worker_client
 from llmesh.common.etcd_keys import Keys, parse_endpoint
-from llmesh.common.etcd_security import EtcdSecurity
+from llmesh.common.etcd_security import EtcdSecurity, check_etcd_credentials
 from llmesh.common.grpc_server import Server
 from llmesh.common.tls import TlsConfig
 from llmesh.common.worker_session import WorkerSession
@@ -69,9 +69,12 @@ async def join_mesh(
     bearer tokens (its table is filled by the caller before the server starts).
 
     Raises:
+        CleartextPassword: an etcd password without TLS to a non-loopback etcd, and no
+            ``insecure``.
         ConnectionError: etcd is unreachable (the server is stopped again).
         OSError: the listen address cannot be bound.
     """
+    check_etcd_credentials(etcd, etcd_security, insecure=insecure)
     server = Server(services, listen=listen, tls=tls, insecure=insecure, auth=auth)
     address = advertise or server.address
     if address.startswith(("0.0.0.0:", "[::]:")):

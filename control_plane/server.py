@@ -21,7 +21,7 @@ from llmesh.common.auth_interceptor import Authenticator
 from llmesh.common.auth_store import EtcdTokenFollower, TokenFileFollower, token_follower
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
-from llmesh.common.etcd_security import EtcdSecurity
+from llmesh.common.etcd_security import EtcdSecurity, check_etcd_credentials
 from llmesh.common.grpc_server import Server
 from llmesh.common.metrics import (
     ControlPlaneMetrics,
@@ -106,6 +106,7 @@ async def run_control_plane(
         The running :class:`ControlPlane`.
     """
     tracing.configure("llmesh-control-plane")
+    check_etcd_credentials(etcd, etcd_security, insecure=insecure)
     kv = EtcdKV(etcd, security=etcd_security)
     keys = Keys(namespace)
     registry = EtcdRegistry(kv, keys)

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from llmesh.common.auth_client import aio_token_interceptors
+from llmesh.common.etcd_security import without_etcd_credentials
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
 from llmesh.common.tls import ENV_NAMES, INSECURE_ENV, TlsConfig, aio_channel
 from llmesh.inference_worker.replica_process import ReplicaSpec
@@ -329,7 +330,8 @@ class ReplicaSupervisor:
         )
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
-        env = {**os.environ, **self.settings.env}
+        # No etcd credentials: the replica has no etcd, and it runs the model's own code.
+        env = without_etcd_credentials({**os.environ, **self.settings.env})
         # The agent's own settings, explicitly: an inherited LLMESH_TLS_* must not make the
         # replica serve differently from what the agent dials.
         for name, value in self.settings.tls_env().items():
@@ -436,6 +438,9 @@ class ReplicaSupervisor:
                 return f"replica process exited with code {proc.returncode} before serving"
             self.address = where["address"]
             self.metrics_url = where.get("metrics_url", "")
+            # The replica serves the agent's own certificate, which must therefore name the
+            # loopback address dialled here (README, TLS): no target-name override, so a
+            # certificate is never accepted for a name it does not carry.
             self._channel = aio_channel(
                 where.get("control_address", self.address),
                 self.settings.tls,

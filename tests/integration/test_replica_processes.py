@@ -93,6 +93,31 @@ def test_each_replica_runs_in_its_own_process(two_models: Any) -> None:
     assert _chat(chat.address, "chat")[-1].finished
 
 
+def test_replica_processes_do_not_inherit_etcd_credentials(
+    etcd_server: Any, test_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent holds the etcd password (``llmesh up`` hands it over in the environment); the
+    replica process, which runs the model's code, must not."""
+    secret = f"etcd-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("LLMESH_ETCD_PASSWORD", secret)
+    monkeypatch.setenv("LLMESH_ETCD_USER", "root")
+    monkeypatch.setenv("LLMESH_ETCD_KEY", "/nonexistent/etcd-client.key")
+    mesh = Mesh(etcd_server.endpoint, f"/llmesh-env-{uuid.uuid4().hex[:6]}")
+    try:
+        mesh.start_control_plane()
+        mesh.start_worker("w-env")
+        stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.address()))
+        _deploy(stub, "chat", test_model_dir)
+        pid = _replica(stub, "chat").pid
+        assert pid and pid != os.getpid()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert any(v.startswith(b"CUDA_DEVICE_ORDER=") for v in environ)  # really its env
+        assert not [v for v in environ if v.startswith(b"LLMESH_ETCD_")]
+        assert secret.encode() not in b"\0".join(environ)
+    finally:
+        mesh.close()
+
+
 def test_sigkill_of_one_replica_leaves_routing_at_once_and_it_comes_back(
     two_models: Any,
 ) -> None:

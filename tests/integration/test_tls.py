@@ -202,6 +202,30 @@ def test_cli_worker_refuses_non_loopback_bind_without_tls(tmp_path: Path) -> Non
     assert "--insecure" in result.stderr and "--tls-cert" in result.stderr
 
 
+def test_cli_refuses_to_send_the_etcd_password_in_clear(tmp_path: Path) -> None:
+    """The real command: a password, no --etcd-ca, an etcd beyond loopback; it exits before
+    binding or dialling anything."""
+    import os
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmesh",
+            "trainer-worker",
+            *("--gpus", "0", "--etcd", "10.255.255.1:2379", "--etcd-user", "root"),
+            *("--jobs-dir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LLMESH_ETCD_PASSWORD": "pw"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "refusing to send the etcd password to 10.255.255.1:2379 in clear" in result.stderr
+    assert "--etcd-ca" in result.stderr and "--insecure" in result.stderr
+
+
 def test_control_plane_listed_workers_are_reachable(tls_mesh: Any, certs: Path) -> None:
     """A raw stub with the client certificate works (what grpcurl -cacert -cert -key does)."""
     mesh, _ = tls_mesh

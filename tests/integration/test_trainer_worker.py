@@ -253,6 +253,15 @@ def rank_pids(job_id: str, *, ranks_only: bool = False) -> list[int]:
     return pids
 
 
+def environ_of(pid: int) -> bytes:
+    """The environment ``pid`` started with (empty if it has exited since)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
 def kinds(events: list[tr.TrainingJobEvent]) -> list[str]:
     return [str(e.WhichOneof("event")) for e in events]
 
@@ -393,14 +402,21 @@ async def test_cancel_while_running_stops_every_rank(
     keys: Keys,
     test_model_dir: Path,
     sft_data: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     job_id = f"cancel-{uuid.uuid4().hex[:8]}"  # unique: /proc is shared with other tests
     spec = sft_spec(test_model_dir, sft_data, max_steps="10000")
+    # The worker holds the etcd password (`llmesh up` passes it in the environment); the
+    # ranks run user training code and must not inherit it.
+    secret = f"etcd-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("LLMESH_ETCD_PASSWORD", secret)
     await create_job(etcd, keys, job_id, spec)
     # Training for real: its progress reaches the record (written by the worker while RUNNING).
     running = await wait_job(etcd, keys, job_id, lambda j: j.progress.step >= 1)
     assert running.state == S.TRAINING_JOB_STATE_RUNNING and running.progress.total_steps == 10000
-    assert rank_pids(job_id, ranks_only=True), "no rank process is running"
+    ranks = rank_pids(job_id, ranks_only=True)
+    assert ranks, "no rank process is running"
+    assert not any(secret.encode() in environ_of(pid) for pid in ranks)
     await set_cancel_requested(etcd, keys, job_id)
     job = await wait_job(etcd, keys, job_id, final, timeout=60)
     assert (job.state, job.reason) == (S.TRAINING_JOB_STATE_CANCELLED, "cancelled on request")

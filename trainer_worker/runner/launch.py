@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument, LLMeshError
+from llmesh.common.etcd_security import without_etcd_credentials
 from llmesh.common.process import free_port, guarded
 from llmesh.trainer_worker.runner.data import (
     check_pretrain_data,
@@ -470,7 +471,8 @@ class JobProcess:
         return cmd
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # No etcd credentials: ranks run user-supplied training code and never talk to etcd.
+        env = without_etcd_credentials(os.environ)
         threads = str(_threads_per_rank(self.spec))
         env.update(
             {
@@ -487,7 +489,7 @@ class JobProcess:
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "DS_ACCELERATOR" not in env and not Path("/dev/nvidiactl").exists():
             env["DS_ACCELERATOR"] = "cpu"  # saves DeepSpeed's probe and its warning
-        env.update(self._env)
+        env.update(without_etcd_credentials(self._env))
         return env
 
     # -- supervision --------------------------------------------------------------------------
