@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+from llmesh.common import reflection
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,7 @@ class Server:
         for add, servicer, name in services:
             add(servicer, self.server)
             self.service_names.append(name)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME], self.server)
         host, _, port = listen.rpartition(":")
         bound = self.server.add_insecure_port(listen)
         if bound == 0:
