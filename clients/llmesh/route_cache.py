@@ -23,7 +23,7 @@ import grpc
 
 from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
-from llmesh.common.routing import PURPOSE_NAMES, Selector
+from llmesh.common.routing import PURPOSE_NAMES, RouteDecision, Selector
 from llmesh.common.tracing import client_span
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -297,6 +297,7 @@ class RouteCache:
         affinity_key: str = "",
         exclude: frozenset[ReplicaId] | set[ReplicaId] = frozenset(),
         start: bool = False,
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         """Choose the replica that serves one request.
 
@@ -310,6 +311,7 @@ class RouteCache:
             exclude: replicas this request already tried; never chosen again.
             start: count the request on the chosen replica in the same step as the choice
                 (end it with :meth:`finished`), so concurrent picks see each other.
+            decision: filled in with why the replica was chosen (tracing only).
 
         Raises:
             NotFound, FailedPrecondition: no replica can take the request.
@@ -326,6 +328,9 @@ class RouteCache:
                 )
             if start:
                 self.selector.started(replica)
+            if decision is not None:
+                decision.rule = "control-plane"
+                decision.chose(replica)
             return replica
         pinned = pinned_replica is not None or bool(
             purpose_pins and PURPOSE_NAMES.get(purpose, "chat") in purpose_pins
@@ -340,6 +345,7 @@ class RouteCache:
             purpose_pins=purpose_pins,
             affinity_key=affinity_key,
             start=start,
+            decision=decision,
         )
 
     def settled(self, model: str) -> bool:

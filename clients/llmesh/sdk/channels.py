@@ -28,6 +28,7 @@ from llmesh.common.errors import (
     Unavailable,
 )
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.routing import RouteDecision
 from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
 from llmesh.sdk.sessions import IoLoop, Sessions
 from llmesh.v1 import common_pb2
@@ -311,7 +312,12 @@ class Router:
         return Unavailable(f"the control plane at {self.control_plane} is unavailable: {exc}")
 
     def pick(
-        self, model: str, purpose: int, attempts: Attempts, affinity_key: str = ""
+        self,
+        model: str,
+        purpose: int,
+        attempts: Attempts,
+        affinity_key: str = "",
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         """A replica for the next try of a request (may block on a model's first routes).
 
@@ -323,6 +329,7 @@ class Router:
             purpose: a ``Purpose`` value, for pins.
             attempts: the request's retry bookkeeping; replicas tried already are skipped.
             affinity_key: requests with the same key go to the same replica.
+            decision: filled in with why the replica was chosen (tracing only).
 
         Raises:
             LLMeshError: no replica is left; the last worker error when there was one.
@@ -336,6 +343,7 @@ class Router:
                 affinity_key=affinity_key,
                 exclude=attempts.tried,
                 start=True,
+                decision=decision,
             )
         except LLMeshError as exc:
             # Having run out of replicas to retry on, report why the last one failed.
