@@ -125,6 +125,26 @@ class Server:
     async def set_not_serving(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    async def set_serving(self) -> None:
+        """Report SERVING again after :meth:`set_not_serving` (a dependency came back)."""
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(self, service: str, serving: bool) -> None:
+        """Set the health of one service name (e.g. a model a replica serves).
+
+        Args:
+            service: the name clients pass in ``HealthCheckRequest.service``.
+            serving: SERVING when True, NOT_SERVING otherwise.
+        """
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        result = self.health.set(service, status)
+        if hasattr(result, "__await__"):
+            await result
+
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:
             result = self.health.set(name, status)

@@ -19,6 +19,7 @@ from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
 from llmesh.common.grpc_server import Server
 from llmesh.control_plane.deployments import Deployer
+from llmesh.control_plane.etcd_health import EtcdHealth
 from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
 from llmesh.control_plane.registry import EtcdRegistry, Registry
 from llmesh.control_plane.replacement import LostWorkerReplacer
@@ -45,6 +46,8 @@ class ControlPlane:
     registry: Registry
     servicer: ControlPlaneServicer
     server: Server
+    #: Whether etcd can take writes (the health of the server follows it).
+    etcd_health: EtcdHealth | None = None
 
 
 @asynccontextmanager
@@ -98,9 +101,14 @@ async def run_control_plane(
             "control plane on %s, etcd %s, namespace %s", server.address, kv.endpoint, namespace
         )
         try:
-            yield ControlPlane(
-                address=server.address, registry=registry, servicer=servicer, server=server
-            )
+            async with EtcdHealth(kv, server).running() as etcd_health:
+                yield ControlPlane(
+                    address=server.address,
+                    registry=registry,
+                    servicer=servicer,
+                    server=server,
+                    etcd_health=etcd_health,
+                )
         finally:
             # Drain: health says NOT_SERVING first so balancers stop sending, watches end so
             # their clients move to another control plane, then unary calls get `grace`.
