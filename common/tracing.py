@@ -490,6 +490,11 @@ def set_usage(
         span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
 
 
+def current_span(decision: object | None) -> trace.Span | None:
+    """The current span when a routing decision is being recorded (None otherwise)."""
+    return None if decision is None else trace.get_current_span()
+
+
 def record_route(span: trace.Span | None, decision: RouteDecision | None, cause: str = "") -> None:
     """Put a routing decision on a request's span: ``llmesh.route.*`` attributes (the latest
     pick) and one ``llmesh.route`` event per pick (a retry or a move picks again).

@@ -31,6 +31,7 @@ from llmesh.common import tracing
 from llmesh.common.grpc_server import Server
 from llmesh.common.process import die_with_parent
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.model_health import ModelHealth
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
 from llmesh.inference_worker.replica_manager import ReplicaManager
 from llmesh.inference_worker.servicer import InferenceServicer
@@ -195,9 +196,13 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     )
     tmp.replace(spec.address_file)
     manager.spawn(manager.load(spec.assignment, model, address), name="load-base")
+    # grpc.health per model (service=<model>): SERVING only while it is READY here.
+    model_health = ModelHealth(board, server)
+    model_health.start()
     try:
         yield server, manager
     finally:
+        await model_health.close()
         await server.set_not_serving()
         await manager.drain_all(5.0)
         await server.stop(1.0)

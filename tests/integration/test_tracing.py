@@ -93,6 +93,7 @@ def test_spans_carry_rpc_gen_ai_and_route_attributes(traced: Traced) -> None:
     with ByzerLLM(control_plane=traced.address) as llm:
         with trace.get_tracer("test").start_as_current_span("user-request") as parent:
             assert not llm.is_model_exist("no-such-model")  # GetModel answers NOT_FOUND
+            assert llm.tokenize("chat", "hello")  # a routed unary call
             items = list(
                 llm.stream_chat_oai(
                     [{"role": "user", "content": "hi"}],
@@ -122,6 +123,14 @@ def test_spans_carry_rpc_gen_ai_and_route_attributes(traced: Traced) -> None:
     assert get_client.attributes["rpc.grpc.status_code"] == 5
     assert get_client.attributes["error.type"] == "NOT_FOUND"
     assert not get_client.status.is_ok
+
+    # A routed unary call records its routing decision on its own client span.
+    (tokenize,) = [s for s in spans if s.name == "llmesh.v1.InferenceService/Tokenize"]
+    assert tokenize.kind == trace.SpanKind.CLIENT
+    assert tokenize.attributes["llmesh.route.rule"] == "least-loaded"
+    assert tokenize.attributes["llmesh.route.worker"] == "w0"
+    assert tokenize.attributes["rpc.grpc.status_code"] == 0
+    assert "server.port" in tokenize.attributes
 
     # The SDK's span of the streamed request: gen_ai.*, the routing decision, the usage.
     (request,) = [s for s in spans if s.name == "chat chat"]

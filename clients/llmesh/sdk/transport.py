@@ -114,6 +114,11 @@ def _operation(start: inf.ChatStart) -> str:
     return "text_completion" if start.prompt and not start.messages else "chat"
 
 
+def _cause(attempts: Attempts) -> str:
+    """Why a unary call picks again: a retry once a replica failed it."""
+    return "retry" if attempts.tried else ""
+
+
 def _watch_loop(job_id: str, after_sequence: int, timeout: float | None) -> WatchLoop:
     return WatchLoop(
         job_id,
@@ -163,11 +168,14 @@ class SyncTransport:
 
     def _worker_call(self, op: WorkerCall) -> Any:
         attempts = Attempts()
+        decision = RouteDecision() if tracing.enabled() else None
         while True:
-            replica = self.router.pick(op.model, op.purpose, attempts)
+            replica = self.router.pick(op.model, op.purpose, attempts, decision=decision)
             with self.router.attempt(attempts, replica):
                 stub = self.router.worker(replica.address)
-                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                name = f"InferenceService/{op.method}"
+                with rpc_errors(), client_span(name, replica.address) as metadata:
+                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
                     return getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
@@ -457,11 +465,14 @@ class AsyncTransport:
 
     async def _worker_call(self, op: WorkerCall) -> Any:
         attempts = Attempts()
+        decision = RouteDecision() if tracing.enabled() else None
         while True:
-            replica = await self._pick(op.model, op.purpose, attempts)
+            replica = await self._pick(op.model, op.purpose, attempts, decision=decision)
             with self.router.attempt(attempts, replica):
                 stub = self.router.aio_worker(replica.address)
-                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                name = f"InferenceService/{op.method}"
+                with rpc_errors(), client_span(name, replica.address) as metadata:
+                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
                     return await getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
