@@ -84,6 +84,12 @@ def install(provider: trace.TracerProvider) -> None:
     _semconv_modes.cache_clear()
 
 
+def enable() -> None:
+    """Turn llmesh's spans back on after :func:`disable`, with the provider installed before."""
+    global _configured
+    _configured = True
+
+
 def disable() -> None:
     """Stop making llmesh server spans (OpenTelemetry keeps its one global provider)."""
     global _configured

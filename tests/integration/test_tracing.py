@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmesh import ByzerLLM
@@ -38,12 +37,10 @@ class Traced:
 
 
 @pytest.fixture(scope="module")
-def traced(etcd_server: Any, test_model_dir: Path) -> Iterator[Traced]:
+def traced(etcd_server: Any, test_model_dir: Path, span_exporter: Any) -> Iterator[Traced]:
     """A control plane and a worker whose replica of ``chat`` prints its spans to its log."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
+    span_exporter.clear()
+    tracing.enable()
     mesh = Mesh(etcd_server.endpoint, f"/llmesh-trace-{uuid.uuid4().hex[:6]}")
     try:
         address = mesh.start_control_plane()
@@ -53,11 +50,10 @@ def traced(etcd_server: Any, test_model_dir: Path) -> Iterator[Traced]:
         with ByzerLLM(control_plane=address) as llm:
             llm.deploy(str(test_model_dir), "custom/llama", "chat", {})
         log_path = worker.agent.supervisor_of("chat").log_path
-        yield Traced(mesh, exporter, address, log_path)
+        yield Traced(mesh, span_exporter, address, log_path)
     finally:
         mesh.close()
         tracing.disable()
-        exporter.shutdown()
 
 
 def _of_trace(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
