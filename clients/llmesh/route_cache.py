@@ -65,6 +65,7 @@ def call_unary(
     *,
     name: str,
     timeout: float | None = None,
+    address: str = "",
 ) -> T:
     """Make one unary call with a client span, trace metadata and translated errors.
 
@@ -73,8 +74,9 @@ def call_unary(
         request: the request message.
         name: span name, e.g. ``"ControlPlaneService/GetModel"``.
         timeout: deadline in seconds; None for no deadline.
+        address: the server's ``host:port``, for the span's ``server.address``.
     """
-    with rpc_errors(), client_span(name) as metadata:
+    with rpc_errors(), client_span(name, address) as metadata:
         return method(request, metadata=metadata, timeout=timeout)
 
 

@@ -187,6 +187,7 @@ class SyncTransport:
             op.request,
             name=f"InferenceService/{op.method}",
             timeout=op.timeout,
+            address=op.address,
         )
 
     def _control_call(self, op: ControlCall) -> Any:
@@ -197,6 +198,7 @@ class SyncTransport:
                 op.request,
                 name=f"ControlPlaneService/{op.method}",
                 timeout=op.timeout,
+                address=self.router.control_plane,
             )
         except Unavailable as exc:
             raise self.router.unavailable_control_plane(exc) from exc
@@ -479,7 +481,8 @@ class AsyncTransport:
 
     async def _worker_at(self, op: WorkerAt) -> Any:
         stub = self.router.aio_worker(op.address)
-        with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+        name = f"InferenceService/{op.method}"
+        with rpc_errors(), client_span(name, op.address) as metadata:
             return await getattr(stub, op.method)(op.request, metadata=metadata, timeout=op.timeout)
 
     async def _live_addresses(self, op: LiveAddresses) -> list[str]:
@@ -488,7 +491,8 @@ class AsyncTransport:
     async def _control_call(self, op: ControlCall) -> Any:
         stub = self.router.aio_control()
         try:
-            with rpc_errors(), client_span(f"ControlPlaneService/{op.method}") as metadata:
+            name = f"ControlPlaneService/{op.method}"
+            with rpc_errors(), client_span(name, self.router.control_plane) as metadata:
                 return await getattr(stub, op.method)(
                     op.request, metadata=metadata, timeout=op.timeout
                 )
