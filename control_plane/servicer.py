@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmesh.common import tracing
 from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
 from llmesh.common.job_rules import check_job_id_length
-from llmesh.common.routing import Selector
+from llmesh.common.routing import RouteDecision, Selector
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import JobScheduler
 from llmesh.control_plane.registry import Change, Registry
@@ -186,6 +187,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.AssignWorkerRequest, context: grpc.aio.ServicerContext
     ) -> cp.AssignWorkerResponse:
         spec = await self._lookup(request.model)
+        decision = RouteDecision() if tracing.enabled() else None  # for the span only
         replica = self.selector.select(
             spec.name,
             self._view(spec).model.replicas,
@@ -194,7 +196,9 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             pinned_replica=request.pinned_replica if request.HasField("pinned_replica") else None,
             purpose_pins=dict(request.purpose_pins),
             affinity_key=request.affinity_key,
+            decision=decision,
         )
+        tracing.record_route(tracing.current_span(decision), decision)
         self.selector.started(replica)
         return cp.AssignWorkerResponse(replica=replica)  # a copy: the view stays as it is
 

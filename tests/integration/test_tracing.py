@@ -26,6 +26,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from llmesh import ByzerLLM
 from llmesh.common import tracing
 from llmesh.v1 import common_pb2, inference_service_pb2_grpc
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 
 from .conftest import Mesh
@@ -222,6 +224,29 @@ def test_a_chat_call_on_the_replica_has_gen_ai_and_phase_spans(traced: Traced) -
         traced.log_path, trace_id, lambda s: s["parent_id"] == call["context"]["span_id"]
     )
     assert {"llmesh.queue_wait", "llmesh.prefill"} <= {p["name"] for p in phases}
+
+
+def test_assign_worker_records_the_control_planes_decision(traced: Traced) -> None:
+    stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(traced.address))
+    with trace.get_tracer("test").start_as_current_span("user-request") as parent:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        reply = stub.AssignWorker(
+            cp.AssignWorkerRequest(model="chat", affinity_key="user-7"),
+            metadata=list(carrier.items()),
+        )
+    trace_id = parent.get_span_context().trace_id
+    (span,) = [
+        s
+        for s in _of_trace(traced.exporter, trace_id)
+        if s.name == "llmesh.v1.ControlPlaneService/AssignWorker"
+    ]
+    assert span.attributes["llmesh.route.rule"] == "affinity"
+    assert span.attributes["llmesh.route.policy"] == "least-loaded"
+    assert span.attributes["llmesh.route.replica"] == reply.replica.index
+    assert span.attributes["llmesh.route.address"] == reply.replica.address
+    (candidate,) = span.attributes["llmesh.route.candidates"]
+    assert candidate.startswith("w0/0 load=")
 
 
 def _replica_spans(log_path: Path, trace_id: int, keep: Any) -> list[dict[str, Any]]:
