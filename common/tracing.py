@@ -27,6 +27,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
+from llmesh.v1 import common_pb2
+
 if TYPE_CHECKING:
     from llmesh.common.routing import RouteDecision
 
@@ -331,14 +333,19 @@ def end_rpc(
 
 # -- generation requests: the SDK side --------------------------------------------------------
 
-_FINISH_NAMES = {1: "stop", 2: "length", 3: "stop_string", 4: "aborted"}
+#: FinishReason values as the engines name them ("stop", "length", "stop_string", "aborted").
+_FINISH_NAMES = {
+    v.number: v.name.removeprefix("FINISH_REASON_").lower()
+    for v in common_pb2.FinishReason.DESCRIPTOR.values
+    if v.number
+}
 
 
 def start_generation(
     operation: str, model: str, request_id: str, params: Any = None
 ) -> trace.Span | None:
     """A CLIENT span for one generation request over its whole stream, every attempt included;
-    None when tracing is off. End it with :func:`end_generation`.
+    None when tracing is off. End it with :func:`end_span` (``rpc=False``).
 
     Args:
         operation: ``gen_ai.operation.name``: ``chat`` or ``text_completion``.
