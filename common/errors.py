@@ -228,7 +228,7 @@ def rpc_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            with tracing.server_span(name, context):
+            with tracing.server_span(name, context, self):
                 try:
                     async for item in fn(self, request, context):
                         yield item
@@ -241,7 +241,7 @@ def rpc_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        with tracing.server_span(name, context):
+        with tracing.server_span(name, context, self):
             try:
                 return await fn(self, request, context)
             except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from llmesh.common import reflection
 from llmesh.common.tls import TlsConfig, check_bind
 
 if TYPE_CHECKING:
@@ -135,9 +135,7 @@ class Server:
         for add, servicer, name in services:
             add(servicer, self.server)
             self.service_names.append(name)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME], self.server)
         host, _, port = listen.rpartition(":")
         if tls is None:
             bound = self.server.add_insecure_port(listen)
@@ -162,6 +160,26 @@ class Server:
 
     async def set_not_serving(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def set_serving(self) -> None:
+        """Report SERVING again after :meth:`set_not_serving` (a dependency came back)."""
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_health(self, service: str, serving: bool) -> None:
+        """Set the health of one service name (e.g. a model a replica serves).
+
+        Args:
+            service: the name clients pass in ``HealthCheckRequest.service``.
+            serving: SERVING when True, NOT_SERVING otherwise.
+        """
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        result = self.health.set(service, status)
+        if hasattr(result, "__await__"):
+            await result
 
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:

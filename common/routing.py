@@ -11,6 +11,7 @@ import itertools
 import random
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from llmesh.v1 import common_pb2
@@ -52,6 +53,43 @@ def parse_policy(name: str | int | None) -> int:
         ) from None
 
 
+#: Policy values as the routing decision names them.
+_POLICY_RULES: dict[int, str] = {
+    cp.LOAD_BALANCE_POLICY_UNSPECIFIED: "least-loaded",
+    cp.LOAD_BALANCE_POLICY_LEAST_LOADED: "least-loaded",
+    cp.LOAD_BALANCE_POLICY_ROUND_ROBIN: "round-robin",
+    cp.LOAD_BALANCE_POLICY_RANDOM: "random",
+}
+
+
+@dataclass(slots=True)
+class RouteDecision:
+    """Why a replica was chosen, filled in by :meth:`Selector.select` when a caller passes
+    one (the SDK does so only while tracing, so the hot path allocates nothing).
+
+    Attributes:
+        policy: the load-balance policy asked for (``least-loaded``, ``round-robin``,
+            ``random``).
+        rule: what decided: ``pinned``, ``affinity``, the policy's name, or ``control-plane``
+            when the SDK had no routes cached and asked ``AssignWorker``.
+        candidates: the READY replicas considered, as ``worker/index load=L/max``.
+        replica: the index chosen.
+        worker: the chosen replica's worker.
+        address: the chosen replica's address.
+    """
+
+    policy: str = ""
+    rule: str = ""
+    candidates: list[str] = field(default_factory=list)
+    replica: int = -1
+    worker: str = ""
+    address: str = ""
+
+    def chose(self, replica: common_pb2.Replica) -> None:
+        """Record the replica chosen."""
+        self.replica, self.worker, self.address = replica.index, replica.worker_id, replica.address
+
+
 class Selector:
     """Picks replicas; holds the round-robin counters and the caller's own in-flight counts.
 
@@ -83,6 +121,7 @@ class Selector:
         purpose_pins: Mapping[str, int] | None = None,
         affinity_key: str = "",
         start: bool = False,
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         """Choose one READY replica of ``model`` or raise a clear error.
 
@@ -93,6 +132,8 @@ class Selector:
             start: count the request on the chosen replica (as :meth:`started`) in the same
                 step as the choice, so concurrent picks see each other: a burst of N over R
                 equal replicas lands within one of N/R on each.
+            decision: filled in with why the replica was chosen (for tracing); None records
+                nothing.
         """
         with self._lock:
             chosen = self._choose(
@@ -103,9 +144,12 @@ class Selector:
                 pinned_replica=pinned_replica,
                 purpose_pins=purpose_pins,
                 affinity_key=affinity_key,
+                decision=decision,
             )
             if start:
                 self._count(chosen)
+        if decision is not None:
+            decision.chose(chosen)
         return chosen
 
     def _choose(
@@ -118,6 +162,7 @@ class Selector:
         pinned_replica: int | None,
         purpose_pins: Mapping[str, int] | None,
         affinity_key: str,
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         # Called with the lock held.
         if not replicas:
@@ -132,7 +177,14 @@ class Selector:
             pin = purpose_pins.get(PURPOSE_NAMES.get(purpose, "chat"))
             if pin is not None:
                 pinned_replica = pin
+        if decision is not None:
+            decision.policy = _POLICY_RULES.get(policy, str(policy))
+            decision.candidates = [
+                f"{r.worker_id}/{r.index} load={self._load(r)}/{r.max_concurrency}" for r in ready
+            ]
         if pinned_replica is not None:
+            if decision is not None:
+                decision.rule = "pinned"
             for r in ready:
                 if r.index == pinned_replica:
                     return r
@@ -150,6 +202,8 @@ class Selector:
             raise FailedPrecondition(
                 f"model {model!r} has no READY replica yet ({states}); wait for it to load"
             )
+        if decision is not None:
+            decision.rule = "affinity" if affinity_key else decision.policy
         if affinity_key:
             return max(ready, key=lambda r: _hrw(affinity_key, r))
         if policy == cp.LOAD_BALANCE_POLICY_ROUND_ROBIN:

@@ -31,6 +31,7 @@ from llmesh.common.metrics import (
 )
 from llmesh.common.tls import TlsConfig, https_files
 from llmesh.control_plane.deployments import Deployer
+from llmesh.control_plane.etcd_health import EtcdHealth
 from llmesh.control_plane.job_scheduler import DEFAULT_REAP_GRACE_S, JobScheduler
 from llmesh.control_plane.registry import EtcdRegistry, Registry
 from llmesh.control_plane.replacement import LostWorkerReplacer
@@ -60,6 +61,8 @@ class ControlPlane:
     servicer: ControlPlaneServicer
     server: Server
     metrics: MetricsEndpoint | None = None
+    #: Whether etcd can take writes (the health of the server follows it).
+    etcd_health: EtcdHealth | None = None
 
 
 @asynccontextmanager
@@ -149,13 +152,15 @@ async def run_control_plane(
         if metrics is not None:
             log.info("control plane metrics on %s", metrics.url)
         try:
-            yield ControlPlane(
-                address=server.address,
-                registry=registry,
-                servicer=servicer,
-                server=server,
-                metrics=metrics,
-            )
+            async with EtcdHealth(kv, server).running() as etcd_health:
+                yield ControlPlane(
+                    address=server.address,
+                    registry=registry,
+                    servicer=servicer,
+                    server=server,
+                    metrics=metrics,
+                    etcd_health=etcd_health,
+                )
         finally:
             # Drain: health says NOT_SERVING first so balancers stop sending, watches end so
             # their clients move to another control plane, then unary calls get `grace`.

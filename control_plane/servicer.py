@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmesh.common import tracing
 from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
 from llmesh.common.job_rules import check_job_id_length
 from llmesh.common.metrics import ControlPlaneMetrics, routing_policy_name, routing_reason
-from llmesh.common.routing import Selector
+from llmesh.common.routing import RouteDecision, Selector
 from llmesh.control_plane.deployments import Deployer
 from llmesh.control_plane.job_scheduler import JobScheduler
 from llmesh.control_plane.registry import Change, Registry
@@ -190,6 +191,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.AssignWorkerRequest, context: grpc.aio.ServicerContext
     ) -> cp.AssignWorkerResponse:
         policy = routing_policy_name(request.policy)
+        decision = RouteDecision() if tracing.enabled() else None  # for the span only
         try:
             spec = await self._lookup(request.model)
             replica = self.selector.select(
@@ -202,11 +204,13 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
                 else None,
                 purpose_pins=dict(request.purpose_pins),
                 affinity_key=request.affinity_key,
+                decision=decision,
             )
         except Exception:
             self.metrics.routed(policy, "refused")
             raise
         self.metrics.routed(policy, routing_reason(request))
+        tracing.record_route(tracing.current_span(decision), decision)
         self.selector.started(replica)
         return cp.AssignWorkerResponse(replica=replica)  # a copy: the view stays as it is
 

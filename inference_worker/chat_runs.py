@@ -216,6 +216,7 @@ class ChatRun:
         self._engine_started = False
         self._replica: HostedReplica | None = None
         self.metrics: RequestMetrics | None = None
+        self.trace: tracing.RunTrace | tracing.NoRunTrace = tracing.NO_RUN_TRACE
         self.task: asyncio.Task[None] | None = None
 
     def launch(self, name: str = "chat-run") -> asyncio.Task[None]:
@@ -269,6 +270,10 @@ class ChatRun:
         replica = manager.find(start.model, start.replica if start.HasField("replica") else None)
         self._replica = replica
         self.metrics = manager.metrics.request(replica.status.model, replica.status.index)
+        # Queue wait, prefill and decode as child spans of the request's span (no-op when off).
+        self.trace = tracing.run_trace(
+            start.model, self.request_id, chat=bool(start.messages), replica=replica.status.index
+        )
         params = sampling_params(start.params)
         params.lora = replica.lora  # an adapter model decodes with its adapter
         if start.resume_token_ids:
@@ -283,6 +288,7 @@ class ChatRun:
             self.metrics.migrated()
         request_id = self.request_id
         try:
+            self.trace.queued()
             async with manager.slot(replica, request_id):
                 self.metrics.admitted()
                 await self._decode(replica, params)
@@ -299,6 +305,7 @@ class ChatRun:
     async def _decode(self, replica: HostedReplica, params: SamplingParams) -> None:
         """Render the prompt and stream the engine's output into the outbox (slot held)."""
         start, manager, request_id = self.start, self.manager, self.request_id
+        self.trace.admitted()
         assert replica.engine is not None
         engine = replica.engine
         try:
@@ -327,12 +334,14 @@ class ChatRun:
                     aborted = await engine.abort(request_id) or chunk.finish_reason is not None
                 if chunk.finish_reason is not None:
                     finish_reason, final = chunk.finish_reason, chunk
+                    self.trace.finished(chunk.prompt_tokens, chunk.completion_tokens, finish_reason)
                     outbox.add(request_id, chunk)
                     if self._deadline is not None:
                         # Answered: the clean-up below must not turn it into an error.
                         self._deadline.reschedule(None)
                     break
                 if chunk.delta or chunk.token_ids:
+                    self.trace.first_token()
                     outbox.add(request_id, chunk)
         except (asyncio.CancelledError, GeneratorExit):
             gone = True  # disconnect or deadline: the request went away mid-stream

@@ -33,6 +33,7 @@ from llmesh.common.metrics import ReplicaMetrics, metrics_address, start_metrics
 from llmesh.common.process import die_with_parent
 from llmesh.common.tls import INSECURE_ENV, TlsConfig, env_flag, https_files
 from llmesh.inference_worker.engines.base import Engine, EngineConfig
+from llmesh.inference_worker.model_health import ModelHealth
 from llmesh.inference_worker.remote_code import remote_code_guard
 from llmesh.inference_worker.replica_control import ReplicaControlServicer, StatusBoard
 from llmesh.inference_worker.replica_manager import ReplicaManager
@@ -259,9 +260,13 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     )
     tmp.replace(spec.address_file)
     manager.spawn(manager.load(spec.assignment, model, address), name="load-base")
+    # grpc.health per model (service=<model>): SERVING only while it is READY here.
+    model_health = ModelHealth(board, server)
+    model_health.start()
     try:
         yield server, manager
     finally:
+        await model_health.close()
         await server.set_not_serving()
         await manager.drain_all(5.0)
         await server.stop(1.0)

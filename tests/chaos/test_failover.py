@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from llmesh import ByzerLLM
+from llmesh.common import tracing
 from llmesh.inference_worker.replica_process import STALL_ENV
 from llmesh.v1 import common_pb2
 from tests.chaos.procs import Child, inference_worker
@@ -96,14 +97,27 @@ def _kill_replica(mesh: Mesh, worker_id: str) -> Any:
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
 def test_killing_a_replica_under_load_fails_nothing_and_changes_no_answer(
-    two_replicas: Any, sampling: str
+    two_replicas: Any, sampling: str, span_exporter: Any
 ) -> None:
     mesh, llm = two_replicas
     reference = asyncio.run(_run_all(llm, sampling))
     assert all(m["generated_tokens_count"] == TOKENS for _, m in reference)
     assert mesh.wait_idle(30)
-    results = asyncio.run(_run_all(llm, sampling, kill=_kill_replica(mesh, "w0")))
+    # Traced: each moved request's span records the move as a routing decision.
+    span_exporter.clear()
+    tracing.enable()
+    try:
+        results = asyncio.run(_run_all(llm, sampling, kill=_kill_replica(mesh, "w0")))
+    finally:
+        tracing.disable()
     moved = [m for _, m in results if m["migrations"]]
+    requests = [s for s in span_exporter.get_finished_spans() if s.name == "chat chat"]
+    assert len(requests) == STREAMS
+    reasons = [[e.attributes["llmesh.route.reason"] for e in s.events] for s in requests]
+    moves = [r for r in reasons if "migration" in r]
+    assert len(moves) == len(moved), reasons
+    for r in moves:  # the first pick by the policy, then the move to the live replica
+        assert r[0] == "least-loaded" and r[-1] == "migration", r
     # Both replicas had streams (least-loaded spreads them), so the kill moved some.
     assert moved, results
     for (text, meta), (ref_text, ref_meta) in zip(results, reference, strict=True):

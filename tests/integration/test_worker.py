@@ -270,6 +270,9 @@ def test_reflection_and_health(served: Any) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     status = health.Check(health_pb2.HealthCheckRequest(service="llmesh.v1.InferenceService"))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+    # Per model: the READY model this process serves.
+    status = health.Check(health_pb2.HealthCheckRequest(service="chat"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
     (resp,) = list(
         refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))

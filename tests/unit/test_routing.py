@@ -7,7 +7,7 @@ import random
 import pytest
 
 from llmesh.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from llmesh.common.routing import Selector, parse_policy
+from llmesh.common.routing import RouteDecision, Selector, parse_policy
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -80,3 +80,52 @@ def test_errors() -> None:
     with pytest.raises(InvalidArgument):
         parse_policy("fastest")
     assert parse_policy("lru") == cp.LOAD_BALANCE_POLICY_LEAST_LOADED
+
+
+# -- the routing decision (recorded only when the caller passes one: tracing) ---------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rule", "chosen"),
+    [
+        ({}, "least-loaded", 1),
+        ({"pinned_replica": 0}, "pinned", 0),
+        ({"purpose_pins": {"chat": 2}}, "pinned", 2),
+        ({"affinity_key": "user-7"}, "affinity", None),
+        ({"policy": cp.LOAD_BALANCE_POLICY_ROUND_ROBIN}, "round-robin", 0),
+        ({"policy": cp.LOAD_BALANCE_POLICY_RANDOM}, "random", None),
+    ],
+)
+def test_decision_names_the_rule_the_candidates_and_the_choice(
+    kwargs: dict, rule: str, chosen: int | None
+) -> None:
+    replicas = [
+        replica(0, inflight=3),
+        replica(1, inflight=1),
+        replica(2, inflight=2),
+        replica(3, state=common_pb2.REPLICA_STATE_LOADING),
+    ]
+    decision = RouteDecision()
+    picked = Selector(rng=random.Random(0)).select("m", replicas, decision=decision, **kwargs)
+    assert decision.rule == rule
+    policy = kwargs.get("policy", cp.LOAD_BALANCE_POLICY_LEAST_LOADED)
+    assert (
+        decision.policy
+        == {
+            cp.LOAD_BALANCE_POLICY_LEAST_LOADED: "least-loaded",
+            cp.LOAD_BALANCE_POLICY_ROUND_ROBIN: "round-robin",
+            cp.LOAD_BALANCE_POLICY_RANDOM: "random",
+        }[policy]
+    )
+    # Only READY replicas are candidates, each with the load the selector compared.
+    assert decision.candidates == ["w0/0 load=3/8", "w1/1 load=1/8", "w2/2 load=2/8"]
+    assert (decision.replica, decision.worker) == (picked.index, picked.worker_id)
+    if chosen is not None:
+        assert picked.index == chosen
+
+
+def test_no_decision_records_nothing_and_picks_the_same() -> None:
+    replicas = [replica(0, inflight=3), replica(1, inflight=1)]
+    a = Selector(rng=random.Random(5)).select("m", replicas)
+    b = Selector(rng=random.Random(5)).select("m", replicas, decision=RouteDecision())
+    assert a.index == b.index == 1

@@ -29,6 +29,7 @@ from llmesh.common.errors import (
     Unavailable,
 )
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.routing import RouteDecision
 from llmesh.common.tls import TlsConfig, aio_channel, connect_hint
 from llmesh.route_cache import ChannelPool, ReplicaId, RouteCache, replica_id
 from llmesh.sdk.sessions import IoLoop, Sessions
@@ -328,7 +329,12 @@ class Router:
         )
 
     def pick(
-        self, model: str, purpose: int, attempts: Attempts, affinity_key: str = ""
+        self,
+        model: str,
+        purpose: int,
+        attempts: Attempts,
+        affinity_key: str = "",
+        decision: RouteDecision | None = None,
     ) -> common_pb2.Replica:
         """A replica for the next try of a request (may block on a model's first routes).
 
@@ -340,6 +346,7 @@ class Router:
             purpose: a ``Purpose`` value, for pins.
             attempts: the request's retry bookkeeping; replicas tried already are skipped.
             affinity_key: requests with the same key go to the same replica.
+            decision: filled in with why the replica was chosen (tracing only).
 
         Raises:
             LLMeshError: no replica is left; the last worker error when there was one.
@@ -353,6 +360,7 @@ class Router:
                 affinity_key=affinity_key,
                 exclude=attempts.tried,
                 start=True,
+                decision=decision,
             )
         except LLMeshError as exc:
             # Having run out of replicas to retry on, report why the last one failed.

@@ -20,7 +20,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
+from llmesh.common import tracing
 from llmesh.common.errors import DeadlineExceeded, FailedPrecondition, LLMeshError, Unavailable
+from llmesh.common.routing import RouteDecision
 from llmesh.common.tracing import client_span
 from llmesh.llm_config import GenerationConfig
 from llmesh.route_cache import call_unary, rpc_errors
@@ -107,6 +109,16 @@ async def _adrain(inbox: AsyncInbox, deadline: float) -> None:
             return
 
 
+def _operation(start: inf.ChatStart) -> str:
+    """``gen_ai.operation.name`` of a request: messages are a chat, a raw prompt a completion."""
+    return "text_completion" if start.prompt and not start.messages else "chat"
+
+
+def _cause(attempts: Attempts) -> str:
+    """Why a unary call picks again: a retry once a replica failed it."""
+    return "retry" if attempts.tried else ""
+
+
 def _watch_loop(job_id: str, after_sequence: int, timeout: float | None) -> WatchLoop:
     return WatchLoop(
         job_id,
@@ -156,11 +168,14 @@ class SyncTransport:
 
     def _worker_call(self, op: WorkerCall) -> Any:
         attempts = Attempts()
+        decision = RouteDecision() if tracing.enabled() else None
         while True:
-            replica = self.router.pick(op.model, op.purpose, attempts)
+            replica = self.router.pick(op.model, op.purpose, attempts, decision=decision)
             with self.router.attempt(attempts, replica):
                 stub = self.router.worker(replica.address)
-                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                name = f"InferenceService/{op.method}"
+                with rpc_errors(), client_span(name, replica.address) as metadata:
+                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
                     return getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
@@ -172,6 +187,7 @@ class SyncTransport:
             op.request,
             name=f"InferenceService/{op.method}",
             timeout=op.timeout,
+            address=op.address,
         )
 
     def _control_call(self, op: ControlCall) -> Any:
@@ -182,6 +198,7 @@ class SyncTransport:
                 op.request,
                 name=f"ControlPlaneService/{op.method}",
                 timeout=op.timeout,
+                address=self.router.control_plane,
             )
         except Unavailable as exc:
             raise self.router.unavailable_control_plane(exc) from exc
@@ -229,23 +246,43 @@ class SyncTransport:
             config: the call's timeout, affinity key and ``max_migrations``.
             on_migrate: called each time the request moves to another replica.
         """
-        attempts = Attempts()
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
+        span = tracing.start_generation(_operation(start), model, start.request_id, start.params)
+        batches = self._chat_batches(model, start, config, on_migrate, span)
+        return batches if span is None else tracing.traced_batches(span, batches)
+
+    def _chat_batches(
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        on_migrate: Callable[[], None] | None,
+        span: Any,
+    ) -> Iterator[list[inf.ChatResponse]]:
+        # chat_batches' generator; ``span`` is the request's span (None: tracing is off).
+        attempts = Attempts()
         request_id = start.request_id
         io = self.router.io
         failover = self.router.failover(start, config.max_migrations, on_migrate)
         ends = None if config.timeout is None else time.monotonic() + config.timeout
+        decision = None if span is None else RouteDecision()
+        cause = ""
         while True:
             timeout = _left(ends, time.monotonic(), request_id, config.timeout)
-            replica = self.router.pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
+            replica = self.router.pick(
+                model, cp.PURPOSE_CHAT, attempts, config.affinity_key, decision
+            )
+            tracing.record_route(span, decision, cause)
+            cause = "retry"
             start.replica = replica.index
             address = replica.address
             try:
-                with self.router.attempt(attempts, replica) as attempt:
+                with (
+                    self.router.attempt(attempts, replica) as attempt,
+                    tracing.attempt(span, "InferenceService/ChatSession", address) as carrier,
+                ):
                     inbox = ThreadInbox()
-                    with client_span("InferenceService/ChatSession") as metadata:
-                        carrier = dict(metadata)
                     # A copy: the I/O thread sends it later, and a retry changes ``replica``.
                     sent = inf.ChatStart()
                     sent.CopyFrom(start)
@@ -273,6 +310,7 @@ class SyncTransport:
                     if error is exc:
                         raise
                     raise error from exc
+                cause = "migration"
 
     def _session_start(
         self,
@@ -401,13 +439,20 @@ class AsyncTransport:
         await self.router.sessions.close()
         await self.router.aio_channels.close()
 
-    async def _pick(self, model: str, purpose: int, attempts: Attempts, affinity: str = "") -> Any:
+    async def _pick(
+        self,
+        model: str,
+        purpose: int,
+        attempts: Attempts,
+        affinity: str = "",
+        decision: RouteDecision | None = None,
+    ) -> Any:
         if self.router.routes.settled(model):
             # Routes are cached: pick on the loop, no thread hop (this runs once per request).
-            return self.router.pick(model, purpose, attempts, affinity)
+            return self.router.pick(model, purpose, attempts, affinity, decision)
         # The first request for a model may wait for its route snapshot: keep that off the loop.
         picking = asyncio.ensure_future(
-            asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity)
+            asyncio.to_thread(self.router.pick, model, purpose, attempts, affinity, decision)
         )
         try:
             return await asyncio.shield(picking)
@@ -422,18 +467,22 @@ class AsyncTransport:
 
     async def _worker_call(self, op: WorkerCall) -> Any:
         attempts = Attempts()
+        decision = RouteDecision() if tracing.enabled() else None
         while True:
-            replica = await self._pick(op.model, op.purpose, attempts)
+            replica = await self._pick(op.model, op.purpose, attempts, decision=decision)
             with self.router.attempt(attempts, replica):
                 stub = self.router.aio_worker(replica.address)
-                with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+                name = f"InferenceService/{op.method}"
+                with rpc_errors(), client_span(name, replica.address) as metadata:
+                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
                     return await getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
 
     async def _worker_at(self, op: WorkerAt) -> Any:
         stub = self.router.aio_worker(op.address)
-        with rpc_errors(), client_span(f"InferenceService/{op.method}") as metadata:
+        name = f"InferenceService/{op.method}"
+        with rpc_errors(), client_span(name, op.address) as metadata:
             return await getattr(stub, op.method)(op.request, metadata=metadata, timeout=op.timeout)
 
     async def _live_addresses(self, op: LiveAddresses) -> list[str]:
@@ -442,7 +491,8 @@ class AsyncTransport:
     async def _control_call(self, op: ControlCall) -> Any:
         stub = self.router.aio_control()
         try:
-            with rpc_errors(), client_span(f"ControlPlaneService/{op.method}") as metadata:
+            name = f"ControlPlaneService/{op.method}"
+            with rpc_errors(), client_span(name, self.router.control_plane) as metadata:
                 return await getattr(stub, op.method)(
                     op.request, metadata=metadata, timeout=op.timeout
                 )
@@ -468,7 +518,7 @@ class AsyncTransport:
     async def _gather(self, op: Gather) -> list[Any]:
         return list(await asyncio.gather(*(self.run(s) for s in op.steps)))
 
-    async def chat_batches(
+    def chat_batches(
         self,
         model: str,
         start: inf.ChatStart,
@@ -481,23 +531,46 @@ class AsyncTransport:
         Closing the generator (``aclose``) cancels the request on the worker; cancellation of
         the calling task propagates after the cancel was sent.
         """
-        attempts = Attempts()
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
+        span = tracing.start_generation(_operation(start), model, start.request_id, start.params)
+        batches = self._chat_batches(model, start, config, on_migrate, span)
+        return batches if span is None else tracing.atraced_batches(span, batches)
+
+    async def _chat_batches(
+        self,
+        model: str,
+        start: inf.ChatStart,
+        config: GenerationConfig,
+        on_migrate: Callable[[], None] | None,
+        span: Any,
+    ) -> AsyncIterator[list[inf.ChatResponse]]:
+        # chat_batches' generator; ``span`` is the request's span (None: tracing is off).
+        attempts = Attempts()
         request_id = start.request_id
         loop = asyncio.get_running_loop()
         failover = self.router.failover(start, config.max_migrations, on_migrate)
         ends = None if config.timeout is None else loop.time() + config.timeout
+        decision = None if span is None else RouteDecision()
+        cause = ""
         while True:
             timeout = _left(ends, loop.time(), request_id, config.timeout)
-            replica = await self._pick(model, cp.PURPOSE_CHAT, attempts, config.affinity_key)
+            replica = await self._pick(
+                model, cp.PURPOSE_CHAT, attempts, config.affinity_key, decision
+            )
+            tracing.record_route(span, decision, cause)
+            cause = "retry"
             start.replica = replica.index
             try:
-                with self.router.attempt(attempts, replica) as attempt:
+                with (
+                    self.router.attempt(attempts, replica) as attempt,
+                    tracing.attempt(
+                        span, "InferenceService/ChatSession", replica.address
+                    ) as carrier,
+                ):
                     session = self.router.sessions.get(replica.address)
                     inbox = AsyncInbox()
-                    with client_span("InferenceService/ChatSession") as metadata:
-                        session.start(start, inbox, timeout=timeout, trace_context=dict(metadata))
+                    session.start(start, inbox, timeout=timeout, trace_context=carrier)
                     deadline = _deadline(timeout, loop.time())
                     finished = False
                     try:
@@ -521,6 +594,7 @@ class AsyncTransport:
                     if error is exc:
                         raise
                     raise error from exc
+                cause = "migration"
 
     async def watch_training_job(
         self, job_id: str, after_sequence: int = 0, *, timeout: float | None = None
