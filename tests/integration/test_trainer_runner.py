@@ -9,6 +9,7 @@ cached under ~/.cache/torch_extensions).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,12 @@ import pytest
 from llmesh.common.errors import FailedPrecondition, InvalidArgument
 from llmesh.trainer_worker.runner import JobProcess, JobState, read_events
 from llmesh.trainer_worker.runner.data import alpaca_prompt, split_rows
-from llmesh.trainer_worker.runner.launch import group_pids, job_pids, outcome_from_events
+from llmesh.trainer_worker.runner.launch import (
+    ds_shm_segments,
+    group_pids,
+    job_pids,
+    outcome_from_events,
+)
 
 QA = [
     ("What is the capital of Zorbia?", "Blue Harbor."),
@@ -206,6 +212,8 @@ async def test_lora_sft_on_two_ranks_learns_the_answers(
     assert recorded is not None and recorded.artifact_path == outcome.artifact_path
 
     check_adapter(adapter, test_model_dir)
+    port = lora_job["proc"].master_port
+    assert port is not None and not any(s.exists() for s in ds_shm_segments(port, 2))
 
 
 async def test_merge_lora_equals_base_plus_adapter(
@@ -508,6 +516,15 @@ async def first_event(proc: JobProcess, type_: str, timeout: float = 180) -> dic
     return await asyncio.wait_for(find(), timeout)
 
 
+def shm_maps(pids: list[int]) -> set[str]:
+    """The /dev/shm files the processes map, as /proc/PID/maps names them."""
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+            out.update(line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line)
+    return out
+
+
 async def test_cancel_stops_every_rank(test_model_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows())
     spec = long_lora_spec(test_model_dir, data, tmp_path / "out", "cancel-me", num_ranks=2)
@@ -517,6 +534,13 @@ async def test_cancel_stops_every_rank(test_model_dir: Path, tmp_path: Path) -> 
     assert pgid is not None
     await first_event(proc, "progress")  # both ranks are training now
     assert len(job_pids("cancel-me")) >= 3  # the launcher and two ranks, at least
+    assert proc.master_port is not None
+    segments = ds_shm_segments(proc.master_port, 2)
+    # DeepSpeed's CPU allreduce maps one segment per rank; the ranks unlinked the names once
+    # all had them mapped, so nothing is left in /dev/shm even if the job is killed.
+    mapped = await asyncio.to_thread(shm_maps, job_pids("cancel-me"))
+    assert {f"{s} (deleted)" for s in segments} <= mapped, mapped
+    assert not any(s.exists() for s in segments)
     # A second job cannot take the same output_dir while this one runs.
     with pytest.raises(FailedPrecondition, match=r"in use by another running job"):
         await JobProcess({**spec, "job_id": "intruder"}).start()
@@ -524,6 +548,7 @@ async def test_cancel_stops_every_rank(test_model_dir: Path, tmp_path: Path) -> 
     outcome = await proc.cancel(grace_s=5)
     assert outcome.state is JobState.CANCELLED
     assert_no_process_left(pgid, "cancel-me")
+    assert not any(s.exists() for s in segments)
     events = read_events(tmp_path / "out")
     assert events[-1]["type"] == "state" and events[-1]["state"] == "CANCELLED"
     assert await proc.cancel() == outcome  # idempotent

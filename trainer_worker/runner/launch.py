@@ -73,6 +73,8 @@ __all__ = [
     "JobProcess",
     "Outcome",
     "check_job",
+    "ds_shm_segment",
+    "ds_shm_segments",
     "group_pids",
     "job_pids",
     "outcome_from_events",
@@ -87,6 +89,13 @@ JOB_ENV = "LLMESH_JOB_ID"  # set in every process of a job; how leftovers can be
 _TAIL_LINES = 40
 _MAX_LINES = 10_000
 _POLL_S = 0.2
+_MASTER_ADDR = "127.0.0.1"
+# DeepSpeed's CPU allreduce keeps one ~66 MB POSIX shared-memory segment per rank, named
+# f"{prefix}_{uid}_{master_addr}_{master_port}_{rank}" (deepspeed/ops/csrc/cpu/comm/shm.cpp),
+# and never unlinks it: each finished CPU job would pin world_size × 66 MB of RAM in /dev/shm
+# until reboot (the suite once filled 19 GiB and starved vLLM).
+_DS_SHM_PREFIX = "deepspeed_allreduce_buffer"
+_SHM_DIR = Path("/dev/shm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +255,16 @@ def job_pids(job_id: str) -> list[int]:
     return out
 
 
+def ds_shm_segment(master_addr: str, master_port: int | str, rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU allreduce creates for one rank of a job."""
+    return _SHM_DIR / f"{_DS_SHM_PREFIX}_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+def ds_shm_segments(master_port: int, num_ranks: int) -> list[Path]:
+    """The /dev/shm files DeepSpeed's CPU allreduce creates for one job's ranks."""
+    return [ds_shm_segment(_MASTER_ADDR, master_port, rank) for rank in range(num_ranks)]
+
+
 def _world_info(num_ranks: int, visible_devices: str) -> str:
     # The worker gives a GPU job its devices in CUDA_VISIBLE_DEVICES; the launcher sets it
     # again per node from this list, so pass the real ids rather than 0..n-1.
@@ -336,6 +355,7 @@ class JobProcess:
         self._lock_file: IO[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._started = False
+        self._master_port: int | None = None
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -343,6 +363,11 @@ class JobProcess:
     def pid(self) -> int | None:
         """The launcher's pid, which is also the job's process group id."""
         return self._proc.pid if self._proc else None
+
+    @property
+    def master_port(self) -> int | None:
+        """The rendezvous port of a training job's ranks (``None`` before start, merge jobs)."""
+        return self._master_port
 
     @property
     def outcome(self) -> Outcome | None:
@@ -457,8 +482,8 @@ class JobProcess:
                 + _world_info(
                     self.spec.num_ranks, self._child_env().get("CUDA_VISIBLE_DEVICES", "")
                 ),
-                "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}",
+                f"--master_addr={_MASTER_ADDR}",
+                f"--master_port={self._new_master_port()}",
                 "--module",
                 "--no_local_rank",  # ranks read LOCAL_RANK from the environment
                 "llmesh.trainer_worker.runner.train",
@@ -469,6 +494,20 @@ class JobProcess:
         cmd = guarded(inner)
         cmd[0] = py
         return cmd
+
+    def _new_master_port(self) -> int:
+        self._master_port = free_port()
+        return self._master_port
+
+    def _remove_shm_segments(self) -> None:
+        """Unlink the job's DeepSpeed allreduce segments once none of its processes is left."""
+        if self._master_port is None:
+            return
+        for path in ds_shm_segments(self._master_port, self.spec.num_ranks):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("job %s: cannot remove %s: %s", self.spec.job_id, path, exc)
 
     def _child_env(self) -> dict[str, str]:
         # No etcd credentials: ranks run user-supplied training code and never talk to etcd.
@@ -507,10 +546,14 @@ class JobProcess:
             # Ranks whose launcher died get SIGTERM from PR_SET_PDEATHSIG; anything else of the
             # group (a compiler, a stuck rank) must not outlive the job either.
             await self._reap_group(proc.pid, grace_s=5.0)
+            self._remove_shm_segments()
             self._finish(self._decide(rc))
         except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            # The ranks may still hold the mappings; unlinking only drops the names, and the
+            # memory goes once they are dead.
+            self._remove_shm_segments()
             raise
 
     def _open_log(self) -> IO[bytes]:

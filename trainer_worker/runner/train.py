@@ -40,6 +40,7 @@ from llmesh.trainer_worker.runner.data import (
     split_rows,
 )
 from llmesh.trainer_worker.runner.events import EventType, EventWriter, JobState
+from llmesh.trainer_worker.runner.launch import ds_shm_segment
 from llmesh.trainer_worker.runner.spec import JobSpec, resolve_batch_config
 
 # DeepSpeed's own step logging duplicates our progress events; keep it quiet unless asked.
@@ -149,6 +150,22 @@ class _Rank:
         if self.world > 1:
             dist.all_reduce(t)
         return [float(x) for x in t.tolist()]
+
+    def _drop_shm_name(self) -> None:
+        """Unlink this rank's DeepSpeed allreduce segment name as soon as every rank mapped it.
+
+        DeepSpeed never unlinks it, so a job killed by any signal would pin ~66 MB per rank in
+        /dev/shm; after the barrier every rank holds the mappings it needs and the memory goes
+        with the last process. The launcher side unlinks again for ranks that died earlier.
+        """
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not addr or not port:
+            return
+        self._barrier()
+        try:
+            ds_shm_segment(addr, port, self.rank).unlink(missing_ok=True)
+        except OSError as exc:
+            self.log(f"cannot remove DeepSpeed's shared-memory segment: {exc}")
 
     def _barrier(self) -> None:
         import torch.distributed as dist
@@ -492,6 +509,7 @@ class _Rank:
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)  # before NCCL comes up on it
         deepspeed.init_distributed(verbose=False)
+        self._drop_shm_name()
         self.emit(EventType.STATE, state=JobState.RUNNING, ranks=self.world)
         self._setup()
         self.log(
