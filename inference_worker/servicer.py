@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.common.auth import check_model
+from llmesh.common.auth import check_caller, check_model
 from llmesh.common.errors import (
     AlreadyExists,
     InvalidArgument,
     PermissionDenied,
+    Unauthenticated,
     error_for_code,
     rpc_handler,
 )
@@ -79,6 +80,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             while True:
                 message = await outbox.take()
+                # A revoke ends a stream already open, not only the next one (no-op without
+                # tokens; an integer comparison while the token table is unchanged).
+                check_caller()
                 for delta in message.deltas:
                     yield delta
                     if delta.finished:
@@ -128,8 +132,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 )
                 return
             try:
-                check_model(start.model)  # the token's model scope (no-op without tokens)
-            except PermissionDenied as exc:
+                # Still valid (the SDK keeps a session open for long; a revoke must reach it)
+                # and in the token's model scope; no-op without tokens.
+                check_model(start.model)
+            except (PermissionDenied, Unauthenticated) as exc:
                 outbox.fail(request_id, exc)
                 return
             run = ChatRun(

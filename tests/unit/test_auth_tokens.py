@@ -114,6 +114,22 @@ def test_model_scope() -> None:
         reset_current_principal(ctx)
 
 
+def test_a_revoke_reaches_a_caller_resolved_before_it() -> None:
+    token, record = new_token("long stream", ROLE_USER)
+    other = new_token("other", ROLE_USER)[1]
+    table = TokenTable([record, other])
+    ctx = set_current_principal(table.verify(token))
+    try:
+        check_model("chat")
+        table.remove(other.id)  # a change elsewhere: looked up again, still valid
+        check_model("chat")
+        table.remove(record.id)
+        with pytest.raises(Unauthenticated, match="revoked while this stream was open"):
+            check_model("chat")
+    finally:
+        reset_current_principal(ctx)
+
+
 def test_errors_travel_as_their_status_codes() -> None:
     import grpc
 
