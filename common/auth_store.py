@@ -12,6 +12,14 @@
   about half a second after it reaches the agent. An operator may also keep the records in a
   file of their own (``llmesh tokens ... --file``) and start servers with ``--token-file``
   (``LLMESH_TOKEN_FILE``) instead of giving them the token records in etcd.
+
+Unreadable records: in etcd, a record that does not parse counts as absent (fail closed: an
+overwrite with garbage revokes). A token file that cannot be read or parsed as a whole keeps
+the last table: failing closed there would lock every caller out, operators included (their
+only way back would be a restart), over a half-edited file. The follower retries every poll
+and logs at error level: once per distinct error, then a reminder every
+``TokenFileFollower.REMIND`` seconds while the file stays broken, so a revoke that cannot apply
+is loud without a line per poll.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -152,6 +161,10 @@ class EtcdTokenFollower:
                                 record = _parse(event.kv.value, key)
                                 if record is not None:
                                     self._records[key] = record
+                                else:
+                                    # Fail closed: a record overwritten with something
+                                    # unreadable no longer vouches for its old token.
+                                    self._records.pop(key, None)
                         if response.events:
                             self._publish()
                         revision = max(revision, response.header.revision)
@@ -224,23 +237,50 @@ class TokenFileFollower:
         self.on_change = on_change
         self._seen: tuple[int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._error: str | None = None  # the last failure, while the file stays broken
+        self._error_logged = 0.0
+
+    #: Seconds between reminders that the token file is still unreadable.
+    REMIND = 30.0
 
     def load(self) -> None:
-        """Read the file now if it changed since the last read."""
+        """Read the file now if it changed since the last read (or the last read failed).
+
+        Never raises: any failure keeps the last table and is logged (see the module
+        docstring), so a broken file cannot stop the follower and with it every later revoke.
+        """
         try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = (0, 0, 0)
-        if stamp == self._seen:
-            return
-        try:
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except FileNotFoundError:
+                stamp = (0, 0, 0)
+            if stamp == self._seen and self._error is None:
+                return
             self.table.replace(read_token_file(self.path))
-        except ValueError as exc:
-            log.warning("keeping the last tokens: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the last table, retry
+            self._failed(exc)
+            return
+        if self._error is not None:
+            log.warning("token file %s is readable again; its tokens apply now", self.path)
+            self._error = None
         self._seen = stamp
         if callable(self.on_change):
             self.on_change(self.table)
+
+    def _failed(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text == self._error and now - self._error_logged < self.REMIND:
+            return
+        self._error, self._error_logged = text, now
+        log.error(
+            "cannot read token file %s (%s); keeping the last %d tokens, so revokes made in "
+            "it do not apply until it is fixed; fix or rewrite it (`llmesh tokens ... --file`)",
+            self.path,
+            text,
+            len(self.table.records()),
+        )
 
     async def start(self) -> None:
         """Read the file, then follow it in the background."""
@@ -258,7 +298,10 @@ class TokenFileFollower:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.load()
+            try:
+                self.load()
+            except Exception:
+                log.exception("following token file %s failed; still following it", self.path)
 
 
 TOKEN_FILE_ENV = "LLMESH_TOKEN_FILE"

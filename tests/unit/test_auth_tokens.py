@@ -130,6 +130,52 @@ def test_a_revoke_reaches_a_caller_resolved_before_it() -> None:
         reset_current_principal(ctx)
 
 
+def test_token_file_follower_survives_a_broken_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import time
+
+    from llmesh.common.auth_store import TokenFileFollower
+
+    path = tmp_path / "tokens.json"
+    first, second = (new_token(n, ROLE_USER)[1] for n in ("first", "second"))
+    write_token_file(path, [first])
+    table = TokenTable()
+
+    async def wait_for(condition: object) -> None:
+        deadline = time.monotonic() + 15
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, "the follower did not catch up"
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        follower = TokenFileFollower(path, table, interval=0.02)
+        await follower.start()
+        try:
+            assert table.records() == [first]
+            # A KeyError (no role) and a TypeError (not an object), not just a ValueError.
+            for broken, error in (
+                ('{"tokens": [{"id": "0123456789ab"}]}', "KeyError"),
+                ('{"tokens": [5]}', "TypeError"),
+            ):
+                path.write_text(broken)
+                await wait_for(lambda e=error: e in caplog.text)
+            await asyncio.sleep(0.1)  # several polls on the broken file
+            assert table.records() == [first]  # kept: see the auth_store docstring
+            assert follower._task is not None and not follower._task.done()
+            write_token_file(path, [second])
+            await wait_for(lambda: table.records() == [second])
+        finally:
+            await follower.stop()
+
+    with caplog.at_level("ERROR", logger="llmesh.common.auth_store"):
+        asyncio.run(scenario())
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    # Once per distinct error, not once per poll.
+    assert len(errors) <= 4, [r.getMessage() for r in errors]
+
+
 def test_errors_travel_as_their_status_codes() -> None:
     import grpc
 
