@@ -76,6 +76,7 @@ async def _put_tokens(etcd: str, namespace: str) -> tuple[dict[str, str], dict[s
         ("other-only", ROLE_USER, ("other",)),
         ("doomed", ROLE_USER, ()),
         ("session-doomed", ROLE_USER, ()),
+        ("garbled", ROLE_USER, ()),
     ):
         token, record = new_token(f"test {label}", role, models)
         await store.add(record)
@@ -599,3 +600,50 @@ def test_revoke_reaches_a_chat_session_already_open(auth_mesh: AuthMesh) -> None
             replies.cancel()
     assert errors["after"].code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert "revoked while this stream was open" in errors["after"].message
+
+
+def test_audit_log_keeps_the_newest_entries(auth_mesh: AuthMesh) -> None:
+    from llmesh.common.audit import AuditEntry, AuditLog
+
+    keys = Keys(f"/llmesh-audit-trim-{uuid.uuid4().hex[:6]}")
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        kv = EtcdKV(auth_mesh.mesh.etcd)
+        try:
+            audit = AuditLog(kv, keys, max_entries=5, trim_every=3)
+            for i in range(12):
+                await audit.record(
+                    AuditEntry(time=time.time(), who="t", token_id="", role="", method=f"m{i}")
+                )
+            between = [e.method for e in await read_audit(kv, keys, limit=0)]
+            await audit.trim()
+            after = [e.method for e in await read_audit(kv, keys, limit=0)]
+            return between, after
+        finally:
+            await kv.close()
+
+    between, after = auth_mesh.run(scenario())
+    assert len(between) <= 5 + 3 and between[-1] == "m11" and "m0" not in between, between
+    assert after == [f"m{i}" for i in range(7, 12)]
+
+
+def test_a_record_overwritten_with_garbage_no_longer_vouches(auth_mesh: AuthMesh) -> None:
+    list_models = SERVICES["cp"].methods_by_name["ListModels"]
+    token = auth_mesh.tokens["garbled"]
+    assert call(auth_mesh.addresses["cp"], list_models, token) == grpc.StatusCode.OK
+
+    async def garble() -> None:
+        from llmesh.common.etcd import put_op
+
+        kv = EtcdKV(auth_mesh.mesh.etcd)
+        try:
+            key = Keys(auth_mesh.namespace).token(auth_mesh.token_ids["garbled"])
+            await kv.txn([], [put_op(key, b"{not json")])
+        finally:
+            await kv.close()
+
+    auth_mesh.run(garble())
+    deadline = time.monotonic() + 15
+    while call(auth_mesh.addresses["cp"], list_models, token) == grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the garbled record still vouches for its token"
+        time.sleep(0.05)
