@@ -358,6 +358,35 @@ def check_model(model: str) -> None:
     )
 
 
+def scoped_caller() -> Principal | None:
+    """The current caller when its token is limited to some models, else None.
+
+    Reads that list several models (ListModels, ListWorkers, GetModelMeta's adapters) show a
+    scoped token only its own; None means show everything (no tokens, or an unscoped one).
+    """
+    principal = _current.get()
+    return principal if principal is not None and principal.models else None
+
+
+def check_unscoped(what: str) -> None:
+    """Raise PermissionDenied when the caller's token is limited to some models.
+
+    For reads whose records name no deployed model a scope could match (training jobs name
+    paths), so only tokens without a model list may see them.
+
+    Raises:
+        PermissionDenied: the token has a model list.
+    """
+    principal = scoped_caller()
+    if principal is None:
+        return
+    raise PermissionDenied(
+        f"token {principal.who} is limited to models {', '.join(principal.models)} and {what} "
+        "belong to no model, so only tokens without a model list may read them; ask an "
+        "operator for such a token"
+    )
+
+
 def forward_metadata() -> list[tuple[str, str]]:
     """The current caller's ``authorization`` entry, for calls a server makes on its behalf.
 

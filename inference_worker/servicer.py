@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.common.auth import check_caller, check_model
+from llmesh.common.auth import check_caller, check_model, scoped_caller
 from llmesh.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -309,6 +309,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         replica = self.manager.find(request.model)
         assert replica.engine is not None
         meta = replica.engine.meta()
+        loras = replica.engine.loras()
+        scoped = scoped_caller()
+        if scoped is not None:  # a scoped token sees only the adapters it may use
+            loras = [name for name in loras if scoped.may_use(name)]
         return inf.GetModelMetaResponse(
             model=request.model,
             backend=meta.backend,
@@ -331,7 +335,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 "engine_active_requests": str(len(replica.engine.active_requests())),
                 # Requests on the engine this model runs on, its adapters' included.
                 "engine_load": str((replica.base or replica).engine_load),
-                "loras": ",".join(replica.engine.loras()),
+                "loras": ",".join(loras),
                 "open_sessions": str(self.open_sessions),
                 "pid": str(os.getpid()),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),

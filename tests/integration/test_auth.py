@@ -647,3 +647,54 @@ def test_a_record_overwritten_with_garbage_no_longer_vouches(auth_mesh: AuthMesh
     while call(auth_mesh.addresses["cp"], list_models, token) == grpc.StatusCode.OK:
         assert time.monotonic() < deadline, "the garbled record still vouches for its token"
         time.sleep(0.05)
+
+
+def test_a_scoped_token_reads_only_its_own_models(auth_mesh: AuthMesh) -> None:
+    from llmesh.v1 import trainer_service_pb2 as tr
+
+    cp_address = auth_mesh.addresses["cp"]
+    with ByzerLLM(control_plane=cp_address, token=auth_mesh.tokens["admin"]) as admin:
+        job = admin.create_training_job(
+            tr.TrainingJobSpec(
+                kind=tr.TRAINING_JOB_KIND_SFT,
+                base_model_path=str(auth_mesh.model_dir),
+                data_path=str(auth_mesh.model_dir),
+            )
+        )
+
+    def stub_call(name: str, label: str, request: Any = None) -> Any:
+        method = SERVICES["cp"].methods_by_name[name]
+        in_cls = GetMessageClass(method.input_type)
+        out_cls = GetMessageClass(method.output_type)
+        with grpc.insecure_channel(cp_address) as channel:
+            return channel.unary_unary(
+                f"/{method.containing_service.full_name}/{name}",
+                request_serializer=in_cls.SerializeToString,
+                response_deserializer=out_cls.FromString,
+            )(
+                request or in_cls(),
+                metadata=[("authorization", f"Bearer {auth_mesh.tokens[label]}")],
+                timeout=10,
+            )
+
+    models = {
+        label: [m.name for m in stub_call("ListModels", label).models]
+        for label in ("user", "chat-only", "other-only")
+    }
+    assert models == {"user": ["chat"], "chat-only": ["chat"], "other-only": []}
+    replicas = {
+        label: [r for w in stub_call("ListWorkers", label).workers for r in w.replicas]
+        for label in ("user", "other-only")
+    }
+    assert replicas["user"] and all(r.startswith("chat/") for r in replicas["user"])
+    assert replicas["other-only"] == []
+    jobs = {
+        label: [j.id for j in stub_call("ListTrainingJobs", label).jobs]
+        for label in ("user", "chat-only")
+    }
+    assert job.id in jobs["user"] and jobs["chat-only"] == []
+    ask = control_plane_service_pb2.GetTrainingJobRequest(id=job.id)
+    assert stub_call("GetTrainingJob", "user", ask).job.id == job.id
+    method = SERVICES["cp"].methods_by_name["GetTrainingJob"]
+    message = details_of(cp_address, method, auth_mesh.tokens["chat-only"], ask)
+    assert "only tokens without a model list" in message
