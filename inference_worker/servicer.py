@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.common.auth import check_caller, check_model, scoped_caller
+from llmesh.common.auth import (
+    ROLE_ADMIN,
+    check_caller,
+    check_model,
+    current_principal,
+    scoped_caller,
+)
 from llmesh.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -348,4 +354,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> inf.AbortResponse:
         if not request.request_id:
             raise InvalidArgument("AbortRequest.request_id is empty")
+        principal = current_principal()
+        if (
+            principal is not None
+            and principal.role != ROLE_ADMIN
+            and self.manager.owners.get(request.request_id) != principal.id
+        ):
+            # Another token's request (or none): answer as for an unknown id, so a user can
+            # neither stop other users' requests nor learn which ids are running.
+            return inf.AbortResponse(aborted=False)
         return inf.AbortResponse(aborted=await self.manager.abort(request.request_id))

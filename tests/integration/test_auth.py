@@ -698,3 +698,38 @@ def test_a_scoped_token_reads_only_its_own_models(auth_mesh: AuthMesh) -> None:
     method = SERVICES["cp"].methods_by_name["GetTrainingJob"]
     message = details_of(cp_address, method, auth_mesh.tokens["chat-only"], ask)
     assert "only tokens without a model list" in message
+
+
+def test_abort_by_id_is_for_the_requests_own_token(auth_mesh: AuthMesh) -> None:
+    import queue
+
+    from llmesh.v1 import inference_service_pb2_grpc as inf_grpc
+
+    request_id = f"mine-{uuid.uuid4().hex[:6]}"
+    # Long enough to still run while the aborts arrive (a second or more on CPU; ended by the
+    # owner's abort): ignore_eos keeps the untrained test model going.
+    params = common_pb2.GenerationParams(max_tokens=1500, temperature=0.0)
+    params.extra.update({"ignore_eos": True})
+    start = inf.ChatStart(
+        model="chat", prompt="Hello there, tell me a story", request_id=request_id, params=params
+    )
+
+    def bearer(label: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {auth_mesh.tokens[label]}")]
+
+    outgoing: queue.Queue[Any] = queue.Queue()
+    outgoing.put(inf.ChatRequest(start=start))
+    with grpc.insecure_channel(auth_mesh.addresses["inference"]) as channel:
+        stub = inf_grpc.InferenceServiceStub(channel)
+        replies = stub.Chat(iter(outgoing.get, None), metadata=bearer("user"), timeout=120)
+        try:
+            assert not next(replies).finished  # running
+            abort = inf.AbortRequest(request_id=request_id)
+            # Another user's token: answered as for an unknown id, and the request runs on.
+            assert not stub.Abort(abort, metadata=bearer("chat-only"), timeout=10).aborted
+            assert stub.Abort(abort, metadata=bearer("user"), timeout=10).aborted
+            rest = list(replies)
+        finally:
+            outgoing.put(None)
+            replies.cancel()
+    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORTED
