@@ -320,6 +320,7 @@ class ReplicaSupervisor:
         spec_path = self.dir / "spec.json"
         spec_path.write_text(spec.to_json())
         env = {**os.environ, **self.settings.env}
+        env.pop("LLMESH_TOKEN", None)  # a replica calls nobody; the agent's token stays its own
         # The agent's own settings, explicitly: an inherited LLMESH_TLS_* must not make the
         # replica serve differently from what the agent dials.
         for name, value in self.settings.tls_env().items():

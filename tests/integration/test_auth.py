@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,9 @@ SERVICES = {
     "replica": replica_service_pb2.DESCRIPTOR.services_by_name["ReplicaService"],
     "trainer": trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"],
 }
+
+
+AGENT_ENV_TOKEN = "llmesh_0000000000aa_" + "a" * 43
 
 
 def all_methods() -> list[tuple[str, Any]]:
@@ -104,6 +108,10 @@ def auth_mesh(etcd_server: Any, test_model_dir: Path, tmp_path_factory: Any) -> 
         return cp, stack
 
     mesh.control_planes["cp0"] = mesh.call(start_cp())
+    # The agent holds a token in its environment; its replica processes must not inherit it
+    # (test_replicas_do_not_inherit_the_agents_token). Calls below pass tokens explicitly.
+    saved_token = os.environ.get("LLMESH_TOKEN")
+    os.environ["LLMESH_TOKEN"] = AGENT_ENV_TOKEN
     worker = mesh.start_worker("w0", auth=True)
     jobs_dir = tmp_path_factory.mktemp("auth-jobs")
 
@@ -140,6 +148,10 @@ def auth_mesh(etcd_server: Any, test_model_dir: Path, tmp_path_factory: Any) -> 
         }
         yield AuthMesh(mesh, namespace, addresses, tokens, ids, test_model_dir)
     finally:
+        if saved_token is None:
+            os.environ.pop("LLMESH_TOKEN", None)
+        else:
+            os.environ["LLMESH_TOKEN"] = saved_token
         llm.close()
         mesh.call(trainer_stack.aclose())
         mesh.close()
@@ -733,3 +745,23 @@ def test_abort_by_id_is_for_the_requests_own_token(auth_mesh: AuthMesh) -> None:
             outgoing.put(None)
             replies.cancel()
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORTED
+
+
+def test_replicas_do_not_inherit_the_agents_token(auth_mesh: AuthMesh) -> None:
+    meta = SERVICES["inference"].methods_by_name["GetModelMeta"]
+    in_cls = GetMessageClass(meta.input_type)
+    out_cls = GetMessageClass(meta.output_type)
+    with grpc.insecure_channel(auth_mesh.addresses["inference"]) as channel:
+        answer = channel.unary_unary(
+            "/llmesh.v1.InferenceService/GetModelMeta",
+            request_serializer=in_cls.SerializeToString,
+            response_deserializer=out_cls.FromString,
+        )(
+            inf.GetModelMetaRequest(model="chat"),
+            metadata=[("authorization", f"Bearer {auth_mesh.tokens['user']}")],
+            timeout=10,
+        )
+    environ = Path(f"/proc/{answer.extra['pid']}/environ").read_bytes().split(b"\0")
+    names = {item.split(b"=", 1)[0] for item in environ}
+    assert b"LLMESH_TOKEN" not in names
+    assert AGENT_ENV_TOKEN.encode() not in b"\0".join(environ)
