@@ -267,6 +267,41 @@ def test_training_paths_stay_under_the_roots(
     assert roots_from_env(None) is None
 
 
+def test_training_paths_must_be_absolute_and_deepspeed_paths_are_checked(
+    tmp_path: Path,
+) -> None:
+    root, jobs = tmp_path / "data", tmp_path / "jobs"
+    root.mkdir()
+    jobs.mkdir()
+    policy = PathPolicy([root], jobs)
+    out = str(jobs / "sft-1")
+    # Relative: the worker would check it against its own cwd, the runner use it in out.
+    for field in ("data_path", "base_model_path", "output_dir"):
+        spec = tr.TrainingJobSpec(**{field: "data/d.jsonl"})
+        with pytest.raises(PermissionDenied, match=f"spec.{field} .* is a relative path"):
+            policy.check(spec, out)
+    ok = {
+        "zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": str(root)}},
+        "tensorboard": {"enabled": True, "output_path": "tb"},  # under out: allowed
+        "train_batch_size": 8,
+    }
+    policy.check(tr.TrainingJobSpec(deepspeed_config_json=json.dumps(ok)), out)
+    for config, where in (
+        ({"zero_optimization": {"offload_param": {"nvme_path": "/tmp"}}}, "nvme_path"),
+        ({"tensorboard": {"output_path": "../../.."}}, "tensorboard.output_path"),
+        ({"csv_monitor": {"output_path": "/etc"}}, "csv_monitor.output_path"),
+        ({"flops_profiler": {"output_file": "/etc/x"}}, "flops_profiler.output_file"),
+        ({"checkpoint": {"dirs": [1], "load_dir": ["/etc"]}}, "checkpoint.load_dir"),
+    ):
+        spec = tr.TrainingJobSpec(deepspeed_config_json=json.dumps(config))
+        with pytest.raises(PermissionDenied, match=rf"deepspeed_config_json\..*{where} .* outside"):
+            policy.check(spec, out)
+    from llmesh.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        policy.check(tr.TrainingJobSpec(deepspeed_config_json="{nope"), out)
+
+
 def test_remote_code_needs_both_keys() -> None:
     from llmesh.common.backends import check_infer_params
     from llmesh.inference_worker.engines.base import EngineConfig
