@@ -157,7 +157,7 @@ async def run_inference_worker(
     )
     if agent_auth is not None:
         try:
-            await agent_auth.start(worker.id, settings.run_dir / "tokens.json")
+            await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
         except BaseException:
             await presence.close(grace=0)
             raise

@@ -332,3 +332,50 @@ def test_remote_code_needs_both_keys() -> None:
     assert built == []  # refused before any engine was built
     remote_code_guard(factory, allowed=True)(config)  # type: ignore[arg-type]
     assert built == ["m"]
+
+
+def test_replicas_token_dir_must_be_private(tmp_path: Path) -> None:
+    from llmesh.common.errors import FailedPrecondition
+    from llmesh.inference_worker.agent_auth import private_dir
+
+    fresh = tmp_path / "run" / "auth"
+    private_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(FailedPrecondition, match="chmod 700"):
+        private_dir(shared)
+    (tmp_path / "link").symlink_to(fresh)
+    with pytest.raises(FailedPrecondition, match="must be a directory"):
+        private_dir(tmp_path / "link")
+
+
+def test_a_failed_write_of_the_replicas_token_file_is_retried(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from llmesh.inference_worker.agent_auth import AgentAuth
+
+    source = tmp_path / "source.json"
+    record = new_token("ops", ROLE_USER)[1]
+    write_token_file(source, [record])
+    target = tmp_path / "run" / "auth" / "tokens.json"
+    target.mkdir(parents=True)  # a directory where the file goes: the first writes fail
+
+    async def scenario() -> list[TokenRecord]:
+        auth = AgentAuth("127.0.0.1:1", "/ns", source_file=str(source))
+        await auth.start("w0", target)
+        try:
+            assert target.is_dir()
+            target.rmdir()  # the obstacle goes away: a retry must write the file
+            deadline = time.monotonic() + 15
+            while not target.is_file():
+                assert time.monotonic() < deadline, "the token file was never written"
+                await asyncio.sleep(0.05)
+            return read_token_file(target)
+        finally:
+            await auth.close()
+
+    written = asyncio.run(scenario())
+    assert record in written and any(r.role == ROLE_ADMIN for r in written)
