@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from aetcd import rpc
 
 from llmesh.common.auth import TokenRecord, TokenTable
 from llmesh.common.errors import NotFound
@@ -81,11 +85,30 @@ class EtcdTokens:
         Raises:
             NotFound: no token has that id.
         """
-        key = self.keys.token(token_id)
-        response = await self.kv.txn([], [delete_op(key)])
-        deleted = response.responses[0].response_delete_range.deleted
-        if not deleted:
-            raise NotFound(f"no token has id {token_id!r}; `llmesh tokens list` shows the ids")
+        await self.revoke_many([token_id])
+
+    async def revoke_many(self, token_ids: Sequence[str]) -> None:
+        """Delete several records in one transaction: all of them, or none when one is unknown.
+
+        Raises:
+            NotFound: some ids name no token (nothing was deleted).
+        """
+        keys = [self.keys.token(token_id) for token_id in dict.fromkeys(token_ids)]
+        exist = [
+            rpc.Compare(key=k, result=rpc.Compare.GREATER, target=rpc.Compare.VERSION, version=0)
+            for k in keys
+        ]
+        response = await self.kv.txn(exist, [delete_op(k) for k in keys])
+        if response.succeeded:
+            return
+        have = {r.key for r in (await self.kv.range_prefix(self.keys.tokens)).kvs}
+        unknown = [
+            tid for tid, k in zip(dict.fromkeys(token_ids), keys, strict=True) if k not in have
+        ]
+        raise NotFound(
+            f"no token has id {', '.join(unknown) or ', '.join(token_ids)}, so none was revoked; "
+            "`llmesh tokens list` shows the ids"
+        )
 
 
 class EtcdTokenFollower:
@@ -184,16 +207,47 @@ class EtcdTokenFollower:
 
 
 def write_token_file(path: str | Path, records: Iterable[TokenRecord]) -> None:
-    """Write ``records`` to a token file atomically, readable by its owner only."""
+    """Write ``records`` to a token file atomically, readable by its owner only.
+
+    A temporary file of a unique name in the same directory (mode 0600), synced to disk, then
+    renamed over the file: a reader sees the old records or the new ones, never a part, and
+    two writers never share a temporary file.
+    """
     path = Path(path)
     body = json.dumps(
         {"tokens": [json.loads(r.to_json()) for r in records]}, indent=1, sort_keys=True
     )
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(body)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def update_token_file(
+    path: str | Path, change: Callable[[list[TokenRecord]], list[TokenRecord]]
+) -> list[TokenRecord]:
+    """Read, change and write a token file under an exclusive lock; returns the new records.
+
+    The lock (``flock`` on ``<file>.lock`` next to it) makes concurrent ``llmesh tokens
+    ... --file`` runs take turns, so none loses another's change.
+    """
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        records = change(read_token_file(path))
+        write_token_file(path, records)
+        return records
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_token_file(path: str | Path) -> list[TokenRecord]:

@@ -27,7 +27,7 @@ from llmesh.common.audit import read_audit
 from llmesh.common.auth import ROLE_ADMIN, ROLE_USER, new_token
 from llmesh.common.auth_policy import RULES
 from llmesh.common.auth_store import EtcdTokens
-from llmesh.common.errors import PermissionDenied, Unauthenticated
+from llmesh.common.errors import NotFound, PermissionDenied, Unauthenticated
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import Keys
 from llmesh.v1 import (
@@ -765,3 +765,26 @@ def test_replicas_do_not_inherit_the_agents_token(auth_mesh: AuthMesh) -> None:
     names = {item.split(b"=", 1)[0] for item in environ}
     assert b"LLMESH_TOKEN" not in names
     assert AGENT_ENV_TOKEN.encode() not in b"\0".join(environ)
+
+
+def test_revoking_several_etcd_tokens_is_all_or_nothing(auth_mesh: AuthMesh) -> None:
+    keys = Keys(f"/llmesh-revoke-many-{uuid.uuid4().hex[:6]}")
+
+    async def scenario() -> tuple[str, list[str], list[str]]:
+        kv = EtcdKV(auth_mesh.mesh.etcd)
+        try:
+            store = EtcdTokens(kv, keys)
+            a, b = (new_token(n, ROLE_USER)[1] for n in ("a", "b"))
+            await store.add(a)
+            await store.add(b)
+            with pytest.raises(NotFound) as info:
+                await store.revoke_many([a.id, "0123456789ab"])
+            kept = [r.id for r in await store.list()]
+            await store.revoke_many([a.id, b.id])
+            return str(info.value), sorted([a.id, b.id]), kept + [r.id for r in await store.list()]
+        finally:
+            await kv.close()
+
+    message, both, seen = auth_mesh.run(scenario())
+    assert "0123456789ab" in message and "none was revoked" in message
+    assert seen == both  # both kept after the refused revoke, none left after the good one

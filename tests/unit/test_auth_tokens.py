@@ -379,3 +379,17 @@ def test_a_failed_write_of_the_replicas_token_file_is_retried(tmp_path: Path) ->
 
     written = asyncio.run(scenario())
     assert record in written and any(r.role == ROLE_ADMIN for r in written)
+
+
+def test_concurrent_token_file_updates_lose_nothing(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmesh.common.auth_store import update_token_file
+
+    path = tmp_path / "tokens.json"
+    made = [new_token(f"t{i}", ROLE_USER)[1] for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        # Each update reads, adds one and writes: without the lock, some would be lost.
+        list(pool.map(lambda r: update_token_file(path, lambda rs: [*rs, r]), made))
+    assert sorted(r.id for r in read_token_file(path)) == sorted(r.id for r in made)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
