@@ -18,6 +18,7 @@ from llmesh.common.auth import (
     current_principal,
     scoped_caller,
 )
+from llmesh.common.auth_interceptor import RefusalLog
 from llmesh.common.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -25,6 +26,7 @@ from llmesh.common.errors import (
     Unauthenticated,
     error_for_code,
     rpc_handler,
+    status_for,
 )
 from llmesh.inference_worker.chat_runs import (
     FINISH,
@@ -43,6 +45,8 @@ from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc
 
 log = logging.getLogger(__name__)
+# Per-request refusals inside ChatSession streams (the interceptor logs the others).
+_refusals = RefusalLog()
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -142,6 +146,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 # and in the token's model scope; no-op without tokens.
                 check_model(start.model)
             except (PermissionDenied, Unauthenticated) as exc:
+                caller = current_principal()
+                _refusals.note(
+                    "/llmesh.v1.InferenceService/ChatSession",
+                    caller.who if caller else "no valid token",
+                    context.peer() or "",
+                    status_for(exc)[0],
+                    str(exc),
+                )
                 outbox.fail(request_id, exc)
                 return
             run = ChatRun(
