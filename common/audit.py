@@ -7,6 +7,17 @@ their admin calls (the node agent's drain and adapter loads) are logged only.
 
 Entries are written before the call's answer goes back; a failed write is logged and does not
 undo a deploy that already committed.
+
+Only calls by a valid token are entries (admin calls, and admin calls refused to a user
+token); calls without a valid token go to the server log only (see
+:mod:`llmesh.common.auth_interceptor`), so nobody without a token can write to etcd.
+
+The prefix is bounded by count, not time: each server trims it to the newest
+``max_entries`` (default :data:`MAX_ENTRIES`) after every :data:`TRIM_EVERY`-th entry it writes
+(one count-only read, and when over, one keys-only read and one range delete). A count, not a
+lease TTL, because a flood of calls by a valid token would grow etcd without limit within any
+TTL; the newest entries are the ones an investigation reads first. Between trims the prefix may
+exceed the bound by up to ``TRIM_EVERY`` entries per server.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
 from google.protobuf.message import Message
 
 from llmesh.common.etcd import EtcdKV, put_op
@@ -26,6 +39,10 @@ from llmesh.common.etcd_keys import Keys
 log = logging.getLogger("llmesh.audit")
 
 _MAX_STRING = 200
+#: Audit entries kept in etcd (the newest); older ones are deleted by the periodic trim.
+MAX_ENTRIES = 10_000
+#: A server trims the audit prefix after every this many entries it writes.
+TRIM_EVERY = 100
 _MAX_FIELDS = 40
 
 
@@ -106,15 +123,28 @@ class AuditLog:
         keys: the namespace's key layout.
         server: this server's name in each entry (e.g. ``control-plane``, ``trainer w1``).
         timeout: seconds an etcd write may take before it is given up (and logged).
+        max_entries: entries kept in etcd, the newest (see the module docstring).
+        trim_every: trim after every this many entries written here.
     """
 
     def __init__(
-        self, kv: EtcdKV | None, keys: Keys, *, server: str = "", timeout: float = 2.0
+        self,
+        kv: EtcdKV | None,
+        keys: Keys,
+        *,
+        server: str = "",
+        timeout: float = 2.0,
+        max_entries: int = MAX_ENTRIES,
+        trim_every: int = TRIM_EVERY,
     ) -> None:
         self.kv = kv
         self.keys = keys
         self.server = server
         self.timeout = timeout
+        self.max_entries = max_entries
+        self.trim_every = max(1, trim_every)
+        # Starts at the threshold: the first entry a server writes trims what earlier runs left.
+        self._since_trim = self.trim_every - 1
 
     async def record(self, entry: AuditEntry) -> None:
         """Log the entry and append it in etcd (failures are logged, never raised)."""
@@ -135,6 +165,49 @@ class AuditLog:
             await self.kv.txn([], [put_op(key, entry.to_json())], timeout=self.timeout)
         except Exception as exc:  # noqa: BLE001 - the call's own outcome stands
             log.warning("audit entry for %s could not be written to etcd: %s", entry.method, exc)
+            return
+        self._since_trim += 1
+        if self._since_trim >= self.trim_every:
+            self._since_trim = 0
+            try:
+                await self.trim()
+            except Exception as exc:  # noqa: BLE001 - retried after the next TRIM_EVERY entries
+                log.warning("could not trim the audit log in etcd: %s", exc)
+
+    async def trim(self) -> int:
+        """Delete all but the newest ``max_entries`` entries; returns how many were deleted."""
+        assert self.kv is not None
+        prefix = self.keys.audit
+        end = prefix_range_end(prefix)
+        count = rpc.RequestOp(
+            request_range=rpc.RangeRequest(key=prefix, range_end=end, count_only=True)
+        )
+        response = await self.kv.txn([], [count], timeout=self.timeout)
+        total = response.responses[0].response_range.count
+        if total <= self.max_entries:
+            return 0
+        # The newest entry to delete: keys sort by time, so it and all below it are older
+        # than the max_entries kept.
+        newest_first = rpc.RangeRequest(
+            key=prefix,
+            range_end=end,
+            limit=self.max_entries + 1,
+            keys_only=True,
+            sort_order=rpc.RangeRequest.DESCEND,
+            sort_target=rpc.RangeRequest.KEY,
+        )
+        response = await self.kv.txn(
+            [], [rpc.RequestOp(request_range=newest_first)], timeout=self.timeout
+        )
+        kvs = response.responses[0].response_range.kvs
+        if len(kvs) <= self.max_entries:
+            return 0
+        cut = kvs[-1].key + b"\0"  # range_end is exclusive: delete up to and including it
+        delete = rpc.RequestOp(
+            request_delete_range=rpc.DeleteRangeRequest(key=prefix, range_end=cut)
+        )
+        response = await self.kv.txn([], [delete], timeout=self.timeout)
+        return response.responses[0].response_delete_range.deleted
 
 
 async def read_audit(kv: EtcdKV, keys: Keys, *, limit: int = 50) -> list[AuditEntry]:

@@ -192,6 +192,9 @@ class Principal:
         role: ``admin`` or ``user``.
         models: models the token may use; empty means every model.
         token: the bearer token as presented (forwarded on calls made for this caller).
+        table: the table that vouched for the token (None for a principal made by hand).
+        version: that table's version when it vouched; a later version means the record may
+            have been revoked or changed, so :func:`check_caller` looks it up again.
     """
 
     id: str
@@ -199,6 +202,8 @@ class Principal:
     role: str
     models: tuple[str, ...] = ()
     token: str = field(default="", repr=False)
+    table: TokenTable | None = field(default=None, repr=False, compare=False)
+    version: int = field(default=-1, repr=False, compare=False)
 
     @property
     def who(self) -> str:
@@ -261,6 +266,9 @@ class TokenTable:
         token_id, secret = parse_token(token)
         with self._lock:
             record = self._records.get(token_id)
+            # Read with the record, so a change that lands right after makes the next
+            # check_caller() look again rather than trust a stale answer.
+            version = self.version
         # Compare even for an unknown id, so timing does not tell which ids exist.
         expected = record.secret_sha256 if record is not None else "0" * 64
         matches = hmac.compare_digest(hash_secret(secret), expected)
@@ -269,7 +277,24 @@ class TokenTable:
                 f"token {token_id} is unknown, revoked or wrong; ask an operator for a valid "
                 "one (`llmesh tokens list` shows the live ones)"
             )
-        return Principal(record.id, record.name, record.role, record.models, token)
+        return Principal(record.id, record.name, record.role, record.models, token, self, version)
+
+    def refresh(self, principal: Principal) -> Principal:
+        """``principal`` as the table sees it now: itself when nothing changed since it was
+        resolved, else its record looked up again (new role or models apply from here on).
+
+        Raises:
+            Unauthenticated: the token was revoked (or its record replaced) meanwhile.
+        """
+        if principal.version == self.version:
+            return principal
+        try:
+            return self.verify(principal.token)
+        except Unauthenticated:
+            raise Unauthenticated(
+                f"token {principal.who} was revoked while this stream was open; ask an "
+                "operator for a valid token and open a new stream with it"
+            ) from None
 
 
 # The caller of the RPC being served; set by the server interceptor around the handler, so the
@@ -294,21 +319,71 @@ def reset_current_principal(token: contextvars.Token[Principal | None]) -> None:
     _current.reset(token)
 
 
+def check_caller() -> Principal | None:
+    """The current caller, looked up again when the token table changed since it was resolved.
+
+    Long-lived streams (a ChatSession the SDK keeps open, Watch streams) were authenticated once
+    at open; servicers and the interceptor call this per request or message so a revoked token
+    stops working on streams it already opened too. Cheap when nothing changed (one integer
+    comparison). Returns None when the server does not check tokens.
+
+    Raises:
+        Unauthenticated: the caller's token was revoked since the stream opened.
+    """
+    principal = _current.get()
+    if principal is None or principal.table is None:
+        return principal
+    fresh = principal.table.refresh(principal)
+    if fresh is not principal:
+        _current.set(fresh)  # this task's context only; saves the next lookup
+    return fresh
+
+
 def check_model(model: str) -> None:
-    """Raise PermissionDenied when the current caller's token may not use ``model``.
+    """Raise unless the current caller's token is still valid and may use ``model``.
 
     Servicers call this where a model name arrives inside a streamed request (ChatSession,
     Chat); unary requests are checked by the interceptor. A no-op when tokens are off.
 
     Raises:
+        Unauthenticated: the token was revoked since the stream opened.
         PermissionDenied: the token is limited to other models.
     """
-    principal = _current.get()
+    principal = check_caller()
     if principal is None or principal.may_use(model):
         return
     raise PermissionDenied(
         f"token {principal.who} may use only {', '.join(principal.models)}, not model "
         f"{model!r}; ask an operator for a token that includes it"
+    )
+
+
+def scoped_caller() -> Principal | None:
+    """The current caller when its token is limited to some models, else None.
+
+    Reads that list several models (ListModels, ListWorkers, GetModelMeta's adapters) show a
+    scoped token only its own; None means show everything (no tokens, or an unscoped one).
+    """
+    principal = _current.get()
+    return principal if principal is not None and principal.models else None
+
+
+def check_unscoped(what: str) -> None:
+    """Raise PermissionDenied when the caller's token is limited to some models.
+
+    For reads whose records name no deployed model a scope could match (training jobs name
+    paths), so only tokens without a model list may see them.
+
+    Raises:
+        PermissionDenied: the token has a model list.
+    """
+    principal = scoped_caller()
+    if principal is None:
+        return
+    raise PermissionDenied(
+        f"token {principal.who} is limited to models {', '.join(principal.models)} and {what} "
+        "belong to no model, so only tokens without a model list may read them; ask an "
+        "operator for such a token"
     )
 
 

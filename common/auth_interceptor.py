@@ -6,8 +6,20 @@
 token (UNAUTHENTICATED otherwise) of a role that may call it (PERMISSION_DENIED otherwise),
 and for unary requests the model the request names must be in the token's scope. The handler
 then runs with :func:`llmesh.common.auth.current_principal` set, so servicers can check models
-inside streams and forward the caller's token. Admin calls are recorded in the audit log with
-their outcome, refused ones included.
+inside streams and forward the caller's token. Admin calls by a valid token are recorded in the
+audit log with their outcome, refused ones included.
+
+Calls without a valid token are never written to the audit log (etcd): anyone who can reach
+the port could otherwise fill etcd. They, and refusals of user-role calls, go to the server log
+only, without the request body, at most one line per method, outcome and caller a minute
+(:class:`RefusalLog`).
+
+A stream is authenticated when it opens; a revoke must still end what it opened. Server
+streams (the Watch RPCs) look the caller up again before each message they send
+(:func:`llmesh.common.auth.check_caller`: an integer comparison unless the token table
+changed) and end UNAUTHENTICATED once the token is gone. Client-streaming RPCs (``Chat``,
+``ChatSession``, reflection) get their original handler, with no wrapper per message: their
+servicers check each request themselves (:func:`llmesh.common.auth.check_model`).
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from llmesh.common.auth import (
     Principal,
     TokenTable,
     bearer_of,
+    check_caller,
     current_principal,
     set_current_principal,
 )
@@ -34,6 +47,40 @@ from llmesh.common.auth_policy import OPEN, Rule, role_allows, rule_for
 from llmesh.common.errors import LLMeshError, PermissionDenied, Unauthenticated, status_for
 
 log = logging.getLogger(__name__)
+
+_REFUSAL_INTERVAL = 60.0
+_REFUSAL_KEYS = 1024
+
+
+class RefusalLog:
+    """Logs refused calls, rate-limited: one line per (method, outcome, caller) per interval.
+
+    The suppressed count goes into the next line, so a flood is visible without one line per
+    call. No request bodies: the caller may be anyone.
+
+    Args:
+        interval: seconds between lines for the same key.
+    """
+
+    def __init__(self, interval: float = _REFUSAL_INTERVAL) -> None:
+        self.interval = interval
+        self._seen: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def note(self, method: str, who: str, peer: str, code: grpc.StatusCode, message: str) -> None:
+        """Log one refusal unless the same one was logged less than ``interval`` ago."""
+        key = (method, code.name, who)
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[key] = (last[0], last[1] + 1)
+            return
+        if len(self._seen) >= _REFUSAL_KEYS:
+            self._seen.clear()  # bounded memory: callers choose the keys
+        self._seen[key] = (now, 0)
+        more = f" (+{last[1]} more like it since the last line)" if last and last[1] else ""
+        log.warning(
+            "refused %s from %s (%s): %s: %s%s", method, peer, who, code.name, message, more
+        )
 
 
 class Authenticator:
@@ -47,6 +94,10 @@ class Authenticator:
     def __init__(self, table: TokenTable, *, audit: AuditLog | None = None) -> None:
         self.table = table
         self.audit = audit
+        self.refusals = RefusalLog()
+        # Audit writes of cancelled calls run on the side; held here until done, since the
+        # event loop keeps only weak references to tasks.
+        self._side_tasks: set[asyncio.Future[None]] = set()
 
     def authenticate(self, method: str, metadata: Any) -> tuple[Rule, Principal | None]:
         """The rule for ``method`` and the caller (None for open methods).
@@ -75,34 +126,66 @@ class Authenticator:
         """The grpc.aio interceptor to install on a server."""
         return _AuthInterceptor(self)
 
-    async def record(
+    def record_later(
         self,
         method: str,
-        principal: Principal | None,
+        principal: Principal,
         request: Any,
         context: grpc.aio.ServicerContext,
         code: grpc.StatusCode,
         message: str,
     ) -> None:
-        """Append an audit entry for an admin call."""
+        """:meth:`record` in a task of its own (for a cancelled call, which must not await)."""
+        task = asyncio.ensure_future(
+            self.record(method, principal, request, context, code, message)
+        )
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def note_refusal(
+        self,
+        method: str,
+        principal: Principal | None,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Log a refused call (rate-limited, no request body): see :class:`RefusalLog`."""
+        who = principal.who if principal else "no valid token"
+        self.refusals.note(method, who, _peer(context), code, message)
+
+    async def record(
+        self,
+        method: str,
+        principal: Principal,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Append an audit entry for an admin call by a valid token."""
         if self.audit is None:
             return
-        try:
-            peer = context.peer()
-        except Exception:  # noqa: BLE001 - a peer is nice to have
-            peer = ""
         entry = AuditEntry(
             time=time.time(),
-            who=principal.who if principal else "(no valid token)",
-            token_id=principal.id if principal else "",
-            role=principal.role if principal else "",
+            who=principal.who,
+            token_id=principal.id,
+            role=principal.role,
             method=method,
             request=summarize(request),
-            peer=peer or "",
+            peer=_peer(context),
             code=code.name,
             message=message,
         )
         await self.audit.record(entry)
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return context.peer() or ""
+    except Exception:  # noqa: BLE001 - a peer is nice to have
+        return ""
 
 
 def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
@@ -147,6 +230,10 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         # grpc.aio runs each call's interceptors and handler in one task of its own, so the
         # caller set here is what the handler (and the tasks it starts) sees, and no other call.
         set_current_principal(principal)
+        if handler.request_streaming and rule.models is None and not rule.admin:
+            # Nothing for a wrapper to do per message: these servicers check each request
+            # themselves (check_model), so spare every message an extra generator hop.
+            return handler
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:
             cached = (handler, _wrap(self.auth, handler, method, rule))
@@ -189,9 +276,12 @@ def _refusal(
     code, message = status_for(exc)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        if audit:
+        if audit and principal is not None:
             body = None if handler.request_streaming else request
             await auth.record(method, principal, body, context, code, message)
+        else:
+            # No valid token: the log only, rate-limited; never etcd (see the module docstring).
+            auth.note_refusal(method, principal, context, code, message)
         await context.abort(code, message)
 
     if handler.response_streaming:
@@ -246,6 +336,15 @@ def _caller() -> Principal:
     return principal
 
 
+def _revoked() -> Unauthenticated | None:
+    """Why the stream's caller is no longer valid, or None while it is."""
+    try:
+        check_caller()
+    except Unauthenticated as exc:
+        return exc
+    return None
+
+
 def _wrap(
     auth: Authenticator,
     handler: grpc.RpcMethodHandler,
@@ -280,10 +379,7 @@ def _wrap(
         message = "" if code == grpc.StatusCode.OK else (context.details() or str(exc or ""))
         if isinstance(exc, asyncio.CancelledError):
             # Cancelled: do not await in a dying task; the entry is written on the side.
-            task = asyncio.ensure_future(
-                auth.record(method, principal, body, context, grpc.StatusCode.CANCELLED, "")
-            )
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            auth.record_later(method, principal, body, context, grpc.StatusCode.CANCELLED, "")
             return
         await auth.record(method, principal, body, context, code, message)
 
@@ -296,6 +392,8 @@ def _wrap(
                 code, message = status_for(denied)
                 if rule.admin:
                     await auth.record(method, principal, request, context, code, message)
+                else:
+                    auth.note_refusal(method, principal, context, code, message)
                 await context.abort(code, message)
             error: BaseException | None = None
             if rule.admin:
@@ -304,6 +402,11 @@ def _wrap(
                 result = original(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
+                        revoked = _revoked()
+                        if revoked is not None:
+                            code, message = status_for(revoked)
+                            auth.note_refusal(method, principal, context, code, message)
+                            await context.abort(code, message)
                         yield item
                 else:
                     await result
@@ -322,6 +425,8 @@ def _wrap(
             code, message = status_for(denied)
             if rule.admin:
                 await auth.record(method, principal, request, context, code, message)
+            else:
+                auth.note_refusal(method, principal, context, code, message)
             await context.abort(code, message)
         error: BaseException | None = None
         if rule.admin:

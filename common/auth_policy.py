@@ -1,8 +1,9 @@
 """Who may call which RPC: the one table of roles and model scopes.
 
 ``admin`` may call everything; ``user`` inference and read-only calls. A method missing from
-:data:`RULES` needs ``admin`` (fail closed), and ``tests/unit/test_auth_policy.py`` fails for
-it, so a new RPC cannot slip through unclassified.
+:data:`RULES` needs ``admin`` (fail closed), and ``test_every_rpc_of_every_service_has_a_rule``
+(``tests/unit/test_auth_tokens.py``) fails for it, so a new RPC cannot slip through
+unclassified.
 
 Open: ``grpc.health.v1.Health`` (load balancers and orchestrators probe without tokens).
 Reflection needs a valid token of any role: it describes services whose read-only calls a

@@ -12,17 +12,30 @@
   about half a second after it reaches the agent. An operator may also keep the records in a
   file of their own (``llmesh tokens ... --file``) and start servers with ``--token-file``
   (``LLMESH_TOKEN_FILE``) instead of giving them the token records in etcd.
+
+Unreadable records: in etcd, a record that does not parse counts as absent (fail closed: an
+overwrite with garbage revokes). A token file that cannot be read or parsed as a whole keeps
+the last table: failing closed there would lock every caller out, operators included (their
+only way back would be a restart), over a half-edited file. The follower retries every poll
+and logs at error level: once per distinct error, then a reminder every
+``TokenFileFollower.REMIND`` seconds while the file stays broken, so a revoke that cannot apply
+is loud without a line per poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+
+from aetcd import rpc
 
 from llmesh.common.auth import TokenRecord, TokenTable
 from llmesh.common.errors import NotFound
@@ -72,11 +85,30 @@ class EtcdTokens:
         Raises:
             NotFound: no token has that id.
         """
-        key = self.keys.token(token_id)
-        response = await self.kv.txn([], [delete_op(key)])
-        deleted = response.responses[0].response_delete_range.deleted
-        if not deleted:
-            raise NotFound(f"no token has id {token_id!r}; `llmesh tokens list` shows the ids")
+        await self.revoke_many([token_id])
+
+    async def revoke_many(self, token_ids: Sequence[str]) -> None:
+        """Delete several records in one transaction: all of them, or none when one is unknown.
+
+        Raises:
+            NotFound: some ids name no token (nothing was deleted).
+        """
+        keys = [self.keys.token(token_id) for token_id in dict.fromkeys(token_ids)]
+        exist = [
+            rpc.Compare(key=k, result=rpc.Compare.GREATER, target=rpc.Compare.VERSION, version=0)
+            for k in keys
+        ]
+        response = await self.kv.txn(exist, [delete_op(k) for k in keys])
+        if response.succeeded:
+            return
+        have = {r.key for r in (await self.kv.range_prefix(self.keys.tokens)).kvs}
+        unknown = [
+            tid for tid, k in zip(dict.fromkeys(token_ids), keys, strict=True) if k not in have
+        ]
+        raise NotFound(
+            f"no token has id {', '.join(unknown) or ', '.join(token_ids)}, so none was revoked; "
+            "`llmesh tokens list` shows the ids"
+        )
 
 
 class EtcdTokenFollower:
@@ -152,6 +184,10 @@ class EtcdTokenFollower:
                                 record = _parse(event.kv.value, key)
                                 if record is not None:
                                     self._records[key] = record
+                                else:
+                                    # Fail closed: a record overwritten with something
+                                    # unreadable no longer vouches for its old token.
+                                    self._records.pop(key, None)
                         if response.events:
                             self._publish()
                         revision = max(revision, response.header.revision)
@@ -171,16 +207,47 @@ class EtcdTokenFollower:
 
 
 def write_token_file(path: str | Path, records: Iterable[TokenRecord]) -> None:
-    """Write ``records`` to a token file atomically, readable by its owner only."""
+    """Write ``records`` to a token file atomically, readable by its owner only.
+
+    A temporary file of a unique name in the same directory (mode 0600), synced to disk, then
+    renamed over the file: a reader sees the old records or the new ones, never a part, and
+    two writers never share a temporary file.
+    """
     path = Path(path)
     body = json.dumps(
         {"tokens": [json.loads(r.to_json()) for r in records]}, indent=1, sort_keys=True
     )
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(body)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def update_token_file(
+    path: str | Path, change: Callable[[list[TokenRecord]], list[TokenRecord]]
+) -> list[TokenRecord]:
+    """Read, change and write a token file under an exclusive lock; returns the new records.
+
+    The lock (``flock`` on ``<file>.lock`` next to it) makes concurrent ``llmesh tokens
+    ... --file`` runs take turns, so none loses another's change.
+    """
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        records = change(read_token_file(path))
+        write_token_file(path, records)
+        return records
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_token_file(path: str | Path) -> list[TokenRecord]:
@@ -224,23 +291,50 @@ class TokenFileFollower:
         self.on_change = on_change
         self._seen: tuple[int, int, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._error: str | None = None  # the last failure, while the file stays broken
+        self._error_logged = 0.0
+
+    #: Seconds between reminders that the token file is still unreadable.
+    REMIND = 30.0
 
     def load(self) -> None:
-        """Read the file now if it changed since the last read."""
+        """Read the file now if it changed since the last read (or the last read failed).
+
+        Never raises: any failure keeps the last table and is logged (see the module
+        docstring), so a broken file cannot stop the follower and with it every later revoke.
+        """
         try:
-            st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = (0, 0, 0)
-        if stamp == self._seen:
-            return
-        try:
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except FileNotFoundError:
+                stamp = (0, 0, 0)
+            if stamp == self._seen and self._error is None:
+                return
             self.table.replace(read_token_file(self.path))
-        except ValueError as exc:
-            log.warning("keeping the last tokens: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the last table, retry
+            self._failed(exc)
+            return
+        if self._error is not None:
+            log.warning("token file %s is readable again; its tokens apply now", self.path)
+            self._error = None
         self._seen = stamp
         if callable(self.on_change):
             self.on_change(self.table)
+
+    def _failed(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if text == self._error and now - self._error_logged < self.REMIND:
+            return
+        self._error, self._error_logged = text, now
+        log.error(
+            "cannot read token file %s (%s); keeping the last %d tokens, so revokes made in "
+            "it do not apply until it is fixed; fix or rewrite it (`llmesh tokens ... --file`)",
+            self.path,
+            text,
+            len(self.table.records()),
+        )
 
     async def start(self) -> None:
         """Read the file, then follow it in the background."""
@@ -258,7 +352,10 @@ class TokenFileFollower:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            self.load()
+            try:
+                self.load()
+            except Exception:
+                log.exception("following token file %s failed; still following it", self.path)
 
 
 TOKEN_FILE_ENV = "LLMESH_TOKEN_FILE"

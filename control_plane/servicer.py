@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmesh.common import tracing
+from llmesh.common.auth import check_unscoped, scoped_caller
 from llmesh.common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, rpc_handler
 from llmesh.common.job_rules import check_job_id_length
 from llmesh.common.metrics import ControlPlaneMetrics, routing_policy_name, routing_reason
@@ -176,15 +177,33 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
         self, request: cp.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> cp.ListModelsResponse:
         models = self.registry.models()
+        scoped = scoped_caller()
+        names = [n for n in sorted(models) if scoped is None or scoped.may_use(n)]
         return cp.ListModelsResponse(
-            models=[with_replicas(self.registry, models[name]) for name in sorted(models)]
+            models=[with_replicas(self.registry, models[name]) for name in names]
         )
 
     @rpc_handler
     async def ListWorkers(
         self, request: cp.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> cp.ListWorkersResponse:
-        return cp.ListWorkersResponse(workers=worker_views(self.registry))
+        workers = worker_views(self.registry)
+        scoped = scoped_caller()
+        if scoped is not None:
+            # A scoped token sees every worker (capacity is not any model's) but only the
+            # replicas and device holders ("model/index") of its own models.
+            def mine(label: str) -> bool:
+                return scoped.may_use(label.rsplit("/", 1)[0])
+
+            for worker in workers:
+                kept = [r for r in worker.replicas if mine(r)]
+                del worker.replicas[:]
+                worker.replicas.extend(kept)
+                for device in worker.devices:
+                    held = [h for h in device.holders if mine(h)]
+                    del device.holders[:]
+                    device.holders.extend(held)
+        return cp.ListWorkersResponse(workers=workers)
 
     @rpc_handler
     async def AssignWorker(
@@ -272,12 +291,15 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
     async def GetTrainingJob(
         self, request: cp.GetTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> cp.GetTrainingJobResponse:
+        check_unscoped("training jobs")
         return cp.GetTrainingJobResponse(job=self._scheduler().get(_job_id(request.id)))
 
     @rpc_handler
     async def ListTrainingJobs(
         self, request: cp.ListTrainingJobsRequest, context: grpc.aio.ServicerContext
     ) -> cp.ListTrainingJobsResponse:
+        if scoped_caller() is not None:
+            return cp.ListTrainingJobsResponse()  # none visible to a scoped token; see Get
         return cp.ListTrainingJobsResponse(jobs=self._scheduler().list(list(request.states)))
 
     @rpc_handler
@@ -295,6 +317,7 @@ class ControlPlaneServicer(cp_grpc.ControlPlaneServiceServicer):
             raise Unavailable("the control plane is shutting down; watch through another one")
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence must be >= 0 (0 sends the whole history)")
+        check_unscoped("training jobs")
         async for response in self._scheduler().watch(_job_id(request.id), request.after_sequence):
             if self._closing.is_set():
                 raise Unavailable("the control plane is shutting down; watch again")

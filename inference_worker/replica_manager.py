@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from llmesh.common.auth import current_principal
 from llmesh.common.backends import (
     DEFAULT_QUEUE_FACTOR,
     DEFAULT_QUEUE_TIMEOUT_S,
@@ -125,6 +126,9 @@ class ReplicaManager:
         self.adapter_wait = adapter_wait
         self.replicas: dict[ReplicaKey, HostedReplica] = {}
         self.requests: dict[str, HostedReplica] = {}
+        # Request id -> the token id that started it ("" without tokens): Abort by id is for
+        # the request's own caller (or an admin), see InferenceServicer.Abort.
+        self.owners: dict[str, str] = {}
         # Output chunks produced by the engine since start: the agent's sign of life for it.
         self.progress = 0
         self._dirty: set[ReplicaKey] = set()
@@ -197,6 +201,8 @@ class ReplicaManager:
         owner = replica.base or replica
         if request_id is not None:
             self.requests[request_id] = replica
+            principal = current_principal()  # the caller's, inherited by the request's task
+            self.owners[request_id] = principal.id if principal is not None else ""
             replica.request_ids.add(request_id)
         try:
             if owner.engine_load >= replica.status.max_concurrency or owner.queue:
@@ -206,6 +212,7 @@ class ReplicaManager:
         except BaseException:
             if request_id is not None:
                 self.requests.pop(request_id, None)
+                self.owners.pop(request_id, None)
                 replica.request_ids.discard(request_id)
             raise
         replica.inflight += 1
@@ -219,6 +226,7 @@ class ReplicaManager:
             replica.inflight -= 1
             if request_id is not None:
                 self.requests.pop(request_id, None)
+                self.owners.pop(request_id, None)
                 replica.request_ids.discard(request_id)
             if replica.inflight == 0:
                 replica.idle.set()

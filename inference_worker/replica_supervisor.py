@@ -332,6 +332,7 @@ class ReplicaSupervisor:
         spec_path.write_text(spec.to_json())
         # No etcd credentials: the replica has no etcd, and it runs the model's own code.
         env = without_etcd_credentials({**os.environ, **self.settings.env})
+        env.pop("LLMESH_TOKEN", None)  # a replica calls nobody; the agent's token stays its own
         # The agent's own settings, explicitly: an inherited LLMESH_TLS_* must not make the
         # replica serve differently from what the agent dials.
         for name, value in self.settings.tls_env().items():

@@ -115,7 +115,7 @@ async def run_inference_worker(
             processes get it too.
         auth: require bearer tokens on the agent and its replica processes; None reads
             ``LLMESH_AUTH``. The agent follows the token records in etcd and keeps a copy in
-            ``run_dir/tokens.json`` for its replicas (which have no etcd access), plus an
+            ``run_dir/auth/tokens.json`` for its replicas (which have no etcd access), plus an
             admin token of its own that only it holds, for its calls to them.
         allow_remote_code: let replicas whose deploy asks for ``trust_remote_code`` run
             code from their model directory; None reads ``LLMESH_ALLOW_REMOTE_CODE`` (off).
@@ -182,7 +182,7 @@ async def run_inference_worker(
     )
     if agent_auth is not None:
         try:
-            await agent_auth.start(worker.id, settings.run_dir / "tokens.json")
+            await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
         except BaseException:
             await presence.close(grace=0)
             raise

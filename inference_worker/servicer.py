@@ -11,13 +11,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from llmesh.common.auth import check_model
+from llmesh.common.auth import (
+    ROLE_ADMIN,
+    check_caller,
+    check_model,
+    current_principal,
+    scoped_caller,
+)
+from llmesh.common.auth_interceptor import RefusalLog
 from llmesh.common.errors import (
     AlreadyExists,
     InvalidArgument,
     PermissionDenied,
+    Unauthenticated,
     error_for_code,
     rpc_handler,
+    status_for,
 )
 from llmesh.inference_worker.chat_runs import (
     FINISH,
@@ -36,6 +45,8 @@ from llmesh.v1 import inference_service_pb2 as inf
 from llmesh.v1 import inference_service_pb2_grpc
 
 log = logging.getLogger(__name__)
+# Per-request refusals inside ChatSession streams (the interceptor logs the others).
+_refusals = RefusalLog()
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -79,6 +90,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             while True:
                 message = await outbox.take()
+                # A revoke ends a stream already open, not only the next one (no-op without
+                # tokens; an integer comparison while the token table is unchanged).
+                check_caller()
                 for delta in message.deltas:
                     yield delta
                     if delta.finished:
@@ -128,8 +142,18 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 )
                 return
             try:
-                check_model(start.model)  # the token's model scope (no-op without tokens)
-            except PermissionDenied as exc:
+                # Still valid (the SDK keeps a session open for long; a revoke must reach it)
+                # and in the token's model scope; no-op without tokens.
+                check_model(start.model)
+            except (PermissionDenied, Unauthenticated) as exc:
+                caller = current_principal()
+                _refusals.note(
+                    "/llmesh.v1.InferenceService/ChatSession",
+                    caller.who if caller else "no valid token",
+                    context.peer() or "",
+                    status_for(exc)[0],
+                    str(exc),
+                )
                 outbox.fail(request_id, exc)
                 return
             run = ChatRun(
@@ -310,6 +334,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         replica = self.manager.find(request.model)
         assert replica.engine is not None
         meta = replica.engine.meta()
+        loras = replica.engine.loras()
+        scoped = scoped_caller()
+        if scoped is not None:  # a scoped token sees only the adapters it may use
+            loras = [name for name in loras if scoped.may_use(name)]
         return inf.GetModelMetaResponse(
             model=request.model,
             backend=meta.backend,
@@ -332,7 +360,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 "engine_active_requests": str(len(replica.engine.active_requests())),
                 # Requests on the engine this model runs on, its adapters' included.
                 "engine_load": str((replica.base or replica).engine_load),
-                "loras": ",".join(replica.engine.loras()),
+                "loras": ",".join(loras),
                 "open_sessions": str(self.open_sessions),
                 "pid": str(os.getpid()),
                 "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -345,4 +373,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     ) -> inf.AbortResponse:
         if not request.request_id:
             raise InvalidArgument("AbortRequest.request_id is empty")
+        principal = current_principal()
+        if (
+            principal is not None
+            and principal.role != ROLE_ADMIN
+            and self.manager.owners.get(request.request_id) != principal.id
+        ):
+            # Another token's request (or none): answer as for an unknown id, so a user can
+            # neither stop other users' requests nor learn which ids are running.
+            return inf.AbortResponse(aborted=False)
         return inf.AbortResponse(aborted=await self.manager.abort(request.request_id))

@@ -7,20 +7,45 @@ directories; the worker's own jobs directory is always allowed, since default ou
 Paths are compared after resolving ``..`` and symbolic links, so neither leads out of a root.
 Without roots every path is allowed, as before (a mesh on one laptop).
 
+With roots, the spec's paths must be absolute: the worker would resolve a relative one against
+its own working directory, but the job's runner runs in the job's output directory, so the
+checked path and the used one would differ. Path-like values inside ``deepspeed_config_json``
+(any key ending in ``_path``, ``_dir`` or ``_file``, at any depth: ``nvme_path``,
+``tensorboard.output_path``, ``csv_monitor.output_path``, ``flops_profiler.output_file``, ...)
+are checked too; a relative one there is resolved against the output directory, as DeepSpeed
+in the runner will.
+
 The check runs when the worker accepts a job, before anything starts: a job outside the
 roots ends FAILED with a PERMISSION_DENIED sentence naming the field, the path and the roots.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from llmesh.common.errors import PermissionDenied
+from llmesh.common.errors import InvalidArgument, PermissionDenied
 from llmesh.v1 import trainer_service_pb2 as tr
 
 ROOTS_ENV = "LLMESH_ALLOWED_ROOTS"
+_PATH_KEY_SUFFIXES = ("_path", "_dir", "_file")
+
+
+def _config_paths(node: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(dotted key, value) for every string under a path-like key of a JSON value."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{where}.{key}"
+            if str(key).lower().endswith(_PATH_KEY_SUFFIXES):
+                items = value if isinstance(value, list) else [value]
+                yield from ((name, v) for v in items if isinstance(v, str) and v)
+            yield from _config_paths(value, name)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _config_paths(value, f"{where}[{index}]")
 
 
 def roots_from_env(roots: Sequence[str | Path] | None = None) -> list[Path] | None:
@@ -57,17 +82,41 @@ class PathPolicy:
         Args:
             spec: the job's spec.
             output_dir: where the job will write (the spec's or the default one).
+
+        Raises:
+            PermissionDenied: a path lies outside the roots, or the spec's is relative.
+            InvalidArgument: ``deepspeed_config_json`` is not JSON (its paths cannot be checked).
         """
         fields = [
             ("base_model_path", spec.base_model_path),
             ("data_path", spec.data_path),
             ("adapter_path", spec.adapter_path),
             ("tokenizer_path", spec.tokenizer_path),
-            ("output_dir", output_dir),
+            ("output_dir", spec.output_dir),
         ]
         config = spec.model_config.strip()
         if config and not config.startswith("{"):  # a path to config.json, not JSON text
             fields.append(("model_config", config))
+        for name, value in fields:
+            if value and not Path(value).expanduser().is_absolute():
+                raise PermissionDenied(
+                    f"spec.{name} {value!r} is a relative path; give an absolute one (the job "
+                    "runs in its output directory, not where the trainer worker started)"
+                )
+        # The output directory as the job will use it (the default one lies in the jobs dir).
+        fields[4] = ("output_dir", output_dir)
+        if spec.deepspeed_config_json.strip():
+            try:
+                ds_config = json.loads(spec.deepspeed_config_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(
+                    f"spec.deepspeed_config_json is not JSON ({exc}); give the DeepSpeed "
+                    "config as a JSON object"
+                ) from exc
+            base = Path(output_dir).expanduser()
+            for name, value in _config_paths(ds_config, "deepspeed_config_json"):
+                path = Path(value).expanduser()
+                fields.append((name, str(path if path.is_absolute() else base / path)))
         for name, value in fields:
             if value and not self.allows(value):
                 raise PermissionDenied(

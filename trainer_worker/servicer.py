@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmesh.common.auth import check_unscoped
 from llmesh.common.errors import InvalidArgument, ResourceExhausted, rpc_handler
 from llmesh.common.job_rules import check_job_id_length
 from llmesh.trainer_worker.job_log import WatcherDropped, is_final_event
@@ -42,6 +43,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self, request: tr.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> tr.GetJobResponse:
         """The job as this worker knows it; NOT_FOUND for a job that is not on this worker."""
+        check_unscoped("training jobs")
         job = await self.manager.get_job(_job_id(request.job_id))
         return tr.GetJobResponse(job=job)
 
@@ -55,6 +57,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 f"after_sequence={request.after_sequence} is negative; use 0 for the whole log "
                 "or the last sequence you saw"
             )
+        check_unscoped("training jobs")
         job_log = await self.manager.open_log(_job_id(request.job_id))
         backlog, sub = job_log.subscribe(request.after_sequence)
         last = request.after_sequence

@@ -18,7 +18,8 @@ MESSAGES_EN: dict[str, str] = {
     "help_control_plane": "control plane address host:port "
     "(default: $LLMESH_CONTROL_PLANE or 127.0.0.1:50051)",
     "help_token": "bearer token sent on every call (default: $LLMESH_TOKEN); "
-    "needed when the mesh runs with --auth",
+    "needed when the mesh runs with --auth. Other users on this machine can read a command "
+    "line (ps), so prefer LLMESH_TOKEN",
     "help_deploy": "Deploy a model",
     "help_undeploy": "Undeploy a model",
     "help_query": "Query a deployed model and stream the answer",
@@ -115,7 +116,8 @@ MESSAGES_ZH: dict[str, str] = {
     "desc": "llmesh：在 gRPC 网格上部署和调用大模型（兼容 Byzer-LLM）",
     "help_control_plane": "控制平面地址 host:port"
     "（默认：$LLMESH_CONTROL_PLANE 或 127.0.0.1:50051）",
-    "help_token": "每次调用携带的访问令牌（默认：$LLMESH_TOKEN）；网格以 --auth 运行时需要",
+    "help_token": "每次调用携带的访问令牌（默认：$LLMESH_TOKEN）；网格以 --auth 运行时需要。"
+    "本机其他用户能看到命令行（ps），请优先使用 LLMESH_TOKEN",
     "help_deploy": "部署一个模型",
     "help_undeploy": "卸载一个模型",
     "help_query": "向已部署的模型提问，并流式输出回答",

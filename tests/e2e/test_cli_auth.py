@@ -1,6 +1,7 @@
-"""The operator's path through tokens, as a user types it: ``llmesh up --auth`` prints an admin
-token; ``llmesh tokens`` creates, lists and revokes; client commands take ``--token`` or
-``LLMESH_TOKEN``; ``llmesh audit`` shows who did what."""
+"""The operator's path through tokens, as a user types it: ``llmesh up`` with
+``LLMESH_AUTH=1`` prints an admin token (revoked when it stops); ``llmesh tokens`` creates,
+lists and revokes; client commands take ``--token`` or ``LLMESH_TOKEN``; ``llmesh audit`` shows
+who did what."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+import pytest
 
 from llmesh.common.process import free_port
 
@@ -28,9 +31,11 @@ def llmesh(*args: str, token: str | None = None) -> subprocess.CompletedProcess[
     )
 
 
-def test_up_auth_tokens_and_audit(spawn: Any) -> None:
+def test_up_auth_tokens_and_audit(spawn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     address = f"127.0.0.1:{free_port()}"
-    up = spawn("up", "--auth", "--listen", address, "--workers", "0", name="up")
+    # The variable, not --auth: `up` must honour LLMESH_AUTH like every server does.
+    monkeypatch.setenv("LLMESH_AUTH", "1")
+    up = spawn("up", "--listen", address, "--workers", "0", name="up")
     up.wait_output("ready (Ctrl-C stops everything)", timeout=120)
     out = up.output()
     admin = re.search(r"admin token (llmesh_[0-9a-f]{12}_\S+)", out).group(1)  # type: ignore[union-attr]
@@ -81,4 +86,5 @@ def test_up_auth_tokens_and_audit(spawn: Any) -> None:
     assert lines[0].split()[:3] == ["WHEN", "WHO", "WHAT"]
     refusal = next(x for x in lines if "UndeployModel" in x)
     assert f"ci ({user_id})" in refusal and "PERMISSION_DENIED" in refusal and "chat" in refusal
-    up.stop()
+    assert up.stop() == 0
+    assert f"revoked admin token {admin.split('_')[1]}" in up.output(), up.output()

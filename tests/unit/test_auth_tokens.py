@@ -114,6 +114,68 @@ def test_model_scope() -> None:
         reset_current_principal(ctx)
 
 
+def test_a_revoke_reaches_a_caller_resolved_before_it() -> None:
+    token, record = new_token("long stream", ROLE_USER)
+    other = new_token("other", ROLE_USER)[1]
+    table = TokenTable([record, other])
+    ctx = set_current_principal(table.verify(token))
+    try:
+        check_model("chat")
+        table.remove(other.id)  # a change elsewhere: looked up again, still valid
+        check_model("chat")
+        table.remove(record.id)
+        with pytest.raises(Unauthenticated, match="revoked while this stream was open"):
+            check_model("chat")
+    finally:
+        reset_current_principal(ctx)
+
+
+def test_token_file_follower_survives_a_broken_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import time
+
+    from llmesh.common.auth_store import TokenFileFollower
+
+    path = tmp_path / "tokens.json"
+    first, second = (new_token(n, ROLE_USER)[1] for n in ("first", "second"))
+    write_token_file(path, [first])
+    table = TokenTable()
+
+    async def wait_for(condition: object) -> None:
+        deadline = time.monotonic() + 15
+        while not condition():  # type: ignore[operator]
+            assert time.monotonic() < deadline, "the follower did not catch up"
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        follower = TokenFileFollower(path, table, interval=0.02)
+        await follower.start()
+        try:
+            assert table.records() == [first]
+            # A KeyError (no role) and a TypeError (not an object), not just a ValueError.
+            for broken, error in (
+                ('{"tokens": [{"id": "0123456789ab"}]}', "KeyError"),
+                ('{"tokens": [5]}', "TypeError"),
+            ):
+                path.write_text(broken)
+                await wait_for(lambda e=error: e in caplog.text)
+            await asyncio.sleep(0.1)  # several polls on the broken file
+            assert table.records() == [first]  # kept: see the auth_store docstring
+            assert follower._task is not None and not follower._task.done()
+            write_token_file(path, [second])
+            await wait_for(lambda: table.records() == [second])
+        finally:
+            await follower.stop()
+
+    with caplog.at_level("ERROR", logger="llmesh.common.auth_store"):
+        asyncio.run(scenario())
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    # Once per distinct error, not once per poll.
+    assert len(errors) <= 4, [r.getMessage() for r in errors]
+
+
 def test_errors_travel_as_their_status_codes() -> None:
     import grpc
 
@@ -205,6 +267,41 @@ def test_training_paths_stay_under_the_roots(
     assert roots_from_env(None) is None
 
 
+def test_training_paths_must_be_absolute_and_deepspeed_paths_are_checked(
+    tmp_path: Path,
+) -> None:
+    root, jobs = tmp_path / "data", tmp_path / "jobs"
+    root.mkdir()
+    jobs.mkdir()
+    policy = PathPolicy([root], jobs)
+    out = str(jobs / "sft-1")
+    # Relative: the worker would check it against its own cwd, the runner use it in out.
+    for field in ("data_path", "base_model_path", "output_dir"):
+        spec = tr.TrainingJobSpec(**{field: "data/d.jsonl"})
+        with pytest.raises(PermissionDenied, match=f"spec.{field} .* is a relative path"):
+            policy.check(spec, out)
+    ok = {
+        "zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": str(root)}},
+        "tensorboard": {"enabled": True, "output_path": "tb"},  # under out: allowed
+        "train_batch_size": 8,
+    }
+    policy.check(tr.TrainingJobSpec(deepspeed_config_json=json.dumps(ok)), out)
+    for config, where in (
+        ({"zero_optimization": {"offload_param": {"nvme_path": "/tmp"}}}, "nvme_path"),
+        ({"tensorboard": {"output_path": "../../.."}}, "tensorboard.output_path"),
+        ({"csv_monitor": {"output_path": "/etc"}}, "csv_monitor.output_path"),
+        ({"flops_profiler": {"output_file": "/etc/x"}}, "flops_profiler.output_file"),
+        ({"checkpoint": {"dirs": [1], "load_dir": ["/etc"]}}, "checkpoint.load_dir"),
+    ):
+        spec = tr.TrainingJobSpec(deepspeed_config_json=json.dumps(config))
+        with pytest.raises(PermissionDenied, match=rf"deepspeed_config_json\..*{where} .* outside"):
+            policy.check(spec, out)
+    from llmesh.common.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="not JSON"):
+        policy.check(tr.TrainingJobSpec(deepspeed_config_json="{nope"), out)
+
+
 def test_remote_code_needs_both_keys() -> None:
     from llmesh.common.backends import check_infer_params
     from llmesh.inference_worker.engines.base import EngineConfig
@@ -235,3 +332,64 @@ def test_remote_code_needs_both_keys() -> None:
     assert built == []  # refused before any engine was built
     remote_code_guard(factory, allowed=True)(config)  # type: ignore[arg-type]
     assert built == ["m"]
+
+
+def test_replicas_token_dir_must_be_private(tmp_path: Path) -> None:
+    from llmesh.common.errors import FailedPrecondition
+    from llmesh.inference_worker.agent_auth import private_dir
+
+    fresh = tmp_path / "run" / "auth"
+    private_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(FailedPrecondition, match="chmod 700"):
+        private_dir(shared)
+    (tmp_path / "link").symlink_to(fresh)
+    with pytest.raises(FailedPrecondition, match="must be a directory"):
+        private_dir(tmp_path / "link")
+
+
+def test_a_failed_write_of_the_replicas_token_file_is_retried(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from llmesh.inference_worker.agent_auth import AgentAuth
+
+    source = tmp_path / "source.json"
+    record = new_token("ops", ROLE_USER)[1]
+    write_token_file(source, [record])
+    target = tmp_path / "run" / "auth" / "tokens.json"
+    target.mkdir(parents=True)  # a directory where the file goes: the first writes fail
+
+    async def scenario() -> list[TokenRecord]:
+        auth = AgentAuth("127.0.0.1:1", "/ns", source_file=str(source))
+        await auth.start("w0", target)
+        try:
+            assert target.is_dir()
+            target.rmdir()  # the obstacle goes away: a retry must write the file
+            deadline = time.monotonic() + 15
+            while not target.is_file():
+                assert time.monotonic() < deadline, "the token file was never written"
+                await asyncio.sleep(0.05)
+            return read_token_file(target)
+        finally:
+            await auth.close()
+
+    written = asyncio.run(scenario())
+    assert record in written and any(r.role == ROLE_ADMIN for r in written)
+
+
+def test_concurrent_token_file_updates_lose_nothing(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmesh.common.auth_store import update_token_file
+
+    path = tmp_path / "tokens.json"
+    made = [new_token(f"t{i}", ROLE_USER)[1] for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        # Each update reads, adds one and writes: without the lock, some would be lost.
+        list(pool.map(lambda r: update_token_file(path, lambda rs: [*rs, r]), made))
+    assert sorted(r.id for r in read_token_file(path)) == sorted(r.id for r in made)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

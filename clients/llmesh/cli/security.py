@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from llmesh._table import format_table
 from llmesh.common.audit import AuditEntry, read_audit
 from llmesh.common.auth import ROLE_USER, ROLES, new_token
-from llmesh.common.auth_store import EtcdTokens, read_token_file, write_token_file
+from llmesh.common.auth_store import EtcdTokens, read_token_file, update_token_file
 from llmesh.common.errors import NotFound
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE, Keys
@@ -52,7 +52,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         await EtcdTokens(kv, keys).add(record)
 
     if args.file:
-        write_token_file(args.file, [*read_token_file(args.file), record])
+        update_token_file(args.file, lambda records: [*records, record])
     else:
         _with_etcd(args, work)
     if args.quiet:
@@ -83,19 +83,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
     async def work(kv: EtcdKV, keys: Keys) -> None:
-        store = EtcdTokens(kv, keys)
-        for token_id in args.ids:
-            await store.revoke(token_id)
+        # One transaction: every id is checked first, and either all go or none does.
+        await EtcdTokens(kv, keys).revoke_many(args.ids)
 
-    if args.file:
-        records = read_token_file(args.file)
+    def without(records: list[Any]) -> list[Any]:
         unknown = set(args.ids) - {r.id for r in records}
         if unknown:
             raise NotFound(
-                f"no token in {args.file} has id {', '.join(sorted(unknown))}; "
-                "`llmesh tokens list --file` shows the ids"
+                f"no token in {args.file} has id {', '.join(sorted(unknown))}, so none was "
+                "revoked; `llmesh tokens list --file` shows the ids"
             )
-        write_token_file(args.file, [r for r in records if r.id not in args.ids])
+        return [r for r in records if r.id not in args.ids]
+
+    if args.file:
+        update_token_file(args.file, without)
     else:
         _with_etcd(args, work)
     print(t(f"revoked {', '.join(args.ids)}", f"已吊销 {', '.join(args.ids)}"))

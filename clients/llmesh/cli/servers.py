@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmesh.common.auth import auth_from_env
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity, add_etcd_arguments
 from llmesh.common.local_etcd import LocalEtcd
@@ -84,7 +85,7 @@ def _worker_command(args: argparse.Namespace, etcd: str, index: int) -> list[str
         cmd += ["--cpus", str(args.worker_cpus)]
     if args.worker_gpus is not None:
         cmd += ["--gpus", str(args.worker_gpus)]
-    if args.auth:
+    if auth_from_env(args.auth):
         cmd += ["--auth"]
     if args.no_metrics:
         cmd += ["--no-metrics"]
@@ -110,7 +111,7 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
     ]
     if args.jobs_dir:
         cmd += ["--jobs-dir", args.jobs_dir]
-    if args.auth:
+    if auth_from_env(args.auth):
         cmd += ["--auth"]
     if args.no_metrics:
         cmd += ["--no-metrics"]
@@ -120,6 +121,9 @@ def _trainer_command(args: argparse.Namespace, etcd: str, index: int) -> list[st
 async def _up(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import run_control_plane
 
+    # --auth, else LLMESH_AUTH: the same rule every server applies (auth_from_env).
+    auth = auth_from_env(args.auth)
+    admin_token_id: str | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,13 +153,15 @@ async def _up(args: argparse.Namespace) -> int:
         child_env = {**os.environ}
         if isinstance(security["etcd_security"], EtcdSecurity):
             child_env.update(security["etcd_security"].secret_env())
-        if args.auth:
-            await _print_admin_token(endpoint, args.namespace, security["etcd_security"])
+        if auth:
+            admin_token_id = await _print_admin_token(
+                endpoint, args.namespace, security["etcd_security"]
+            )
         async with run_control_plane(
             listen=args.listen,
             etcd=endpoint,
             namespace=args.namespace,
-            auth=bool(args.auth),
+            auth=auth,
             **security,  # type: ignore[arg-type]
             metrics_listen=metrics_listen(args),
         ) as cp:
@@ -197,6 +203,12 @@ async def _up(args: argparse.Namespace) -> int:
     finally:
         for proc in workers:
             stop_child(proc, 5)
+        if admin_token_id is not None:
+            # Its secret was printed to a terminal; it must not outlive this `up` (an external
+            # etcd or a --data-dir keeps the records).
+            await _revoke_admin_token(
+                endpoint, args.namespace, security["etcd_security"], admin_token_id
+            )
         if etcd is not None:
             etcd.stop()
             if not args.data_dir:
@@ -205,10 +217,39 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _revoke_admin_token(
+    etcd: str, namespace: str, etcd_security: EtcdSecurity | None, token_id: str
+) -> None:
+    """Revoke the admin token :func:`_print_admin_token` made (logged, never raised)."""
+    from llmesh.common.auth_store import EtcdTokens
+    from llmesh.common.etcd import EtcdKV
+    from llmesh.common.etcd_keys import Keys
+
+    kv = EtcdKV(etcd, security=etcd_security)
+    try:
+        await EtcdTokens(kv, Keys(namespace)).revoke(token_id)
+        print(f"revoked admin token {token_id}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - stopping goes on; say what to do instead
+        log.warning(
+            "could not revoke this up's admin token %s (%s); revoke it with "
+            "`llmesh tokens revoke %s --etcd %s`",
+            token_id,
+            exc,
+            token_id,
+            etcd,
+        )
+    finally:
+        await kv.close()
+
+
 async def _print_admin_token(
     etcd: str, namespace: str, etcd_security: EtcdSecurity | None = None
-) -> None:
-    """Create an admin token for this ``up`` and print it (its secret is stored nowhere)."""
+) -> str:
+    """Create an admin token for this ``up`` and print it (its secret is stored nowhere).
+
+    Returns:
+        The token's id (``up`` revokes it when it stops).
+    """
     from llmesh.common.auth import ROLE_ADMIN, new_token
     from llmesh.common.auth_store import EtcdTokens
     from llmesh.common.etcd import EtcdKV
@@ -222,10 +263,11 @@ async def _print_admin_token(
         await kv.close()
     print(f"admin token {token}", flush=True)
     print(
-        f"            (id {record.id}; export LLMESH_TOKEN=<token>; revoke with "
-        f"`llmesh tokens revoke {record.id} --etcd {etcd}`)",
+        f"            (id {record.id}; export LLMESH_TOKEN=<token>; revoked when this "
+        "`llmesh up` stops)",
         flush=True,
     )
+    return record.id
 
 
 async def _wait_workers(
@@ -357,8 +399,9 @@ def _cmd_trainer_worker(args: argparse.Namespace) -> int:
 def _auth_option(parser: argparse.ArgumentParser, *, up_help: bool = False) -> None:
     if up_help:
         text = t(
-            "require bearer tokens everywhere; creates and prints an admin token",
-            "所有服务都要求访问令牌；创建并打印一个管理员令牌",
+            "require bearer tokens everywhere (default $LLMESH_AUTH); creates and prints an "
+            "admin token, revoked when up stops",
+            "所有服务都要求访问令牌（默认 $LLMESH_AUTH）；创建并打印一个管理员令牌，up 退出时吊销",
         )
     else:
         text = t(
