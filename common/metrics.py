@@ -64,8 +64,24 @@ QUEUE_BUCKETS = (
 )  # fmt: skip
 ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Seconds between two warnings of one collector about a snapshot it left out.
+WARN_INTERVAL_S = 60.0
+
 # How an aborted request ended (``llmesh:request_aborted_total{how}``).
 ABORT_HOWS = ("cancel", "abort", "disconnect", "deadline")
+
+
+def enum_name(enum: Any, value: int, prefix: str = "") -> str:
+    """The name of a protobuf enum ``value`` without ``prefix``, or ``UNKNOWN``.
+
+    A record written by a newer llmesh can carry a value this one does not know; a sampler
+    must not fail the scrape over it.
+    """
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return "UNKNOWN"
+    return name.removeprefix(prefix)
 
 
 # ---- the endpoint ------------------------------------------------------------------------------
@@ -229,7 +245,8 @@ class SnapshotCollector:
 
     The HTTP thread asks the loop to run ``build`` and waits (bounded) for the result, so the
     families describe one moment of the loop's state and the loop never shares its dicts with
-    another thread mid-change.
+    another thread mid-change. A ``build`` that raises (or a loop too busy to answer in time)
+    leaves only these families out: the rest of the page is still served.
 
     Args:
         loop: the loop that owns the state ``build`` reads.
@@ -246,13 +263,20 @@ class SnapshotCollector:
         self.loop = loop
         self.build = build
         self.timeout = timeout
+        self._warned = -WARN_INTERVAL_S  # monotonic time of the last warning
+        self._quiet = 0  # warnings left out since then
 
     def collect(self) -> Iterable[Metric]:
         try:
-            if asyncio.get_running_loop() is self.loop:
-                return self.build()  # a scrape from the loop's own thread (tests)
+            same_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:
-            pass
+            same_loop = False
+        if same_loop:  # a scrape from the loop's own thread (tests)
+            try:
+                return self.build()
+            except Exception as exc:  # noqa: BLE001 - one broken sampler must not fail the page
+                self._skipped(str(exc) or type(exc).__name__, exc)
+                return []
         if self.loop.is_closed():
             return []
         result: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
@@ -266,9 +290,25 @@ class SnapshotCollector:
         try:
             self.loop.call_soon_threadsafe(run)
             return result.result(self.timeout)
-        except (RuntimeError, concurrent.futures.TimeoutError) as exc:
-            log.warning("metrics snapshot skipped: %s", exc or "the event loop is busy")
-            return []
+        except concurrent.futures.TimeoutError:
+            self._skipped("the event loop is busy", None)
+        except Exception as exc:  # noqa: BLE001 - one broken sampler must not fail the page
+            self._skipped(str(exc) or type(exc).__name__, exc)
+        return []
+
+    def _skipped(self, why: str, exc: BaseException | None) -> None:
+        """Log a left-out snapshot, at most once per :data:`WARN_INTERVAL_S` per collector.
+
+        Prometheus scrapes every few seconds: a sampler that keeps failing (or a loop that
+        stays busy) would otherwise write a warning per scrape.
+        """
+        now = time.monotonic()
+        if now - self._warned < WARN_INTERVAL_S:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last warning)" if self._quiet else ""
+        self._warned, self._quiet = now, 0
+        log.warning("metrics snapshot left out of the page: %s%s", why, more, exc_info=exc)
 
 
 # ---- replica processes ------------------------------------------------------------------------

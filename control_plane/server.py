@@ -26,6 +26,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.metrics import (
     ControlPlaneMetrics,
     MetricsEndpoint,
+    enum_name,
     metrics_address,
     start_metrics,
 )
@@ -190,7 +191,7 @@ def _registry_sample(
         replicas.append((spec.name, ""))  # counts the model even with no replica
         for r in with_replicas(registry, spec).replicas:
             # UNSPECIFIED: a placeholder for a replica whose worker is not registered.
-            name = common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+            name = enum_name(common_pb2.ReplicaState, r.state, "REPLICA_STATE_")
             replicas.append((spec.name, "WORKER_GONE" if name == "UNSPECIFIED" else name))
     kinds: dict[str, int] = {}
     for worker in registry.workers().values():

@@ -23,6 +23,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.metrics import (
     JobSample,
     MetricsEndpoint,
+    enum_name,
     metrics_address,
     split_host_port,
     start_metrics,
@@ -226,7 +227,7 @@ def _jobs(managers: list[JobManager]) -> list[JobSample]:
     out = []
     for manager in managers:
         for run in manager.runs.values():
-            state = tr.TrainingJobState.Name(run.record.state).removeprefix("TRAINING_JOB_STATE_")
+            state = enum_name(tr.TrainingJobState, run.record.state, "TRAINING_JOB_STATE_")
             sample = JobSample(job_id=run.job_id, state=state)
             progress = run.progress
             # Per-job series only while it runs: finished jobs would pile up series forever.

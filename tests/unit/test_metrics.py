@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import urllib.request
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -213,3 +214,42 @@ def test_every_server_command_takes_the_metrics_flags() -> None:
         assert metrics_listen(parse([command, "--no-metrics"])) == "off"
         args = parse([command, "--metrics-listen", "127.0.0.1:9100"])
         assert metrics_listen(args) == "127.0.0.1:9100"
+
+
+def test_a_failing_sampler_leaves_only_its_families_out_of_the_page() -> None:
+    """A snapshot whose build raises (here ValueError, as an unknown enum value would) must not
+    turn the page into HTTP 500: the other families and the global registry stay served."""
+    from llmesh.common.metrics import SnapshotCollector, enum_name
+    from llmesh.v1 import common_pb2
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    calls: list[int] = []
+
+    def broken() -> list[Any]:
+        calls.append(1)
+        raise ValueError("a sampler bug")
+
+    replica = ReplicaMetrics()
+    replica.watch_load(loop, lambda: [("chat", 0, 2, 1)])
+    replica.registry.register(SnapshotCollector(loop, broken))  # type: ignore[arg-type]
+    replica.request("chat", 0).migrated()
+    endpoint = start_metrics(replica.registry, "127.0.0.1:0")
+    assert endpoint is not None
+    try:
+        for _ in range(2):  # the second scrape's warning is rate-limited, the page the same
+            got = _scrape(endpoint.url)
+            chat = frozenset({("model_name", "chat"), ("replica", "0")})
+            assert got[("llmesh:num_requests_running", chat)] == 2
+            assert got[("llmesh:request_migrations_total", chat)] == 1
+            assert any(name == "process_resident_memory_bytes" for name, _ in got)
+        assert len(calls) == 2  # the broken build really ran on each scrape
+    finally:
+        endpoint.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert enum_name(common_pb2.ReplicaState, 999, "REPLICA_STATE_") == "UNKNOWN"
+    assert enum_name(common_pb2.ReplicaState, common_pb2.REPLICA_STATE_READY, "REPLICA_STATE_") == (
+        "READY"
+    )
