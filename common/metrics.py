@@ -559,35 +559,41 @@ class ReplicaMetrics:
 
 def node_agent_registry(
     loop: asyncio.AbstractEventLoop,
-    processes: Callable[[], Iterable[tuple[str, int, str, int, int]]],
+    processes: Callable[[], Iterable[tuple[str, int, int, str, int, int]]],
 ) -> CollectorRegistry:
     """The metrics of a node agent: its replica processes, their states and restarts.
 
+    Series are per (model, generation, replica): during a rolling update the agent supervises
+    the old generation's process and the new one's side by side for the same replica index,
+    and one series each keeps them apart (sum by ``model_name, replica`` to merge them).
+
     Args:
         loop: the agent's loop.
-        processes: yields (model, replica index, state name, pid, restarts) per supervised
-            replica process (adapters ride in their base's process and are not listed).
+        processes: yields (model, generation, replica index, state name, pid, restarts) per
+            supervised replica process (adapters ride in their base's process and are not
+            listed).
     """
     registry = CollectorRegistry()
+    labels_of = ("model_name", "generation", "replica")
 
     def build() -> list[Metric]:
         up = GaugeMetricFamily(
             "llmesh:replica_process_up",
             "1 while the replica's process runs.",
-            labels=("model_name", "replica"),
+            labels=labels_of,
         )
         state = GaugeMetricFamily(
             "llmesh:replica_process_state",
             "1 for the state the replica last reported (LOADING, READY, DRAINING, FAILED).",
-            labels=("model_name", "replica", "state"),
+            labels=(*labels_of, "state"),
         )
         restarts = CounterMetricFamily(
             "llmesh:replica_restarts",
             "Times the agent restarted the replica's process (crash or wedge).",
-            labels=("model_name", "replica"),
+            labels=labels_of,
         )
-        for model, index, name, pid, count in processes():
-            labels = (model, str(index))
+        for model, generation, index, name, pid, count in processes():
+            labels = (model, str(generation), str(index))
             up.add_metric(labels, 1 if pid else 0)
             state.add_metric((*labels, name), 1)
             restarts.add_metric(labels, count)

@@ -216,10 +216,10 @@ async def run_inference_worker(
         log.info("worker %s stopped", worker.id)
 
 
-def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, str, int, int]]:
-    """(model, index, state, pid, restarts) of each replica process the agent supervises."""
+def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, int, str, int, int]]:
+    """(model, generation, index, state, pid, restarts) of each replica process supervised."""
     return [
-        (key[0], key[2], sup.state_name(), sup.pid, sup.restarts)
+        (key[0], key[1], key[2], sup.state_name(), sup.pid, sup.restarts)
         for agent in agents
         for key, sup in agent.supervisors.items()
     ]

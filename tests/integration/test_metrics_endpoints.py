@@ -139,9 +139,10 @@ def test_replica_url_is_published_and_every_server_serves_metrics(running: Runni
     assert value(got, "llmesh:etcd_request_duration_seconds_count") >= 1
 
     got = scrape(worker.metrics.url)
-    assert value(got, "llmesh:replica_process_up", **CHAT) == 1
-    assert value(got, "llmesh:replica_process_state", **CHAT, state="READY") == 1
-    assert value(got, "llmesh:replica_restarts_total", **CHAT) == 0
+    process = {**CHAT, "generation": str(running.replica.generation)}
+    assert value(got, "llmesh:replica_process_up", **process) == 1
+    assert value(got, "llmesh:replica_process_state", **process, state="READY") == 1
+    assert value(got, "llmesh:replica_restarts_total", **process) == 0
 
     got = scrape(running.trainer.metrics.url)
     assert any(name == "process_resident_memory_bytes" for name, _ in got)

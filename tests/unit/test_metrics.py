@@ -189,7 +189,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
         registries = [
             replica.registry,
             control.registry,
-            node_agent_registry(loop, lambda: [("chat", 0, "READY", 1, 0)]),
+            node_agent_registry(loop, lambda: [("chat", 1, 0, "READY", 1, 0)]),
             trainer_registry(loop, lambda: [JobSample("j", "RUNNING", 1, 2, 0.5, 3.0)]),
         ]
         exported = {s.name for r in registries for f in r.collect() for s in f.samples}
@@ -253,3 +253,35 @@ def test_a_failing_sampler_leaves_only_its_families_out_of_the_page() -> None:
     assert enum_name(common_pb2.ReplicaState, common_pb2.REPLICA_STATE_READY, "REPLICA_STATE_") == (
         "READY"
     )
+
+
+def test_node_agent_series_keep_a_rolling_updates_generations_apart() -> None:
+    """The old and the new generation of one replica index run side by side during a rolling
+    update: each gets series of its own instead of two samples with the same labels."""
+    from llmesh.common.metrics import node_agent_registry
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    processes = [("chat", 1, 0, "DRAINING", 11, 2), ("chat", 2, 0, "LOADING", 12, 0)]
+    endpoint = start_metrics(
+        node_agent_registry(loop, lambda: processes), "127.0.0.1:0", include_global=False
+    )
+    assert endpoint is not None
+    try:
+        with urllib.request.urlopen(endpoint.url, timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        endpoint.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    keys = [(s.name, frozenset(s.labels.items())) for s in samples]
+    assert len(keys) == len(set(keys)), "duplicate series on the page"
+    got = dict(zip(keys, (s.value for s in samples), strict=True))
+    old = frozenset({("model_name", "chat"), ("generation", "1"), ("replica", "0")})
+    new = frozenset({("model_name", "chat"), ("generation", "2"), ("replica", "0")})
+    assert got[("llmesh:replica_restarts_total", old)] == 2
+    assert got[("llmesh:replica_restarts_total", new)] == 0
+    assert got[("llmesh:replica_process_state", old | {("state", "DRAINING")})] == 1
+    assert got[("llmesh:replica_process_state", new | {("state", "LOADING")})] == 1
