@@ -324,6 +324,7 @@ class _ReplicaChildren:
         "_m",
         "aborted",
         "e2e",
+        "errors",
         "exhausted",
         "generation",
         "itl",
@@ -345,6 +346,7 @@ class _ReplicaChildren:
         self.success: dict[str, Any] = {}
         self.aborted = {how: m.aborted.labels(*labels, how) for how in ABORT_HOWS}
         self.exhausted: dict[str, Any] = {}
+        self.errors: dict[str, Any] = {}
         self._m = m
         self._labels = labels
 
@@ -352,6 +354,12 @@ class _ReplicaChildren:
         child = self.success.get(reason)
         if child is None:
             child = self.success[reason] = self._m.success.labels(*self._labels, reason)
+        return child
+
+    def errors_for(self, code: str) -> Any:
+        child = self.errors.get(code)
+        if child is None:
+            child = self.errors[code] = self._m.errors.labels(*self._labels, code)
         return child
 
     def exhausted_for(self, reason: str) -> Any:
@@ -365,8 +373,8 @@ class RequestMetrics:
     """One generation request's timings and counts, reported to its replica's metrics.
 
     A run calls :meth:`admitted` once it holds a slot, :meth:`chunk` per engine output,
-    then :meth:`finished` (a final chunk) or :meth:`aborted` (cancel, Abort, disconnect,
-    deadline). Each counts once: a second end is ignored.
+    then :meth:`finished` (a final chunk), :meth:`aborted` (cancel, Abort, disconnect,
+    deadline) or :meth:`failed` (an error status). Each counts once: a second end is ignored.
     """
 
     __slots__ = ("_arrival", "_c", "_done", "_last", "generated")
@@ -409,6 +417,16 @@ class RequestMetrics:
         if prompt_tokens:
             c.prompt.inc(prompt_tokens)
         c.generation.inc(max(completion_tokens, self.generated))
+
+    def failed(self, code: str) -> None:
+        """The request ended with an error status ``code`` (e.g. ``INVALID_ARGUMENT``)."""
+        if self._done:
+            return
+        self._done = True
+        c = self._c
+        c.errors_for(code).inc()
+        if self.generated:
+            c.generation.inc(self.generated)
 
     def aborted(self, how: str) -> None:
         """The request was aborted: ``how`` is one of :data:`ABORT_HOWS`."""
@@ -491,6 +509,15 @@ class ReplicaMetrics:
             "llmesh:resource_exhausted",
             "Requests refused with RESOURCE_EXHAUSTED: queue_full, queue_timeout.",
             (*labels, "reason"),
+            registry=r,
+        )
+        self.errors = Counter(
+            "llmesh:request_errors",
+            "Requests that reached the replica and ended with an error status, by gRPC code "
+            "name: INVALID_ARGUMENT (a prompt that does not render or does not fit), INTERNAL "
+            "(an engine error), UNAVAILABLE (draining, or the engine stopped mid-request), "
+            "RESOURCE_EXHAUSTED (also counted by reason in llmesh:resource_exhausted), ...",
+            (*labels, "code"),
             registry=r,
         )
         self.migrations = Counter(

@@ -261,6 +261,9 @@ class ChatRun:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported for this request only
+            if self.metrics is not None:
+                # A no-op when the end was measured already (a deadline counts as an abort).
+                self.metrics.failed(status_for(exc)[0].name)
             self.outbox.fail(self.request_id, exc)
 
     async def _generate(self) -> None:

@@ -18,6 +18,7 @@ from llmesh.common.errors import (
     PermissionDenied,
     error_for_code,
     rpc_handler,
+    status_for,
 )
 from llmesh.inference_worker.chat_runs import (
     FINISH,
@@ -198,6 +199,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 last = chunk
         except asyncio.CancelledError:
             gone = True
+            raise
+        except Exception as exc:
+            metrics.failed(status_for(exc)[0].name)  # an engine error, a prompt that is too long
             raise
         finally:
             count_end(replica, last.finish_reason, gone)

@@ -314,3 +314,27 @@ def test_assign_worker_counts_routing_decisions(running: Running) -> None:
     assert decisions("least_loaded", "policy") == base[("least_loaded", "policy")] + 2
     assert decisions("round_robin", "pinned") == base[("round_robin", "pinned")] + 1
     assert decisions("random", "refused") == base[("random", "refused")] + 1
+
+
+def test_failed_requests_are_counted_by_code(running: Running) -> None:
+    stub = running.inf_stub
+
+    def errors(code: str) -> float:
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_errors_total", **CHAT, code=code) or 0
+
+    base = errors("INVALID_ARGUMENT")
+    # A chat request whose messages do not render (an unknown role): refused in the slot.
+    start = inf.ChatStart(model="chat", messages=[common_pb2.ChatMessage(role="robot")])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors("INVALID_ARGUMENT") == base + 1
+    # A Generate prompt longer than the model's context (2048 tokens): the engine refuses it.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(
+            inf.GenerateRequest(model="chat", prompts=["hello " * 3000], params=_params(3)),
+            timeout=60,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors("INVALID_ARGUMENT") == base + 2

@@ -70,6 +70,22 @@ def test_aborts_are_counted_by_how_with_their_partial_output() -> None:
     assert value("llmesh:request_migrations_total", labels) == 1
 
 
+def test_failed_requests_count_by_code_once_with_their_partial_output() -> None:
+    m = ReplicaMetrics()
+    req = m.request("chat", 0)
+    req.chunk(3)
+    req.failed("INTERNAL")
+    req.failed("INTERNAL")  # a second end is ignored
+    req.aborted("deadline")  # ... whichever kind it is
+    m.request("chat", 0).failed("INVALID_ARGUMENT")
+    value = m.registry.get_sample_value
+    labels = {"model_name": "chat", "replica": "0"}
+    assert value("llmesh:request_errors_total", {**labels, "code": "INTERNAL"}) == 1
+    assert value("llmesh:request_errors_total", {**labels, "code": "INVALID_ARGUMENT"}) == 1
+    assert value("llmesh:request_aborted_total", {**labels, "how": "deadline"}) == 0
+    assert value("llmesh:generation_tokens_total", labels) == 3
+
+
 def test_routing_reason_follows_the_selector_precedence() -> None:
     req = cp.AssignWorkerRequest(model="m", affinity_key="k", pinned_replica=1)
     assert routing_reason(req) == "pinned"
@@ -179,6 +195,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
         req.chunk(1)
         req.finished("stop", 3, 2)
         replica.request("chat", 0).aborted("cancel")
+        replica.request("chat", 0).failed("INTERNAL")
         replica.request("chat", 0).migrated()
         replica.resource_exhausted("chat", 0, "queue_full")
         control = ControlPlaneMetrics()
