@@ -377,17 +377,24 @@ class RequestMetrics:
     deadline) or :meth:`failed` (an error status). Each counts once: a second end is ignored.
     """
 
-    __slots__ = ("_arrival", "_c", "_done", "_last", "generated")
+    __slots__ = ("_arrival", "_c", "_done", "_last", "_resumed", "generated")
 
     def __init__(self, children: _ReplicaChildren) -> None:
         self._c = children
         self._arrival = time.perf_counter()
         self._last = 0.0
         self._done = False
+        self._resumed = 0
         self.generated = 0
 
-    def migrated(self) -> None:
-        """The request continues one another replica started (it carries resume tokens)."""
+    def migrated(self, resumed_tokens: int) -> None:
+        """The request continues one another replica started, carrying ``resumed_tokens``.
+
+        The engine's ``completion_tokens`` counts the resumed tokens too (the client sees one
+        request), but the replica that generated them counted them already: only what this
+        replica generates goes into ``llmesh:generation_tokens``.
+        """
+        self._resumed = resumed_tokens
         self._c.migrations.inc()
 
     def admitted(self) -> None:
@@ -407,7 +414,11 @@ class RequestMetrics:
         self.generated += tokens
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """The request ended with a final chunk (``reason``: stop, length, stop_string, ...)."""
+        """The request ended with a final chunk (``reason``: stop, length, stop_string, ...).
+
+        A resumed request's prompt counts again here: this replica prefilled it again (with
+        the resumed tokens, which count as neither prompt nor generation tokens here).
+        """
         if self._done:
             return
         self._done = True
@@ -416,7 +427,7 @@ class RequestMetrics:
         c.success_for(reason).inc()
         if prompt_tokens:
             c.prompt.inc(prompt_tokens)
-        c.generation.inc(max(completion_tokens, self.generated))
+        c.generation.inc(max(completion_tokens - self._resumed, self.generated))
 
     def failed(self, code: str) -> None:
         """The request ended with an error status ``code`` (e.g. ``INVALID_ARGUMENT``)."""
@@ -482,13 +493,15 @@ class ReplicaMetrics:
         )
         self.prompt_tokens = Counter(
             "llmesh:prompt_tokens",
-            "Prompt tokens of finished requests.",
+            "Prompt tokens of finished requests (a migrated request's prompt counts again on "
+            "the replica that resumes it, which prefills it again).",
             labels,
             registry=r,
         )
         self.generation_tokens = Counter(
             "llmesh:generation_tokens",
-            "Tokens generated (aborted requests' partial output included).",
+            "Tokens generated (aborted and failed requests' partial output included; a migrated "
+            "request's resumed tokens count only on the replica that generated them).",
             labels,
             registry=r,
         )

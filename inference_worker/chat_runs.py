@@ -288,7 +288,7 @@ class ChatRun:
                     "from the start"
                 )
             params.resume_token_ids = list(start.resume_token_ids)
-            self.metrics.migrated()
+            self.metrics.migrated(len(start.resume_token_ids))
         request_id = self.request_id
         try:
             self.trace.queued()

@@ -177,9 +177,13 @@ def test_chat_traffic_fills_latencies_tokens_and_finish_reasons(running: Running
     # A request that continues one another replica started counts as a migration here.
     resumed = inf.ChatStart(model="chat", prompt="hello", params=_params(6))
     resumed.resume_token_ids.extend([t for r in out for t in r.token_ids][:3])
-    assert list(running.inf_stub.Chat(iter([inf.ChatRequest(start=resumed)]), timeout=60))
+    out = list(running.inf_stub.Chat(iter([inf.ChatRequest(start=resumed)]), timeout=60))
+    assert out[-1].usage.completion_tokens == 6  # the client sees one request of 6 tokens
     before, after = after, running.replica_metrics()
     assert grew("llmesh:request_migrations_total") == 1
+    # ... of which 3 were generated (and counted) where it started: 3 are new here.
+    assert grew("llmesh:generation_tokens_total") == 3
+    assert grew("llmesh:prompt_tokens_total") == usage.prompt_tokens  # prefilled again here
 
     # The unary Generate RPC counts its prompts too.
     running.inf_stub.Generate(

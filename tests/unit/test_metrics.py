@@ -66,7 +66,7 @@ def test_aborts_are_counted_by_how_with_their_partial_output() -> None:
     assert value("llmesh:generation_tokens_total", labels) == 10
     m.resource_exhausted("chat", 1, "queue_full")
     assert value("llmesh:resource_exhausted_total", {**labels, "reason": "queue_full"}) == 1
-    m.request("chat", 1).migrated()
+    m.request("chat", 1).migrated(0)
     assert value("llmesh:request_migrations_total", labels) == 1
 
 
@@ -196,7 +196,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
         req.finished("stop", 3, 2)
         replica.request("chat", 0).aborted("cancel")
         replica.request("chat", 0).failed("INTERNAL")
-        replica.request("chat", 0).migrated()
+        replica.request("chat", 0).migrated(0)
         replica.resource_exhausted("chat", 0, "queue_full")
         control = ControlPlaneMetrics()
         control.watch_registry(loop, lambda: ([("chat", "READY")], [("inference", 1)]))
@@ -251,7 +251,7 @@ def test_a_failing_sampler_leaves_only_its_families_out_of_the_page() -> None:
     replica = ReplicaMetrics()
     replica.watch_load(loop, lambda: [("chat", 0, 2, 1)])
     replica.registry.register(SnapshotCollector(loop, broken))  # type: ignore[arg-type]
-    replica.request("chat", 0).migrated()
+    replica.request("chat", 0).migrated(0)
     endpoint = start_metrics(replica.registry, "127.0.0.1:0")
     assert endpoint is not None
     try:
@@ -302,3 +302,25 @@ def test_node_agent_series_keep_a_rolling_updates_generations_apart() -> None:
     assert got[("llmesh:replica_restarts_total", new)] == 0
     assert got[("llmesh:replica_process_state", old | {("state", "DRAINING")})] == 1
     assert got[("llmesh:replica_process_state", new | {("state", "LOADING")})] == 1
+
+
+def test_a_resumed_request_counts_only_the_tokens_generated_here() -> None:
+    """completion_tokens of a resumed request includes the resumed tokens, which the replica
+    that generated them counted already; its prompt counts again (prefilled again here)."""
+    m = ReplicaMetrics()
+    req = m.request("chat", 0)
+    req.migrated(5)
+    req.admitted()
+    req.chunk(1)
+    req.chunk(1)
+    req.finished("length", prompt_tokens=7, completion_tokens=7)
+    value = m.registry.get_sample_value
+    labels = {"model_name": "chat", "replica": "0"}
+    assert value("llmesh:generation_tokens_total", labels) == 2
+    assert value("llmesh:prompt_tokens_total", labels) == 7
+    assert value("llmesh:request_migrations_total", labels) == 1
+    gone = m.request("chat", 0)
+    gone.migrated(5)
+    gone.chunk(3)
+    gone.aborted("disconnect")
+    assert value("llmesh:generation_tokens_total", labels) == 5
