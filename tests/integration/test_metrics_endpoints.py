@@ -342,3 +342,51 @@ def test_failed_requests_are_counted_by_code(running: Running) -> None:
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert errors("INVALID_ARGUMENT") == base + 2
+
+
+def test_generate_observes_queue_time_and_counts_stopped_siblings_as_cancel(
+    running: Running, test_model_dir: Path
+) -> None:
+    """Generate measures each prompt from before its slot (queue time observed), and when one
+    prompt of a batch fails the siblings the call stops count as ``cancel``, not disconnect."""
+    stub = running.inf_stub
+    before = running.replica_metrics()
+    stub.Generate(inf.GenerateRequest(model="chat", prompts=["a", "b"], params=_params(2)))
+    after = running.replica_metrics()
+    queued = (value(after, "llmesh:request_queue_time_seconds_count", **CHAT) or 0) - (
+        value(before, "llmesh:request_queue_time_seconds_count", **CHAT) or 0
+    )
+    assert queued == 2
+
+    # Two slots: the batch runs in two lanes; the too-long prompt fails and stops the other.
+    model = cp.Model(name="batch", model_path=str(test_model_dir), backend="transformers")
+    model.infer_params.update({"max_concurrency": "2"})
+    deployed = running.cp_stub.DeployModel(
+        cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=180)
+    ).model
+    try:
+        (replica,) = deployed.replicas
+        labels = {"model_name": "batch", "replica": str(replica.index)}
+        batch = inference_service_pb2_grpc.InferenceServiceStub(
+            channel := grpc.insecure_channel(replica.address)
+        )
+        with channel, pytest.raises(grpc.RpcError) as err:
+            batch.Generate(
+                inf.GenerateRequest(
+                    model="batch", prompts=["hello", "hello " * 3000], params=_params(100000)
+                ),
+                timeout=60,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        got = wait_for(
+            lambda: (
+                (m := scrape(replica.metrics_url))
+                and value(m, "llmesh:request_aborted_total", **labels, how="cancel") == 1
+                and m
+            ),
+            "the stopped sibling to count as a cancel",
+        )
+        assert value(got, "llmesh:request_aborted_total", **labels, how="disconnect") == 0
+        assert value(got, "llmesh:request_errors_total", **labels, code="INVALID_ARGUMENT") == 1
+    finally:
+        running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="batch"))
