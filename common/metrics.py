@@ -64,6 +64,10 @@ QUEUE_BUCKETS = (
 )  # fmt: skip
 ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Inter-token latency observations per output chunk at most: a chunk of N tokens is N
+# observations of gap / N, and Histogram.observe takes one value per call.
+ITL_MAX_OBSERVATIONS = 64
+
 # Seconds between two warnings of one collector about a snapshot it left out.
 WARN_INTERVAL_S = 60.0
 
@@ -402,12 +406,22 @@ class RequestMetrics:
         self._c.queue.observe(time.perf_counter() - self._arrival)
 
     def chunk(self, tokens: int) -> None:
-        """The engine produced output carrying ``tokens`` new tokens (one engine step)."""
+        """The engine produced output carrying ``tokens`` new tokens.
+
+        An engine may hand over several tokens at once (the transformers engine merges what
+        its decoder produced while the loop was busy). Inter-token latency is per token, as
+        vLLM's: the gap since the previous output is spread evenly over the chunk's tokens,
+        one observation each, at most :data:`ITL_MAX_OBSERVATIONS` per chunk (the count of a
+        huge merged chunk is cut there; each observation is still the per-token gap). Tokens
+        that come with the first one have no gap of their own and are not observed.
+        """
         now = time.perf_counter()
         if self._last:
-            # vLLM observes one inter-token latency per engine step and request, however many
-            # tokens the step produced; so do we (one chunk = one step's output).
-            self._c.itl.observe(now - self._last)
+            n = max(tokens, 1)  # a chunk with text but no ids is one output
+            gap = (now - self._last) / n
+            itl = self._c.itl
+            for _ in range(min(n, ITL_MAX_OBSERVATIONS)):
+                itl.observe(gap)
         else:
             self._c.ttft.observe(now - self._arrival)
         self._last = now
@@ -471,8 +485,8 @@ class ReplicaMetrics:
         )
         self.itl = Histogram(
             "llmesh:inter_token_latency_seconds",
-            "Seconds between two engine outputs of one request (one observation per engine "
-            "step, as vLLM).",
+            "Seconds between two output tokens of one request (a chunk of N tokens: N "
+            "observations of its gap / N, at most 64).",
             labels,
             buckets=ITL_BUCKETS,
             registry=r,

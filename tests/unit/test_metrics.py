@@ -324,3 +324,21 @@ def test_a_resumed_request_counts_only_the_tokens_generated_here() -> None:
     gone.chunk(3)
     gone.aborted("disconnect")
     assert value("llmesh:generation_tokens_total", labels) == 5
+
+
+def test_inter_token_latency_is_per_token_when_a_chunk_carries_several() -> None:
+    """A chunk of N tokens is N observations of its gap / N (capped per chunk), so the ITL
+    count and sum follow tokens, not chunks."""
+    from llmesh.common.metrics import ITL_MAX_OBSERVATIONS
+
+    m = ReplicaMetrics()
+    req = m.request("chat", 0)
+    req.chunk(2)  # the first output: TTFT only, its second token has no gap of its own
+    req.chunk(4)
+    req.chunk(1)
+    req.chunk(ITL_MAX_OBSERVATIONS + 36)
+    labels = {"model_name": "chat", "replica": "0"}
+    value = m.registry.get_sample_value
+    assert value("llmesh:time_to_first_token_seconds_count", labels) == 1
+    assert value("llmesh:inter_token_latency_seconds_count", labels) == 4 + 1 + 64
+    assert req.generated == 2 + 4 + 1 + 100
