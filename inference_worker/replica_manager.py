@@ -50,10 +50,15 @@ class AbortedWhileQueued(Exception):
 
 @dataclass(eq=False)
 class _Waiter:
-    """One request in a replica's admission queue; ``granted`` resolves when it gets a slot."""
+    """One request in a replica's admission queue; ``granted`` resolves when it gets a slot.
+
+    ``replica`` is the replica the request is for: an adapter's requests wait in their base's
+    queue but count as the adapter's waiting requests.
+    """
 
     request_id: str | None
     granted: asyncio.Future[None]
+    replica: ReplicaKey | None = None
 
 
 class StatusSink(Protocol):
@@ -136,9 +141,14 @@ class ReplicaManager:
 
     def _load_sample(self) -> list[tuple[str, int, int, int]]:
         """(model, index, running, waiting) per replica, for the metrics (read at scrape)."""
+        waiting: dict[ReplicaKey, int] = {}
+        for r in self.replicas.values():
+            for waiter in r.queue:  # a base's queue holds its adapters' waiters too
+                key = waiter.replica or r.key
+                waiting[key] = waiting.get(key, 0) + 1
         return [
-            (r.status.model, r.status.index, r.inflight, len(r.queue))
-            for r in self.replicas.values()
+            (r.status.model, r.status.index, r.inflight, waiting.get(key, 0))
+            for key, r in self.replicas.items()
         ]
 
     # ---- lookups used by the servicer -------------------------------------------------------
@@ -243,7 +253,7 @@ class ReplicaManager:
                 f"{backoff:.1f} s and retry, deploy more replicas (--num_workers) or raise "
                 "infer_params max_concurrency / max_queue"
             )
-        waiter = _Waiter(request_id, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(request_id, asyncio.get_running_loop().create_future(), replica.key)
         owner.queue.append(waiter)
         self._mark(replica)
         try:

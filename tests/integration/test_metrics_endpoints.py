@@ -390,3 +390,44 @@ def test_generate_observes_queue_time_and_counts_stopped_siblings_as_cancel(
         assert value(got, "llmesh:request_errors_total", **labels, code="INVALID_ARGUMENT") == 1
     finally:
         running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="batch"))
+
+
+def test_adapter_requests_wait_and_count_as_the_adapters(
+    running: Running, test_model_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter's requests wait in its base's queue but count as the adapter's waiting."""
+    from .test_lora_mesh import make_adapter
+
+    adapter = make_adapter(test_model_dir, tmp_path / "lora", seed=3)
+    model = cp.Model(name="chat-lora", model_path=str(adapter), base_model="chat")
+    running.cp_stub.DeployModel(
+        cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120)
+    )
+    lora = {"model_name": "chat-lora", "replica": "0"}
+    stub = running.inf_stub
+    calls = []
+    try:
+        # The base's only slot is taken; the adapter's request waits in the base's queue.
+        start = inf.ChatStart(model="chat", prompt="hi", params=_params(2000), request_id="b0")
+        calls.append(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+        next(calls[0])
+        start = inf.ChatStart(model="chat-lora", prompt="hi", params=_params(4), request_id="l0")
+        calls.append(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+        got = wait_for(
+            lambda: (
+                (m := running.replica_metrics())
+                and value(m, "llmesh:num_requests_waiting", **lora) == 1
+                and m
+            ),
+            "the adapter's request to wait as the adapter's",
+        )
+        assert value(got, "llmesh:num_requests_waiting", **CHAT) == 0
+        assert value(got, "llmesh:num_requests_running", **CHAT) == 1
+    finally:
+        for call in calls:
+            call.cancel()
+        wait_for(
+            lambda: value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0,
+            "the slot to free",
+        )
+        running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="chat-lora"))
