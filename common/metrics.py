@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
@@ -563,6 +564,39 @@ class ReplicaMetrics:
         if found is None:
             found = self._children[key] = _ReplicaChildren(self, key)
         return found
+
+    def forget(self, model: str, index: int) -> None:
+        """Drop every series of ``model`` replica ``index`` (an adapter that was unloaded).
+
+        Adapters come and go on a running replica process (LoRA churn); without this their
+        label sets would stay on the page, and in memory, for the life of the process. A
+        request still running for it reports to children that are no longer exported.
+        """
+        key = (model, str(index))
+        children = self._children.pop(key, None)
+        plain = (
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue_time,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.migrations,
+        )
+        for metric in plain:
+            with contextlib.suppress(KeyError):  # never observed: no series to drop
+                metric.remove(*key)
+        if children is None:
+            return
+        for metric, extra in (
+            (self.success, children.success),
+            (self.aborted, children.aborted),
+            (self.exhausted, children.exhausted),
+            (self.errors, children.errors),
+        ):
+            for value in list(extra):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*key, value)
 
     def resource_exhausted(self, model: str, index: int, reason: str) -> None:
         """Count a request refused with RESOURCE_EXHAUSTED (``queue_full``, ``queue_timeout``)."""

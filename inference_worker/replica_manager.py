@@ -526,6 +526,13 @@ class ReplicaManager:
                 await hosted.engine.stop()
         finally:
             await self.session.remove_replica(hosted.status)
+            if hosted.base is not None and not any(
+                r.status.model == key[0] and r.status.index == key[2]
+                for r in self.replicas.values()
+            ):
+                # An adapter's series go with it (LoRA churn would grow them forever), unless
+                # another generation of it still serves here under the same labels.
+                self.metrics.forget(key[0], key[2])
         log.info("unloaded %s replica %d (generation %d)", key[0], key[2], key[1])
 
     async def drain_all(self, timeout: float) -> None:

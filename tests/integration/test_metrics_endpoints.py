@@ -392,10 +392,11 @@ def test_generate_observes_queue_time_and_counts_stopped_siblings_as_cancel(
         running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="batch"))
 
 
-def test_adapter_requests_wait_and_count_as_the_adapters(
+def test_adapter_requests_count_as_the_adapters_until_it_is_unloaded(
     running: Running, test_model_dir: Path, tmp_path: Path
 ) -> None:
-    """An adapter's requests wait in its base's queue but count as the adapter's waiting."""
+    """An adapter's requests wait in its base's queue but count as the adapter's waiting; its
+    series leave the page when it is unloaded."""
     from .test_lora_mesh import make_adapter
 
     adapter = make_adapter(test_model_dir, tmp_path / "lora", seed=3)
@@ -431,3 +432,13 @@ def test_adapter_requests_wait_and_count_as_the_adapters(
             "the slot to free",
         )
         running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="chat-lora"))
+    # Unloaded: its series leave the page (LoRA churn must not grow it forever).
+    wait_for(
+        lambda: (
+            not any(
+                ("model_name", "chat-lora") in labels for _, labels in running.replica_metrics()
+            )
+        ),
+        "the adapter's series to leave the page",
+    )
+    assert value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0

@@ -342,3 +342,29 @@ def test_inter_token_latency_is_per_token_when_a_chunk_carries_several() -> None
     assert value("llmesh:time_to_first_token_seconds_count", labels) == 1
     assert value("llmesh:inter_token_latency_seconds_count", labels) == 4 + 1 + 64
     assert req.generated == 2 + 4 + 1 + 100
+
+
+def test_forget_drops_every_series_of_a_replica_and_only_those() -> None:
+    m = ReplicaMetrics()
+    for model in ("lora", "chat"):
+        req = m.request(model, 0)
+        req.admitted()
+        req.chunk(1)
+        req.chunk(1)
+        req.finished("stop", 3, 2)
+        m.request(model, 0).aborted("cancel")
+        m.request(model, 0).failed("INTERNAL")
+        m.resource_exhausted(model, 0, "queue_full")
+    m.forget("lora", 0)
+    m.forget("never-served", 1)  # nothing to drop: no error
+    names = [dict(s.labels).get("model_name") for f in m.registry.collect() for s in f.samples]
+    assert "lora" not in names and "chat" in names
+    req = m.request("lora", 0)  # served again later: fresh series
+    req.finished("stop", 1, 1)
+    assert (
+        m.registry.get_sample_value(
+            "llmesh:request_success_total",
+            {"model_name": "lora", "replica": "0", "finished_reason": "stop"},
+        )
+        == 1
+    )
