@@ -65,6 +65,10 @@ QUEUE_BUCKETS = (
 )  # fmt: skip
 ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Seconds a client of an HTTPS endpoint may take for the TLS handshake and each read or
+# write after it (per connection thread; a stalled client only holds its own thread).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
 # Inter-token latency observations per output chunk at most: a chunk of N tokens is N
 # observations of gap / N, and Histogram.observe takes one value per call.
 ITL_MAX_OBSERVATIONS = 64
@@ -205,10 +209,16 @@ def start_metrics(
 
     Raises:
         OSError: the address cannot be bound.
+        ssl.SSLError: ``certfile`` / ``keyfile`` do not load (nothing is bound then).
     """
     if listen is None:
         return None
     host, port = split_host_port(listen)
+    tls: ssl.SSLContext | None = None
+    if certfile and keyfile:
+        # Before binding: a certificate that does not load leaves no socket behind.
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(certfile, keyfile)
     served: Collector = registry
     if include_global:
         served = CollectorRegistry(auto_describe=False)
@@ -217,6 +227,24 @@ def start_metrics(
 
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            if tls is None:
+                super().finish_request(request, client_address)
+                return
+            # The TLS handshake runs here, in the connection's own thread: on a wrapped
+            # listening socket it would run in the accept loop, where one client that
+            # connects and stalls would hold up every other scrape.
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+            try:
+                conn = tls.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError, a timeout, a reset: this client only
+                log.debug("metrics TLS handshake with %s failed: %s", client_address, exc)
+                return
+            try:
+                super().finish_request(conn, client_address)
+            finally:
+                conn.close()
 
     try:
         server = make_server(
@@ -227,10 +255,6 @@ def start_metrics(
             f"cannot serve metrics on {listen} ({exc}); pick a free port with --metrics-listen "
             "HOST:PORT, or turn metrics off with --no-metrics"
         ) from exc
-    if certfile and keyfile:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certfile, keyfile)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     bound_port = int(server.server_address[1])
@@ -239,7 +263,7 @@ def start_metrics(
         url_host = socket.gethostname()
     if ":" in url_host:
         url_host = f"[{url_host}]"
-    scheme = "https" if certfile and keyfile else "http"
+    scheme = "https" if tls is not None else "http"
     url = f"{scheme}://{url_host}:{bound_port}/metrics"
     log.info("metrics on %s", url)
     return MetricsEndpoint(host=host, port=bound_port, url=url, _server=server, _thread=thread)

@@ -169,17 +169,20 @@ async def run_control_plane(
             servicer.close()
             await server.stop(grace)
     finally:
-        for task in (reconcile_task, jobs_task, probe_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if tokens is not None:
-            await tokens.stop()
-        await registry.close()
-        await kv.close()
-        if metrics is not None:
-            metrics.close()
+        try:
+            for task in (reconcile_task, jobs_task, probe_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if tokens is not None:
+                await tokens.stop()
+            await registry.close()
+            await kv.close()
+        finally:
+            # Whatever failed above: the port is freed (the close joins the HTTP thread).
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)
 
 
 def _registry_sample(

@@ -368,3 +368,46 @@ def test_forget_drops_every_series_of_a_replica_and_only_those() -> None:
         )
         == 1
     )
+
+
+def test_https_endpoint_handshakes_per_connection_and_a_bad_key_binds_nothing(
+    tmp_path: Any,
+) -> None:
+    """Over HTTPS the handshake runs in the connection's thread: a client that connects and
+    says nothing does not hold up another scrape. A key that does not load leaves no socket."""
+    import socket
+    import ssl
+
+    from llmesh.common.certs import make_ca, make_leaf
+
+    ca = make_ca(tmp_path)
+    leaf = make_leaf(tmp_path, ca, "metrics")
+    # A port that was free a moment ago; a failed start must leave it free.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ssl.SSLError):
+        start_metrics(
+            ReplicaMetrics().registry,
+            f"127.0.0.1:{port}",
+            certfile=str(leaf.cert),
+            keyfile=str(ca.key),  # not the certificate's key
+        )
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # raises if the failed start left it bound
+
+    replica = ReplicaMetrics()
+    replica.request("chat", 0).migrated(0)
+    endpoint = start_metrics(
+        replica.registry, "127.0.0.1:0", certfile=str(leaf.cert), keyfile=str(leaf.key)
+    )
+    assert endpoint is not None and endpoint.url.startswith("https://127.0.0.1:")
+    stalled = socket.create_connection(("127.0.0.1", endpoint.port))  # never says hello
+    try:
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        with urllib.request.urlopen(endpoint.url, timeout=8, context=context) as response:
+            text = response.read().decode()
+        assert 'llmesh:request_migrations_total{model_name="chat",replica="0"} 1.0' in text
+    finally:
+        stalled.close()
+        endpoint.close()
