@@ -77,7 +77,7 @@ ITL_MAX_OBSERVATIONS = 64
 WARN_INTERVAL_S = 60.0
 
 # How an aborted request ended (``llmesh:request_aborted_total{how}``).
-ABORT_HOWS = ("cancel", "abort", "disconnect", "deadline")
+ABORT_HOWS = ("cancel", "abort", "disconnect", "deadline", "shutdown")
 
 
 def enum_name(enum: Any, value: int, prefix: str = "") -> str:
@@ -552,8 +552,10 @@ class ReplicaMetrics:
         )
         self.aborted = Counter(
             "llmesh:request_aborted",
-            "Aborted requests by how: cancel (a cancel message), abort (the Abort RPC), "
-            "disconnect (the stream went away), deadline (the request's timeout).",
+            "Aborted requests by how: cancel (a cancel message, or a Generate prompt stopped "
+            "because another of its batch failed), abort (the Abort RPC), disconnect (the "
+            "call went away), deadline (the request's timeout or the call's gRPC deadline), "
+            "shutdown (the replica process stopped).",
             (*labels, "how"),
             registry=r,
         )

@@ -212,6 +212,9 @@ class ChatRun:
         self.timeout = timeout
         self.trace_context = trace_context
         self.cancelled = False
+        # How the run ends if its call goes away mid-request (set by stop_runs); None: as a
+        # disconnect, or a deadline when its own timeout expired.
+        self.gone_how: str | None = None
         self._deadline: asyncio.Timeout | None = None
         self._engine_started = False
         self._replica: HostedReplica | None = None
@@ -371,7 +374,7 @@ class ChatRun:
         if finish_reason == "aborted" or (finish_reason is None and gone):
             if gone:
                 expired = self._deadline is not None and self._deadline.expired()
-                how = "deadline" if expired else "disconnect"
+                how = "deadline" if expired else self.gone_how or "disconnect"
             else:
                 # Not our own cancel: the Abort RPC (or an engine that stopped the request).
                 how = "cancel" if self.cancelled else "abort"
@@ -385,9 +388,31 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-async def stop_runs(runs: Mapping[str, ChatRun]) -> None:
-    """Cancel the tasks of ``runs`` and wait for them (their engine requests are aborted)."""
+def gone_how(manager: ReplicaManager, context: grpc.aio.ServicerContext) -> str:
+    """How the requests of a call that ended early count as aborted (``request_aborted``).
+
+    ``shutdown`` while the replica process stops (the server cuts calls off), ``deadline``
+    when the call's gRPC deadline has passed, else ``disconnect`` (the client went away).
+    """
+    if manager.stopping:
+        return "shutdown"
+    remaining = context.time_remaining()  # None: the call has no deadline
+    if remaining is not None and remaining <= 0:
+        return "deadline"
+    return "disconnect"
+
+
+async def stop_runs(runs: Mapping[str, ChatRun], how: str | None = None) -> None:
+    """Cancel the tasks of ``runs`` and wait for them (their engine requests are aborted).
+
+    Args:
+        runs: the runs to stop.
+        how: how a run still in the middle of its request counts as aborted (see
+            :func:`gone_how`); None counts it as a disconnect.
+    """
     tasks = [r.task for r in runs.values() if r.task is not None and not r.task.done()]
+    for run in runs.values():
+        run.gone_how = how
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -132,6 +132,8 @@ class ReplicaManager:
         self.requests: dict[str, HostedReplica] = {}
         # Output chunks produced by the engine since start: the agent's sign of life for it.
         self.progress = 0
+        # Set by drain_all: the process is stopping, so calls cut off now end by shutdown.
+        self.stopping = False
         self._dirty: set[ReplicaKey] = set()
         self._dirty_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -537,6 +539,7 @@ class ReplicaManager:
 
     async def drain_all(self, timeout: float) -> None:
         """Report every replica DRAINING and wait (bounded) for in-flight requests to end."""
+        self.stopping = True
         for hosted in list(self.replicas.values()):
             if hosted.status.state == READY:
                 hosted.status.state = DRAINING

@@ -27,6 +27,7 @@ from llmesh.inference_worker.chat_runs import (
     Outbox,
     chat_messages,
     count_end,
+    gone_how,
     new_request_id,
     sampling_params,
     stop_runs,
@@ -90,7 +91,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     raise error_for_code(error.code, error.message)
         finally:
             reader.cancel()
-            await stop_runs({start.request_id: run})
+            await stop_runs({start.request_id: run}, gone_how(self.manager, context))
 
     @rpc_handler
     async def ChatSession(
@@ -180,7 +181,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             self.open_sessions -= 1
             reader.cancel()
             # The client went away (or the server stops): abort whatever still runs.
-            await stop_runs(runs)
+            await stop_runs(runs, gone_how(self.manager, context))
 
     async def _generate_one(
         self,
@@ -241,8 +242,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         results: list[inf.Generation | None] = [None] * len(request.prompts)
         todo = list(enumerate(request.prompts))
 
-        # How a prompt cancelled mid-way ended: the call went away, unless a sibling prompt
-        # failed and the call stopped the rest of its batch (set below).
+        # How a prompt cancelled mid-way ended: the call went away (set below), or a sibling
+        # prompt failed and the call stopped the rest of its batch.
         stopped_how = ["disconnect"]
 
         async def lane() -> None:
@@ -275,6 +276,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     stopped_how[0] = "cancel"  # the siblings stop because this one failed
                 task.result()  # the first failure fails the call ...
         finally:
+            if stopped_how[0] != "cancel":
+                stopped_how[0] = gone_how(self.manager, context)
             for task in tasks:  # ... and stops the other lanes instead of finishing the batch
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -442,3 +442,28 @@ def test_adapter_requests_count_as_the_adapters_until_it_is_unloaded(
         "the adapter's series to leave the page",
     )
     assert value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0
+
+
+def test_a_call_whose_grpc_deadline_expires_counts_as_deadline(running: Running) -> None:
+    """A Chat call cut off by its own gRPC deadline (here while it waits for the only slot)
+    is a ``deadline`` abort, not a ``disconnect``."""
+    stub = running.inf_stub
+
+    def aborted(how: str) -> float:
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_aborted_total", **CHAT, how=how) or 0
+
+    base = {how: aborted(how) for how in ("deadline", "disconnect")}
+    start = inf.ChatStart(model="chat", prompt="hi", params=_params(2000), request_id="g0")
+    holder = stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60)
+    next(holder)  # holds the slot until cancelled below
+    try:
+        start = inf.ChatStart(model="chat", prompt="hi", params=_params(4), request_id="g1")
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=1))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: aborted("deadline") == base["deadline"] + 1, "the deadline abort")
+    finally:
+        holder.cancel()
+    wait_for(lambda: aborted("disconnect") == base["disconnect"] + 1, "the holder's disconnect")
+    assert aborted("deadline") == base["deadline"] + 1
