@@ -388,6 +388,12 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+# A call cut off this close to its gRPC deadline was cut off by it: the client's deadline
+# timer starts before the server's (the request's transit), so the client's cancel can reach
+# the server a little before the server's own deadline passes.
+DEADLINE_SLACK_S = 0.25
+
+
 def gone_how(manager: ReplicaManager, context: grpc.aio.ServicerContext) -> str:
     """How the requests of a call that ended early count as aborted (``request_aborted``).
 
@@ -397,7 +403,7 @@ def gone_how(manager: ReplicaManager, context: grpc.aio.ServicerContext) -> str:
     if manager.stopping:
         return "shutdown"
     remaining = context.time_remaining()  # None: the call has no deadline
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
         return "deadline"
     return "disconnect"
 

@@ -459,8 +459,14 @@ def test_a_call_whose_grpc_deadline_expires_counts_as_deadline(running: Running)
     next(holder)  # holds the slot until cancelled below
     try:
         start = inf.ChatStart(model="chat", prompt="hi", params=_params(4), request_id="g1")
+        call = stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=5)
+        # Measured from here on: it waits in the queue when its deadline passes.
+        wait_for(
+            lambda: value(running.replica_metrics(), "llmesh:num_requests_waiting", **CHAT) == 1,
+            "the request to wait for the slot",
+        )
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=1))
+            list(call)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_for(lambda: aborted("deadline") == base["deadline"] + 1, "the deadline abort")
     finally:
