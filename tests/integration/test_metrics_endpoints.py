@@ -199,7 +199,8 @@ def test_aborts_are_counted_by_how(running: Running) -> None:
     before = running.replica_metrics()
 
     def aborted(how: str) -> float:
-        return value(running.replica_metrics(), "llmesh:request_aborted_total", **CHAT, how=how)
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_aborted_total", **CHAT, how=how) or 0
 
     base = {h: aborted(h) for h in ("cancel", "abort", "disconnect", "deadline")}
 
