@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import ssl
@@ -64,8 +65,32 @@ QUEUE_BUCKETS = (
 )  # fmt: skip
 ETCD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
+# Seconds a client of an HTTPS endpoint may take for the TLS handshake and each read or
+# write after it (per connection thread; a stalled client only holds its own thread).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
+# Inter-token latency observations per output chunk at most: a chunk of N tokens is N
+# observations of gap / N, and Histogram.observe takes one value per call.
+ITL_MAX_OBSERVATIONS = 64
+
+# Seconds between two warnings of one collector about a snapshot it left out.
+WARN_INTERVAL_S = 60.0
+
 # How an aborted request ended (``llmesh:request_aborted_total{how}``).
-ABORT_HOWS = ("cancel", "abort", "disconnect", "deadline")
+ABORT_HOWS = ("cancel", "abort", "disconnect", "deadline", "shutdown")
+
+
+def enum_name(enum: Any, value: int, prefix: str = "") -> str:
+    """The name of a protobuf enum ``value`` without ``prefix``, or ``UNKNOWN``.
+
+    A record written by a newer llmesh can carry a value this one does not know; a sampler
+    must not fail the scrape over it.
+    """
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return "UNKNOWN"
+    return name.removeprefix(prefix)
 
 
 # ---- the endpoint ------------------------------------------------------------------------------
@@ -184,10 +209,16 @@ def start_metrics(
 
     Raises:
         OSError: the address cannot be bound.
+        ssl.SSLError: ``certfile`` / ``keyfile`` do not load (nothing is bound then).
     """
     if listen is None:
         return None
     host, port = split_host_port(listen)
+    tls: ssl.SSLContext | None = None
+    if certfile and keyfile:
+        # Before binding: a certificate that does not load leaves no socket behind.
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(certfile, keyfile)
     served: Collector = registry
     if include_global:
         served = CollectorRegistry(auto_describe=False)
@@ -196,6 +227,24 @@ def start_metrics(
 
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            if tls is None:
+                super().finish_request(request, client_address)
+                return
+            # The TLS handshake runs here, in the connection's own thread: on a wrapped
+            # listening socket it would run in the accept loop, where one client that
+            # connects and stalls would hold up every other scrape.
+            request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+            try:
+                conn = tls.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError, a timeout, a reset: this client only
+                log.debug("metrics TLS handshake with %s failed: %s", client_address, exc)
+                return
+            try:
+                super().finish_request(conn, client_address)
+            finally:
+                conn.close()
 
     try:
         server = make_server(
@@ -206,10 +255,6 @@ def start_metrics(
             f"cannot serve metrics on {listen} ({exc}); pick a free port with --metrics-listen "
             "HOST:PORT, or turn metrics off with --no-metrics"
         ) from exc
-    if certfile and keyfile:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certfile, keyfile)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     bound_port = int(server.server_address[1])
@@ -218,7 +263,7 @@ def start_metrics(
         url_host = socket.gethostname()
     if ":" in url_host:
         url_host = f"[{url_host}]"
-    scheme = "https" if certfile and keyfile else "http"
+    scheme = "https" if tls is not None else "http"
     url = f"{scheme}://{url_host}:{bound_port}/metrics"
     log.info("metrics on %s", url)
     return MetricsEndpoint(host=host, port=bound_port, url=url, _server=server, _thread=thread)
@@ -229,7 +274,8 @@ class SnapshotCollector:
 
     The HTTP thread asks the loop to run ``build`` and waits (bounded) for the result, so the
     families describe one moment of the loop's state and the loop never shares its dicts with
-    another thread mid-change.
+    another thread mid-change. A ``build`` that raises (or a loop too busy to answer in time)
+    leaves only these families out: the rest of the page is still served.
 
     Args:
         loop: the loop that owns the state ``build`` reads.
@@ -246,13 +292,20 @@ class SnapshotCollector:
         self.loop = loop
         self.build = build
         self.timeout = timeout
+        self._warned = -WARN_INTERVAL_S  # monotonic time of the last warning
+        self._quiet = 0  # warnings left out since then
 
     def collect(self) -> Iterable[Metric]:
         try:
-            if asyncio.get_running_loop() is self.loop:
-                return self.build()  # a scrape from the loop's own thread (tests)
+            same_loop = asyncio.get_running_loop() is self.loop
         except RuntimeError:
-            pass
+            same_loop = False
+        if same_loop:  # a scrape from the loop's own thread (tests)
+            try:
+                return self.build()
+            except Exception as exc:  # noqa: BLE001 - one broken sampler must not fail the page
+                self._skipped(str(exc) or type(exc).__name__, exc)
+                return []
         if self.loop.is_closed():
             return []
         result: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
@@ -266,9 +319,25 @@ class SnapshotCollector:
         try:
             self.loop.call_soon_threadsafe(run)
             return result.result(self.timeout)
-        except (RuntimeError, concurrent.futures.TimeoutError) as exc:
-            log.warning("metrics snapshot skipped: %s", exc or "the event loop is busy")
-            return []
+        except concurrent.futures.TimeoutError:
+            self._skipped("the event loop is busy", None)
+        except Exception as exc:  # noqa: BLE001 - one broken sampler must not fail the page
+            self._skipped(str(exc) or type(exc).__name__, exc)
+        return []
+
+    def _skipped(self, why: str, exc: BaseException | None) -> None:
+        """Log a left-out snapshot, at most once per :data:`WARN_INTERVAL_S` per collector.
+
+        Prometheus scrapes every few seconds: a sampler that keeps failing (or a loop that
+        stays busy) would otherwise write a warning per scrape.
+        """
+        now = time.monotonic()
+        if now - self._warned < WARN_INTERVAL_S:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last warning)" if self._quiet else ""
+        self._warned, self._quiet = now, 0
+        log.warning("metrics snapshot left out of the page: %s%s", why, more, exc_info=exc)
 
 
 # ---- replica processes ------------------------------------------------------------------------
@@ -284,6 +353,7 @@ class _ReplicaChildren:
         "_m",
         "aborted",
         "e2e",
+        "errors",
         "exhausted",
         "generation",
         "itl",
@@ -305,6 +375,7 @@ class _ReplicaChildren:
         self.success: dict[str, Any] = {}
         self.aborted = {how: m.aborted.labels(*labels, how) for how in ABORT_HOWS}
         self.exhausted: dict[str, Any] = {}
+        self.errors: dict[str, Any] = {}
         self._m = m
         self._labels = labels
 
@@ -312,6 +383,12 @@ class _ReplicaChildren:
         child = self.success.get(reason)
         if child is None:
             child = self.success[reason] = self._m.success.labels(*self._labels, reason)
+        return child
+
+    def errors_for(self, code: str) -> Any:
+        child = self.errors.get(code)
+        if child is None:
+            child = self.errors[code] = self._m.errors.labels(*self._labels, code)
         return child
 
     def exhausted_for(self, reason: str) -> Any:
@@ -325,21 +402,28 @@ class RequestMetrics:
     """One generation request's timings and counts, reported to its replica's metrics.
 
     A run calls :meth:`admitted` once it holds a slot, :meth:`chunk` per engine output,
-    then :meth:`finished` (a final chunk) or :meth:`aborted` (cancel, Abort, disconnect,
-    deadline). Each counts once: a second end is ignored.
+    then :meth:`finished` (a final chunk), :meth:`aborted` (cancel, Abort, disconnect,
+    deadline) or :meth:`failed` (an error status). Each counts once: a second end is ignored.
     """
 
-    __slots__ = ("_arrival", "_c", "_done", "_last", "generated")
+    __slots__ = ("_arrival", "_c", "_done", "_last", "_resumed", "generated")
 
     def __init__(self, children: _ReplicaChildren) -> None:
         self._c = children
         self._arrival = time.perf_counter()
         self._last = 0.0
         self._done = False
+        self._resumed = 0
         self.generated = 0
 
-    def migrated(self) -> None:
-        """The request continues one another replica started (it carries resume tokens)."""
+    def migrated(self, resumed_tokens: int) -> None:
+        """The request continues one another replica started, carrying ``resumed_tokens``.
+
+        The engine's ``completion_tokens`` counts the resumed tokens too (the client sees one
+        request), but the replica that generated them counted them already: only what this
+        replica generates goes into ``llmesh:generation_tokens``.
+        """
+        self._resumed = resumed_tokens
         self._c.migrations.inc()
 
     def admitted(self) -> None:
@@ -347,19 +431,33 @@ class RequestMetrics:
         self._c.queue.observe(time.perf_counter() - self._arrival)
 
     def chunk(self, tokens: int) -> None:
-        """The engine produced output carrying ``tokens`` new tokens (one engine step)."""
+        """The engine produced output carrying ``tokens`` new tokens.
+
+        An engine may hand over several tokens at once (the transformers engine merges what
+        its decoder produced while the loop was busy). Inter-token latency is per token, as
+        vLLM's: the gap since the previous output is spread evenly over the chunk's tokens,
+        one observation each, at most :data:`ITL_MAX_OBSERVATIONS` per chunk (the count of a
+        huge merged chunk is cut there; each observation is still the per-token gap). Tokens
+        that come with the first one have no gap of their own and are not observed.
+        """
         now = time.perf_counter()
         if self._last:
-            # vLLM observes one inter-token latency per engine step and request, however many
-            # tokens the step produced; so do we (one chunk = one step's output).
-            self._c.itl.observe(now - self._last)
+            n = max(tokens, 1)  # a chunk with text but no ids is one output
+            gap = (now - self._last) / n
+            itl = self._c.itl
+            for _ in range(min(n, ITL_MAX_OBSERVATIONS)):
+                itl.observe(gap)
         else:
             self._c.ttft.observe(now - self._arrival)
         self._last = now
         self.generated += tokens
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """The request ended with a final chunk (``reason``: stop, length, stop_string, ...)."""
+        """The request ended with a final chunk (``reason``: stop, length, stop_string, ...).
+
+        A resumed request's prompt counts again here: this replica prefilled it again (with
+        the resumed tokens, which count as neither prompt nor generation tokens here).
+        """
         if self._done:
             return
         self._done = True
@@ -368,7 +466,17 @@ class RequestMetrics:
         c.success_for(reason).inc()
         if prompt_tokens:
             c.prompt.inc(prompt_tokens)
-        c.generation.inc(max(completion_tokens, self.generated))
+        c.generation.inc(max(completion_tokens - self._resumed, self.generated))
+
+    def failed(self, code: str) -> None:
+        """The request ended with an error status ``code`` (e.g. ``INVALID_ARGUMENT``)."""
+        if self._done:
+            return
+        self._done = True
+        c = self._c
+        c.errors_for(code).inc()
+        if self.generated:
+            c.generation.inc(self.generated)
 
     def aborted(self, how: str) -> None:
         """The request was aborted: ``how`` is one of :data:`ABORT_HOWS`."""
@@ -402,8 +510,8 @@ class ReplicaMetrics:
         )
         self.itl = Histogram(
             "llmesh:inter_token_latency_seconds",
-            "Seconds between two engine outputs of one request (one observation per engine "
-            "step, as vLLM).",
+            "Seconds between two output tokens of one request (a chunk of N tokens: N "
+            "observations of its gap / N, at most 64).",
             labels,
             buckets=ITL_BUCKETS,
             registry=r,
@@ -424,13 +532,15 @@ class ReplicaMetrics:
         )
         self.prompt_tokens = Counter(
             "llmesh:prompt_tokens",
-            "Prompt tokens of finished requests.",
+            "Prompt tokens of finished requests (a migrated request's prompt counts again on "
+            "the replica that resumes it, which prefills it again).",
             labels,
             registry=r,
         )
         self.generation_tokens = Counter(
             "llmesh:generation_tokens",
-            "Tokens generated (aborted requests' partial output included).",
+            "Tokens generated (aborted and failed requests' partial output included; a migrated "
+            "request's resumed tokens count only on the replica that generated them).",
             labels,
             registry=r,
         )
@@ -442,8 +552,10 @@ class ReplicaMetrics:
         )
         self.aborted = Counter(
             "llmesh:request_aborted",
-            "Aborted requests by how: cancel (a cancel message), abort (the Abort RPC), "
-            "disconnect (the stream went away), deadline (the request's timeout).",
+            "Aborted requests by how: cancel (a cancel message, or a Generate prompt stopped "
+            "because another of its batch failed), abort (the Abort RPC), disconnect (the "
+            "call went away), deadline (the request's timeout or the call's gRPC deadline), "
+            "shutdown (the replica process stopped).",
             (*labels, "how"),
             registry=r,
         )
@@ -451,6 +563,15 @@ class ReplicaMetrics:
             "llmesh:resource_exhausted",
             "Requests refused with RESOURCE_EXHAUSTED: queue_full, queue_timeout.",
             (*labels, "reason"),
+            registry=r,
+        )
+        self.errors = Counter(
+            "llmesh:request_errors",
+            "Requests that reached the replica and ended with an error status, by gRPC code "
+            "name: INVALID_ARGUMENT (a prompt that does not render or does not fit), INTERNAL "
+            "(an engine error), UNAVAILABLE (draining, or the engine stopped mid-request), "
+            "RESOURCE_EXHAUSTED (also counted by reason in llmesh:resource_exhausted), ...",
+            (*labels, "code"),
             registry=r,
         )
         self.migrations = Counter(
@@ -469,6 +590,39 @@ class ReplicaMetrics:
         if found is None:
             found = self._children[key] = _ReplicaChildren(self, key)
         return found
+
+    def forget(self, model: str, index: int) -> None:
+        """Drop every series of ``model`` replica ``index`` (an adapter that was unloaded).
+
+        Adapters come and go on a running replica process (LoRA churn); without this their
+        label sets would stay on the page, and in memory, for the life of the process. A
+        request still running for it reports to children that are no longer exported.
+        """
+        key = (model, str(index))
+        children = self._children.pop(key, None)
+        plain = (
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue_time,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.migrations,
+        )
+        for metric in plain:
+            with contextlib.suppress(KeyError):  # never observed: no series to drop
+                metric.remove(*key)
+        if children is None:
+            return
+        for metric, extra in (
+            (self.success, children.success),
+            (self.aborted, children.aborted),
+            (self.exhausted, children.exhausted),
+            (self.errors, children.errors),
+        ):
+            for value in list(extra):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*key, value)
 
     def resource_exhausted(self, model: str, index: int, reason: str) -> None:
         """Count a request refused with RESOURCE_EXHAUSTED (``queue_full``, ``queue_timeout``)."""
@@ -519,35 +673,41 @@ class ReplicaMetrics:
 
 def node_agent_registry(
     loop: asyncio.AbstractEventLoop,
-    processes: Callable[[], Iterable[tuple[str, int, str, int, int]]],
+    processes: Callable[[], Iterable[tuple[str, int, int, str, int, int]]],
 ) -> CollectorRegistry:
     """The metrics of a node agent: its replica processes, their states and restarts.
 
+    Series are per (model, generation, replica): during a rolling update the agent supervises
+    the old generation's process and the new one's side by side for the same replica index,
+    and one series each keeps them apart (sum by ``model_name, replica`` to merge them).
+
     Args:
         loop: the agent's loop.
-        processes: yields (model, replica index, state name, pid, restarts) per supervised
-            replica process (adapters ride in their base's process and are not listed).
+        processes: yields (model, generation, replica index, state name, pid, restarts) per
+            supervised replica process (adapters ride in their base's process and are not
+            listed).
     """
     registry = CollectorRegistry()
+    labels_of = ("model_name", "generation", "replica")
 
     def build() -> list[Metric]:
         up = GaugeMetricFamily(
             "llmesh:replica_process_up",
             "1 while the replica's process runs.",
-            labels=("model_name", "replica"),
+            labels=labels_of,
         )
         state = GaugeMetricFamily(
             "llmesh:replica_process_state",
             "1 for the state the replica last reported (LOADING, READY, DRAINING, FAILED).",
-            labels=("model_name", "replica", "state"),
+            labels=(*labels_of, "state"),
         )
         restarts = CounterMetricFamily(
             "llmesh:replica_restarts",
             "Times the agent restarted the replica's process (crash or wedge).",
-            labels=("model_name", "replica"),
+            labels=labels_of,
         )
-        for model, index, name, pid, count in processes():
-            labels = (model, str(index))
+        for model, generation, index, name, pid, count in processes():
+            labels = (model, str(generation), str(index))
             up.add_metric(labels, 1 if pid else 0)
             state.add_metric((*labels, name), 1)
             restarts.add_metric(labels, count)

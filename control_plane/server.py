@@ -26,6 +26,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.metrics import (
     ControlPlaneMetrics,
     MetricsEndpoint,
+    enum_name,
     metrics_address,
     start_metrics,
 )
@@ -168,17 +169,20 @@ async def run_control_plane(
             servicer.close()
             await server.stop(grace)
     finally:
-        for task in (reconcile_task, jobs_task, probe_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if tokens is not None:
-            await tokens.stop()
-        await registry.close()
-        await kv.close()
-        if metrics is not None:
-            metrics.close()
+        try:
+            for task in (reconcile_task, jobs_task, probe_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if tokens is not None:
+                await tokens.stop()
+            await registry.close()
+            await kv.close()
+        finally:
+            # Whatever failed above: the port is freed (the close joins the HTTP thread).
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)
 
 
 def _registry_sample(
@@ -190,7 +194,7 @@ def _registry_sample(
         replicas.append((spec.name, ""))  # counts the model even with no replica
         for r in with_replicas(registry, spec).replicas:
             # UNSPECIFIED: a placeholder for a replica whose worker is not registered.
-            name = common_pb2.ReplicaState.Name(r.state).removeprefix("REPLICA_STATE_")
+            name = enum_name(common_pb2.ReplicaState, r.state, "REPLICA_STATE_")
             replicas.append((spec.name, "WORKER_GONE" if name == "UNSPECIFIED" else name))
     kinds: dict[str, int] = {}
     for worker in registry.workers().values():

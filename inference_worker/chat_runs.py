@@ -212,6 +212,9 @@ class ChatRun:
         self.timeout = timeout
         self.trace_context = trace_context
         self.cancelled = False
+        # How the run ends if its call goes away mid-request (set by stop_runs); None: as a
+        # disconnect, or a deadline when its own timeout expired.
+        self.gone_how: str | None = None
         self._deadline: asyncio.Timeout | None = None
         self._engine_started = False
         self._replica: HostedReplica | None = None
@@ -261,6 +264,9 @@ class ChatRun:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - reported for this request only
+            if self.metrics is not None:
+                # A no-op when the end was measured already (a deadline counts as an abort).
+                self.metrics.failed(status_for(exc)[0].name)
             self.outbox.fail(self.request_id, exc)
 
     async def _generate(self) -> None:
@@ -285,7 +291,7 @@ class ChatRun:
                     "from the start"
                 )
             params.resume_token_ids = list(start.resume_token_ids)
-            self.metrics.migrated()
+            self.metrics.migrated(len(start.resume_token_ids))
         request_id = self.request_id
         try:
             self.trace.queued()
@@ -368,7 +374,7 @@ class ChatRun:
         if finish_reason == "aborted" or (finish_reason is None and gone):
             if gone:
                 expired = self._deadline is not None and self._deadline.expired()
-                how = "deadline" if expired else "disconnect"
+                how = "deadline" if expired else self.gone_how or "disconnect"
             else:
                 # Not our own cancel: the Abort RPC (or an engine that stopped the request).
                 how = "cancel" if self.cancelled else "abort"
@@ -382,9 +388,37 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-async def stop_runs(runs: Mapping[str, ChatRun]) -> None:
-    """Cancel the tasks of ``runs`` and wait for them (their engine requests are aborted)."""
+# A call cut off this close to its gRPC deadline was cut off by it: the client's deadline
+# timer starts before the server's (the request's transit), so the client's cancel can reach
+# the server a little before the server's own deadline passes.
+DEADLINE_SLACK_S = 0.25
+
+
+def gone_how(manager: ReplicaManager, context: grpc.aio.ServicerContext) -> str:
+    """How the requests of a call that ended early count as aborted (``request_aborted``).
+
+    ``shutdown`` while the replica process stops (the server cuts calls off), ``deadline``
+    when the call's gRPC deadline has passed, else ``disconnect`` (the client went away).
+    """
+    if manager.stopping:
+        return "shutdown"
+    remaining = context.time_remaining()  # None: the call has no deadline
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return "deadline"
+    return "disconnect"
+
+
+async def stop_runs(runs: Mapping[str, ChatRun], how: str | None = None) -> None:
+    """Cancel the tasks of ``runs`` and wait for them (their engine requests are aborted).
+
+    Args:
+        runs: the runs to stop.
+        how: how a run still in the middle of its request counts as aborted (see
+            :func:`gone_how`); None counts it as a disconnect.
+    """
     tasks = [r.task for r in runs.values() if r.task is not None and not r.task.done()]
+    for run in runs.values():
+        run.gone_how = how
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -51,10 +51,15 @@ class AbortedWhileQueued(Exception):
 
 @dataclass(eq=False)
 class _Waiter:
-    """One request in a replica's admission queue; ``granted`` resolves when it gets a slot."""
+    """One request in a replica's admission queue; ``granted`` resolves when it gets a slot.
+
+    ``replica`` is the replica the request is for: an adapter's requests wait in their base's
+    queue but count as the adapter's waiting requests.
+    """
 
     request_id: str | None
     granted: asyncio.Future[None]
+    replica: ReplicaKey | None = None
 
 
 class StatusSink(Protocol):
@@ -131,6 +136,8 @@ class ReplicaManager:
         self.owners: dict[str, str] = {}
         # Output chunks produced by the engine since start: the agent's sign of life for it.
         self.progress = 0
+        # Set by drain_all: the process is stopping, so calls cut off now end by shutdown.
+        self.stopping = False
         self._dirty: set[ReplicaKey] = set()
         self._dirty_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -140,9 +147,14 @@ class ReplicaManager:
 
     def _load_sample(self) -> list[tuple[str, int, int, int]]:
         """(model, index, running, waiting) per replica, for the metrics (read at scrape)."""
+        waiting: dict[ReplicaKey, int] = {}
+        for r in self.replicas.values():
+            for waiter in r.queue:  # a base's queue holds its adapters' waiters too
+                key = waiter.replica or r.key
+                waiting[key] = waiting.get(key, 0) + 1
         return [
-            (r.status.model, r.status.index, r.inflight, len(r.queue))
-            for r in self.replicas.values()
+            (r.status.model, r.status.index, r.inflight, waiting.get(key, 0))
+            for key, r in self.replicas.items()
         ]
 
     # ---- lookups used by the servicer -------------------------------------------------------
@@ -251,7 +263,7 @@ class ReplicaManager:
                 f"{backoff:.1f} s and retry, deploy more replicas (--num_workers) or raise "
                 "infer_params max_concurrency / max_queue"
             )
-        waiter = _Waiter(request_id, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(request_id, asyncio.get_running_loop().create_future(), replica.key)
         owner.queue.append(waiter)
         self._mark(replica)
         try:
@@ -524,10 +536,18 @@ class ReplicaManager:
                 await hosted.engine.stop()
         finally:
             await self.session.remove_replica(hosted.status)
+            if hosted.base is not None and not any(
+                r.status.model == key[0] and r.status.index == key[2]
+                for r in self.replicas.values()
+            ):
+                # An adapter's series go with it (LoRA churn would grow them forever), unless
+                # another generation of it still serves here under the same labels.
+                self.metrics.forget(key[0], key[2])
         log.info("unloaded %s replica %d (generation %d)", key[0], key[2], key[1])
 
     async def drain_all(self, timeout: float) -> None:
         """Report every replica DRAINING and wait (bounded) for in-flight requests to end."""
+        self.stopping = True
         for hosted in list(self.replicas.values()):
             if hosted.status.state == READY:
                 hosted.status.state = DRAINING

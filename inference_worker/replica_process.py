@@ -266,17 +266,19 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     try:
         yield server, manager
     finally:
-        await model_health.close()
-        await server.set_not_serving()
-        await manager.drain_all(5.0)
-        await server.stop(1.0)
-        # The engine stops before the agent's stream does: the agent waits for our exit.
-        await manager.close()
-        await control_server.stop(0.5)
-        if token_follower is not None:
-            await token_follower.stop()
-        if metrics is not None:
-            metrics.close()
+        try:
+            await model_health.close()
+            await server.set_not_serving()
+            await manager.drain_all(5.0)
+            await server.stop(1.0)
+            # The engine stops before the agent's stream does: the agent waits for our exit.
+            await manager.close()
+            await control_server.stop(0.5)
+            if token_follower is not None:
+                await token_follower.stop()
+        finally:
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)  # joins the HTTP thread
 
 
 async def serve(spec: ReplicaSpec) -> None:

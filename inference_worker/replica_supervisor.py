@@ -29,6 +29,7 @@ import grpc
 from llmesh.common.auth_client import aio_token_interceptors
 from llmesh.common.etcd_security import without_etcd_credentials
 from llmesh.common.grpc_server import CHANNEL_OPTIONS
+from llmesh.common.metrics import enum_name
 from llmesh.common.tls import ENV_NAMES, INSECURE_ENV, TlsConfig, aio_channel
 from llmesh.inference_worker.replica_process import ReplicaSpec
 from llmesh.v1 import common_pb2, replica_service_pb2_grpc
@@ -205,7 +206,7 @@ class ReplicaSupervisor:
         """The state last published for the base replica (e.g. ``READY``), for metrics."""
         status = self._published.get((self.model.name, self.assignment.generation))
         state = status.state if status is not None else LOADING
-        return common_pb2.ReplicaState.Name(state).removeprefix("REPLICA_STATE_")
+        return enum_name(common_pb2.ReplicaState, state, "REPLICA_STATE_")
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"supervise-{self.dir.name}")

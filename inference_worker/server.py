@@ -156,70 +156,68 @@ async def run_inference_worker(
             auth=agent_auth.authenticator if agent_auth else None,
             metrics_url=metrics.url if metrics is not None else "",
         )
-    except BaseException:
-        if metrics is not None:
-            metrics.close()
-        raise
-    worker = presence.worker
-    own_dir = None
-    if run_dir is None:
-        own_dir = tempfile.TemporaryDirectory(prefix=f"llmesh-{worker.id}-")
-        run_dir = own_dir.name
-    listen_host = presence.server.host
-    advertise_host = (advertise or "").rpartition(":")[0].strip("[]")
-    settings = SupervisorSettings(
-        run_dir=Path(run_dir).expanduser().absolute(),  # noqa: ASYNC240 - no I/O, path math
-        listen_host=listen_host,
-        advertise_host=advertise_host,
-        wedge_timeout=wedge_timeout,
-        max_restarts=max_restarts,
-        stop_grace=min(drain_grace, 10.0),
-        env=dict(replica_env or {}),
-        tls=tls,
-        insecure=insecure,
-        allow_remote_code=allow_from_env(allow_remote_code),
-        metrics=metrics is not None,
-    )
-    if agent_auth is not None:
+        worker = presence.worker
+        own_dir = None
+        if run_dir is None:
+            own_dir = tempfile.TemporaryDirectory(prefix=f"llmesh-{worker.id}-")
+            run_dir = own_dir.name
+        listen_host = presence.server.host
+        advertise_host = (advertise or "").rpartition(":")[0].strip("[]")
+        settings = SupervisorSettings(
+            run_dir=Path(run_dir).expanduser().absolute(),  # noqa: ASYNC240 - no I/O, path math
+            listen_host=listen_host,
+            advertise_host=advertise_host,
+            wedge_timeout=wedge_timeout,
+            max_restarts=max_restarts,
+            stop_grace=min(drain_grace, 10.0),
+            env=dict(replica_env or {}),
+            tls=tls,
+            insecure=insecure,
+            allow_remote_code=allow_from_env(allow_remote_code),
+            metrics=metrics is not None,
+        )
+        if agent_auth is not None:
+            try:
+                await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
+            except BaseException:
+                await presence.close(grace=0)
+                raise
+            settings.token_file = agent_auth.token_file
+            settings.token = agent_auth.agent_token
+        agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
+        agents.append(agent)
         try:
-            await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
+            await presence.server.start()
         except BaseException:
             await presence.close(grace=0)
             raise
-        settings.token_file = agent_auth.token_file
-        settings.token = agent_auth.agent_token
-    agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
-    agents.append(agent)
-    try:
-        await presence.server.start()
-    except BaseException:
-        await presence.close(grace=0)
-        raise
-    watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
-    watcher.start()
-    running = InferenceWorker(presence, agent, watcher, metrics)
-    try:
-        yield running
+        watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
+        watcher.start()
+        running = InferenceWorker(presence, agent, watcher, metrics)
+        try:
+            yield running
+        finally:
+            log.info("worker %s draining", worker.id)
+            await presence.server.set_not_serving()
+            await watcher.stop()
+            # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
+            await agent.close(drain=drain_grace)
+            await presence.close(grace=min(drain_grace, 5.0))
+            if agent_auth is not None:
+                await agent_auth.close()
+            if own_dir is not None:
+                own_dir.cleanup()
+            log.info("worker %s stopped", worker.id)
     finally:
-        log.info("worker %s draining", worker.id)
-        await presence.server.set_not_serving()
-        await watcher.stop()
-        # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
-        await agent.close(drain=drain_grace)
-        await presence.close(grace=min(drain_grace, 5.0))
-        if agent_auth is not None:
-            await agent_auth.close()
-        if own_dir is not None:
-            own_dir.cleanup()
+        # Last and whatever failed before: a failed start or teardown must not leak the port.
         if metrics is not None:
-            metrics.close()
-        log.info("worker %s stopped", worker.id)
+            await asyncio.to_thread(metrics.close)  # joins the HTTP thread
 
 
-def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, str, int, int]]:
-    """(model, index, state, pid, restarts) of each replica process the agent supervises."""
+def _processes(agents: list[NodeAgent]) -> list[tuple[str, int, int, str, int, int]]:
+    """(model, generation, index, state, pid, restarts) of each replica process supervised."""
     return [
-        (key[0], key[2], sup.state_name(), sup.pid, sup.restarts)
+        (key[0], key[1], key[2], sup.state_name(), sup.pid, sup.restarts)
         for agent in agents
         for key, sup in agent.supervisors.items()
     ]

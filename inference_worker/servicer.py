@@ -28,12 +28,14 @@ from llmesh.common.errors import (
     rpc_handler,
     status_for,
 )
+from llmesh.common.metrics import RequestMetrics
 from llmesh.inference_worker.chat_runs import (
     FINISH,
     ChatRun,
     Outbox,
     chat_messages,
     count_end,
+    gone_how,
     new_request_id,
     sampling_params,
     stop_runs,
@@ -102,7 +104,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     raise error_for_code(error.code, error.message)
         finally:
             reader.cancel()
-            await stop_runs({start.request_id: run})
+            await stop_runs({start.request_id: run}, gone_how(self.manager, context))
 
     @rpc_handler
     async def ChatSession(
@@ -202,17 +204,22 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             self.open_sessions -= 1
             reader.cancel()
             # The client went away (or the server stops): abort whatever still runs.
-            await stop_runs(runs)
+            await stop_runs(runs, gone_how(self.manager, context))
 
     async def _generate_one(
-        self, replica: HostedReplica, request_id: str, prompt: str, params: SamplingParams
+        self,
+        replica: HostedReplica,
+        request_id: str,
+        prompt: str,
+        params: SamplingParams,
+        metrics: RequestMetrics,
     ) -> inf.Generation:
+        """One prompt of a Generate call (slot held); a cancellation is measured by the lane."""
         assert replica.engine is not None
         text: list[str] = []
         last = GenerationChunk()
         stream = replica.engine.generate(request_id, prompt, params)
         gone = False
-        metrics = self.manager.metrics.request(replica.status.model, replica.status.index)
         try:
             async for chunk in stream:
                 self.manager.progress += 1
@@ -223,11 +230,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         except asyncio.CancelledError:
             gone = True
             raise
+        except Exception as exc:
+            metrics.failed(status_for(exc)[0].name)  # an engine error, a prompt that is too long
+            raise
         finally:
             count_end(replica, last.finish_reason, gone)
-            if gone or last.finish_reason == "aborted":
-                metrics.aborted("disconnect" if gone else "abort")
-            elif last.finish_reason is not None:
+            if last.finish_reason == "aborted" and not gone:
+                metrics.aborted("abort")
+            elif last.finish_reason is not None and not gone:
                 metrics.finished(last.finish_reason, last.prompt_tokens, last.completion_tokens)
             await stream.aclose()
         return inf.Generation(
@@ -255,13 +265,29 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         results: list[inf.Generation | None] = [None] * len(request.prompts)
         todo = list(enumerate(request.prompts))
 
+        # How a prompt cancelled mid-way ended: the call went away (set below), or a sibling
+        # prompt failed and the call stopped the rest of its batch.
+        stopped_how = ["disconnect"]
+
         async def lane() -> None:
             # Each lane holds one slot and works through prompts, so a batch larger than the
             # free capacity runs in waves instead of being refused.
             while todo:
                 i, prompt = todo.pop(0)
-                async with self.manager.slot(replica, ids[i]):
-                    results[i] = await self._generate_one(replica, ids[i], prompt, params)
+                # Made before the slot, so queue time is observed and TTFT / e2e include it.
+                metrics = self.manager.metrics.request(replica.status.model, replica.status.index)
+                try:
+                    async with self.manager.slot(replica, ids[i]):
+                        metrics.admitted()
+                        results[i] = await self._generate_one(
+                            replica, ids[i], prompt, params, metrics
+                        )
+                except asyncio.CancelledError:
+                    metrics.aborted(stopped_how[0])  # queued or running; no-op once measured
+                    raise
+                except Exception as exc:
+                    metrics.failed(status_for(exc)[0].name)  # e.g. a refused slot; idem
+                    raise
 
         free = max(replica.status.max_concurrency - replica.inflight, 0)
         lanes = min(len(todo), free) or 1  # no free slot: the first lane raises RESOURCE_EXHAUSTED
@@ -269,8 +295,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    stopped_how[0] = "cancel"  # the siblings stop because this one failed
                 task.result()  # the first failure fails the call ...
         finally:
+            if stopped_how[0] != "cancel":
+                stopped_how[0] = gone_how(self.manager, context)
             for task in tasks:  # ... and stops the other lanes instead of finishing the batch
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

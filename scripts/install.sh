@@ -10,14 +10,30 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 if ! command -v etcd >/dev/null 2>&1 || ! command -v etcdctl >/dev/null 2>&1; then
   echo "== installing etcd (Debian etcd-server, etcd-client)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server etcd-client >/dev/null
+  # Through env: sudo's env_reset would drop a DEBIAN_FRONTEND set in front of sudo.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 
 # A real Prometheus (Debian's 2.42) for tests/e2e/test_prometheus.py, which scrapes a mesh.
+# The tests only need the binary (they start their own on a free loopback port), so:
+# - no Recommends: they pull prometheus-node-exporter, a service on 0.0.0.0:9100;
+# - the system services the package starts are stopped and disabled: a Prometheus on
+#   0.0.0.0:9090 scraping all day costs CPU and exposes the machine. Checked on every run, so
+#   a machine installed by an earlier version of this script is fixed too; only a service
+#   that is enabled or running is touched (no sudo otherwise), so a re-run changes nothing.
 if [ ! -x /usr/bin/prometheus ]; then
-  echo "== installing prometheus (Debian prometheus)"
+  echo "== installing prometheus (Debian prometheus, without its Recommends)"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq prometheus >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
+fi
+if command -v systemctl >/dev/null 2>&1; then
+  for unit in prometheus prometheus-node-exporter; do
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null || systemctl is-active --quiet "$unit" 2>/dev/null; then
+      echo "== stopping and disabling the $unit service (the tests start their own Prometheus)"
+      $SUDO systemctl disable --now "$unit" 2>/dev/null || true
+    fi
+  done
 fi
 
 if [ ! -x .venv/bin/python ]; then

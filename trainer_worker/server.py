@@ -23,6 +23,7 @@ from llmesh.common.grpc_server import Server
 from llmesh.common.metrics import (
     JobSample,
     MetricsEndpoint,
+    enum_name,
     metrics_address,
     split_host_port,
     start_metrics,
@@ -163,62 +164,60 @@ async def run_trainer_worker(
             auth=authenticator,
             metrics_url=metrics.url if metrics is not None else "",
         )
-    except BaseException:
-        if metrics is not None:
-            metrics.close()
-        raise
-    server, worker, client, keys, session = (
-        presence.server,
-        presence.worker,
-        presence.client,
-        presence.keys,
-        presence.session,
-    )
-    # Job records go through the shared compare-and-swap over EtcdKV; lease and watches stay on
-    # the aetcd client.
-    records_kv = EtcdKV(etcd, security=etcd_security)
-    manager = JobManager(
-        client,
-        records_kv,
-        keys,
-        worker.id,
-        jobs_path,
-        progress_interval=progress_interval,
-        cancel_grace=cancel_grace,
-        watch_queue_size=watch_queue_size,
-        path_policy=_path_policy(allowed_roots, jobs_path),
-    )
-    servicer.manager = manager
-    if authenticator is not None:
-        authenticator.audit = AuditLog(records_kv, keys, server=f"trainer {worker.id}")
-        tokens = token_follower(
-            authenticator.table, kv=records_kv, keys=keys, token_file=token_file
+        server, worker, client, keys, session = (
+            presence.server,
+            presence.worker,
+            presence.client,
+            presence.keys,
+            presence.session,
         )
+        # Job records go through the shared compare-and-swap over EtcdKV; lease and watches stay on
+        # the aetcd client.
+        records_kv = EtcdKV(etcd, security=etcd_security)
+        manager = JobManager(
+            client,
+            records_kv,
+            keys,
+            worker.id,
+            jobs_path,
+            progress_interval=progress_interval,
+            cancel_grace=cancel_grace,
+            watch_queue_size=watch_queue_size,
+            path_policy=_path_policy(allowed_roots, jobs_path),
+        )
+        servicer.manager = manager
+        if authenticator is not None:
+            authenticator.audit = AuditLog(records_kv, keys, server=f"trainer {worker.id}")
+            tokens = token_follower(
+                authenticator.table, kv=records_kv, keys=keys, token_file=token_file
+            )
+            try:
+                await tokens.start()
+            except BaseException:
+                await presence.close(grace=0)
+                await records_kv.close()
+                raise
+        managers.append(manager)
+        await server.start()
+        manager.start()
+        running = TrainerWorker(worker, server, session, manager, metrics)
         try:
-            await tokens.start()
-        except BaseException:
-            await presence.close(grace=0)
+            yield running
+        finally:
+            log.info("trainer worker %s stopping", worker.id)
+            await server.set_not_serving()
+            # Jobs first, while the lease still stands: our own "shut down" outcome is recorded
+            # before the control plane could see the worker gone and fail the jobs itself.
+            await manager.close()
+            await presence.close(grace=5.0)
+            if tokens is not None:
+                await tokens.stop()
             await records_kv.close()
-            raise
-    managers.append(manager)
-    await server.start()
-    manager.start()
-    running = TrainerWorker(worker, server, session, manager, metrics)
-    try:
-        yield running
+            log.info("trainer worker %s stopped", worker.id)
     finally:
-        log.info("trainer worker %s stopping", worker.id)
-        await server.set_not_serving()
-        # Jobs first, while the lease still stands: our own "shut down" outcome is recorded
-        # before the control plane could see the worker gone and fail the jobs itself.
-        await manager.close()
-        await presence.close(grace=5.0)
-        if tokens is not None:
-            await tokens.stop()
-        await records_kv.close()
+        # Last and whatever failed before: a failed start or teardown must not leak the port.
         if metrics is not None:
-            metrics.close()
-        log.info("trainer worker %s stopped", worker.id)
+            await asyncio.to_thread(metrics.close)  # joins the HTTP thread
 
 
 def _jobs(managers: list[JobManager]) -> list[JobSample]:
@@ -226,7 +225,7 @@ def _jobs(managers: list[JobManager]) -> list[JobSample]:
     out = []
     for manager in managers:
         for run in manager.runs.values():
-            state = tr.TrainingJobState.Name(run.record.state).removeprefix("TRAINING_JOB_STATE_")
+            state = enum_name(tr.TrainingJobState, run.record.state, "TRAINING_JOB_STATE_")
             sample = JobSample(job_id=run.job_id, state=state)
             progress = run.progress
             # Per-job series only while it runs: finished jobs would pile up series forever.

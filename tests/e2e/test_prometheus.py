@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from llmesh.common.process import free_port
+from llmesh.common.process import free_port, guarded, stop_child
 from llmesh.v1 import common_pb2
 from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
@@ -64,24 +64,65 @@ def _wait_value(base: str, promql: str, want: float, timeout: float = 30) -> flo
     raise AssertionError(f"{promql} did not reach {want} in Prometheus: {got}")
 
 
-def _wait_ready(base: str, prometheus: subprocess.Popen[bytes], log: Path) -> None:
-    """Wait for Prometheus's readiness endpoint; fail with its log if it exits."""
+def _wait_ready(base: str, prometheus: subprocess.Popen[bytes], log: Path) -> bool:
+    """Wait for Prometheus's readiness endpoint: True once ready, False if it exited."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if prometheus.poll() is not None:
-            pytest.fail(f"prometheus exited with {prometheus.returncode}:\n{log.read_text()}")
+            return False
         try:
             with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as response:
                 if response.status == 200:
-                    return
+                    return True
         except OSError:
             pass
         time.sleep(0.1)
     pytest.fail(f"prometheus not ready within 30 s:\n{log.read_text()}")
 
 
+# Tries at a free port: free_port() only says a port was free a moment ago.
+PROMETHEUS_PORT_TRIES = 3
+
+
+def _start_prometheus(config: Path, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start Prometheus on a free loopback port; (process, base URL, log file).
+
+    It runs guarded (it gets SIGTERM if pytest dies, even by SIGKILL). Another process can
+    take the port between free_port() and Prometheus's bind; then Prometheus exits with
+    "address already in use" and another port is tried.
+    """
+    for attempt in range(PROMETHEUS_PORT_TRIES):
+        port = free_port()
+        log = tmp_path / f"prometheus-{attempt}.log"
+        with open(log, "wb") as out:
+            prometheus = subprocess.Popen(
+                guarded(
+                    [
+                        PROMETHEUS,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={tmp_path / f'tsdb-{attempt}'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                    ]
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{port}"
+        if _wait_ready(base, prometheus, log):
+            return prometheus, base, log
+        text = log.read_text(errors="replace")
+        if "address already in use" not in text:
+            pytest.fail(f"prometheus exited with {prometheus.returncode}:\n{text}")
+    pytest.fail(f"prometheus found no free port in {PROMETHEUS_PORT_TRIES} tries:\n{text}")
+
+
 def test_prometheus_scrapes_the_mesh(
-    spawn: Any, etcd_server: Any, etcd_namespace: str, test_model_dir: Path, tmp_path: Path
+    spawn: Any,
+    etcd_server: Any,
+    etcd_namespace: str,
+    test_model_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -103,7 +144,9 @@ def test_prometheus_scrapes_the_mesh(
     printed = dict(re.findall(r"^metrics\s+(.+?) (https?://\S+)$", up.output(), re.M))
     assert set(printed) == {"control plane", "worker-0", "trainer-0"}, up.output()
 
-    stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(address))
+    cp_channel = grpc.insecure_channel(address)
+    request.addfinalizer(cp_channel.close)
+    stub = cp_grpc.ControlPlaneServiceStub(cp_channel)
     model = cp.Model(name="chat", model_path=str(test_model_dir), backend="transformers")
     (replica,) = stub.DeployModel(
         cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=180)
@@ -145,23 +188,11 @@ def test_prometheus_scrapes_the_mesh(
             }
         )
     )
-    prom_port = free_port()
-    log = open(tmp_path / "prometheus.log", "wb")
-    prometheus = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{prom_port}"
+    prometheus, base, log = _start_prometheus(config, tmp_path)
+    replica_channel = grpc.insecure_channel(replica.address)
     try:
-        _wait_ready(base, prometheus, tmp_path / "prometheus.log")
         # Traffic: chats, and AssignWorker routing decisions.
-        chat = inf_grpc.InferenceServiceStub(grpc.insecure_channel(replica.address))
+        chat = inf_grpc.InferenceServiceStub(replica_channel)
         params = common_pb2.GenerationParams(max_tokens=5, temperature=0.0)
         params.extra.update({"ignore_eos": True})
         start = inf.ChatStart(model="chat", prompt="hello", params=params)
@@ -187,7 +218,7 @@ def test_prometheus_scrapes_the_mesh(
         _wait_value(base, f'llmesh:replica_process_up{{job="node-agent",{labels}}}', 1)
         _wait_value(base, 'process_resident_memory_bytes{job="trainer"}', 1)
     except BaseException:
-        print((tmp_path / "prometheus.log").read_text(errors="replace")[-3000:])
+        print(log.read_text(errors="replace")[-3000:])
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"{base}/api/v1/label/__name__/values", timeout=10) as r:
                 print("metric names Prometheus holds:", r.read()[:6000])
@@ -195,10 +226,5 @@ def test_prometheus_scrapes_the_mesh(
                 print("Prometheus targets:", r.read()[:6000])
         raise
     finally:
-        prometheus.terminate()
-        try:
-            prometheus.wait(10)
-        except subprocess.TimeoutExpired:
-            prometheus.kill()
-            prometheus.wait()
-        log.close()
+        replica_channel.close()
+        stop_child(prometheus, 10)

@@ -139,9 +139,10 @@ def test_replica_url_is_published_and_every_server_serves_metrics(running: Runni
     assert value(got, "llmesh:etcd_request_duration_seconds_count") >= 1
 
     got = scrape(worker.metrics.url)
-    assert value(got, "llmesh:replica_process_up", **CHAT) == 1
-    assert value(got, "llmesh:replica_process_state", **CHAT, state="READY") == 1
-    assert value(got, "llmesh:replica_restarts_total", **CHAT) == 0
+    process = {**CHAT, "generation": str(running.replica.generation)}
+    assert value(got, "llmesh:replica_process_up", **process) == 1
+    assert value(got, "llmesh:replica_process_state", **process, state="READY") == 1
+    assert value(got, "llmesh:replica_restarts_total", **process) == 0
 
     got = scrape(running.trainer.metrics.url)
     assert any(name == "process_resident_memory_bytes" for name, _ in got)
@@ -176,9 +177,13 @@ def test_chat_traffic_fills_latencies_tokens_and_finish_reasons(running: Running
     # A request that continues one another replica started counts as a migration here.
     resumed = inf.ChatStart(model="chat", prompt="hello", params=_params(6))
     resumed.resume_token_ids.extend([t for r in out for t in r.token_ids][:3])
-    assert list(running.inf_stub.Chat(iter([inf.ChatRequest(start=resumed)]), timeout=60))
+    out = list(running.inf_stub.Chat(iter([inf.ChatRequest(start=resumed)]), timeout=60))
+    assert out[-1].usage.completion_tokens == 6  # the client sees one request of 6 tokens
     before, after = after, running.replica_metrics()
     assert grew("llmesh:request_migrations_total") == 1
+    # ... of which 3 were generated (and counted) where it started: 3 are new here.
+    assert grew("llmesh:generation_tokens_total") == 3
+    assert grew("llmesh:prompt_tokens_total") == usage.prompt_tokens  # prefilled again here
 
     # The unary Generate RPC counts its prompts too.
     running.inf_stub.Generate(
@@ -194,7 +199,8 @@ def test_aborts_are_counted_by_how(running: Running) -> None:
     before = running.replica_metrics()
 
     def aborted(how: str) -> float:
-        return value(running.replica_metrics(), "llmesh:request_aborted_total", **CHAT, how=how)
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_aborted_total", **CHAT, how=how) or 0
 
     base = {h: aborted(h) for h in ("cancel", "abort", "disconnect", "deadline")}
 
@@ -313,3 +319,157 @@ def test_assign_worker_counts_routing_decisions(running: Running) -> None:
     assert decisions("least_loaded", "policy") == base[("least_loaded", "policy")] + 2
     assert decisions("round_robin", "pinned") == base[("round_robin", "pinned")] + 1
     assert decisions("random", "refused") == base[("random", "refused")] + 1
+
+
+def test_failed_requests_are_counted_by_code(running: Running) -> None:
+    stub = running.inf_stub
+
+    def errors(code: str) -> float:
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_errors_total", **CHAT, code=code) or 0
+
+    base = errors("INVALID_ARGUMENT")
+    # A chat request whose messages do not render (an unknown role): refused in the slot.
+    start = inf.ChatStart(model="chat", messages=[common_pb2.ChatMessage(role="robot")])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors("INVALID_ARGUMENT") == base + 1
+    # A Generate prompt longer than the model's context (2048 tokens): the engine refuses it.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(
+            inf.GenerateRequest(model="chat", prompts=["hello " * 3000], params=_params(3)),
+            timeout=60,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert errors("INVALID_ARGUMENT") == base + 2
+
+
+def test_generate_observes_queue_time_and_counts_stopped_siblings_as_cancel(
+    running: Running, test_model_dir: Path
+) -> None:
+    """Generate measures each prompt from before its slot (queue time observed), and when one
+    prompt of a batch fails the siblings the call stops count as ``cancel``, not disconnect."""
+    stub = running.inf_stub
+    before = running.replica_metrics()
+    stub.Generate(inf.GenerateRequest(model="chat", prompts=["a", "b"], params=_params(2)))
+    after = running.replica_metrics()
+    queued = (value(after, "llmesh:request_queue_time_seconds_count", **CHAT) or 0) - (
+        value(before, "llmesh:request_queue_time_seconds_count", **CHAT) or 0
+    )
+    assert queued == 2
+
+    # Two slots: the batch runs in two lanes; the too-long prompt fails and stops the other.
+    model = cp.Model(name="batch", model_path=str(test_model_dir), backend="transformers")
+    model.infer_params.update({"max_concurrency": "2"})
+    deployed = running.cp_stub.DeployModel(
+        cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=180)
+    ).model
+    try:
+        (replica,) = deployed.replicas
+        labels = {"model_name": "batch", "replica": str(replica.index)}
+        batch = inference_service_pb2_grpc.InferenceServiceStub(
+            channel := grpc.insecure_channel(replica.address)
+        )
+        with channel, pytest.raises(grpc.RpcError) as err:
+            batch.Generate(
+                inf.GenerateRequest(
+                    model="batch", prompts=["hello", "hello " * 3000], params=_params(100000)
+                ),
+                timeout=60,
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        got = wait_for(
+            lambda: (
+                (m := scrape(replica.metrics_url))
+                and value(m, "llmesh:request_aborted_total", **labels, how="cancel") == 1
+                and m
+            ),
+            "the stopped sibling to count as a cancel",
+        )
+        assert value(got, "llmesh:request_aborted_total", **labels, how="disconnect") == 0
+        assert value(got, "llmesh:request_errors_total", **labels, code="INVALID_ARGUMENT") == 1
+    finally:
+        running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="batch"))
+
+
+def test_adapter_requests_count_as_the_adapters_until_it_is_unloaded(
+    running: Running, test_model_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter's requests wait in its base's queue but count as the adapter's waiting; its
+    series leave the page when it is unloaded."""
+    from .test_lora_mesh import make_adapter
+
+    adapter = make_adapter(test_model_dir, tmp_path / "lora", seed=3)
+    model = cp.Model(name="chat-lora", model_path=str(adapter), base_model="chat")
+    running.cp_stub.DeployModel(
+        cp.DeployModelRequest(model=model, wait_ready=True, timeout_seconds=120)
+    )
+    lora = {"model_name": "chat-lora", "replica": "0"}
+    stub = running.inf_stub
+    calls = []
+    try:
+        # The base's only slot is taken; the adapter's request waits in the base's queue.
+        start = inf.ChatStart(model="chat", prompt="hi", params=_params(2000), request_id="b0")
+        calls.append(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+        next(calls[0])
+        start = inf.ChatStart(model="chat-lora", prompt="hi", params=_params(4), request_id="l0")
+        calls.append(stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60))
+        got = wait_for(
+            lambda: (
+                (m := running.replica_metrics())
+                and value(m, "llmesh:num_requests_waiting", **lora) == 1
+                and m
+            ),
+            "the adapter's request to wait as the adapter's",
+        )
+        assert value(got, "llmesh:num_requests_waiting", **CHAT) == 0
+        assert value(got, "llmesh:num_requests_running", **CHAT) == 1
+    finally:
+        for call in calls:
+            call.cancel()
+        wait_for(
+            lambda: value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0,
+            "the slot to free",
+        )
+        running.cp_stub.UndeployModel(cp.UndeployModelRequest(name="chat-lora"))
+    # Unloaded: its series leave the page (LoRA churn must not grow it forever).
+    wait_for(
+        lambda: (
+            not any(
+                ("model_name", "chat-lora") in labels for _, labels in running.replica_metrics()
+            )
+        ),
+        "the adapter's series to leave the page",
+    )
+    assert value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0
+
+
+def test_a_call_whose_grpc_deadline_expires_counts_as_deadline(running: Running) -> None:
+    """A Chat call cut off by its own gRPC deadline (here while it waits for the only slot)
+    is a ``deadline`` abort, not a ``disconnect``."""
+    stub = running.inf_stub
+
+    def aborted(how: str) -> float:
+        got = running.replica_metrics()
+        return value(got, "llmesh:request_aborted_total", **CHAT, how=how) or 0
+
+    base = {how: aborted(how) for how in ("deadline",)}
+    start = inf.ChatStart(model="chat", prompt="hi", params=_params(2000), request_id="g0")
+    holder = stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=60)
+    next(holder)  # holds the slot until cancelled below
+    try:
+        start = inf.ChatStart(model="chat", prompt="hi", params=_params(4), request_id="g1")
+        # It waits behind the holder (thousands of tokens, seconds) when its deadline passes.
+        call = stub.Chat(iter([inf.ChatRequest(start=start)]), timeout=1)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: aborted("deadline") == base["deadline"] + 1, "the deadline abort")
+    finally:
+        holder.cancel()
+    wait_for(
+        lambda: value(running.replica_metrics(), "llmesh:num_requests_running", **CHAT) == 0,
+        "the slot to free",
+    )
+    assert aborted("deadline") == base["deadline"] + 1  # counted once: not a disconnect too
