@@ -228,14 +228,16 @@ def rpc_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(fn)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            with tracing.server_span(name, context, self):
-                try:
-                    async for item in fn(self, request, context):
-                        yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - translated, never leaked
-                    await _abort(context, exc)
+            items = fn(self, request, context)
+            if tracing.server_spans():
+                items = tracing.server_stream(name, context, self, items)
+            try:
+                async for item in items:
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated, never leaked
+                await _abort(context, exc)
 
         return stream_wrapper
 

@@ -187,8 +187,16 @@ class Server:
             if hasattr(result, "__await__"):
                 await result
 
+    async def drain(self) -> None:
+        """Health NOT_SERVING for good, every service name included (a replica's models): a
+        late :meth:`set_serving` or :meth:`set_health` (etcd answering again, a model turning
+        READY) cannot undo it while the server drains."""
+        result = self.health.enter_graceful_shutdown()
+        if hasattr(result, "__await__"):
+            await result
+
     async def stop(self, grace: float | None = 5.0) -> None:
-        await self.set_not_serving()
+        await self.drain()
         await self.server.stop(grace)
 
     async def wait(self) -> None:

@@ -770,7 +770,7 @@ class ControlPlaneMetrics:
         )
         self.etcd_reachable = Gauge(
             "llmesh:etcd_reachable",
-            "1 when the last etcd probe was answered, 0 when it failed.",
+            "1 when the last etcd probe was answered, 0 when it failed (probed every second).",
             registry=r,
         )
 
@@ -814,30 +814,6 @@ class ControlPlaneMetrics:
             return [models, by_state, live]
 
         self.registry.register(SnapshotCollector(loop, build))  # type: ignore[arg-type]
-
-    async def probe_etcd(
-        self, probe: Callable[[], Any], *, interval: float = 5.0, timeout: float = 2.0
-    ) -> None:
-        """Probe etcd every ``interval`` seconds forever (cancel to stop).
-
-        Args:
-            probe: makes one awaitable etcd round trip (a linearizable read).
-            interval: seconds between probes.
-            timeout: seconds a probe may take before etcd counts as unreachable.
-        """
-        while True:
-            began = time.perf_counter()
-            try:
-                await asyncio.wait_for(probe(), timeout)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means unreachable
-                log.debug("etcd probe failed: %s", exc)
-                self.etcd_reachable.set(0)
-            else:
-                self.etcd_latency.observe(time.perf_counter() - began)
-                self.etcd_reachable.set(1)
-            await asyncio.sleep(interval)
 
 
 # ---- trainer workers -------------------------------------------------------------------------

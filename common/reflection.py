@@ -10,6 +10,9 @@ service itself. No reflection code of our own answers a request.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 from collections.abc import Iterable
 
 import grpc
@@ -23,17 +26,22 @@ V1_METHOD = f"/{V1_SERVICE_NAME}/ServerReflectionInfo"
 V1ALPHA_METHOD = f"/{V1ALPHA_SERVICE_NAME}/ServerReflectionInfo"
 
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
+log = logging.getLogger(__name__)
 
 
 def _register_v1_descriptor() -> None:
     """Put ``grpc/reflection/v1/reflection.proto`` into the default pool (once), derived from
     the v1alpha file: only the package (and the names that carry it) differ."""
+    # A grpcio-reflection that ships v1 registers its own file: use it rather than clash.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("grpc_reflection.v1.reflection_pb2")
     pool = descriptor_pool.Default()
-    try:
-        pool.FindFileByName(_V1_FILE)
-        return
-    except KeyError:
-        pass
+    for find, name in ((pool.FindFileByName, _V1_FILE), (pool.FindServiceByName, V1_SERVICE_NAME)):
+        try:
+            find(name)
+            return  # already there, from us or from another copy of the v1 proto
+        except KeyError:
+            pass
     proto = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(proto)
     old, new = f".{proto.package}.", ".grpc.reflection.v1."
@@ -47,7 +55,10 @@ def _register_v1_descriptor() -> None:
         for method in service.method:
             method.input_type = new + method.input_type[len(old) :]
             method.output_type = new + method.output_type[len(old) :]
-    pool.Add(proto)
+    try:
+        pool.Add(proto)
+    except TypeError as exc:  # a conflicting definition of some v1 name is already loaded
+        log.warning("reflection v1 descriptors not registered (%s); v1 still answers", exc)
 
 
 def enable_server_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:

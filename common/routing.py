@@ -85,6 +85,11 @@ class RouteDecision:
     worker: str = ""
     address: str = ""
 
+    def reset(self) -> None:
+        """Forget an earlier pick (a retry reuses the object): nothing stale is recorded."""
+        self.policy, self.rule, self.candidates = "", "", []
+        self.replica, self.worker, self.address = -1, "", ""
+
     def chose(self, replica: common_pb2.Replica) -> None:
         """Record the replica chosen."""
         self.replica, self.worker, self.address = replica.index, replica.worker_id, replica.address

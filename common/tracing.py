@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -102,9 +102,39 @@ def _tracer() -> trace.Tracer:
     return trace.get_tracer("llmesh")
 
 
+def _start_server_span(name: str, context: Any, servicer: object | None) -> trace.Span:
+    path = method_path(type(servicer), name) if servicer is not None else name
+    attributes = dict(rpc_attributes(path))
+    attributes.update(_peer_attributes(context.peer()))
+    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return _tracer().start_span(
+        path,
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.SERVER,
+        attributes=attributes,
+    )
+
+
+def _end_server_span(span: trace.Span, context: Any, exc: BaseException | None) -> None:
+    if exc is None:
+        end_rpc(span, context.code() or grpc.StatusCode.OK, server=True)
+    elif isinstance(exc, grpc.aio.AbortError):
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        end_rpc(span, code, server=True, message=context.details())
+    else:
+        from llmesh.common.errors import status_for
+
+        code, message = status_for(exc) if isinstance(exc, Exception) else (_code_of(exc), "")
+        end_rpc(span, code, server=True, message=message or str(exc))
+    span.end()
+
+
 @contextlib.contextmanager
 def server_span(name: str, context: Any, servicer: object | None = None) -> Iterator[None]:
-    """Open a SERVER span for an RPC, continuing the caller's trace from its metadata.
+    """Open a SERVER span for a unary RPC, continuing the caller's trace from its metadata.
+
+    Only for blocks that do not ``yield`` to someone else while the span is current; a
+    streaming handler uses :func:`server_stream`.
 
     Args:
         name: the method's qualified name in the servicer (``ControlPlaneServicer.GetModel``).
@@ -115,29 +145,57 @@ def server_span(name: str, context: Any, servicer: object | None = None) -> Iter
     if not _configured:
         yield
         return
-    path = method_path(type(servicer), name) if servicer is not None else name
-    attributes = dict(rpc_attributes(path))
-    attributes.update(_peer_attributes(context.peer()))
-    carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    parent = propagate.extract(carrier)
-    token = otel_context.attach(parent)
+    span = _start_server_span(name, context, servicer)
+    token = otel_context.attach(trace.set_span_in_context(span))
     try:
-        with _tracer().start_as_current_span(
-            path,
-            kind=trace.SpanKind.SERVER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                yield
-            except BaseException as exc:
-                code = context.code() if isinstance(exc, grpc.aio.AbortError) else None
-                end_rpc(span, code or _code_of(exc), server=True, message=context.details())
-                raise
-            end_rpc(span, context.code() or grpc.StatusCode.OK, server=True)
-    finally:
+        yield
+    except BaseException as exc:
         otel_context.detach(token)
+        _end_server_span(span, context, exc)
+        raise
+    otel_context.detach(token)
+    _end_server_span(span, context, None)
+
+
+def server_spans() -> bool:
+    """Whether this process makes SERVER spans (tracing configured)."""
+    return _configured
+
+
+async def server_stream(
+    name: str, context: Any, servicer: object | None, items: AsyncIterator[Any]
+) -> AsyncIterator[Any]:
+    """A streaming handler's responses under one SERVER span (see :func:`server_span`).
+
+    The span is current only while ``items`` runs (each step attaches and detaches it in the
+    same step), never across the ``yield`` to grpc: a context attached across a suspension is
+    detached in another context when the stream is closed from elsewhere, which OpenTelemetry
+    reports as "Failed to detach context" and leaves the wrong span current.
+    """
+    span = _start_server_span(name, context, servicer)
+    span_context = trace.set_span_in_context(span)
+    step = items.__anext__
+    error: BaseException | None = None
+    try:
+        while True:
+            token = otel_context.attach(span_context)
+            try:
+                item = await step()
+            except StopAsyncIteration:
+                break
+            finally:
+                otel_context.detach(token)
+            yield item
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        try:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            _end_server_span(span, context, error)
 
 
 @contextlib.contextmanager
@@ -160,12 +218,25 @@ def request_span(name: str, carrier: Mapping[str, str] | None) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def client_span(name: str, address: str = "") -> Iterator[list[tuple[str, str]]]:
+def client_span(
+    name: str,
+    address: str = "",
+    *,
+    decision: RouteDecision | None = None,
+    cause: str = "",
+) -> Iterator[list[tuple[str, str]]]:
     """Open a CLIENT span and yield the metadata that carries it to the server.
+
+    The span is a child of the current one but never becomes current itself, so a ``with``
+    block may span the ``yield``s of a streaming generator: nothing is attached to the
+    caller's context that a later step (or a close from elsewhere) would have to detach.
 
     Args:
         name: ``Service/Method`` (``llmesh.v1.`` is added) or a full ``package.Service/Method``.
         address: ``host:port`` of the server, for ``server.address`` / ``server.port``.
+        decision: the routing decision that chose the server, recorded on the span (see
+            :func:`record_route`).
+        cause: ``retry`` when this call replaces a failed one.
     """
     if not _configured and not _has_active_span():
         yield []
@@ -174,21 +245,16 @@ def client_span(name: str, address: str = "") -> Iterator[list[tuple[str, str]]]
     attributes = dict(rpc_attributes(path))
     if address:
         attributes.update(_server_attributes(address))
-    with _tracer().start_as_current_span(
-        path,
-        kind=trace.SpanKind.CLIENT,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        try:
-            yield list(carrier.items())
-        except BaseException as exc:
-            end_rpc(span, _code_of(exc), server=False, message=str(exc))
-            raise
-        end_rpc(span, grpc.StatusCode.OK, server=False)
+    span = _tracer().start_span(path, kind=trace.SpanKind.CLIENT, attributes=attributes)
+    record_route(span, decision, cause)
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    try:
+        yield list(carrier.items())
+    except BaseException as exc:
+        end_span(span, exc)
+        raise
+    end_span(span)
 
 
 def _has_active_span() -> bool:
@@ -437,10 +503,26 @@ def _finished(span: trace.Span, batch: Sequence[Any]) -> None:
         set_usage(span, usage.prompt_tokens, usage.completion_tokens, last.finish_reason)
 
 
-def traced_batches(span: trace.Span, batches: Iterator[Sequence[Any]]) -> Iterator[Any]:
-    """Pass a request's batches of ``ChatResponse`` through, keeping ``span`` open for the
-    whole stream: usage and finish reason from the final response, the error it ended with,
-    and the end when the stream ends or its reader stops early (closing ``batches``)."""
+def traced_batches(
+    start: Callable[[], trace.Span | None],
+    batches_for: Callable[[trace.Span | None], Iterator[Sequence[Any]]],
+) -> Iterator[Any]:
+    """A request's batches of ``ChatResponse`` under the span ``start()`` opens (see
+    :func:`start_generation`), kept open for the whole stream: usage and finish reason from
+    the final response, the error it ended with, and the end when the stream ends or its
+    reader stops early (closing the stream).
+
+    Nothing starts before the first ``next()``: a stream never iterated leaves no open span.
+
+    Args:
+        start: opens the request's span (None: tracing is off).
+        batches_for: makes the stream, given that span.
+    """
+    span = start()
+    batches = batches_for(span)
+    if span is None:
+        yield from batches
+        return
     error: BaseException | None = None
     try:
         for batch in batches:
@@ -452,16 +534,23 @@ def traced_batches(span: trace.Span, batches: Iterator[Sequence[Any]]) -> Iterat
         error = exc
         raise
     finally:
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-        end_span(span, error, rpc=False)
+        try:
+            batches.close()  # type: ignore[attr-defined]
+        finally:  # a close that raises must not leave the span open
+            end_span(span, error, rpc=False)
 
 
 async def atraced_batches(
-    span: trace.Span, batches: AsyncIterator[Sequence[Any]]
+    start: Callable[[], trace.Span | None],
+    batches_for: Callable[[trace.Span | None], AsyncIterator[Sequence[Any]]],
 ) -> AsyncIterator[Any]:
     """:func:`traced_batches` for an async stream."""
+    span = start()
+    batches = batches_for(span)
+    if span is None:
+        async for batch in batches:
+            yield batch
+        return
     error: BaseException | None = None
     try:
         async for batch in batches:
@@ -473,10 +562,10 @@ async def atraced_batches(
         error = exc
         raise
     finally:
-        close = getattr(batches, "aclose", None)
-        if close is not None:
-            await close()
-        end_span(span, error, rpc=False)
+        try:
+            await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            end_span(span, error, rpc=False)
 
 
 def set_usage(

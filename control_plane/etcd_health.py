@@ -3,8 +3,10 @@
 The control plane answers reads from its mirror of etcd, so it could keep saying SERVING through
 an etcd outage, yet every deploy, undeploy and job change would fail. A load balancer or an
 operator asking ``grpc.health.v1`` should hear the truth: a probe (a linearizable read, which
-needs the same quorum as a write) runs every ``interval`` seconds; after a failed probe the
-server's health is NOT_SERVING, and the next good probe brings it back to SERVING. Write RPCs
+needs the same quorum as a write) runs every ``interval`` seconds; after ``failures`` failed
+probes in a row the server's health is NOT_SERVING (one slow answer, a compaction or a leader
+election, does not flap it), and the next good probe brings it back to SERVING. The same probe
+feeds ``llmesh:etcd_reachable`` and ``llmesh:etcd_request_duration_seconds``. Write RPCs
 themselves answer UNAVAILABLE naming etcd during the outage (``EtcdKV``), and reads keep
 answering from the mirror, which is what clients' routes need.
 """
@@ -14,15 +16,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.grpc_server import Server
+
+if TYPE_CHECKING:
+    from llmesh.common.metrics import ControlPlaneMetrics
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
+PROBE_FAILURES = 2
 
 
 class EtcdHealth:
@@ -32,10 +40,12 @@ class EtcdHealth:
         kv: the control plane's etcd client.
         server: the gRPC server whose health to set.
         interval: seconds between probes.
-        timeout: seconds a probe may take before etcd counts as unreachable.
+        timeout: seconds a probe may take before it counts as failed.
+        failures: failed probes in a row that make etcd count as unreachable.
+        metrics: where to record each probe (reachability and round-trip time), if anywhere.
 
     Attributes:
-        reachable: whether the last probe succeeded.
+        reachable: whether etcd counts as reachable (no ``failures`` failed probes in a row).
         reason: why etcd counts as unreachable ("" while it is reachable).
     """
 
@@ -46,27 +56,43 @@ class EtcdHealth:
         *,
         interval: float = PROBE_INTERVAL_S,
         timeout: float = PROBE_TIMEOUT_S,
+        failures: int = PROBE_FAILURES,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.kv = kv
         self.server = server
         self.interval = interval
         self.timeout = timeout
+        self.failures = max(1, failures)
+        self.metrics = metrics
         self.reachable = True
         self.reason = ""
+        self._failed = 0  # failed probes in a row
 
     async def probe(self) -> bool:
         """Probe once; set the health when reachability changed. Returns reachability."""
+        began = time.perf_counter()
         try:
             await self.kv.current_revision(timeout=self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure means etcd cannot take writes
+            if self.metrics is not None:
+                self.metrics.etcd_reachable.set(0)
+            self._failed += 1
             reason = str(exc) or type(exc).__name__
+            if self._failed < self.failures:
+                log.info("etcd probe failed (%d in a row): %s", self._failed, reason)
+                return self.reachable
             if self.reachable:
                 log.warning("etcd unreachable, health NOT_SERVING: %s", reason)
                 await self.server.set_not_serving()
             self.reachable, self.reason = False, reason
             return False
+        if self.metrics is not None:
+            self.metrics.etcd_latency.observe(time.perf_counter() - began)
+            self.metrics.etcd_reachable.set(1)
+        self._failed = 0
         if not self.reachable:
             log.warning("etcd at %s reachable again, health SERVING", self.kv.endpoint)
             await self.server.set_serving()

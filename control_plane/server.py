@@ -117,7 +117,6 @@ async def run_control_plane(
     reconcile_task: asyncio.Task[None] | None = None
     jobs_task: asyncio.Task[None] | None = None
     tokens: EtcdTokenFollower | TokenFileFollower | None = None
-    probe_task: asyncio.Task[None] | None = None
     metrics: MetricsEndpoint | None = None
     try:
         await registry.start(timeout=startup_timeout)
@@ -142,7 +141,6 @@ async def run_control_plane(
         metrics = start_metrics(
             meters.registry, metrics_address(server.host, metrics_listen), **https_files(tls)
         )
-        probe_task = asyncio.create_task(meters.probe_etcd(kv.current_revision), name="etcd-probe")
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)
         reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
@@ -153,7 +151,7 @@ async def run_control_plane(
         if metrics is not None:
             log.info("control plane metrics on %s", metrics.url)
         try:
-            async with EtcdHealth(kv, server).running() as etcd_health:
+            async with EtcdHealth(kv, server, metrics=meters).running() as etcd_health:
                 yield ControlPlane(
                     address=server.address,
                     registry=registry,
@@ -165,12 +163,12 @@ async def run_control_plane(
         finally:
             # Drain: health says NOT_SERVING first so balancers stop sending, watches end so
             # their clients move to another control plane, then unary calls get `grace`.
-            await server.set_not_serving()
+            await server.drain()
             servicer.close()
             await server.stop(grace)
     finally:
         try:
-            for task in (reconcile_task, jobs_task, probe_task):
+            for task in (reconcile_task, jobs_task):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

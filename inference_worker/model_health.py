@@ -31,24 +31,26 @@ class ModelHealth:
     Args:
         board: the process's status board.
         server: the gRPC server serving InferenceService.
+        models: models to report NOT_SERVING at the first :meth:`apply`, before the board
+            names them (apply before the server starts: a probe never sees them unknown).
     """
 
-    def __init__(self, board: StatusBoard, server: Server) -> None:
+    def __init__(self, board: StatusBoard, server: Server, models: tuple[str, ...] = ()) -> None:
         self.board = board
         self.server = server
-        #: Model name → whether it was last reported SERVING.
-        self.serving: dict[str, bool] = {}
+        #: Model name → whether it was last reported SERVING (None: not reported yet).
+        self.serving: dict[str, bool | None] = dict.fromkeys(models)
         self._task: asyncio.Task[None] | None = None
 
     async def apply(self) -> None:
         """Set each model's health from the board as it is now."""
-        now: dict[str, bool] = dict.fromkeys(self.serving, False)  # gone models: NOT_SERVING
+        now: dict[str, bool | None] = dict.fromkeys(self.serving, False)  # gone: NOT_SERVING
         for replica in self.board.replicas.values():
             ready = replica.state == common_pb2.REPLICA_STATE_READY
             now[replica.model] = now.get(replica.model, False) or ready
         for model, serving in now.items():
             if self.serving.get(model) != serving:
-                await self.server.set_health(model, serving)
+                await self.server.set_health(model, bool(serving))
                 log.info("health of model %s: %s", model, "SERVING" if serving else "NOT_SERVING")
         self.serving = now
 

@@ -234,6 +234,10 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         tls=tls,
         auth=auth,
     )
+    # grpc.health per model (service=<model>): SERVING only while it is READY here; known
+    # (NOT_SERVING) before the port answers.
+    model_health = ModelHealth(board, server, models=(spec.model.name,))
+    await model_health.apply()
     await control_server.start()
     await server.start()
     metrics = start_metrics(
@@ -260,15 +264,13 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
     )
     tmp.replace(spec.address_file)
     manager.spawn(manager.load(spec.assignment, model, address), name="load-base")
-    # grpc.health per model (service=<model>): SERVING only while it is READY here.
-    model_health = ModelHealth(board, server)
     model_health.start()
     try:
         yield server, manager
     finally:
         try:
             await model_health.close()
-            await server.set_not_serving()
+            await server.drain()
             await manager.drain_all(5.0)
             await server.stop(1.0)
             # The engine stops before the agent's stream does: the agent waits for our exit.

@@ -198,7 +198,7 @@ async def run_inference_worker(
             yield running
         finally:
             log.info("worker %s draining", worker.id)
-            await presence.server.set_not_serving()
+            await presence.server.drain()
             await watcher.stop()
             # Each replica goes DRAINING (routers stop picking it), drains and stops; then revoke.
             await agent.close(drain=drain_grace)

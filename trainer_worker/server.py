@@ -205,7 +205,7 @@ async def run_trainer_worker(
             yield running
         finally:
             log.info("trainer worker %s stopping", worker.id)
-            await server.set_not_serving()
+            await server.drain()
             # Jobs first, while the lease still stands: our own "shut down" outcome is recorded
             # before the control plane could see the worker gone and fail the jobs itself.
             await manager.close()

@@ -338,6 +338,8 @@ class RouteCache:
             NotFound, FailedPrecondition: no replica can take the request.
             Unavailable: the control plane is unreachable and nothing is cached for the model.
         """
+        if decision is not None:
+            decision.reset()
         replicas, generation = self._snapshot(model)
         if replicas is None:
             replica = self._assign(

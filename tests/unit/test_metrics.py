@@ -96,30 +96,6 @@ def test_routing_reason_follows_the_selector_precedence() -> None:
     assert routing_reason(cp.AssignWorkerRequest(model="m")) == "policy"
 
 
-async def test_etcd_probe_reports_reachable_and_unreachable() -> None:
-    m = ControlPlaneMetrics()
-    ok = asyncio.Event()
-
-    async def answer() -> int:
-        ok.set()
-        return 1
-
-    task = asyncio.create_task(m.probe_etcd(answer, interval=0.01))
-    await asyncio.wait_for(ok.wait(), 5)
-    await asyncio.sleep(0.05)
-    task.cancel()
-    assert m.registry.get_sample_value("llmesh:etcd_reachable") == 1
-    assert m.registry.get_sample_value("llmesh:etcd_request_duration_seconds_count") >= 1
-
-    async def refuse() -> int:
-        raise ConnectionError("etcd is down")
-
-    task = asyncio.create_task(m.probe_etcd(refuse, interval=0.01))
-    await asyncio.sleep(0.05)
-    task.cancel()
-    assert m.registry.get_sample_value("llmesh:etcd_reachable") == 0
-
-
 # What Prometheus 2.42 sends: it prefers OpenMetrics.
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

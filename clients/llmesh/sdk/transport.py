@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -114,6 +115,11 @@ def _operation(start: inf.ChatStart) -> str:
     return "text_completion" if start.prompt and not start.messages else "chat"
 
 
+def _start_span(model: str, start: inf.ChatStart) -> Any:
+    """The span of one generation request (None when tracing is off)."""
+    return tracing.start_generation(_operation(start), model, start.request_id, start.params)
+
+
 def _cause(attempts: Attempts) -> str:
     """Why a unary call picks again: a retry once a replica failed it."""
     return "retry" if attempts.tried else ""
@@ -174,8 +180,12 @@ class SyncTransport:
             with self.router.attempt(attempts, replica):
                 stub = self.router.worker(replica.address)
                 name = f"InferenceService/{op.method}"
-                with rpc_errors(), client_span(name, replica.address) as metadata:
-                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
+                with (
+                    rpc_errors(),
+                    client_span(
+                        name, replica.address, decision=decision, cause=_cause(attempts)
+                    ) as metadata,
+                ):
                     return getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
@@ -248,9 +258,12 @@ class SyncTransport:
         """
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
-        span = tracing.start_generation(_operation(start), model, start.request_id, start.params)
-        batches = self._chat_batches(model, start, config, on_migrate, span)
-        return batches if span is None else tracing.traced_batches(span, batches)
+        if not tracing.enabled():
+            return self._chat_batches(model, start, config, on_migrate, None)
+        return tracing.traced_batches(
+            functools.partial(_start_span, model, start),
+            functools.partial(self._chat_batches, model, start, config, on_migrate),
+        )
 
     def _chat_batches(
         self,
@@ -473,8 +486,12 @@ class AsyncTransport:
             with self.router.attempt(attempts, replica):
                 stub = self.router.aio_worker(replica.address)
                 name = f"InferenceService/{op.method}"
-                with rpc_errors(), client_span(name, replica.address) as metadata:
-                    tracing.record_route(tracing.current_span(decision), decision, _cause(attempts))
+                with (
+                    rpc_errors(),
+                    client_span(
+                        name, replica.address, decision=decision, cause=_cause(attempts)
+                    ) as metadata,
+                ):
                     return await getattr(stub, op.method)(
                         op.request, metadata=metadata, timeout=op.timeout
                     )
@@ -533,9 +550,12 @@ class AsyncTransport:
         """
         if not start.request_id:
             start.request_id = uuid.uuid4().hex
-        span = tracing.start_generation(_operation(start), model, start.request_id, start.params)
-        batches = self._chat_batches(model, start, config, on_migrate, span)
-        return batches if span is None else tracing.atraced_batches(span, batches)
+        if not tracing.enabled():
+            return self._chat_batches(model, start, config, on_migrate, None)
+        return tracing.atraced_batches(
+            functools.partial(_start_span, model, start),
+            functools.partial(self._chat_batches, model, start, config, on_migrate),
+        )
 
     async def _chat_batches(
         self,
