@@ -205,16 +205,10 @@ def request_span(name: str, carrier: Mapping[str, str] | None) -> Iterator[None]
     if not _configured:
         yield
         return
-    if not carrier:  # no context came with it: a child of whatever span is current
-        with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
-            yield
-        return
-    token = otel_context.attach(propagate.extract(dict(carrier)))
-    try:
-        with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
-            yield
-    finally:
-        otel_context.detach(token)
+    # No context came with it: a child of whatever span is current.
+    parent = propagate.extract(dict(carrier)) if carrier else None
+    with _tracer().start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER):
+        yield
 
 
 @contextlib.contextmanager

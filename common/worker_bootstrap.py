@@ -13,13 +13,20 @@ from dataclasses import dataclass
 
 import aetcd
 import grpc
+from prometheus_client import CollectorRegistry
 
 from llmesh.common.auth_interceptor import Authenticator
 from llmesh.common.etcd import worker_client
 from llmesh.common.etcd_keys import Keys, parse_endpoint
 from llmesh.common.etcd_security import EtcdSecurity, check_etcd_credentials
 from llmesh.common.grpc_server import Server
-from llmesh.common.tls import TlsConfig
+from llmesh.common.metrics import (
+    MetricsEndpoint,
+    metrics_address,
+    split_host_port,
+    start_metrics,
+)
+from llmesh.common.tls import TlsConfig, https_files
 from llmesh.common.worker_session import WorkerSession
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -41,6 +48,25 @@ class WorkerPresence:
         await self.session.close()
         await self.server.stop(grace)
         await self.client.close()
+
+
+def start_worker_metrics(
+    registry: CollectorRegistry,
+    *,
+    listen: str,
+    advertise: str | None,
+    metrics_listen: str | None,
+    tls: TlsConfig | None,
+) -> MetricsEndpoint | None:
+    """Serve a worker's /metrics before it joins (its record carries the URL): on the gRPC
+    listen host unless ``metrics_listen`` says otherwise ("off": None), advertised under the
+    ``advertise`` host, over HTTPS with the server's certificate when it has TLS."""
+    return start_metrics(
+        registry,
+        metrics_address(split_host_port(listen)[0], metrics_listen),
+        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
+        **https_files(tls),
+    )
 
 
 async def join_mesh(

@@ -22,13 +22,10 @@ from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity
 from llmesh.common.metrics import (
     MetricsEndpoint,
-    metrics_address,
     node_agent_registry,
-    split_host_port,
-    start_metrics,
 )
-from llmesh.common.tls import TlsConfig, https_files
-from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh
+from llmesh.common.tls import TlsConfig
+from llmesh.common.worker_bootstrap import WorkerPresence, join_mesh, start_worker_metrics
 from llmesh.inference_worker.agent_auth import AgentAuth
 from llmesh.inference_worker.node_agent import AssignmentWatcher, NodeAgent
 from llmesh.inference_worker.remote_code import allow_from_env
@@ -131,11 +128,12 @@ async def run_inference_worker(
         AgentAuth(etcd, namespace, token_file, etcd_security) if auth_from_env(auth) else None
     )
     agents: list[NodeAgent] = []  # the agent, once it exists (metrics read it per scrape)
-    metrics = start_metrics(
+    metrics = start_worker_metrics(
         node_agent_registry(asyncio.get_running_loop(), lambda: _processes(agents)),
-        metrics_address(split_host_port(listen)[0], metrics_listen),
-        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
-        **https_files(tls),
+        listen=listen,
+        advertise=advertise,
+        metrics_listen=metrics_listen,
+        tls=tls,
     )
     try:
         presence = await join_mesh(

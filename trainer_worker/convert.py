@@ -92,18 +92,8 @@ def spec_to_runner_dict(job: tr.TrainingJob, *, jobs_dir: str | Path) -> dict[st
         # Canonical names, text values: the runner types them by the one table.
         out["hyperparameters"] = dict(sorted(spec.hyperparameters.items()))
 
-    if spec.deepspeed_config_json.strip():
-        try:
-            config = json.loads(spec.deepspeed_config_json)
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(
-                f"spec.deepspeed_config_json is not valid JSON ({exc}); give a JSON object "
-                'such as {"zero_optimization": {"stage": 2}}'
-            ) from None
-        if not isinstance(config, dict):
-            raise InvalidArgument(
-                "spec.deepspeed_config_json must be a JSON object of DeepSpeed settings"
-            )
+    config = deepspeed_config(spec)
+    if config is not None:
         out["deepspeed_config"] = config
 
     model_config = spec.model_config.strip()
@@ -119,3 +109,25 @@ def spec_to_runner_dict(job: tr.TrainingJob, *, jobs_dir: str | Path) -> dict[st
         else:
             out["model_config"] = model_config
     return out
+
+
+def deepspeed_config(spec: tr.TrainingJobSpec) -> dict[str, Any] | None:
+    """The spec's ``deepspeed_config_json`` as a dict; None when it is empty.
+
+    Raises:
+        InvalidArgument: it is not JSON, or not a JSON object.
+    """
+    if not spec.deepspeed_config_json.strip():
+        return None
+    try:
+        config = json.loads(spec.deepspeed_config_json)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(
+            f"spec.deepspeed_config_json is not valid JSON ({exc}); give a JSON object "
+            'such as {"zero_optimization": {"stage": 2}}'
+        ) from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(
+            "spec.deepspeed_config_json must be a JSON object of DeepSpeed settings"
+        )
+    return config

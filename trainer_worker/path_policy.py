@@ -21,13 +21,13 @@ roots ends FAILED with a PERMISSION_DENIED sentence naming the field, the path a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llmesh.common.errors import InvalidArgument, PermissionDenied
+from llmesh.common.errors import PermissionDenied
+from llmesh.trainer_worker.convert import deepspeed_config
 from llmesh.v1 import trainer_service_pb2 as tr
 
 ROOTS_ENV = "LLMESH_ALLOWED_ROOTS"
@@ -105,14 +105,8 @@ class PathPolicy:
                 )
         # The output directory as the job will use it (the default one lies in the jobs dir).
         fields[4] = ("output_dir", output_dir)
-        if spec.deepspeed_config_json.strip():
-            try:
-                ds_config = json.loads(spec.deepspeed_config_json)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(
-                    f"spec.deepspeed_config_json is not JSON ({exc}); give the DeepSpeed "
-                    "config as a JSON object"
-                ) from exc
+        ds_config = deepspeed_config(spec)
+        if ds_config is not None:
             base = Path(output_dir).expanduser()
             for name, value in _config_paths(ds_config, "deepspeed_config_json"):
                 path = Path(value).expanduser()

@@ -24,13 +24,10 @@ from llmesh.common.metrics import (
     JobSample,
     MetricsEndpoint,
     enum_name,
-    metrics_address,
-    split_host_port,
-    start_metrics,
     trainer_registry,
 )
-from llmesh.common.tls import TlsConfig, https_files
-from llmesh.common.worker_bootstrap import join_mesh
+from llmesh.common.tls import TlsConfig
+from llmesh.common.worker_bootstrap import join_mesh, start_worker_metrics
 from llmesh.common.worker_session import WorkerSession
 from llmesh.trainer_worker.job_manager import JobManager
 from llmesh.trainer_worker.path_policy import PathPolicy, roots_from_env
@@ -134,11 +131,12 @@ async def run_trainer_worker(
     if gpus is None:
         gpus = float(await asyncio.to_thread(detect_gpus))
     managers: list[JobManager] = []  # the job manager, once it exists (metrics read it)
-    metrics = start_metrics(
+    metrics = start_worker_metrics(
         trainer_registry(asyncio.get_running_loop(), lambda: _jobs(managers)),
-        metrics_address(split_host_port(listen)[0], metrics_listen),
-        advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
-        **https_files(tls),
+        listen=listen,
+        advertise=advertise,
+        metrics_listen=metrics_listen,
+        tls=tls,
     )
     try:
         presence = await join_mesh(

@@ -298,7 +298,7 @@ def test_training_paths_must_be_absolute_and_deepspeed_paths_are_checked(
             policy.check(spec, out)
     from llmesh.common.errors import InvalidArgument
 
-    with pytest.raises(InvalidArgument, match="not JSON"):
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
         policy.check(tr.TrainingJobSpec(deepspeed_config_json="{nope"), out)
 
 
