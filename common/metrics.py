@@ -1,8 +1,10 @@
 """Prometheus metrics: the endpoint every server serves, and the metric set of each process kind.
 
 Every llmesh server (control plane, node agent, replica process, trainer worker) serves
-``/metrics`` over HTTP on a port of its own, bound like its gRPC server (loopback unless told
-otherwise; port 0 picks a free one) and on by default. The endpoint is prometheus_client's
+``/metrics`` on a port of its own, bound like its gRPC server (loopback unless told otherwise;
+port 0 picks a free one) and on by default; over HTTPS with the server's certificate when the
+server has TLS. It asks for no token (Prometheus scrapes it as is), so plain HTTP beyond
+loopback needs ``--insecure``. The endpoint is prometheus_client's
 threaded HTTP server, so a scrape never runs on the server's event loop; values that live in
 loop-owned state (replica states, queue lengths, job progress) are read on the loop at scrape
 time by a :class:`SnapshotCollector`, so a scrape sees one consistent picture.
@@ -38,6 +40,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector
 
 from llmesh.common.routing import PURPOSE_NAMES
+from llmesh.common.tls import InsecureBind, is_loopback
 from llmesh.v1 import control_plane_service_pb2 as cp
 
 log = logging.getLogger(__name__)
@@ -192,8 +195,12 @@ def start_metrics(
     certfile: str | None = None,
     keyfile: str | None = None,
     include_global: bool = True,
+    insecure: bool = False,
 ) -> MetricsEndpoint | None:
-    """Serve ``registry`` (plus the global registry) at ``http://listen/metrics``.
+    """Serve ``registry`` (plus the global registry) at ``http(s)://listen/metrics``.
+
+    /metrics asks for no token (Prometheus scrapes it as is), so beyond loopback it must at
+    least be HTTPS: a plain-HTTP bind beyond loopback is refused unless ``insecure``.
 
     Args:
         registry: the process kind's own metrics.
@@ -203,17 +210,27 @@ def start_metrics(
         keyfile: PEM private key of ``certfile``.
         include_global: also serve prometheus_client's global registry (process and platform
             collectors, vLLM's engine metrics).
+        insecure: the operator passed ``--insecure``: serve plain HTTP beyond loopback (warns).
 
     Returns:
         The running endpoint, or None when ``listen`` is None.
 
     Raises:
+        InsecureBind: plain HTTP beyond loopback without ``insecure``.
         OSError: the address cannot be bound.
         ssl.SSLError: ``certfile`` / ``keyfile`` do not load (nothing is bound then).
     """
     if listen is None:
         return None
     host, port = split_host_port(listen)
+    if not (certfile and keyfile) and not is_loopback(host):
+        if not insecure:
+            raise InsecureBind(
+                f"refusing to serve /metrics on {listen} (beyond loopback) over plain HTTP; "
+                "give the server TLS (--tls-cert, --tls-key) so /metrics is HTTPS, bind it to "
+                "loopback (--metrics-listen 127.0.0.1:0), or pass --insecure"
+            )
+        log.warning("INSECURE: /metrics on %s over plain HTTP, beyond loopback", listen)
     tls: ssl.SSLContext | None = None
     if certfile and keyfile:
         # Before binding: a certificate that does not load leaves no socket behind.

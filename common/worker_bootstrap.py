@@ -57,6 +57,7 @@ def start_worker_metrics(
     advertise: str | None,
     metrics_listen: str | None,
     tls: TlsConfig | None,
+    insecure: bool = False,
 ) -> MetricsEndpoint | None:
     """Serve a worker's /metrics before it joins (its record carries the URL): on the gRPC
     listen host unless ``metrics_listen`` says otherwise ("off": None), advertised under the
@@ -65,6 +66,7 @@ def start_worker_metrics(
         registry,
         metrics_address(split_host_port(listen)[0], metrics_listen),
         advertise_host=(advertise or "").rpartition(":")[0].strip("[]"),
+        insecure=insecure,
         **https_files(tls),
     )
 

@@ -139,7 +139,10 @@ async def run_control_plane(
         )
         meters.watch_registry(asyncio.get_running_loop(), lambda: _registry_sample(registry))
         metrics = start_metrics(
-            meters.registry, metrics_address(server.host, metrics_listen), **https_files(tls)
+            meters.registry,
+            metrics_address(server.host, metrics_listen),
+            insecure=insecure,
+            **https_files(tls),
         )
         await server.start()
         reconciler = LostWorkerReplacer(registry, deployer, grace=reconcile_grace)

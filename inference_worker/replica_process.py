@@ -244,6 +244,7 @@ async def run_replica(spec: ReplicaSpec) -> AsyncIterator[tuple[Server, ReplicaM
         manager.metrics.registry,
         metrics_address(server.host, spec.metrics_listen),
         advertise_host=spec.advertise_host,
+        insecure=insecure,
         **https_files(tls),
     )
     model = cp.Model()

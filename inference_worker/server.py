@@ -134,6 +134,7 @@ async def run_inference_worker(
         advertise=advertise,
         metrics_listen=metrics_listen,
         tls=tls,
+        insecure=insecure,
     )
     try:
         presence = await join_mesh(

@@ -137,6 +137,7 @@ async def run_trainer_worker(
         advertise=advertise,
         metrics_listen=metrics_listen,
         tls=tls,
+        insecure=insecure,
     )
     try:
         presence = await join_mesh(

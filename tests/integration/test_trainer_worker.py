@@ -406,10 +406,12 @@ async def test_cancel_while_running_stops_every_rank(
 ) -> None:
     job_id = f"cancel-{uuid.uuid4().hex[:8]}"  # unique: /proc is shared with other tests
     spec = sft_spec(test_model_dir, sft_data, max_steps="10000")
-    # The worker holds the etcd password (`llmesh up` passes it in the environment); the
-    # ranks run user training code and must not inherit it.
+    # The worker holds the etcd password (`llmesh up` passes it in the environment) and may
+    # hold a token; the ranks run user training code and must inherit neither.
     secret = f"etcd-secret-{uuid.uuid4().hex}"
+    token = f"llmesh-token-{uuid.uuid4().hex}"
     monkeypatch.setenv("LLMESH_ETCD_PASSWORD", secret)
+    monkeypatch.setenv("LLMESH_TOKEN", token)
     await create_job(etcd, keys, job_id, spec)
     # Training for real: its progress reaches the record (written by the worker while RUNNING).
     running = await wait_job(etcd, keys, job_id, lambda j: j.progress.step >= 1)
@@ -417,6 +419,7 @@ async def test_cancel_while_running_stops_every_rank(
     ranks = rank_pids(job_id, ranks_only=True)
     assert ranks, "no rank process is running"
     assert not any(secret.encode() in environ_of(pid) for pid in ranks)
+    assert not any(token.encode() in environ_of(pid) for pid in ranks)
     await set_cancel_requested(etcd, keys, job_id)
     job = await wait_job(etcd, keys, job_id, final, timeout=60)
     assert (job.state, job.reason) == (S.TRAINING_JOB_STATE_CANCELLED, "cancelled on request")

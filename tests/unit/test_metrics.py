@@ -20,6 +20,7 @@ from llmesh.common.metrics import (
     start_metrics,
     trainer_registry,
 )
+from llmesh.common.tls import InsecureBind
 from llmesh.v1 import control_plane_service_pb2 as cp
 
 
@@ -387,3 +388,12 @@ def test_https_endpoint_handshakes_per_connection_and_a_bad_key_binds_nothing(
     finally:
         stalled.close()
         endpoint.close()
+
+
+def test_plain_http_metrics_beyond_loopback_need_insecure() -> None:
+    """/metrics has no token check: beyond loopback it must be HTTPS, or --insecure."""
+    with pytest.raises(InsecureBind, match=r"/metrics on 0\.0\.0\.0:0 .* --insecure"):
+        start_metrics(ReplicaMetrics().registry, "0.0.0.0:0")
+    endpoint = start_metrics(ReplicaMetrics().registry, "0.0.0.0:0", insecure=True)
+    assert endpoint is not None
+    endpoint.close()

@@ -529,6 +529,8 @@ class JobProcess:
         if "DS_ACCELERATOR" not in env and not Path("/dev/nvidiactl").exists():
             env["DS_ACCELERATOR"] = "cpu"  # saves DeepSpeed's probe and its warning
         env.update(without_etcd_credentials(self._env))
+        # Nor the worker's token: ranks call no llmesh server, and they run user-given code.
+        env.pop("LLMESH_TOKEN", None)
         return env
 
     # -- supervision --------------------------------------------------------------------------
