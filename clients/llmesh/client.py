@@ -96,7 +96,9 @@ class ByzerLLM(
             :class:`llmesh.common.tls.TlsConfig`) the TLS of every channel (default: from
             ``$LLMESH_TLS_CA``, ``$LLMESH_TLS_CERT`` and ``$LLMESH_TLS_KEY``; plaintext when
             unset), ``token`` the bearer token sent on every call (default ``$LLMESH_TOKEN``;
-            needed when the mesh runs with ``--auth``). Others are ignored.
+            needed when the mesh runs with ``--auth``), ``max_migrations`` how often a broken
+            stream may move to another replica (default 3; see ``setup_max_migrations``).
+            Others are ignored.
     """
 
     def __init__(self, control_plane: str | None = None, **kwargs: Any) -> None:

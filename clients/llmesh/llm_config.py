@@ -103,6 +103,21 @@ def _as_str_list(key: str, value: Any) -> list[str]:
     return list(items)
 
 
+def check_max_migrations(value: Any) -> int:
+    """``value`` as a migration bound (an int, 0 or more).
+
+    Raises:
+        InvalidArgument: it is not an int, or it is negative.
+    """
+    n = as_int("max_migrations", value)
+    if n < 0:
+        raise InvalidArgument(
+            f"max_migrations must be 0 (no failover) or more, got {value!r}; it bounds how "
+            "often a broken stream moves to another replica"
+        )
+    return n
+
+
 def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
     """Turn a Byzer-LLM ``llm_config`` dict into a :class:`GenerationConfig`.
 
@@ -157,9 +172,7 @@ def generation_config(llm_config: Mapping[str, Any] | None) -> GenerationConfig:
         elif key == "affinity_key":
             out.affinity_key = str(value)
         elif key == "max_migrations":
-            out.max_migrations = as_int(key, value)
-            if out.max_migrations < 0:
-                raise InvalidArgument(f"llm_config[{key!r}] must be 0 or more, got {value!r}")
+            out.max_migrations = check_max_migrations(value)
         elif key in _DROPPED_KEYS:
             continue
         else:

@@ -19,6 +19,7 @@ from llmesh.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmesh.llm_config import generation_config
 from llmesh.route_cache import RouteCache, replica_id, rpc_errors
 from llmesh.sdk import channels, results
 from llmesh.v1 import common_pb2
@@ -667,3 +668,22 @@ def test_failover_moves_a_stream_that_broke_after_output(routes: RouteCache) -> 
     fresh = channels.Failover(inf.ChatStart(model="chat"), 0, routes, counts)
     fresh.received([inf.ChatResponse(token_ids=[1])])
     assert not fresh.move(channels.Attempts(), a, lost)  # max_migrations 0 turns it off
+
+
+def test_max_migrations_per_client_per_model_and_per_call() -> None:
+    """The client's bound is the default; a model's extra params and the call's config win."""
+    with c.ByzerLLM(NOWHERE, max_migrations=5) as client:
+        assert generation_config(client._config_for("m", None)).max_migrations == 5
+        client.setup_max_migrations(0)
+        assert generation_config(client._config_for("m", None)).max_migrations == 0
+        client.setup_extra_generation_params("m", {"max_migrations": 2})
+        assert generation_config(client._config_for("m", None)).max_migrations == 2
+        assert generation_config(client._config_for("other", None)).max_migrations == 0
+        config = client._config_for("m", {"max_migrations": 7})
+        assert generation_config(config).max_migrations == 7
+        with pytest.raises(InvalidArgument, match=r"max_migrations must be 0 .* or more, got -1"):
+            client.setup_max_migrations(-1)
+    with c.ByzerLLM(NOWHERE) as plain:
+        assert generation_config(plain._config_for("m", None)).max_migrations == 3
+    with pytest.raises(InvalidArgument, match="must be a whole number, got 2.5"):
+        c.ByzerLLM(NOWHERE, max_migrations=2.5)

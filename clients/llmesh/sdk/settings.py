@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from llmesh.common.errors import InvalidArgument
 from llmesh.common.routing import parse_policy
+from llmesh.llm_config import check_max_migrations
 from llmesh.sdk.shapes import InferBackend
 from llmesh.templates import identity
 from llmesh.v1 import control_plane_service_pb2 as cp
@@ -169,6 +170,11 @@ class Settings:
             kwargs.get("force_skip_context_length_check", False)
         )
         self.default_max_output_length = int(kwargs.get("default_max_output_length", 1024))
+        #: Client-wide ``max_migrations`` (None: the default); a model's
+        #: ``setup_extra_generation_params`` and the call's ``llm_config`` win over it.
+        self.max_migrations: int | None = None
+        if kwargs.get("max_migrations") is not None:
+            self.max_migrations = check_max_migrations(kwargs["max_migrations"])
         self.default_model_name: str | None = None
         self.default_emb_model_name: str | None = None
         self.default_rerank_model_name: str | None = None
@@ -227,5 +233,8 @@ class Settings:
         return pins
 
     def _config_for(self, model: str, llm_config: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The model's ``setup_extra_generation_params`` overlaid with the call's config."""
-        return {**(self.settings_of(model).extra_generation_params or {}), **(llm_config or {})}
+        """The client's ``max_migrations``, then the model's ``setup_extra_generation_params``,
+        overlaid with the call's config."""
+        base = {} if self.max_migrations is None else {"max_migrations": self.max_migrations}
+        model_params = self.settings_of(model).extra_generation_params or {}
+        return {**base, **model_params, **(llm_config or {})}

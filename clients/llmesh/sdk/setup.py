@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from llmesh.common.errors import InvalidArgument
 from llmesh.common.routing import parse_policy
+from llmesh.llm_config import check_max_migrations
 from llmesh.sdk.ops import Steps, operation, steps
 from llmesh.sdk.settings import Settings
 from llmesh.sdk.shapes import normalize_backend
@@ -151,6 +152,20 @@ class SetupMixin(Settings):
             num: concurrent requests per replica.
         """
         self.sys_conf["workerMaxConcurrency"] = num
+        return self
+
+    def setup_max_migrations(self: S, max_migrations: int) -> S:
+        """How often a stream that breaks after output may move to another replica and go on,
+        for every call of this client (default 3; 0 turns failover off). A model's
+        ``setup_extra_generation_params`` and a call's ``llm_config`` may say otherwise.
+
+        Args:
+            max_migrations: moves allowed per request, 0 or more.
+
+        Raises:
+            InvalidArgument: not an int, or negative.
+        """
+        self.max_migrations = check_max_migrations(max_migrations)
         return self
 
     def setup_role_mapping(self: S, model: str, role_mapping: Mapping[str, Any]) -> S:
