@@ -401,13 +401,16 @@ def _wrap(
             try:
                 result = original(request, context)
                 if inspect.isasyncgen(result):
-                    async for item in result:
-                        revoked = _revoked()
-                        if revoked is not None:
-                            code, message = status_for(revoked)
-                            auth.note_refusal(method, principal, context, code, message)
-                            await context.abort(code, message)
-                        yield item
+                    try:
+                        async for item in result:
+                            revoked = _revoked()
+                            if revoked is not None:
+                                code, message = status_for(revoked)
+                                auth.note_refusal(method, principal, context, code, message)
+                                await context.abort(code, message)
+                            yield item
+                    finally:  # the handler ends now, in this task, however this one ends
+                        await result.aclose()
                 else:
                     await result
             except BaseException as exc:

@@ -238,6 +238,10 @@ def rpc_handler(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             except Exception as exc:  # noqa: BLE001 - translated, never leaked
                 await _abort(context, exc)
+            finally:
+                # Closed from above (grpc, an auth check): close the handler now, in this
+                # task, rather than when the garbage collector finds it.
+                await items.aclose()  # type: ignore[attr-defined]
 
         return stream_wrapper
 

@@ -102,23 +102,30 @@ def _tracer() -> trace.Tracer:
     return trace.get_tracer("llmesh")
 
 
-def _start_server_span(name: str, context: Any, servicer: object | None) -> trace.Span:
+def _start_server_span(
+    name: str, context: Any, servicer: object | None
+) -> tuple[trace.Span, otel_context.Context]:
+    """The SERVER span of a call and the context to run its handler in: the caller's (with
+    its baggage, which outgoing calls carry on) with the span current."""
     path = method_path(type(servicer), name) if servicer is not None else name
     attributes = dict(rpc_attributes(path))
     attributes.update(_peer_attributes(context.peer()))
     carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    return _tracer().start_span(
-        path,
-        context=propagate.extract(carrier),
-        kind=trace.SpanKind.SERVER,
-        attributes=attributes,
+    parent = propagate.extract(carrier)
+    span = _tracer().start_span(
+        path, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes
     )
+    return span, trace.set_span_in_context(span, parent)
 
 
 def _end_server_span(span: trace.Span, context: Any, exc: BaseException | None) -> None:
     if exc is None:
         end_rpc(span, context.code() or grpc.StatusCode.OK, server=True)
-    elif isinstance(exc, grpc.aio.AbortError):
+    elif isinstance(exc, grpc.aio.AbortError) or (
+        # Closed or cancelled from above (an auth check aborted it, grpc cancelled the call):
+        # the status already sent, when there is one, says more than "cancelled".
+        not isinstance(exc, Exception) and context.code() is not None
+    ):
         code = context.code() or grpc.StatusCode.UNKNOWN
         end_rpc(span, code, server=True, message=context.details())
     else:
@@ -145,8 +152,8 @@ def server_span(name: str, context: Any, servicer: object | None = None) -> Iter
     if not _configured:
         yield
         return
-    span = _start_server_span(name, context, servicer)
-    token = otel_context.attach(trace.set_span_in_context(span))
+    span, span_context = _start_server_span(name, context, servicer)
+    token = otel_context.attach(span_context)
     try:
         yield
     except BaseException as exc:
@@ -172,8 +179,7 @@ async def server_stream(
     detached in another context when the stream is closed from elsewhere, which OpenTelemetry
     reports as "Failed to detach context" and leaves the wrong span current.
     """
-    span = _start_server_span(name, context, servicer)
-    span_context = trace.set_span_in_context(span)
+    span, span_context = _start_server_span(name, context, servicer)
     step = items.__anext__
     error: BaseException | None = None
     try:
@@ -205,10 +211,20 @@ def request_span(name: str, carrier: Mapping[str, str] | None) -> Iterator[None]
     if not _configured:
         yield
         return
-    # No context came with it: a child of whatever span is current.
-    parent = propagate.extract(dict(carrier)) if carrier else None
-    with _tracer().start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER):
+    if not carrier:  # no context came with it: a child of whatever span is current
+        with _tracer().start_as_current_span(name, kind=trace.SpanKind.SERVER):
+            yield
+        return
+    parent = propagate.extract(dict(carrier))
+    span = _tracer().start_span(name, context=parent, kind=trace.SpanKind.SERVER)
+    # The caller's context (its baggage included) with the span current; attached and
+    # detached in this one block, which never yields to another task.
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    try:
         yield
+    finally:
+        otel_context.detach(token)
+        span.end()
 
 
 @contextlib.contextmanager
@@ -530,6 +546,9 @@ def traced_batches(
     finally:
         try:
             batches.close()  # type: ignore[attr-defined]
+        except BaseException as exc:
+            error = error or exc
+            raise
         finally:  # a close that raises must not leave the span open
             end_span(span, error, rpc=False)
 
@@ -542,8 +561,11 @@ async def atraced_batches(
     span = start()
     batches = batches_for(span)
     if span is None:
-        async for batch in batches:
-            yield batch
+        try:
+            async for batch in batches:
+                yield batch
+        finally:  # an early stop closes the stream now, not when it is collected
+            await batches.aclose()  # type: ignore[attr-defined]
         return
     error: BaseException | None = None
     try:
@@ -558,6 +580,9 @@ async def atraced_batches(
     finally:
         try:
             await batches.aclose()  # type: ignore[attr-defined]
+        except BaseException as exc:
+            error = error or exc
+            raise
         finally:
             end_span(span, error, rpc=False)
 

@@ -157,38 +157,40 @@ async def run_inference_worker(
         )
         worker = presence.worker
         own_dir = None
-        if run_dir is None:
-            own_dir = tempfile.TemporaryDirectory(prefix=f"llmesh-{worker.id}-")
-            run_dir = own_dir.name
-        listen_host = presence.server.host
-        advertise_host = (advertise or "").rpartition(":")[0].strip("[]")
-        settings = SupervisorSettings(
-            run_dir=Path(run_dir).expanduser().absolute(),  # noqa: ASYNC240 - no I/O, path math
-            listen_host=listen_host,
-            advertise_host=advertise_host,
-            wedge_timeout=wedge_timeout,
-            max_restarts=max_restarts,
-            stop_grace=min(drain_grace, 10.0),
-            env=dict(replica_env or {}),
-            tls=tls,
-            insecure=insecure,
-            allow_remote_code=allow_from_env(allow_remote_code),
-            metrics=metrics is not None,
-        )
-        if agent_auth is not None:
-            try:
-                await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
-            except BaseException:
-                await presence.close(grace=0)
-                raise
-            settings.token_file = agent_auth.token_file
-            settings.token = agent_auth.agent_token
-        agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
-        agents.append(agent)
         try:
+            if run_dir is None:
+                own_dir = tempfile.TemporaryDirectory(prefix=f"llmesh-{worker.id}-")
+                run_dir = own_dir.name
+            listen_host = presence.server.host
+            advertise_host = (advertise or "").rpartition(":")[0].strip("[]")
+            settings = SupervisorSettings(
+                run_dir=Path(run_dir).expanduser().absolute(),  # noqa: ASYNC240 - path math
+                listen_host=listen_host,
+                advertise_host=advertise_host,
+                wedge_timeout=wedge_timeout,
+                max_restarts=max_restarts,
+                stop_grace=min(drain_grace, 10.0),
+                env=dict(replica_env or {}),
+                tls=tls,
+                insecure=insecure,
+                allow_remote_code=allow_from_env(allow_remote_code),
+                metrics=metrics is not None,
+            )
+            if agent_auth is not None:
+                await agent_auth.start(worker.id, settings.run_dir / "auth" / "tokens.json")
+                settings.token_file = agent_auth.token_file
+                settings.token = agent_auth.agent_token
+            agent = NodeAgent(presence.client, presence.keys, worker, presence.session, settings)
+            agents.append(agent)
             await presence.server.start()
         except BaseException:
+            # A failed start leaves nothing running: the token watch, the lease, the run dir.
+            if agent_auth is not None:
+                with contextlib.suppress(Exception):
+                    await agent_auth.close()
             await presence.close(grace=0)
+            if own_dir is not None:
+                own_dir.cleanup()
             raise
         watcher = AssignmentWatcher(presence.client, presence.keys, worker.id, agent)
         watcher.start()

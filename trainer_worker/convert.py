@@ -128,6 +128,7 @@ def deepspeed_config(spec: tr.TrainingJobSpec) -> dict[str, Any] | None:
         ) from None
     if not isinstance(config, dict):
         raise InvalidArgument(
-            "spec.deepspeed_config_json must be a JSON object of DeepSpeed settings"
+            "spec.deepspeed_config_json must be a JSON object of DeepSpeed settings, got a "
+            f'JSON {type(config).__name__}; e.g. {{"zero_optimization": {{"stage": 2}}}}'
         )
     return config

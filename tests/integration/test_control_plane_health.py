@@ -104,10 +104,13 @@ async def test_one_failed_probe_does_not_flap_health_and_every_probe_is_measured
         assert await health.probe()
         assert await _status(server) == SERVING
 
-        # Draining is final: a good probe cannot turn a draining server back to SERVING.
+        assert not await health.probe()  # tripped again: NOT_SERVING
+        assert await _status(server) == NOT_SERVING
+
+        # Draining is final: the good probe that would turn it SERVING again cannot.
         await server.drain()
         health.kv = live
-        assert await health.probe()
+        assert await health.probe() and health.reachable
         assert await _status(server) == NOT_SERVING
     finally:
         await live.close()

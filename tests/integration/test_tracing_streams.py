@@ -33,6 +33,7 @@ class Endless(cp_grpc.ControlPlaneServiceServicer):
     def __init__(self) -> None:
         self.seen: list[trace.SpanContext] = []  # the current span each time the handler ran
         self.ended = asyncio.Event()
+        self.outgoing: dict[str, str] = {}  # what a call made by the handler would carry
 
     @rpc_handler
     async def WatchModel(
@@ -43,6 +44,7 @@ class Endless(cp_grpc.ControlPlaneServiceServicer):
         try:
             while True:
                 self.seen.append(trace.get_current_span().get_span_context())
+                self.outgoing = dict(tracing.outgoing_metadata())
                 yield cp.WatchModelResponse()
                 await asyncio.sleep(0.01)
         finally:
@@ -75,7 +77,10 @@ async def test_a_stream_left_early_ends_its_span_cancelled_and_detaches_cleanly(
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = cp_grpc.ControlPlaneServiceStub(channel)
             with tracing.client_span("ControlPlaneService/WatchModel", server.address) as md:
-                call = stub.WatchModel(cp.WatchModelRequest(name="chat"), metadata=md)
+                # Baggage set by the caller travels on through the server's own calls.
+                call = stub.WatchModel(
+                    cp.WatchModelRequest(name="chat"), metadata=[*md, ("baggage", "tenant=acme")]
+                )
                 got = 0
                 async for _ in call:
                     got += 1
@@ -109,6 +114,8 @@ async def test_a_stream_left_early_ends_its_span_cancelled_and_detaches_cleanly(
     # A caller's mistake is not the server's error (semconv), but the code is recorded.
     assert refused_span.status.is_unset
     assert not [r for r in caplog.records if "detach" in r.getMessage()]
+    assert servicer.outgoing.get("baggage") == "tenant=acme"
+    assert f"{server_span.context.span_id:016x}" in servicer.outgoing["traceparent"]
 
 
 async def test_a_request_stream_never_read_starts_no_span(exporter: Any) -> None:
@@ -159,5 +166,10 @@ async def test_a_close_that_raises_still_ends_the_request_span(exporter: Any) ->
     await astream.__anext__()
     with pytest.raises(RuntimeError, match="aclose failed"):
         await astream.aclose()
-    ended = {s.attributes["llmesh.request.id"] for s in exporter.get_finished_spans()}
-    assert ended == {"r2", "r3"}
+    ended = {s.attributes["llmesh.request.id"]: s for s in exporter.get_finished_spans()}
+    assert set(ended) == {"r2", "r3"}
+    # The failed close is the request's error on its span.
+    assert [ended[r].status.description for r in ("r2", "r3")] == [
+        "close failed",
+        "aclose failed",
+    ]

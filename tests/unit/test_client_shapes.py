@@ -685,5 +685,5 @@ def test_max_migrations_per_client_per_model_and_per_call() -> None:
             client.setup_max_migrations(-1)
     with c.ByzerLLM(NOWHERE) as plain:
         assert generation_config(plain._config_for("m", None)).max_migrations == 3
-    with pytest.raises(InvalidArgument, match="must be a whole number, got 2.5"):
+    with pytest.raises(InvalidArgument, match=r"must be a whole number, got 2\.5"):
         c.ByzerLLM(NOWHERE, max_migrations=2.5)

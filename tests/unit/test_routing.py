@@ -129,3 +129,13 @@ def test_no_decision_records_nothing_and_picks_the_same() -> None:
     a = Selector(rng=random.Random(5)).select("m", replicas)
     b = Selector(rng=random.Random(5)).select("m", replicas, decision=RouteDecision())
     assert a.index == b.index == 1
+
+
+def test_a_reused_decision_keeps_nothing_from_the_earlier_pick() -> None:
+    """A retry reuses the request's decision; a pick that fills only some fields (the control
+    plane's answer names no candidates) must not carry the earlier pick's."""
+    decision = RouteDecision()
+    Selector().select("m", [replica(0), replica(1)], decision=decision)
+    assert decision.candidates and decision.policy
+    decision.reset()
+    assert decision == RouteDecision()

@@ -499,15 +499,29 @@ class JobProcess:
         self._master_port = free_port()
         return self._master_port
 
-    def _remove_shm_segments(self) -> None:
-        """Unlink the job's DeepSpeed allreduce segments once none of its processes is left."""
+    def _remove_shm_segments(self, made_before: float) -> None:
+        """Unlink the job's DeepSpeed allreduce segments once none of its processes is left.
+
+        Only segments made before ``made_before`` (when the job's launcher exited): once this
+        job's ranks are gone its port is free, and a job started since may already have made
+        segments under the same names; unlinking those would leave its peers waiting forever.
+        """
         if self._master_port is None:
             return
         for path in ds_shm_segments(self._master_port, self.spec.num_ranks):
             try:
-                path.unlink(missing_ok=True)
+                if path.stat().st_mtime <= made_before:
+                    path.unlink()
+            except FileNotFoundError:
+                pass  # the rank unlinked it itself (the usual case)
             except OSError as exc:
-                log.warning("job %s: cannot remove %s: %s", self.spec.job_id, path, exc)
+                log.warning(
+                    "job %s: cannot remove %s (~66 MB of shared memory until reboot): %s; "
+                    "remove it by hand",
+                    self.spec.job_id,
+                    path,
+                    exc,
+                )
 
     def _child_env(self) -> dict[str, str]:
         # No etcd credentials: ranks run user-supplied training code and never talk to etcd.
@@ -545,17 +559,18 @@ class JobProcess:
                 log.error("job %s: cannot record its output: %s", self.spec.job_id, exc)
                 await proc.stdout.read()
             rc = await proc.wait()
+            ended = time.time()
             # Ranks whose launcher died get SIGTERM from PR_SET_PDEATHSIG; anything else of the
             # group (a compiler, a stuck rank) must not outlive the job either.
             await self._reap_group(proc.pid, grace_s=5.0)
-            self._remove_shm_segments()
+            self._remove_shm_segments(made_before=ended)
             self._finish(self._decide(rc))
         except asyncio.CancelledError:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             # The ranks may still hold the mappings; unlinking only drops the names, and the
             # memory goes once they are dead.
-            self._remove_shm_segments()
+            self._remove_shm_segments(made_before=time.time())
             raise
 
     def _open_log(self) -> IO[bytes]:

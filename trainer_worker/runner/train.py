@@ -161,11 +161,19 @@ class _Rank:
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
         if not addr or not port:
             return
+        segment = ds_shm_segment(addr, port, self.rank)
+        # Only DeepSpeed's CPU backend makes one, on every rank alike: all ranks skip (a GPU
+        # job) or all wait at the barrier.
+        if not segment.exists():
+            return
         self._barrier()
         try:
-            ds_shm_segment(addr, port, self.rank).unlink(missing_ok=True)
+            segment.unlink(missing_ok=True)
         except OSError as exc:
-            self.log(f"cannot remove DeepSpeed's shared-memory segment: {exc}")
+            self.log(
+                f"cannot remove {segment} (~66 MB of shared memory until reboot): {exc}; "
+                f"remove it by hand (rm {segment})"
+            )
 
     def _barrier(self) -> None:
         import torch.distributed as dist
