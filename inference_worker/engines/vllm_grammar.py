@@ -141,24 +141,48 @@ class _Row:
 
     matcher: Any  # xgrammar.GrammarMatcher
     output: list[int]
-    taken: int = 0  # ids of ``output`` the matcher has accepted
-    # True once the grammar ended (vLLM then leaves the logits alone) or, against the frontend's
-    # check, refused an id (vLLM would abort the request; a logits processor cannot).
-    done: bool = False
+    taken: int = 0  # ids of ``output`` looked at
+    fed: int = 0  # ids of ``output`` the matcher accepted (fewer once the grammar ended)
+    # The grammar ended: vLLM leaves the logits alone from there (ignore_eos runs on).
+    ended: bool = False
+    # The matcher refused an id, against the frontend's check: vLLM would abort the request,
+    # which a logits processor cannot; it runs on unconstrained (logged).
+    broken: bool = False
 
-    def catch_up(self, request: str) -> None:
-        """Accept the ids vLLM appended since the last step."""
+    @property
+    def masks(self) -> bool:
+        return not (self.ended or self.broken)
+
+    def take(self, ids: Sequence[int], what: str) -> int:
+        """Accept ``ids`` until the grammar ends; returns how many the matcher took."""
+        n = 0
+        for token in ids:
+            if not self.masks:
+                break
+            if not self.matcher.accept_token(int(token)):
+                log.error("the grammar of a resumed request refused its %s id %d", what, token)
+                self.broken = True
+                break
+            n += 1
+            self.ended = bool(self.matcher.is_terminated())
+        return n
+
+    def catch_up(self) -> None:
+        """Accept the ids vLLM appended to the request's output since the last step."""
         output = self.output
-        while not self.done and self.taken < len(output):
-            token = output[self.taken]
-            if token < 0:  # async scheduling's placeholder for an id still on its way
-                return
-            if not self.matcher.accept_token(token):
-                log.error("grammar of resumed request %s refused token %d", request, token)
-                self.done = True
-                return
-            self.taken += 1
-            self.done = bool(self.matcher.is_terminated())
+        if len(output) < self.taken:
+            # vLLM dropped ids it had appended (a failed KV load): forget them too.
+            if len(output) < self.fed and not self.broken:
+                self.matcher.rollback(self.fed - len(output))
+                self.fed = len(output)
+                self.ended = bool(self.matcher.is_terminated())
+            self.taken = len(output)
+        end = len(output)
+        while end > self.taken and output[end - 1] < 0:  # async scheduling's placeholders
+            end -= 1
+        if end > self.taken:
+            self.fed += self.take(output[self.taken : end], "new")
+            self.taken = end
 
 
 class ResumedGrammarProcessor(LogitsProcessor):
@@ -205,21 +229,19 @@ class ResumedGrammarProcessor(LogitsProcessor):
         arg = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARG)
         if arg is None:
             return None
-        grammar = self._grammars.grammar(
-            arg["kind"], arg["spec"], sorted(params.all_stop_token_ids)
-        )
-        # The resumed ids, which vLLM sees as prompt; the frontend checked them already.
+        try:
+            grammar = self._grammars.grammar(
+                arg["kind"], arg["spec"], sorted(params.all_stop_token_ids)
+            )
+        except Exception:
+            # The frontend compiled it already; raising here would kill vLLM's engine.
+            log.exception("the grammar of a resumed request does not compile; not enforced")
+            return None
         row = _Row(grammar.matcher, output)
-        for token in arg["resume"]:
-            if row.matcher.is_terminated():
-                break
-            if not row.matcher.accept_token(token):
-                log.error("grammar of a resumed request refused its resumed id %d", token)
-                row.done = True
-                break
-        row.done = row.done or bool(row.matcher.is_terminated())
-        # A request re-added after preemption brings the ids it generated before.
-        row.catch_up("(re-added)")
+        # The resumed ids, which vLLM sees as prompt (the frontend checked them), then what
+        # a request re-added after preemption had generated before.
+        row.take(arg["resume"], "resumed")
+        row.catch_up()
         return row
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -231,9 +253,9 @@ class ResumedGrammarProcessor(LogitsProcessor):
             self._bitmask = xgr.allocate_token_bitmask(self._max_rows, self._grammars.vocab_size)
         indices: list[int] = []
         for index, row in self._rows.items():
-            row.catch_up(str(index))
+            row.catch_up()
             # False: every token is allowed here, nothing to mask.
-            if not row.done and row.matcher.fill_next_token_bitmask(self._bitmask, index):
+            if row.masks and row.matcher.fill_next_token_bitmask(self._bitmask, index):
                 indices.append(index)
         if not indices:
             return logits
