@@ -118,6 +118,10 @@ class VLLMEngine(Engine):
         self._trust_remote_code: bool = params.get("trust_remote_code", False)
         self._engine: Any = None
         self._tokenizer: Any = None
+        # Whether our grammar processor runs in vLLM (resumed structured output), and its
+        # backend on this side, which checks resumed ids (vllm_grammar.py).
+        self._resumes_grammar = False
+        self._grammars: Any = None
         self._max_model_len = 0
         self._architectures: list[str] = []
         self._vocab_size = 0
@@ -202,7 +206,13 @@ class VLLMEngine(Engine):
         def build() -> Any:
             # Built off the event loop (it blocks for the whole load); AsyncLLM starts its
             # output handler task lazily on the first request, in the caller's loop.
-            return AsyncLLM.from_engine_args(args)
+            vllm_config = args.create_engine_config()
+            self._resumes_grammar = _add_grammar_processor(vllm_config)
+            return AsyncLLM.from_vllm_config(
+                vllm_config,
+                enable_log_requests=args.enable_log_requests,
+                disable_log_stats=args.disable_log_stats,
+            )
 
         try:
             engine = await load_model(build)
@@ -253,6 +263,7 @@ class VLLMEngine(Engine):
             await asyncio.to_thread(engine.shutdown)
         finally:
             self._tokenizer = None
+            self._grammars = None
             del engine
             gc.collect()
             self._stopping = False
@@ -473,12 +484,19 @@ class VLLMEngine(Engine):
     # -- generation ---------------------------------------------------------------------------
 
     def _sampling_params(
-        self, params: SamplingParams, max_tokens: int, *, token_ids_only: bool = False
+        self,
+        params: SamplingParams,
+        max_tokens: int,
+        *,
+        token_ids_only: bool = False,
+        resumed_grammar: dict[str, Any] | None = None,
     ) -> Any:
         """Validate our parameters and build vLLM's (DELTA output: each output is new text).
 
         ``token_ids_only``: vLLM neither detokenizes nor looks for stop strings (a resumed
-        request, whose :class:`ResumeSeam` does both).
+        request, whose :class:`ResumeSeam` does both). ``resumed_grammar``: the structured
+        output goes to our logits processor with the resumed ids instead of to vLLM
+        (:func:`~llmesh.inference_worker.engines.vllm_grammar.resumed_grammar_arg`).
         """
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -501,9 +519,14 @@ class VLLMEngine(Engine):
         }
         if token_ids_only:
             kwargs.update(stop=None, detokenize=False)
-        structured = _structured_outputs(getattr(params, "structured_output", None))
-        if structured is not None:
-            kwargs.update(structured)
+        if resumed_grammar is not None:
+            from llmesh.inference_worker.engines.vllm_grammar import EXTRA_ARG
+
+            kwargs["extra_args"] = {EXTRA_ARG: resumed_grammar}
+        else:
+            structured = _structured_outputs(getattr(params, "structured_output", None))
+            if structured is not None:
+                kwargs.update(structured)
         try:
             return VSamplingParams(**kwargs)
         except _client_errors() as exc:
@@ -540,18 +563,23 @@ class VLLMEngine(Engine):
         - Seeded sampling is deterministic: the same seed, prompt and resumed ids give the same
           continuation. It is not the unfailed request's continuation: vLLM seeds a fresh
           generator per request, so sampling restarts from the seed at the seam.
-        - Structured output is refused (FailedPrecondition): vLLM 0.32's grammar advances only
-          with output tokens and cannot be given the resumed ones, so it would restart at the
-          seam and accept output that breaks the shape.
+        - Structured output continues where the lost replica's grammar was: vLLM's grammar
+          cannot be given the resumed ids, so the request is masked by our logits processor
+          instead, which compiles the same grammar with vLLM's xgrammar backend and accepts the
+          resumed ids first (``vllm_grammar.py``); greedy output is the unfailed request's.
+          Resumed ids the grammar does not allow are refused (InvalidArgument). Where vLLM
+          runs its V2 model runner (the GPU default), which takes no processor of ours, such a
+          resume is refused (FailedPrecondition).
         - A LoRA request continues with its adapter.
 
         Raises:
             InvalidArgument: bad parameters, a duplicate active ``request_id``, a prompt that
                 leaves no room in the context, a structured output vLLM cannot compile, or
-                resumed ids that cannot come from this request (not token ids, or more than it
-                could generate). Raised before any decoding starts.
+                resumed ids that cannot come from this request (not token ids, more than it
+                could generate, or ids its grammar does not allow). Raised before any decoding
+                starts.
             FailedPrecondition / Unavailable: engine not started, stopping, or dead; a resumed
-                structured-output request.
+                structured-output request on vLLM's V2 model runner.
         """
         engine = self._require_engine()
         if request_id in self._active:
@@ -559,12 +587,14 @@ class VLLMEngine(Engine):
         if params.lora and params.lora not in self._loras:
             raise self._lora_not_found(params.lora)
         resume = list(params.resume_token_ids)
-        if resume and _structured_outputs(params.structured_output) is not None:
+        structured = resume and _structured_outputs(params.structured_output) is not None
+        if structured and not self._resumes_grammar:
             raise FailedPrecondition(
-                f"model {self.config.model_name} (vLLM) cannot continue a structured-output "
-                "request another replica started: vLLM's grammar cannot be given the tokens "
-                "already generated, so it would restart at the seam and break the shape; "
-                "retry the request from the start"
+                f"model {self.config.model_name} (vLLM {_vllm_version()}) cannot continue a "
+                "structured-output request another replica started: vLLM's grammar cannot be "
+                "given the tokens already generated, and this engine runs no logits processor "
+                "that could (vLLM's V2 model runner takes none of ours); retry the request "
+                "from the start"
             )
         prompt_ids = await asyncio.to_thread(self._encode_prompt, prompt)
         n_prompt = len(prompt_ids)
@@ -573,7 +603,7 @@ class VLLMEngine(Engine):
         sampling = self._sampling_params(params, max_tokens)
         seam: ResumeSeam | None = None
         if resume:
-            seam = await asyncio.to_thread(
+            seam, grammar = await asyncio.to_thread(
                 self._resume_seam, request_id, prompt_ids, sampling, resume, max_tokens
             )
             if seam.finish_reason is not None:
@@ -584,7 +614,9 @@ class VLLMEngine(Engine):
                     completion_tokens=seam.completion_tokens,
                 )
                 return
-            sampling = self._sampling_params(params, max_tokens - len(resume), token_ids_only=True)
+            sampling = self._sampling_params(
+                params, max_tokens - len(resume), token_ids_only=True, resumed_grammar=grammar
+            )
         engine = self._require_engine()
         if request_id in self._active:
             raise _duplicate(request_id)
@@ -701,8 +733,14 @@ class VLLMEngine(Engine):
         sampling: Any,
         resume: list[int],
         max_tokens: int,
-    ) -> ResumeSeam:
-        """The seam of a resumed request, with the EOS and stop ids vLLM would apply to it."""
+    ) -> tuple[ResumeSeam, dict[str, Any] | None]:
+        """The seam of a resumed request, with the EOS and stop ids vLLM would apply to it,
+        and its checked grammar for our logits processor when it has structured output.
+
+        Raises:
+            InvalidArgument: resumed ids the request cannot have generated, or a structured
+                output vLLM refuses.
+        """
         engine = self._require_engine()
         sampling = sampling.clone()
         # What vLLM's input processor does to every request: EOS from the tokenizer, extra
@@ -710,7 +748,7 @@ class VLLMEngine(Engine):
         sampling.update_from_generation_config(
             engine.input_processor.generation_config_fields, engine.renderer.get_eos_token_id()
         )
-        return ResumeSeam(
+        seam = ResumeSeam(
             self._tokenizer,
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -719,6 +757,24 @@ class VLLMEngine(Engine):
             max_tokens=max_tokens,
             vocab_size=self._vocab_size,
         )
+        if sampling.structured_outputs is None:
+            return seam, None
+        from llmesh.inference_worker.engines import vllm_grammar
+
+        config = engine.vllm_config
+        try:
+            # vLLM's checks of any structured-output request; ``choice`` becomes a grammar.
+            sampling.verify(
+                config.model_config,
+                config.speculative_config,
+                config.structured_outputs_config,
+                self._tokenizer,
+            )
+        except _client_errors() as exc:
+            raise InvalidArgument(f"vLLM refused request {request_id}: {_first_line(exc)}") from exc
+        if self._grammars is None:
+            self._grammars = vllm_grammar.ResumedGrammars(config, self._tokenizer)
+        return seam, vllm_grammar.resumed_grammar_arg(self._grammars, sampling, resume)
 
     def _finish_reason(self, request_id: str, seq: Any) -> str:
         if self._active.get(request_id):
@@ -798,6 +854,24 @@ def _structured_outputs(spec: Any) -> dict[str, Any] | None:
         return {key: Params(**fields)}
     except _client_errors() as exc:
         raise InvalidArgument(f"structured_output is not usable: {_first_line(exc)}") from exc
+
+
+def _add_grammar_processor(vllm_config: Any) -> bool:
+    """Register our logits processor for resumed structured output; True when it runs.
+
+    vLLM's V1 model runner (CPU, and GPUs without Triton or with VLLM_USE_V2_MODEL_RUNNER=0)
+    takes processors of the interface ours implements; the V2 runner, the GPU default, takes
+    only its own and would refuse to start with ours.
+    """
+    try:
+        from llmesh.inference_worker.engines.vllm_grammar import processor_name
+    except ImportError:  # a vLLM without v1 logits processors
+        return False
+    if vllm_config.use_v2_model_runner:
+        return False
+    model_config = vllm_config.model_config
+    model_config.logits_processors = [*(model_config.logits_processors or ()), processor_name()]
+    return True
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

