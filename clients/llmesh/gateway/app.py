@@ -371,6 +371,10 @@ class Gateway:
                         if text or ids:
                             yield events.text(text, ids)
                 if batch[-1].finished:
+                    # Let the SDK's stream end on its own (it counts a migrated request as
+                    # resumed once it ends); it yields nothing after the final message.
+                    with contextlib.suppress(StopAsyncIteration):
+                        await stream.__anext__()
                     break
                 batch = await stream.__anext__()
             ended = True
