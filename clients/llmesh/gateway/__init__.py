@@ -7,10 +7,34 @@ token; errors come back in OpenAI's JSON shape (:mod:`llmesh.gateway.errors`).
 
     async with run_gateway(control_plane="127.0.0.1:50051") as gw:
         ...  # openai.OpenAI(base_url=gw.url + "/v1", api_key=token)
+
+The names below load FastAPI and uvicorn on first use only, so the CLI (which names the
+defaults) starts without them.
 """
 
-from llmesh.gateway.app import GatewaySettings, create_app
-from llmesh.gateway.server import DEFAULT_GATEWAY_LISTEN, RunningGateway, run_gateway
+from __future__ import annotations
+
+from typing import Any
+
+#: Where ``llmesh gateway`` (and ``llmesh up``'s gateway) listens by default.
+DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8000"
+
+_LAZY = {
+    "GatewaySettings": "llmesh.gateway.app",
+    "create_app": "llmesh.gateway.app",
+    "RunningGateway": "llmesh.gateway.server",
+    "run_gateway": "llmesh.gateway.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmesh.gateway' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "DEFAULT_GATEWAY_LISTEN",

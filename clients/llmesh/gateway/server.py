@@ -21,13 +21,12 @@ import uvicorn
 
 from llmesh.common.metrics import split_host_port
 from llmesh.common.tls import TlsConfig, check_bind
+from llmesh.gateway import DEFAULT_GATEWAY_LISTEN
 from llmesh.gateway.app import GatewaySettings, create_app
 from llmesh.gateway.pool import DEFAULT_MAX_CLIENTS, ClientPool
 
 log = logging.getLogger(__name__)
 
-#: Where ``llmesh gateway`` (and ``llmesh up``'s gateway) listens by default.
-DEFAULT_GATEWAY_LISTEN = "127.0.0.1:8000"
 #: Seconds running responses get to finish when the gateway stops.
 SHUTDOWN_GRACE_S = 10.0
 
