@@ -446,3 +446,63 @@ def test_client_disconnect_during_a_non_streamed_answer_cancels_it(gw: Running) 
     assert done.wait(10)
     _wait(lambda: _aborts(metrics_url, "cancel") == before + 1, "the replica's cancel")
     wait_replica_idle(address, "chat")
+
+
+# -- the client pool ---------------------------------------------------------------------------
+
+
+def test_a_full_pool_never_closes_a_client_under_a_running_stream(gw: Running) -> None:
+    """max_clients=1 and two tokens (the mesh runs without --auth, so both are accepted): the
+    second token's request arrives while the first streams. The stream finishes intact, and
+    the client that went idle beyond the cap is closed afterwards."""
+    mesh = gw.mesh
+    gateway = mesh.start_gateway("one-client", max_clients=1)
+    pool = gateway.app.state.gateway.pool
+    closed: list[Any] = []
+    close = pool._close
+
+    async def spy(client: Any) -> None:
+        closed.append(client)
+        await close(client)
+
+    pool._close = spy
+
+    async def held() -> list[str]:
+        return list(pool._clients)
+
+    def client(token: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=gateway.url + "/v1", api_key=token, max_retries=0)
+
+    tokens = 1000
+    params: dict[str, Any] = {
+        "model": "chat",
+        "messages": HELLO,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    try:
+        reference = gw.client.chat.completions.create(**params).choices[0].message.content
+        stream = client("token-a").chat.completions.create(
+            **params, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [next(stream) for _ in range(3)]
+        other = client("token-b").chat.completions.create(
+            model="chat", messages=HELLO, max_tokens=4
+        )
+        assert other.choices[0].message.content is not None
+        # token-b's client went idle beyond the cap and is closed; token-a's is still busy.
+        _wait(lambda: mesh.call(held()) == ["token-a"], "the idle client's eviction")
+        chunks += list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == reference
+        finals = [
+            c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+        ]
+        assert finals == ["length"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == tokens
+        _wait(lambda: bool(closed) and closed[0].router.closed, "token-b's client to close")
+        assert len(closed) == 1
+        assert mesh.call(held()) == ["token-a"]
+    finally:
+        mesh.stop_gateway("one-client")

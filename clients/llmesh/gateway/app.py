@@ -168,29 +168,32 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.pool = settings.pool or ClientPool(settings.control_plane)
-        self.metrics = settings.metrics or GatewayMetrics()
+        self.pool = (
+            settings.pool if settings.pool is not None else ClientPool(settings.control_plane)
+        )
+        self.metrics = settings.metrics if settings.metrics is not None else GatewayMetrics()
 
-    def client(self, request: Request) -> ByzerLLM:
-        """The SDK client of the caller's token."""
+    def token(self, request: Request) -> str | None:
+        """The caller's bearer token (None: none), refused here if one is required."""
         token = _bearer(request)
         if token is None and self.settings.require_token:
             raise missing_token()
-        return self.pool.get(token)
+        return token
 
     # -- chat and text completions --------------------------------------------------------
 
     async def chat(self, request: Request, body: shapes.ChatCompletionRequest) -> Response:
-        client = self.client(request)
+        token = self.token(request)
         plan = shapes.ChatPlan(body)
         starts = [plan.start(body.model, i) for i in range(body.n)]
         if body.stream:
             if body.n != 1:
                 raise bad_request("stream with n > 1 is not supported; stream n=1 requests", "n")
-            return await self._stream(request, client, body, starts[0], plan.config, plan)
-        choices = await _until_disconnect(
-            request, self._collect_all(client, body.model, starts, plan.config, plan)
-        )
+            return await self._stream(request, token, body, starts[0], plan.config, plan)
+        async with self.pool.lease(token) as client:
+            choices = await _until_disconnect(
+                request, self._collect_all(client, body.model, starts, plan.config, plan)
+            )
         created = int(time.time())
         out = []
         for i, choice in enumerate(choices):
@@ -213,7 +216,7 @@ class Gateway:
         )
 
     async def completion(self, request: Request, body: shapes.CompletionRequest) -> Response:
-        client = self.client(request)
+        token = self.token(request)
         shapes.check_completion(body)
         prompts = shapes.completion_prompts(body.prompt)
         config = shapes.generation(body, body.max_tokens)
@@ -240,10 +243,11 @@ class Gateway:
                     "prompt per request",
                     "stream",
                 )
-            return await self._stream(request, client, body, starts[0], config, None)
-        choices = await _until_disconnect(
-            request, self._collect_all(client, body.model, starts, config, None)
-        )
+            return await self._stream(request, token, body, starts[0], config, None)
+        async with self.pool.lease(token) as client:
+            choices = await _until_disconnect(
+                request, self._collect_all(client, body.model, starts, config, None)
+            )
         out = [
             {
                 "index": i,
@@ -306,7 +310,7 @@ class Gateway:
     async def _stream(
         self,
         request: Request,
-        client: ByzerLLM,
+        token: str | None,
         body: shapes._Sampling,
         start: inf.ChatStart,
         config: GenerationConfig,
@@ -315,11 +319,16 @@ class Gateway:
         chat = plan is not None
         route = "/v1/chat/completions" if chat else "/v1/completions"
         arrived = time.perf_counter()
-        stream = client.aio_transport.chat_batches(body.model, start, config)
+        # The client is leased until the response ends (SSEResponse closes ``held``), so the
+        # pool never closes it under the running stream.
+        held = contextlib.AsyncExitStack()
         try:
+            client = await held.enter_async_context(self.pool.lease(token))
+            stream = client.aio_transport.chat_batches(body.model, start, config)
+            held.push_async_callback(stream.aclose)
             first = await _until_disconnect(request, stream.__anext__())
         except BaseException as exc:
-            await stream.aclose()
+            await held.aclose()
             if isinstance(exc, LLMeshError):
                 raise _in_terms_of(plan, exc) from None
             raise
@@ -334,7 +343,8 @@ class Gateway:
         usage = body.stream_options is not None and body.stream_options.include_usage
         buffered = plan is not None and bool(plan.tools)
         return SSEResponse(
-            self._events(stream, first, events, usage=usage, plan=plan, buffered=buffered)
+            self._events(stream, first, events, usage=usage, plan=plan, buffered=buffered),
+            on_close=held.aclose,
         )
 
     async def _events(
@@ -407,14 +417,15 @@ class Gateway:
     # -- embeddings, rerank, models, health -----------------------------------------------
 
     async def embeddings(self, request: Request, body: shapes.EmbeddingRequest) -> Response:
-        client = self.client(request)
+        token = self.token(request)
         texts = shapes.embedding_inputs(body)
 
         def call() -> Steps[inf.EmbedResponse]:
             req = inf.EmbedRequest(model=body.model, texts=texts, normalize=True)
             return (yield WorkerCall(body.model, cp.PURPOSE_EMBEDDING, "Embed", req, None))
 
-        response = await _until_disconnect(request, client.aio_transport.run(call()))
+        async with self.pool.lease(token) as client:
+            response = await _until_disconnect(request, client.aio_transport.run(call()))
         data = []
         for i, vector in enumerate(response.embeddings):
             values: Any = list(vector.values)
@@ -432,14 +443,15 @@ class Gateway:
         )
 
     async def rerank(self, request: Request, body: shapes.RerankRequest) -> Response:
-        client = self.client(request)
+        token = self.token(request)
         texts = shapes.rerank_documents(body)
 
         def call() -> Steps[inf.RerankResponse]:
             req = inf.RerankRequest(model=body.model, query=body.query, documents=texts)
             return (yield WorkerCall(body.model, cp.PURPOSE_RERANK, "Rerank", req, None))
 
-        response = await _until_disconnect(request, client.aio_transport.run(call()))
+        async with self.pool.lease(token) as client:
+            response = await _until_disconnect(request, client.aio_transport.run(call()))
         order = sorted(range(len(texts)), key=lambda i: -response.scores[i])
         if body.top_n is not None:
             order = order[: body.top_n]
@@ -459,8 +471,8 @@ class Gateway:
         )
 
     async def models(self, request: Request) -> Response:
-        client = self.client(request)
-        listed = await client.aio_transport.run(steps(client.list_models)())
+        async with self.pool.lease(self.token(request)) as client:
+            listed = await client.aio_transport.run(steps(client.list_models)())
         data = []
         for model in listed:
             entry: dict[str, Any] = {
@@ -479,10 +491,12 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self) -> Response:
-        router = self.pool.get(None).router
-        stub = health_pb2_grpc.HealthStub(router.aio_channels.get(self.settings.control_plane))
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+            async with self.pool.lease(None) as client:
+                channel = client.router.aio_channels.get(self.settings.control_plane)
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S
+                )
             serving = reply.status == health_pb2.HealthCheckResponse.SERVING
         except Exception as exc:  # noqa: BLE001 - any failure is "cannot reach it"
             return JSONResponse(

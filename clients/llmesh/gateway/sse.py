@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
@@ -106,14 +106,29 @@ class SSEResponse(Response):
 
     Args:
         events: the encoded events.
+        on_close: awaited last, however the response ends (even when ``events`` never
+            started): releases what the stream holds.
     """
 
-    def __init__(self, events: AsyncIterator[bytes]) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        *,
+        on_close: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         super().__init__(status_code=200)
         self.events = events
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await self._serve(receive, send)
+        finally:
+            if self.on_close is not None:
+                await self.on_close()
+
+    async def _serve(self, receive: Receive, send: Send) -> None:
         streaming = asyncio.ensure_future(self._stream(send))
         watching = asyncio.ensure_future(_disconnected(receive))
         try:
