@@ -45,7 +45,7 @@ echo "== installing llmesh into .venv"
 # torch first and pinned: on these machines 2.13.0 is a local CPU wheel; an unpinned torch
 # would pull several GB of CUDA packages.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
-.venv/bin/pip install -q --disable-pip-version-check -e ".[worker,trainer,plot,test]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/pip install -q --disable-pip-version-check -e ".[worker,trainer,gateway,plot,test]" 2>&1 | grep -v "is ignored" || true
 
 # vLLM's CPU build (imports as `vllm`). Its metadata also asks for torchvision, torchaudio and
 # torchcodec, whose registry builds are CUDA builds that break `import vllm` on CPU: install it

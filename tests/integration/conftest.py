@@ -64,6 +64,7 @@ class Mesh:
         self.thread.start()
         self.control_planes: dict[str, tuple[Any, contextlib.AsyncExitStack]] = {}
         self.workers: dict[str, tuple[Any, contextlib.AsyncExitStack]] = {}
+        self.gateways: dict[str, tuple[Any, contextlib.AsyncExitStack]] = {}
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -115,6 +116,27 @@ class Mesh:
         _, stack = self.workers.pop(worker_id)
         self.call(stack.aclose())
 
+    def start_gateway(self, name: str = "gw0", **kwargs: Any) -> Any:
+        """An OpenAI-compatible gateway (uvicorn on this mesh's loop) in front of ``cp0``;
+        returns its :class:`~llmesh.gateway.RunningGateway` (``.url``)."""
+        from llmesh.gateway import run_gateway
+
+        kwargs.setdefault("control_plane", self.address())
+        kwargs.setdefault("listen", "127.0.0.1:0")
+        kwargs.setdefault("tls", self.security["tls"])
+
+        async def start() -> Any:
+            stack = contextlib.AsyncExitStack()
+            gateway = await stack.enter_async_context(run_gateway(**kwargs))
+            return gateway, stack
+
+        self.gateways[name] = self.call(start())
+        return self.gateways[name][0]
+
+    def stop_gateway(self, name: str = "gw0") -> None:
+        _, stack = self.gateways.pop(name)
+        self.call(stack.aclose())
+
     def replica_processes(self) -> list[tuple[str, str, str]]:
         """(worker id, model, address) of every running replica process, adapters included."""
         out = []
@@ -157,6 +179,9 @@ class Mesh:
         return out
 
     def close(self) -> None:
+        for name in list(self.gateways):
+            with contextlib.suppress(Exception):
+                self.stop_gateway(name)
         for wid in list(self.workers):
             with contextlib.suppress(Exception):
                 self.stop_worker(wid)

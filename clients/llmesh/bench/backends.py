@@ -295,9 +295,12 @@ class VLLMServeBackend(Backend):
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         )
 
+    #: The model name requests carry.
+    served_model = BENCH_MODEL
+
     async def request(self, prompt: Prompt, request_id: str) -> RequestResult:
         payload = {
-            "model": BENCH_MODEL,
+            "model": self.served_model,
             "prompt": prompt.text,
             **self.settings.sampling(),
             "stream": True,
@@ -340,6 +343,49 @@ class VLLMServeBackend(Backend):
             self.session = None
         await asyncio.to_thread(_stop_process, self.proc, signal.SIGTERM, 60)
         self.proc = None
+
+
+class GatewayBackend(VLLMServeBackend):
+    """The mesh's OpenAI-compatible gateway (a child ``llmesh gateway``) in front of the model
+    deployed on the mesh with the vllm engine, driven by the very load generator (HTTP
+    ``/v1/completions``, SSE, ``return_token_ids``) that drives ``vllm serve``."""
+
+    mode = "gateway"
+    served_model = f"{BENCH_MODEL}-vllm"
+
+    def __init__(self, settings: BenchSettings, cluster: MeshCluster, log_path: Path) -> None:
+        super().__init__(settings, log_path)
+        self.deployment = MeshBackend(settings, cluster, "vllm")
+        self.cluster = cluster
+
+    async def start(self) -> None:
+        import aiohttp
+
+        from llmesh.common.process import free_port, guarded
+
+        await self.deployment.start()
+        base = f"http://127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "llmesh", "gateway", "--control-plane"]
+        cmd += [self.cluster.address, "--listen", base.removeprefix("http://")]
+        self.proc = _spawn(guarded(cmd), self.log_path)
+        deadline = time.monotonic() + self.settings.startup_timeout
+        while not await asyncio.to_thread(_http_ok, f"{base}/health"):
+            if self.proc.poll() is not None:
+                raise FailedPrecondition(
+                    f"the gateway exited with code {self.proc.returncode} while starting:"
+                    f"\n{_tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the gateway was not healthy in time:\n{_tail(self.log_path)}")
+            await asyncio.sleep(0.2)
+        self.url = f"{base}/v1/completions"
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+        )
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.deployment.stop()
 
 
 # -- child processes ---------------------------------------------------------------------------

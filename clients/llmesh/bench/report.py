@@ -22,6 +22,8 @@ THROUGHPUT_RATIO_TARGET = 0.97  # mesh-vllm / asyncllm output tok/s, at every co
 TTFT_P50_ADDED_MS_TARGET = 1.0  # mesh-vllm TTFT p50 - asyncllm TTFT p50, at every concurrency
 TTFT_P99_ADDED_MS_TARGET = 5.0  # same for p99
 SERVE_RATIO_TARGET = 1.2  # mesh-vllm / vllm-serve output tok/s at SERVE_RATIO_STREAMS
+GATEWAY_RATIO_TARGET = 0.95  # gateway / vllm-serve output tok/s, at every concurrency
+GATEWAY_TTFT_ADDED_MS_TARGET = 2.0  # gateway - vllm-serve TTFT p50 at 1 stream
 SERVE_RATIO_STREAMS = 32
 
 
@@ -95,6 +97,32 @@ def evaluate_targets(modes: Mapping[str, Any], concurrency: Sequence[int]) -> li
         f">= {SERVE_RATIO_TARGET}",
         None if ratio is None else ratio >= SERVE_RATIO_TARGET,
     )
+    if "gateway" in modes:
+        for c in concurrency:
+            gw, serve = _level(modes, "gateway", c), _level(modes, "vllm-serve", c)
+            ratio = (
+                gw["output_tok_s"] / serve["output_tok_s"]
+                if gw is not None and serve is not None and serve["output_tok_s"]
+                else None
+            )
+            add(
+                "gateway / vllm serve output tok/s",
+                c,
+                ratio,
+                f">= {GATEWAY_RATIO_TARGET}",
+                None if ratio is None else ratio >= GATEWAY_RATIO_TARGET,
+            )
+        gw, serve = _level(modes, "gateway", 1), _level(modes, "vllm-serve", 1)
+        added = None
+        if gw is not None and serve is not None:
+            added = gw["ttft_p50_ms"] - serve["ttft_p50_ms"]
+        add(
+            "gateway - vllm serve TTFT p50 (ms)",
+            1,
+            added,
+            f"<= {GATEWAY_TTFT_ADDED_MS_TARGET}",
+            None if added is None else added <= GATEWAY_TTFT_ADDED_MS_TARGET,
+        )
     return checks
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from llmesh.bench.backends import (
     AsyncLLMBackend,
     Backend,
+    GatewayBackend,
     MeshBackend,
     MeshCluster,
     VLLMServeBackend,
@@ -26,8 +27,8 @@ from llmesh.bench.report import evaluate_targets, fmt, report_meta, say, write_r
 from llmesh.bench.settings import MODES, BenchSettings
 from llmesh.common.errors import LLMeshError, Unavailable
 
-#: Run order: the two mesh modes share one local mesh, so they run back to back.
-_RUN_ORDER = ("asyncllm", "mesh-vllm", "mesh-transformers", "vllm-serve")
+#: Run order: the mesh modes and the gateway share one local mesh, so they run back to back.
+_RUN_ORDER = ("asyncllm", "mesh-vllm", "gateway", "mesh-transformers", "vllm-serve")
 
 
 def _prompt_sets(settings: BenchSettings) -> tuple[list[Prompt], dict[int, list[Prompt]]]:
@@ -124,7 +125,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if any(m in settings.modes for m in ("asyncllm", "mesh-vllm", "vllm-serve")):
+    if any(m in settings.modes for m in ("asyncllm", "mesh-vllm", "gateway", "vllm-serve")):
         # Sets vLLM's logging level and the spawn start method (this process gets gRPC
         # threads in the mesh modes; forking after that is unsafe) before vLLM is imported.
         import llmesh.inference_worker.engines.vllm_engine  # noqa: F401
@@ -140,11 +141,15 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
         for mode in [m for m in _RUN_ORDER if m in settings.modes]:
             say(f"== {mode}: {MODES[mode]}")
             try:
-                if mode.startswith("mesh-"):
+                if mode.startswith("mesh-") or mode == "gateway":
                     if cluster is None:
                         cluster = MeshCluster(settings, logs)
                         cluster.start()
-                    backend: Backend = MeshBackend(settings, cluster, mode.removeprefix("mesh-"))
+                    backend: Backend = (
+                        GatewayBackend(settings, cluster, logs / "gateway.log")
+                        if mode == "gateway"
+                        else MeshBackend(settings, cluster, mode.removeprefix("mesh-"))
+                    )
                 else:
                     if cluster is not None:  # never two engines (or their idle mesh) at once
                         cluster.stop()
@@ -158,7 +163,7 @@ def run_benchmark(settings: BenchSettings) -> dict[str, Any]:
                 message = f"{type(exc).__name__}: {exc}"
                 say(f"{mode} failed: {message}")
                 modes[mode] = {"error": message, "levels": {}}
-                if mode.startswith("mesh-") and cluster is not None and not _alive(cluster):
+                if mode != "asyncllm" and cluster is not None and not _alive(cluster):
                     cluster.stop()
                     cluster = None
     finally:

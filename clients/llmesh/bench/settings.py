@@ -12,6 +12,7 @@ MODES: dict[str, str] = {
     "asyncllm": "in-process AsyncLLM",
     "mesh-vllm": "mesh (vllm)",
     "vllm-serve": "vllm serve (HTTP)",
+    "gateway": "llmesh gateway (HTTP) -> mesh (vllm)",
     "mesh-transformers": "mesh (transformers)",
 }
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from llmesh import __version__
 from llmesh import bench as bench_command
-from llmesh.cli import certs, demo, models, security, servers, training
+from llmesh.cli import certs, demo, gateway, models, security, servers, training
 from llmesh.client import default_control_plane
 from llmesh.common.errors import LLMeshError
 from llmesh.common.tls import add_tls_arguments
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_demo_command(subparsers)
     certs.add_certs_command(subparsers)
     servers.add_server_commands(subparsers)
+    gateway.add_gateway_command(subparsers)
     security.add_security_commands(subparsers)
     return parser
 

@@ -2,7 +2,8 @@
 
 ``llmesh up`` is the embedded default: a local etcd child (unless ``--etcd`` is given), the
 control plane on 127.0.0.1:50051, N inference workers and M trainer workers (``--trainers``,
-default 0) as child processes. Ctrl-C or SIGTERM
+default 0) as child processes, and the OpenAI-compatible HTTP gateway on 127.0.0.1:8000
+(``--gateway-listen``; ``--no-gateway`` for none), also a child. Ctrl-C or SIGTERM
 stops them all — workers drain first, then the control plane, then etcd — and every child is
 also tied to this process with PR_SET_PDEATHSIG so none outlives it.
 """
@@ -22,12 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmesh.cli.gateway import gateway_argv
 from llmesh.common.auth import auth_from_env
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
 from llmesh.common.etcd_security import EtcdSecurity, add_etcd_arguments
 from llmesh.common.local_etcd import LocalEtcd
 from llmesh.common.process import guarded, stop_child
 from llmesh.common.tls import TlsConfig, add_tls_arguments
+from llmesh.gateway import DEFAULT_GATEWAY_LISTEN
 from llmesh.i18n import t
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ async def _up(args: argparse.Namespace) -> int:
     state_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="llmesh-"))
     etcd: LocalEtcd | None = None
     workers: list[subprocess.Popen[bytes]] = []
+    gateway: subprocess.Popen[bytes] | None = None
     try:
         if args.etcd:
             endpoint = args.etcd
@@ -187,6 +191,17 @@ async def _up(args: argparse.Namespace) -> int:
             for worker in sorted(cp.registry.workers().values(), key=lambda w: w.id):
                 if worker.metrics_url:
                     print(f"metrics     {worker.id} {worker.metrics_url}", flush=True)
+            if not args.no_gateway:
+                argv = gateway_argv(
+                    cp.address,
+                    args.gateway_listen,
+                    tls=tls,
+                    auth=auth,
+                    insecure=bool(security["insecure"]),
+                )
+                gateway = subprocess.Popen(  # noqa: ASYNC220 - only forks, at startup
+                    guarded(argv), start_new_session=True, env=child_env
+                )
             print(
                 f"workers     {args.workers} inference + {args.trainers} trainer registered; "
                 "ready (Ctrl-C stops everything)",
@@ -198,9 +213,16 @@ async def _up(args: argparse.Namespace) -> int:
                         log.warning("worker pid %d exited with %s", proc.pid, proc.returncode)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
-            print("stopping: workers drain, then the control plane, then etcd", flush=True)
+            print(
+                "stopping: the gateway, workers drain, then the control plane, then etcd",
+                flush=True,
+            )
+            if gateway is not None:
+                await asyncio.to_thread(stop_child, gateway, 15)
             await asyncio.gather(*(asyncio.to_thread(stop_child, p, 30) for p in workers))
     finally:
+        if gateway is not None:
+            stop_child(gateway, 5)
         for proc in workers:
             stop_child(proc, 5)
         if admin_token_id is not None:
@@ -517,6 +539,20 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
             "where the control plane's /metrics binds (default: a free port on --listen's host)",
             "控制平面 /metrics 的绑定地址（默认：--listen 主机上的空闲端口）",
         ),
+    )
+    up.add_argument(
+        "--gateway-listen",
+        default=DEFAULT_GATEWAY_LISTEN,
+        metavar="HOST:PORT",
+        help=t(
+            f"where the OpenAI-compatible HTTP gateway binds (default {DEFAULT_GATEWAY_LISTEN})",
+            f"OpenAI 兼容 HTTP 网关的绑定地址（默认 {DEFAULT_GATEWAY_LISTEN}）",
+        ),
+    )
+    up.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help=t("start no HTTP gateway", "不启动 HTTP 网关"),
     )
     up.set_defaults(func=_cmd_up)
 

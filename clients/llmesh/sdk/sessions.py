@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -176,8 +176,10 @@ class Session:
         self._outgoing = asyncio.Event()
         self.closed = False
         self._closing = False  # this client ends the stream (not the worker)
-        self._call = stub.ChatSession()
-        self._writer = asyncio.create_task(self._write(), name=f"llmesh-session-w-{address}")
+        # Requests go out through an iterator that ends with the session. (With write(), a
+        # channel with interceptors (a token) makes grpc.aio write from its own task, which
+        # waits forever once the worker ends the stream, until the collector destroys it.)
+        self._call = stub.ChatSession(self._requests())
         self._reader = asyncio.create_task(self._read(), name=f"llmesh-session-r-{address}")
 
     def start(
@@ -235,23 +237,19 @@ class Session:
         if self._inboxes.get(request_id) is inbox:
             del self._inboxes[request_id]
 
-    async def _write(self) -> None:
-        try:
-            while True:
-                await self._outgoing.wait()
-                self._outgoing.clear()
-                if not self._starts and not self._cancels:
-                    continue
-                message = inf.ChatSessionRequest(starts=self._starts, cancels=self._cancels)
-                self._starts, self._cancels = [], []
-                await self._call.write(message)
-        except asyncio.CancelledError:
-            raise
-        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
-            pass  # the reader sees the stream end and fails what is left
-        except Exception as exc:  # noqa: BLE001 - nothing more can be sent: end the session
-            log.warning("writing to the session to %s failed: %s", self.address, exc)
-            self._call.cancel()
+    async def _requests(self) -> AsyncIterator[inf.ChatSessionRequest]:
+        # grpc.aio's writer task consumes this; a failed write ends that task, and the reader
+        # sees the stream end and fails what is left.
+        while not self.closed:
+            await self._outgoing.wait()
+            self._outgoing.clear()
+            if self.closed:
+                return
+            if not self._starts and not self._cancels:
+                continue
+            message = inf.ChatSessionRequest(starts=self._starts, cancels=self._cancels)
+            self._starts, self._cancels = [], []
+            yield message
 
     async def _read(self) -> None:
         error: LLMeshError = Unavailable(
@@ -291,14 +289,13 @@ class Session:
         inboxes, self._inboxes = self._inboxes, {}
         for inbox in inboxes.values():
             inbox.fail(error)
-        self._writer.cancel()
+        self._outgoing.set()  # ends the request iterator, and grpc's task that reads it
         self._call.cancel()
 
     async def aclose(self) -> None:
         """End the stream; requests still on it fail with CANCELLED."""
         self._closing = True
         self._reader.cancel()
-        self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
         self._close(Cancelled("the client closed its session"))

@@ -1,0 +1,146 @@
+"""Running the gateway: uvicorn on the running event loop, as an async context manager.
+
+``run_gateway`` checks the bind the way every llmesh server does
+(:func:`llmesh.common.tls.check_bind`: beyond loopback it needs TLS and authentication, or
+``insecure``), serves HTTPS with the process's :class:`~llmesh.common.tls.TlsConfig` when it
+has a certificate, and on exit stops accepting, lets running responses finish for a grace
+period, then closes its SDK clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from llmesh.common.metrics import split_host_port
+from llmesh.common.tls import TlsConfig, check_bind
+from llmesh.gateway import DEFAULT_GATEWAY_LISTEN
+from llmesh.gateway.app import GatewaySettings, create_app
+from llmesh.gateway.pool import DEFAULT_MAX_CLIENTS, ClientPool
+
+log = logging.getLogger(__name__)
+
+#: Seconds running responses get to finish when the gateway stops.
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass
+class RunningGateway:
+    """A started gateway.
+
+    Attributes:
+        address: ``host:port`` it listens on (the real port when 0 was asked for).
+        url: its base URL, ``http(s)://host:port``; OpenAI clients use ``url + "/v1"``.
+        app: the FastAPI application.
+    """
+
+    address: str
+    url: str
+    app: Any
+
+
+class _Server(uvicorn.Server):
+    # The caller owns signals (``llmesh gateway`` stops on SIGINT/SIGTERM itself; tests and
+    # ``llmesh up`` run it in a process that has its own handlers).
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(
+    *,
+    control_plane: str,
+    listen: str = DEFAULT_GATEWAY_LISTEN,
+    tls: TlsConfig | None = None,
+    mesh_tls: TlsConfig | None = None,
+    require_token: bool = False,
+    insecure: bool = False,
+    max_clients: int = DEFAULT_MAX_CLIENTS,
+) -> AsyncIterator[RunningGateway]:
+    """Serve the OpenAI-compatible API until the block exits.
+
+    Args:
+        control_plane: ``host:port`` of the control plane.
+        listen: ``host:port`` to bind; port 0 picks a free one.
+        tls: the gateway's HTTPS certificate and key (``tls.cert``/``tls.key``); with
+            ``require_client_cert`` it asks clients for certificates from ``tls.ca``. None or
+            no certificate: plain HTTP.
+        mesh_tls: TLS of the channels into the mesh (default: ``tls``, as every llmesh process
+            uses one TlsConfig for both directions).
+        require_token: refuse requests without a bearer token (401) at the gateway.
+        insecure: allow a non-loopback bind without TLS and tokens (loudly).
+        max_clients: how many tokens' SDK clients stay open (see :class:`ClientPool`).
+
+    Raises:
+        InsecureBind: a non-loopback ``listen`` without TLS and ``require_token`` (or mTLS).
+    """
+    authenticated = require_token or bool(tls is not None and tls.require_client_cert)
+    check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
+    host, port = split_host_port(listen)
+    pool = ClientPool(
+        control_plane, tls=mesh_tls if mesh_tls is not None else tls, max_clients=max_clients
+    )
+    app = create_app(
+        GatewaySettings(control_plane=control_plane, require_token=require_token, pool=pool)
+    )
+    https = tls is not None and tls.cert is not None
+    options: dict[str, Any] = {}
+    if https:
+        assert tls is not None
+        options = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+        if tls.ca is not None:
+            options["ssl_ca_certs"] = str(tls.ca)
+        if tls.require_client_cert:
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        # Streams end with the last token; a keep-alive connection is reused by clients.
+        timeout_keep_alive=30,
+        **options,
+    )
+    server = _Server(config)
+    serving = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # raises why it could not start (port in use, bad cert)
+                raise OSError(f"the gateway could not listen on {listen}")
+            await asyncio.sleep(0.02)
+        sock = server.servers[0].sockets[0]
+        bound_host, bound_port = sock.getsockname()[:2]
+        address = f"{host}:{bound_port}" if host else f"{bound_host}:{bound_port}"
+        url = f"{'https' if https else 'http'}://{address}"
+        log.info("gateway on %s, forwarding to the control plane at %s", url, control_plane)
+        yield RunningGateway(address=address, url=url, app=app)
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await serving
+        await app.state.gateway.close()
+
+
+async def serve_forever(**kwargs: Any) -> None:
+    """Run :func:`run_gateway` until SIGINT or SIGTERM (``llmesh gateway``)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_gateway(**kwargs) as gateway:
+        print(f"gateway     {gateway.url}/v1 (OpenAI API)", flush=True)
+        await stop.wait()
