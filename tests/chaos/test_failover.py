@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from llmesh import ByzerLLM
@@ -30,6 +31,21 @@ from tests.integration.conftest import Mesh, replica_stats
 
 STREAMS = 16
 TOKENS = 300
+# 60 integers: long enough that a kill lands inside the JSON.
+SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "values": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                "minItems": 60,
+                "maxItems": 60,
+            }
+        },
+        "required": ["values"],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +173,69 @@ def agent_mesh(
     mesh.close()
 
 
+AGENT_KINDS = ("greedy", "seeded", "json")
+
+
+def _agent_kind(i: int) -> str:
+    # By pairs: least-loaded sends the two requests of a pair to different replicas (the
+    # second goes to the one the first did not load), so every kind runs on the one that dies.
+    return AGENT_KINDS[(i // 2) % len(AGENT_KINDS)]
+
+
+async def _mixed_all(llm: ByzerLLM, kill: Any = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """STREAMS requests at once, greedy, seeded and JSON-schema ones mixed: ``(kind, answer,
+    metadata)`` each; ``kill()`` once every streamed one has produced output."""
+    streamed = [i for i in range(STREAMS) if _agent_kind(i) != "json"]
+    started = {i: asyncio.Event() for i in streamed}
+
+    async def one(i: int) -> tuple[str, str, dict[str, Any]]:
+        kind = _agent_kind(i)
+        if kind == "json":
+            (resp,) = await llm.async_chat_oai(
+                _messages(i),
+                model="chat",
+                response_class=SCHEMA,
+                llm_config={"temperature": 0, "max_length": 600, "timeout_s": 120},
+            )
+            return kind, str(resp.response.output), dict(resp.response.metadata)
+        item: tuple[str, Any] = ("", {})
+        async for item in llm.async_stream_chat_oai(
+            _messages(i), model="chat", llm_config=_config(i, kind)
+        ):
+            if item[1].get("generated_tokens_count", 0) >= 10:
+                started[i].set()
+        return kind, item[0], dict(item[1])
+
+    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    try:
+        if kill is not None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 60)
+            await asyncio.to_thread(kill)
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await llm.aclose_async_channels()
+
+
 def test_killing_a_node_agent_under_load_fails_nothing_and_changes_no_answer(
     agent_mesh: Any,
 ) -> None:
     """SIGKILL the agent: its replica processes die with it (PDEATHSIG), and their streams
-    move to the other worker's replica."""
+    move to the other worker's replica. Greedy, seeded and JSON-schema requests run together,
+    so one kill (and one mesh) covers the three ways a resumed request must decode."""
     _, llm, agent = agent_mesh
-    reference = asyncio.run(_run_all(llm, "greedy"))
-    results = asyncio.run(_run_all(llm, "greedy", kill=agent.kill))
-    assert any(m["migrations"] for _, m in results), results
-    assert [t for t, _ in results] == [t for t, _ in reference]
-    assert all(m["generated_tokens_count"] == TOKENS for _, m in results)
+    reference = asyncio.run(_mixed_all(llm))
+    results = asyncio.run(_mixed_all(llm, kill=agent.kill))
+    assert agent.proc.returncode == -signal.SIGKILL
+    for kind in AGENT_KINDS:  # each kind had a request on the killed agent's replica
+        assert any(m["migrations"] for k, _, m in results if k == kind), (kind, results)
+    assert [t for _, t, _ in results] == [t for _, t, _ in reference]
+    schema = json.loads(SCHEMA)
+    for kind, text, meta in results:
+        if kind == "json":
+            jsonschema.validate(json.loads(text), schema)
+        else:
+            assert meta["generated_tokens_count"] == TOKENS
+            assert meta["finish_reason"] == "length"
 
 
 def test_a_wedged_replicas_requests_move_and_it_is_restarted(
@@ -203,22 +271,6 @@ def test_a_wedged_replicas_requests_move_and_it_is_restarted(
         mesh.close()
 
 
-SCHEMA = json.dumps(
-    {
-        "type": "object",
-        "properties": {
-            "values": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": 999},
-                "minItems": 60,
-                "maxItems": 60,
-            }
-        },
-        "required": ["values"],
-    }
-)
-
-
 async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
     """8 JSON-schema answers at once; ``kill()`` once w0's replica is decoding some of them."""
 
@@ -243,14 +295,15 @@ async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
         await llm.aclose_async_channels()
 
 
-def test_a_json_schema_answer_split_by_a_kill_still_parses_and_is_unchanged(
+def test_a_json_schema_answer_split_by_a_kill_still_matches_the_schema_and_is_unchanged(
     two_replicas: Any,
 ) -> None:
     mesh, llm = two_replicas
     _wait_ready(llm)
     reference = asyncio.run(_structured_all(llm))
+    schema = json.loads(SCHEMA)
     for text in reference:
-        assert len(json.loads(text)["values"]) == 60
+        jsonschema.validate(json.loads(text), schema)
 
     def kill_while_decoding() -> None:
         address = mesh.workers["w0"][0].replica_address("chat")
@@ -263,6 +316,6 @@ def test_a_json_schema_answer_split_by_a_kill_still_parses_and_is_unchanged(
 
     before = llm.migration_counts().get(("chat", "resumed"), 0)
     results = asyncio.run(_structured_all(llm, kill=kill_while_decoding))
-    assert results == reference
+    assert results == reference  # so each answer validates against the schema too
     assert llm.migration_counts().get(("chat", "resumed"), 0) > before
     _wait_ready(llm)
