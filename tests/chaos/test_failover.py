@@ -24,6 +24,7 @@ import pytest
 
 from llmesh import ByzerLLM
 from llmesh.common import tracing
+from llmesh.common.errors import DeadlineExceeded
 from llmesh.inference_worker.replica_process import STALL_ENV
 from llmesh.v1 import common_pb2
 from tests.chaos.procs import Child, inference_worker
@@ -319,3 +320,67 @@ def test_a_json_schema_answer_split_by_a_kill_still_matches_the_schema_and_is_un
     assert results == reference  # so each answer validates against the schema too
     assert llm.migration_counts().get(("chat", "resumed"), 0) > before
     _wait_ready(llm)
+
+
+def test_a_moved_request_still_ends_at_its_one_deadline(
+    etcd_server: Any, test_model_dir: Path
+) -> None:
+    """``timeout_s`` bounds the whole request: a stream that breaks halfway through its
+    deadline moves with only what is left of it, so it ends at the one deadline, not a full
+    ``timeout_s`` after the move.
+
+    Both replicas' engines stop producing after 20 chunks (the wedge test's stall), so the
+    request can finish on neither, however fast the machine: it ends by its deadline, and
+    when is what the test measures. The agents' wedge timeout (30 s) is far past it.
+    """
+    timeout = 6.0
+    mesh = Mesh(etcd_server.endpoint, f"/llmesh-chaos-deadline-{uuid.uuid4().hex[:6]}")
+    try:
+        address = mesh.start_control_plane()
+        for wid in ("w0", "w1"):
+            mesh.start_worker(wid, cpus=2, replica_env={STALL_ENV: "20"})
+        with ByzerLLM(control_plane=address) as llm:
+            llm.setup_num_workers(2).setup_cpus_per_worker(1).setup_infer_backend("transformers")
+            llm.deploy(str(test_model_dir), "custom/llama", "chat", {})
+            addresses = [a for _, model, a in mesh.replica_processes() if model == "chat"]
+            assert len(addresses) == 2
+
+            def kill_its_replica() -> None:
+                for replica in addresses:
+                    stats = replica_stats(replica, "chat")
+                    if int(stats["engine_active_requests"]):
+                        os.kill(int(stats["pid"]), signal.SIGKILL)
+                        return
+                raise AssertionError("the request runs on no replica")
+
+            async def run() -> tuple[float, float, int]:
+                loop = asyncio.get_running_loop()
+                begun, tokens = loop.time(), 0
+                config = {"max_length": 1000, "ignore_eos": True, "timeout_s": timeout}
+
+                async def kill_halfway() -> float:
+                    await asyncio.sleep(timeout / 2)
+                    await asyncio.to_thread(kill_its_replica)
+                    return loop.time() - begun
+
+                killer = asyncio.create_task(kill_halfway())
+                try:
+                    with pytest.raises(DeadlineExceeded):
+                        async for _, meta in llm.async_stream_chat_oai(
+                            _messages(0), model="chat", llm_config=config
+                        ):
+                            tokens = meta["generated_tokens_count"]
+                    return await killer, loop.time() - begun, tokens
+                finally:
+                    killer.cancel()
+                    await llm.aclose_async_channels()
+
+            killed, ended, tokens = asyncio.run(run())
+            assert 0 < tokens < 1000
+            # It moved once (the kill), then failed where it moved to (by its deadline).
+            assert llm.migration_counts() == {("chat", "failed"): 1}, llm.migration_counts()
+            # Ends at its deadline (the worker enforces what was left of it), well before
+            # killed + timeout (9 s), where a clock restarted by the move would end it.
+            assert timeout - 0.5 <= ended <= timeout + 1.5, (killed, ended)
+    finally:
+        mesh.close()
