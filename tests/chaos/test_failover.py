@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from llmesh import ByzerLLM
 from llmesh.common import tracing
+from llmesh.common.errors import DeadlineExceeded
 from llmesh.inference_worker.replica_process import STALL_ENV
 from llmesh.v1 import common_pb2
 from tests.chaos.procs import Child, inference_worker
@@ -30,6 +32,21 @@ from tests.integration.conftest import Mesh, replica_stats
 
 STREAMS = 16
 TOKENS = 300
+# 60 integers: long enough that a kill lands inside the JSON.
+SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "values": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 999},
+                "minItems": 60,
+                "maxItems": 60,
+            }
+        },
+        "required": ["values"],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +174,69 @@ def agent_mesh(
     mesh.close()
 
 
+AGENT_KINDS = ("greedy", "seeded", "json")
+
+
+def _agent_kind(i: int) -> str:
+    # By pairs: least-loaded sends the two requests of a pair to different replicas (the
+    # second goes to the one the first did not load), so every kind runs on the one that dies.
+    return AGENT_KINDS[(i // 2) % len(AGENT_KINDS)]
+
+
+async def _mixed_all(llm: ByzerLLM, kill: Any = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """STREAMS requests at once, greedy, seeded and JSON-schema ones mixed: ``(kind, answer,
+    metadata)`` each; ``kill()`` once every streamed one has produced output."""
+    streamed = [i for i in range(STREAMS) if _agent_kind(i) != "json"]
+    started = {i: asyncio.Event() for i in streamed}
+
+    async def one(i: int) -> tuple[str, str, dict[str, Any]]:
+        kind = _agent_kind(i)
+        if kind == "json":
+            (resp,) = await llm.async_chat_oai(
+                _messages(i),
+                model="chat",
+                response_class=SCHEMA,
+                llm_config={"temperature": 0, "max_length": 600, "timeout_s": 120},
+            )
+            return kind, str(resp.response.output), dict(resp.response.metadata)
+        item: tuple[str, Any] = ("", {})
+        async for item in llm.async_stream_chat_oai(
+            _messages(i), model="chat", llm_config=_config(i, kind)
+        ):
+            if item[1].get("generated_tokens_count", 0) >= 10:
+                started[i].set()
+        return kind, item[0], dict(item[1])
+
+    tasks = [asyncio.create_task(one(i)) for i in range(STREAMS)]
+    try:
+        if kill is not None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 60)
+            await asyncio.to_thread(kill)
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await llm.aclose_async_channels()
+
+
 def test_killing_a_node_agent_under_load_fails_nothing_and_changes_no_answer(
     agent_mesh: Any,
 ) -> None:
     """SIGKILL the agent: its replica processes die with it (PDEATHSIG), and their streams
-    move to the other worker's replica."""
+    move to the other worker's replica. Greedy, seeded and JSON-schema requests run together,
+    so one kill (and one mesh) covers the three ways a resumed request must decode."""
     _, llm, agent = agent_mesh
-    reference = asyncio.run(_run_all(llm, "greedy"))
-    results = asyncio.run(_run_all(llm, "greedy", kill=agent.kill))
-    assert any(m["migrations"] for _, m in results), results
-    assert [t for t, _ in results] == [t for t, _ in reference]
-    assert all(m["generated_tokens_count"] == TOKENS for _, m in results)
+    reference = asyncio.run(_mixed_all(llm))
+    results = asyncio.run(_mixed_all(llm, kill=agent.kill))
+    assert agent.proc.returncode == -signal.SIGKILL
+    for kind in AGENT_KINDS:  # each kind had a request on the killed agent's replica
+        assert any(m["migrations"] for k, _, m in results if k == kind), (kind, results)
+    assert [t for _, t, _ in results] == [t for _, t, _ in reference]
+    schema = json.loads(SCHEMA)
+    for kind, text, meta in results:
+        if kind == "json":
+            jsonschema.validate(json.loads(text), schema)
+        else:
+            assert meta["generated_tokens_count"] == TOKENS
+            assert meta["finish_reason"] == "length"
 
 
 def test_a_wedged_replicas_requests_move_and_it_is_restarted(
@@ -203,22 +272,6 @@ def test_a_wedged_replicas_requests_move_and_it_is_restarted(
         mesh.close()
 
 
-SCHEMA = json.dumps(
-    {
-        "type": "object",
-        "properties": {
-            "values": {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0, "maximum": 999},
-                "minItems": 60,
-                "maxItems": 60,
-            }
-        },
-        "required": ["values"],
-    }
-)
-
-
 async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
     """8 JSON-schema answers at once; ``kill()`` once w0's replica is decoding some of them."""
 
@@ -243,14 +296,15 @@ async def _structured_all(llm: ByzerLLM, kill: Any = None) -> list[str]:
         await llm.aclose_async_channels()
 
 
-def test_a_json_schema_answer_split_by_a_kill_still_parses_and_is_unchanged(
+def test_a_json_schema_answer_split_by_a_kill_still_matches_the_schema_and_is_unchanged(
     two_replicas: Any,
 ) -> None:
     mesh, llm = two_replicas
     _wait_ready(llm)
     reference = asyncio.run(_structured_all(llm))
+    schema = json.loads(SCHEMA)
     for text in reference:
-        assert len(json.loads(text)["values"]) == 60
+        jsonschema.validate(json.loads(text), schema)
 
     def kill_while_decoding() -> None:
         address = mesh.workers["w0"][0].replica_address("chat")
@@ -263,6 +317,70 @@ def test_a_json_schema_answer_split_by_a_kill_still_parses_and_is_unchanged(
 
     before = llm.migration_counts().get(("chat", "resumed"), 0)
     results = asyncio.run(_structured_all(llm, kill=kill_while_decoding))
-    assert results == reference
+    assert results == reference  # so each answer validates against the schema too
     assert llm.migration_counts().get(("chat", "resumed"), 0) > before
     _wait_ready(llm)
+
+
+def test_a_moved_request_still_ends_at_its_one_deadline(
+    etcd_server: Any, test_model_dir: Path
+) -> None:
+    """``timeout_s`` bounds the whole request: a stream that breaks halfway through its
+    deadline moves with only what is left of it, so it ends at the one deadline, not a full
+    ``timeout_s`` after the move.
+
+    Both replicas' engines stop producing after 20 chunks (the wedge test's stall), so the
+    request can finish on neither, however fast the machine: it ends by its deadline, and
+    when is what the test measures. The agents' wedge timeout (30 s) is far past it.
+    """
+    timeout = 6.0
+    mesh = Mesh(etcd_server.endpoint, f"/llmesh-chaos-deadline-{uuid.uuid4().hex[:6]}")
+    try:
+        address = mesh.start_control_plane()
+        for wid in ("w0", "w1"):
+            mesh.start_worker(wid, cpus=2, replica_env={STALL_ENV: "20"})
+        with ByzerLLM(control_plane=address) as llm:
+            llm.setup_num_workers(2).setup_cpus_per_worker(1).setup_infer_backend("transformers")
+            llm.deploy(str(test_model_dir), "custom/llama", "chat", {})
+            addresses = [a for _, model, a in mesh.replica_processes() if model == "chat"]
+            assert len(addresses) == 2
+
+            def kill_its_replica() -> None:
+                for replica in addresses:
+                    stats = replica_stats(replica, "chat")
+                    if int(stats["engine_active_requests"]):
+                        os.kill(int(stats["pid"]), signal.SIGKILL)
+                        return
+                raise AssertionError("the request runs on no replica")
+
+            async def run() -> tuple[float, float, int]:
+                loop = asyncio.get_running_loop()
+                begun, tokens = loop.time(), 0
+                config = {"max_length": 1000, "ignore_eos": True, "timeout_s": timeout}
+
+                async def kill_halfway() -> float:
+                    await asyncio.sleep(timeout / 2)
+                    await asyncio.to_thread(kill_its_replica)
+                    return loop.time() - begun
+
+                killer = asyncio.create_task(kill_halfway())
+                try:
+                    with pytest.raises(DeadlineExceeded):
+                        async for _, meta in llm.async_stream_chat_oai(
+                            _messages(0), model="chat", llm_config=config
+                        ):
+                            tokens = meta["generated_tokens_count"]
+                    return await killer, loop.time() - begun, tokens
+                finally:
+                    killer.cancel()
+                    await llm.aclose_async_channels()
+
+            killed, ended, tokens = asyncio.run(run())
+            assert 0 < tokens < 1000
+            # It moved once (the kill), then failed where it moved to (by its deadline).
+            assert llm.migration_counts() == {("chat", "failed"): 1}, llm.migration_counts()
+            # Ends at its deadline (the worker enforces what was left of it), well before
+            # killed + timeout (9 s), where a clock restarted by the move would end it.
+            assert timeout - 0.5 <= ended <= timeout + 1.5, (killed, ended)
+    finally:
+        mesh.close()

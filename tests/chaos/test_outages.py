@@ -128,12 +128,50 @@ def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
+FROZEN_STREAMS = 8
+FROZEN_TOKENS = 32
+
+
+async def _streams_until(llm: ByzerLLM, end: float) -> tuple[list[dict[str, Any]], list[Any]]:
+    """FROZEN_STREAMS streams at once, each started again as soon as it ends, until ``end``:
+    the metadata of every answer, and every failure."""
+    answers: list[dict[str, Any]] = []
+    failures: list[Any] = []
+    config = {
+        "max_length": FROZEN_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "timeout_s": 60,
+    }
+
+    async def lane(n: int) -> None:
+        i = 0
+        while time.monotonic() < end:
+            try:
+                items = [
+                    item
+                    async for item in llm.async_stream_chat_oai(
+                        [{"role": "user", "content": f"Story {n}-{i}: the sea"}],
+                        model="chat",
+                        llm_config=config,
+                    )
+                ]
+                answers.append(items[-1][1])
+            except Exception as exc:  # noqa: BLE001 - counted, the test asserts none
+                failures.append(exc)
+            i += 1
+
+    try:
+        await asyncio.gather(*(lane(n) for n in range(FROZEN_STREAMS)))
+    finally:
+        await llm.aclose_async_channels()
+    return answers, failures
+
+
 def _freeze_etcd_under_load(llm: ByzerLLM, etcd: LocalEtcd, cp: Child) -> None:
     pid = etcd.proc.pid  # type: ignore[union-attr]
     freeze = float(os.environ.get("LLMESH_CHAOS_ETCD_FREEZE_S", "30"))
     assert _ask(llm, 0, 4)["generated_tokens_count"] == 4
-    failures: list[BaseException] = []
-    answered = 0
     admin_error: LLMeshError | None = None
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -145,18 +183,15 @@ def _freeze_etcd_under_load(llm: ByzerLLM, etcd: LocalEtcd, cp: Child) -> None:
                 admin.undeploy("chat-that-does-not-exist", wait=False)
             except LLMeshError as exc:
                 admin_error = exc
-        i = 0
-        while time.monotonic() < end:
-            try:
-                _ask(llm, i, 16)
-                answered += 1
-            except Exception as exc:  # noqa: BLE001 - counted, the test asserts none
-                failures.append(exc)
-            i += 1
+        # Streams at once for the whole freeze, not one request after another.
+        answers, failures = asyncio.run(_streams_until(llm, end))
     finally:
         os.kill(pid, signal.SIGCONT)
     assert not failures, failures[:3]
-    assert answered > 0
+    assert len(answers) >= FROZEN_STREAMS, answers  # every lane finished at least one
+    for meta in answers:  # each with its full output
+        assert meta["generated_tokens_count"] == FROZEN_TOKENS, meta
+        assert meta["finish_reason"] == "length", meta
     assert isinstance(admin_error, Unavailable) and "etcd" in str(admin_error), admin_error
     # Reconverged: both replicas READY in etcd's view, a deploy goes through, requests work.
     deadline = time.monotonic() + 60
