@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from llmesh.common.process import free_port
@@ -37,15 +38,24 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_starts_and_stops_cleanly(spawn: Any) -> None:
-    port = free_port()
-    up = spawn("up", "--listen", f"127.0.0.1:{port}", "--workers", "2", name="up")
+    port, gateway = free_port(), f"127.0.0.1:{free_port()}"
+    up = spawn(
+        "up",
+        *("--listen", f"127.0.0.1:{port}", "--workers", "2", "--gateway-listen", gateway),
+        name="up",
+    )
     up.wait_output("ready", timeout=90)
+    assert f"gateway     http://{gateway}/v1" in up.output()
     stub = cp_grpc.ControlPlaneServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     workers = stub.ListWorkers(cp.ListWorkersRequest()).workers
     assert len(workers) == 2
     assert all(w.address.startswith("127.0.0.1:") for w in workers)
+    # The OpenAI-compatible gateway `up` started answers for the mesh (no model yet).
+    assert httpx.get(f"http://{gateway}/health", timeout=10).status_code == 200
+    models = httpx.get(f"http://{gateway}/v1/models", timeout=10).json()
+    assert models == {"object": "list", "data": []}
     descendants = _children(up.proc.pid)
-    assert len(descendants) >= 3  # etcd + 2 workers
+    assert len(descendants) >= 4  # etcd + 2 workers + the gateway
     assert up.stop(signal.SIGINT, timeout=60) == 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in descendants):

@@ -202,6 +202,9 @@ async def _up(args: argparse.Namespace) -> int:
                 gateway = subprocess.Popen(  # noqa: ASYNC220 - only forks, at startup
                     guarded(argv), start_new_session=True, env=child_env
                 )
+                if await _wait_gateway(args.gateway_listen, gateway, stop):
+                    scheme = "https" if tls is not None and tls.cert else "http"
+                    print(f"gateway     {scheme}://{args.gateway_listen}/v1", flush=True)
             print(
                 f"workers     {args.workers} inference + {args.trainers} trainer registered; "
                 "ready (Ctrl-C stops everything)",
@@ -211,6 +214,9 @@ async def _up(args: argparse.Namespace) -> int:
                 for proc in workers:
                     if proc.poll() is not None:
                         log.warning("worker pid %d exited with %s", proc.pid, proc.returncode)
+                if gateway is not None and gateway.poll() is not None:
+                    log.warning("the gateway exited with %s", gateway.returncode)
+                    gateway = None
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
             print(
@@ -290,6 +296,40 @@ async def _print_admin_token(
         flush=True,
     )
     return record.id
+
+
+async def _wait_gateway(
+    listen: str, proc: subprocess.Popen[bytes], stop: asyncio.Event, timeout: float = 60
+) -> bool:
+    """Wait until the gateway child accepts connections on ``listen``; False (and a warning
+    that says why) when it exited first or did not come up in time. The rest of the mesh
+    keeps running either way: the gateway is a client of it."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1" if host != "::" else "::1"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        if proc.poll() is not None:
+            log.warning(
+                "the gateway exited with %s (is %s in use? pass --gateway-listen HOST:PORT or "
+                "--no-gateway); the rest of the mesh runs on",
+                proc.returncode,
+                listen,
+            )
+            return False
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 1)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.2)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    if not stop.is_set():
+        log.warning("the gateway did not answer on %s within %g s", listen, timeout)
+    return False
 
 
 async def _wait_workers(
