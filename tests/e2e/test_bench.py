@@ -78,7 +78,10 @@ def test_quick_bench_measures_every_mode(spawn: Any, test_model_dir: Path, tmp_p
     assert sum(spent[m]["engine"] for m in ("asyncllm", "mesh-vllm", "vllm-serve")) > 0, spent
     assert sum(spent[m]["server"] for m in ("mesh-vllm", "vllm-serve", "mesh-transformers")) > 0
     checks = report["targets"]
-    assert len(checks) == 3 * len(concurrency) + 1
+    # mesh vs AsyncLLM (tok/s, TTFT p50, p99 per level), mesh vs vllm serve at 32 streams
+    # (or the highest level run), gateway vs vllm serve (tok/s per level, TTFT p50 at 1).
+    assert len(checks) == 3 * len(concurrency) + 1 + len(concurrency) + 1
+    assert sum(c["check"].startswith("gateway") for c in checks) == len(concurrency) + 1
     assert all(isinstance(c["value"], float) and isinstance(c["met"], bool) for c in checks)
     assert report["meta"]["prompt_tokens_exact"] == report["meta"]["prompt_tokens_total"] == 6
 
