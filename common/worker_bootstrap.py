@@ -26,7 +26,7 @@ from llmesh.common.metrics import (
     split_host_port,
     start_metrics,
 )
-from llmesh.common.tls import TlsConfig, https_files
+from llmesh.common.tls import TlsConfig, check_bind, https_files
 from llmesh.common.worker_session import WorkerSession
 from llmesh.v1 import control_plane_service_pb2 as cp
 
@@ -58,10 +58,22 @@ def start_worker_metrics(
     metrics_listen: str | None,
     tls: TlsConfig | None,
     insecure: bool = False,
+    authenticated: bool = False,
 ) -> MetricsEndpoint | None:
     """Serve a worker's /metrics before it joins (its record carries the URL): on the gRPC
     listen host unless ``metrics_listen`` says otherwise ("off": None), advertised under the
-    ``advertise`` host, over HTTPS with the server's certificate when it has TLS."""
+    ``advertise`` host, over HTTPS with the server's certificate when it has TLS.
+
+    The gRPC server's own bind check runs first (``authenticated``: it will check tokens), so
+    a refused bind names everything the server lacks rather than only what /metrics does.
+    """
+    if not insecure:  # with --insecure nothing is refused, and the server warns once itself
+        check_bind(
+            listen,
+            tls=tls,
+            authenticated=authenticated or (tls is not None and tls.require_client_cert),
+            insecure=False,
+        )
     return start_metrics(
         registry,
         metrics_address(split_host_port(listen)[0], metrics_listen),

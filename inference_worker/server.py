@@ -135,6 +135,7 @@ async def run_inference_worker(
         metrics_listen=metrics_listen,
         tls=tls,
         insecure=insecure,
+        authenticated=agent_auth is not None,
     )
     try:
         presence = await join_mesh(

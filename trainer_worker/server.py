@@ -138,6 +138,7 @@ async def run_trainer_worker(
         metrics_listen=metrics_listen,
         tls=tls,
         insecure=insecure,
+        authenticated=authenticator is not None,
     )
     try:
         presence = await join_mesh(
