@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import Callable
 
 from llmesh.client import default_control_plane
 from llmesh.common.auth import auth_from_env
@@ -33,21 +35,34 @@ def gateway_argv(
     return cmd
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when it is installed (as `vllm serve` and uvicorn use it), unless
+    ``LLMESH_GATEWAY_LOOP=asyncio``; None: asyncio's own loop."""
+    if os.environ.get("LLMESH_GATEWAY_LOOP", "auto") == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from llmesh.gateway.server import serve_forever
 
     try:
         tls = TlsConfig.from_args(args)
-        asyncio.run(
-            serve_forever(
-                control_plane=args.control_plane or default_control_plane(),
-                listen=args.listen,
-                tls=tls,
-                require_token=auth_from_env(args.auth),
-                insecure=bool(args.insecure),
-                max_clients=args.max_clients,
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(
+                serve_forever(
+                    control_plane=args.control_plane or default_control_plane(),
+                    listen=args.listen,
+                    tls=tls,
+                    require_token=auth_from_env(args.auth),
+                    insecure=bool(args.insecure),
+                    max_clients=args.max_clients,
+                )
             )
-        )
     except (InsecureBind, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
