@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from llmesh import ByzerLLM
-from tests.integration.conftest import Mesh, wait_replica_idle
+from tests.integration.conftest import Mesh, console_spans, wait_replica_idle
 
 SLOTS, REPLICAS = 2, 2
 STREAMS = 4 * SLOTS * REPLICAS
@@ -47,23 +46,9 @@ def traced_replicas(etcd_server: Any, test_model_dir: Path) -> Iterator[tuple[Me
     mesh.close()
 
 
-def _console_spans(text: str) -> list[dict[str, Any]]:
-    """The spans OpenTelemetry's console exporter printed (pretty JSON objects) in a log."""
-    spans, decoder, i = [], json.JSONDecoder(), 0
-    while (i := text.find('{\n    "name"', i)) != -1:
-        try:
-            span, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i += 1
-            continue
-        spans.append(span)
-        i = end
-    return spans
-
-
 def _queue_waits(log_path: Path, ids: set[str]) -> dict[str, tuple[datetime, datetime]]:
     """Request id -> (joined the line, got a slot) of the requests in ``ids`` on one replica."""
-    spans = _console_spans(log_path.read_text())
+    spans = console_spans(log_path.read_text())
     requests = {
         s["context"]["span_id"]: s["attributes"]["llmesh.request.id"]
         for s in spans

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -198,3 +199,17 @@ def mesh(etcd_server: Any, etcd_namespace: str) -> Iterator[Mesh]:
     m = Mesh(etcd_server.endpoint, etcd_namespace)
     yield m
     m.close()
+
+
+def console_spans(text: str) -> list[dict[str, Any]]:
+    """The spans OpenTelemetry's console exporter printed (pretty JSON objects) in a log."""
+    spans, decoder, i = [], json.JSONDecoder(), 0
+    while (i := text.find('{\n    "name"', i)) != -1:
+        try:
+            span, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        spans.append(span)
+        i = end
+    return spans

@@ -8,7 +8,6 @@ into its log.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -30,7 +29,7 @@ from llmesh.v1 import control_plane_service_pb2 as cp
 from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 from llmesh.v1 import inference_service_pb2 as inf
 
-from .conftest import Mesh
+from .conftest import Mesh, console_spans
 
 
 @dataclass
@@ -255,23 +254,9 @@ def _replica_spans(log_path: Path, trace_id: int, keep: Any) -> list[dict[str, A
     while True:
         found = [
             s
-            for s in _console_spans(log_path.read_text())
+            for s in console_spans(log_path.read_text())
             if s["context"]["trace_id"] == f"0x{trace_id:032x}" and keep(s)
         ]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
-
-
-def _console_spans(text: str) -> list[dict[str, Any]]:
-    """The spans OpenTelemetry's console exporter printed (pretty JSON objects) in a log."""
-    spans, decoder, i = [], json.JSONDecoder(), 0
-    while (i := text.find('{\n    "name"', i)) != -1:
-        try:
-            span, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i += 1
-            continue
-        spans.append(span)
-        i = end
-    return spans

@@ -25,17 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmesh import functions as fn
 from llmesh.gateway.errors import bad_request
 from llmesh.llm_config import DEFAULT_MAX_MIGRATIONS, GenerationConfig
+from llmesh.sdk import results as sdk_results
 from llmesh.v1 import common_pb2
 from llmesh.v1 import inference_service_pb2 as inf
 
-#: The mesh's finish reasons as OpenAI names them (a matched stop string is a plain stop).
-FINISH_REASONS: dict[int, str | None] = {
-    common_pb2.FINISH_REASON_UNSPECIFIED: None,
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_STOP_STRING: "stop",
-    common_pb2.FINISH_REASON_ABORTED: "abort",
-}
+#: The mesh's finish reasons as OpenAI names them: the SDK's table (a matched stop string is a
+#: plain stop).
+FINISH_REASONS = sdk_results.FINISH_REASONS
 
 #: Most choices (``n``) or prompts one request may ask for.
 MAX_CHOICES = 16
