@@ -253,18 +253,27 @@ class ResumedGrammarProcessor(LogitsProcessor):
             self._bitmask = xgr.allocate_token_bitmask(self._max_rows, self._grammars.vocab_size)
         indices: list[int] = []
         for index, row in self._rows.items():
-            row.catch_up()
-            # False: every token is allowed here, nothing to mask.
-            if row.masks and row.matcher.fill_next_token_bitmask(self._bitmask, index):
-                indices.append(index)
+            # An exception here would kill the engine core and every request on the replica:
+            # a row that fails is marked broken (unmasked from now on) and logged instead.
+            try:
+                row.catch_up()
+                # False: every token is allowed here, nothing to mask.
+                if row.masks and row.matcher.fill_next_token_bitmask(self._bitmask, index):
+                    indices.append(index)
+            except Exception:  # never raise into the engine core (see above)
+                row.broken = True
+                log.exception("resumed grammar of batch row %d failed; row left unmasked", index)
         if not indices:
             return logits
-        if logits.is_cpu:
-            xgr.apply_token_bitmask_inplace(logits, self._bitmask, indices=indices)
-        else:
-            xgr.apply_token_bitmask_inplace(
-                logits,
-                self._bitmask.to(logits.device, non_blocking=True),
-                indices=torch.tensor(indices, dtype=torch.int32).to(logits.device),
-            )
+        try:
+            if logits.is_cpu:
+                xgr.apply_token_bitmask_inplace(logits, self._bitmask, indices=indices)
+            else:
+                xgr.apply_token_bitmask_inplace(
+                    logits,
+                    self._bitmask.to(logits.device, non_blocking=True),
+                    indices=torch.tensor(indices, dtype=torch.int32).to(logits.device),
+                )
+        except Exception:
+            log.exception("applying resumed grammars failed; this step is unmasked")
         return logits

@@ -180,6 +180,16 @@ def test_seeded_sampling_is_reproducible_and_n_varies_the_seed(gw: Running) -> N
     assert len(both) == 2 and both[0] == first[0] and both == ask(n=2)
     assert both[1] != both[0]  # the second choice runs with seed 8
 
+    # Usage counts the one prompt once, however many choices read it (as OpenAI and vLLM).
+    def usage(n: int) -> Any:
+        return gw.client.chat.completions.create(
+            model="chat", messages=HELLO, max_tokens=4, n=n, extra_body={"ignore_eos": True}
+        ).usage
+
+    one, two = usage(1), usage(2)
+    assert two.prompt_tokens == one.prompt_tokens > 0
+    assert two.completion_tokens == 2 * one.completion_tokens == 8
+
 
 def test_tools_with_tool_choice(gw: Running) -> None:
     tools = [

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,14 @@ async def _up(args: argparse.Namespace) -> int:
             for worker in sorted(cp.registry.workers().values(), key=lambda w: w.id):
                 if worker.metrics_url:
                     print(f"metrics     {worker.id} {worker.metrics_url}", flush=True)
-            if not args.no_gateway:
+            if not args.no_gateway and not _port_free(args.gateway_listen):
+                # Checked first: waiting for "accepts connections" would take another
+                # server on that port for our gateway, and print its URL beside the token.
+                log.warning(
+                    "no gateway: %s is in use; pass --gateway-listen HOST:PORT or --no-gateway",
+                    args.gateway_listen,
+                )
+            elif not args.no_gateway:
                 argv = gateway_argv(
                     cp.address,
                     args.gateway_listen,
@@ -296,6 +304,23 @@ async def _print_admin_token(
         flush=True,
     )
     return record.id
+
+
+def _port_free(listen: str) -> bool:
+    """Whether ``listen`` (``host:port``) can be bound now (port 0: always)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As the gateway will bind (uvicorn sets SO_REUSEADDR): only a listener counts.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host or "0.0.0.0", int(port)))
+        except OSError:
+            return False
+    return True
 
 
 async def _wait_gateway(

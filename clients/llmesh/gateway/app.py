@@ -211,7 +211,7 @@ class Gateway:
                 "created": created,
                 "model": body.model,
                 "choices": out,
-                "usage": self._total_usage(choices),
+                "usage": self._total_usage(choices, body.n),
             }
         )
 
@@ -264,14 +264,15 @@ class Gateway:
                 "created": int(time.time()),
                 "model": body.model,
                 "choices": out,
-                "usage": self._total_usage(choices),
+                "usage": self._total_usage(choices, body.n),
             }
         )
 
     @staticmethod
-    def _total_usage(choices: list[_Choice]) -> dict[str, int]:
-        # Every choice of a prompt reads the same prompt: count it once per prompt, as OpenAI.
-        prompt = sum({id(c): c.prompt_tokens for c in choices}.values()) if choices else 0
+    def _total_usage(choices: list[_Choice], n: int) -> dict[str, int]:
+        # The choices are laid out prompt by prompt, n each; every choice of a prompt reads the
+        # same prompt: count it once per prompt, as OpenAI and vLLM do.
+        prompt = sum(c.prompt_tokens for c in choices[::n]) if choices else 0
         completion = sum(c.completion_tokens for c in choices)
         return _usage(prompt, completion)
 
@@ -285,9 +286,19 @@ class Gateway:
     ) -> list[_Choice]:
         if len(starts) == 1:
             return [await self._collect(client, model, starts[0], config, plan)]
-        return list(
-            await asyncio.gather(*(self._collect(client, model, s, config, plan) for s in starts))
-        )
+        # A TaskGroup, not gather: when one choice fails, the others are cancelled (and so
+        # cancelled on their replicas) before the error goes to the caller.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._collect(client, model, s, config, plan)) for s in starts
+                ]
+        except Exception as group:  # the TaskGroup's ExceptionGroup: answer with the first
+            first = getattr(group, "exceptions", None)
+            if first:
+                raise first[0] from None
+            raise
+        return [t.result() for t in tasks]
 
     async def _collect(
         self,
@@ -408,6 +419,10 @@ class Gateway:
         except GatewayError as exc:
             ended = True
             yield event(error_reply(exc).body)
+            yield DONE
+        except Exception as exc:  # noqa: BLE001 - a bug must not truncate the stream silently
+            ended = True
+            yield event(error_reply(exc).body)  # logs it with its traceback
             yield DONE
         finally:
             if not ended:

@@ -54,6 +54,17 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def _serve(server: Any, listen: str) -> None:
+    """``server.serve()``, with uvicorn's ``sys.exit`` on a failed bind turned into the
+    OSError callers expect (a SystemExit raised in a task would tear down the whole loop)."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise OSError(
+            f"the gateway could not listen on {listen} (in use? pass another --listen)"
+        ) from exc
+
+
 @contextlib.asynccontextmanager
 async def run_gateway(
     *,
@@ -113,7 +124,7 @@ async def run_gateway(
         **options,
     )
     server = _Server(config)
-    serving = asyncio.get_running_loop().create_task(server.serve())
+    serving = asyncio.get_running_loop().create_task(_serve(server, listen))
     try:
         while not server.started:
             if serving.done():
