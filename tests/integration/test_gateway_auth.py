@@ -7,6 +7,7 @@ without a token itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -17,11 +18,13 @@ import httpx
 import openai
 import pytest
 
+from llmesh.cli import main as cli_main
 from llmesh.client import ByzerLLM
 from llmesh.common.auth import ROLE_ADMIN, ROLE_USER, new_token
 from llmesh.common.auth_store import EtcdTokens
 from llmesh.common.etcd import EtcdKV
 from llmesh.common.etcd_keys import Keys
+from llmesh.common.tls import InsecureBind, TlsConfig
 
 from .conftest import Mesh
 
@@ -131,3 +134,49 @@ def test_a_gateway_that_requires_tokens_refuses_none_itself(auth_gw: Any) -> Non
     assert _post(strict, tokens["user"]).status_code == 200
     # Health is open: a load balancer probes it without a token.
     assert httpx.get(strict + "/health", timeout=10).status_code == 200
+
+
+def test_auth_beyond_loopback_only_in_front_of_a_mesh_that_checks_tokens(
+    auth_gw: Any, etcd_server: Any, tmp_path: Path
+) -> None:
+    """--auth on the gateway only refuses requests without a token; the mesh checks them. So
+    a non-loopback gateway with --auth starts only in front of a mesh that refuses a call
+    without a token, and is refused in front of one that answers it."""
+    from llmesh.gateway import run_gateway
+    from llmesh.gateway.pool import ClientPool
+    from llmesh.gateway.server import mesh_checks_tokens
+
+    _, url, _ = auth_gw
+    certs = tmp_path / "certs"
+    assert cli_main(["certs", "init", str(certs)]) == 0
+    gateway_tls = TlsConfig(cert=certs / "control-plane.pem", key=certs / "control-plane.key")
+    strict_cp = httpx.get(url + "/health", timeout=10).json()["control_plane"]
+    open_mesh = Mesh(etcd_server.endpoint, f"/llmesh-gwopen-{uuid.uuid4().hex[:6]}")
+    try:
+        open_cp = open_mesh.start_control_plane()
+
+        async def checks(address: str) -> bool:
+            pool = ClientPool(address)
+            try:
+                return await mesh_checks_tokens(pool, address)
+            finally:
+                await pool.close()
+
+        assert asyncio.run(checks(strict_cp)) is True
+        assert asyncio.run(checks(open_cp)) is False
+
+        async def start(control_plane: str) -> str:
+            async with run_gateway(
+                control_plane=control_plane,
+                listen="0.0.0.0:0",
+                require_token=True,
+                tls=gateway_tls,
+                mesh_tls=None,  # the test meshes are plaintext
+            ) as gw:
+                return gw.url
+
+        with pytest.raises(InsecureBind, match="answers calls without a token"):
+            asyncio.run(start(open_cp))
+        assert asyncio.run(start(strict_cp)).startswith("https://")
+    finally:
+        open_mesh.close()

@@ -139,9 +139,13 @@ def test_a_non_loopback_bind_needs_tls_and_auth(certs: Path) -> None:
     # TLS alone is not enough: anyone reaching the address could use it.
     with pytest.raises(InsecureBind, match="--auth"):
         asyncio.run(start(tls=_server_tls(certs)))
-    # TLS and tokens (or mTLS): it starts.
-    assert asyncio.run(start(tls=_server_tls(certs), require_token=True)).startswith("https://")
+    # TLS and --auth: only when the mesh is known to check the tokens (here it cannot be
+    # asked; test_gateway_auth starts one against a mesh that does). mTLS: it starts.
+    with pytest.raises(InsecureBind, match=r"cannot tell whether the mesh at 127\.0\.0\.1:1"):
+        asyncio.run(start(tls=_server_tls(certs), require_token=True))
     assert asyncio.run(start(tls=_server_tls(certs, require=True))).startswith("https://")
+    # --insecure: no probe, it starts.
+    assert asyncio.run(start(require_token=True, insecure=True)).startswith("http://")
 
 
 def _env() -> dict[str, str]:

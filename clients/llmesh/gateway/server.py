@@ -17,18 +17,25 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import uvicorn
 
 from llmesh.common.metrics import split_host_port
-from llmesh.common.tls import TlsConfig, check_bind
+from llmesh.common.tls import InsecureBind, TlsConfig, check_bind, is_loopback
 from llmesh.gateway import DEFAULT_GATEWAY_LISTEN
 from llmesh.gateway.app import GatewaySettings, create_app
 from llmesh.gateway.pool import DEFAULT_MAX_CLIENTS, ClientPool
+from llmesh.v1 import control_plane_service_pb2 as cp
+from llmesh.v1 import control_plane_service_pb2_grpc as cp_grpc
 
 log = logging.getLogger(__name__)
 
 #: Seconds running responses get to finish when the gateway stops.
 SHUTDOWN_GRACE_S = 10.0
+#: ``run_gateway(mesh_tls=...)``'s default: the gateway's own TLS for its channels too.
+SAME_TLS = object()
+#: How long the start waits for the control plane to say whether it checks tokens.
+PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -54,6 +61,27 @@ class _Server(uvicorn.Server):
         yield
 
 
+async def mesh_checks_tokens(pool: ClientPool, control_plane: str) -> bool:
+    """Whether the mesh refuses a call without a token (it runs with ``--auth``).
+
+    Raises:
+        InsecureBind: the control plane cannot be asked (so it cannot be known).
+    """
+    async with pool.lease(None) as client:
+        stub = cp_grpc.ControlPlaneServiceStub(client.router.aio_channels.get(control_plane))
+        try:
+            await stub.ListModels(cp.ListModelsRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True
+            raise InsecureBind(
+                f"cannot tell whether the mesh at {control_plane} checks tokens "
+                f"({exc.code().name}: {exc.details()}); start the gateway once the control "
+                "plane answers, or bind loopback"
+            ) from None
+    return False
+
+
 async def _serve(server: Any, listen: str) -> None:
     """``server.serve()``, with uvicorn's ``sys.exit`` on a failed bind turned into the
     OSError callers expect (a SystemExit raised in a task would tear down the whole loop)."""
@@ -71,7 +99,7 @@ async def run_gateway(
     control_plane: str,
     listen: str = DEFAULT_GATEWAY_LISTEN,
     tls: TlsConfig | None = None,
-    mesh_tls: TlsConfig | None = None,
+    mesh_tls: TlsConfig | object | None = SAME_TLS,
     require_token: bool = False,
     insecure: bool = False,
     max_clients: int = DEFAULT_MAX_CLIENTS,
@@ -84,7 +112,8 @@ async def run_gateway(
         tls: the gateway's HTTPS certificate and key (``tls.cert``/``tls.key``); with
             ``require_client_cert`` it asks clients for certificates from ``tls.ca``. None or
             no certificate: plain HTTP.
-        mesh_tls: TLS of the channels into the mesh (default: ``tls``, as every llmesh process
+        mesh_tls: TLS of the channels into the mesh, None for plaintext (default
+            :data:`SAME_TLS`: ``tls``, as every llmesh process
             uses one TlsConfig for both directions).
         require_token: refuse requests without a bearer token (401) at the gateway.
         insecure: allow a non-loopback bind without TLS and tokens (loudly).
@@ -93,12 +122,31 @@ async def run_gateway(
     Raises:
         InsecureBind: a non-loopback ``listen`` without TLS and ``require_token`` (or mTLS).
     """
-    authenticated = require_token or bool(tls is not None and tls.require_client_cert)
+    mtls = bool(tls is not None and tls.require_client_cert)
+    authenticated = require_token or mtls
     check_bind(listen, tls=tls, authenticated=authenticated, insecure=insecure)
     host, port = split_host_port(listen)
     pool = ClientPool(
-        control_plane, tls=mesh_tls if mesh_tls is not None else tls, max_clients=max_clients
+        control_plane,
+        tls=tls if mesh_tls is SAME_TLS else mesh_tls,  # type: ignore[arg-type]
+        max_clients=max_clients,
     )
+    if require_token and not mtls and not insecure and not is_loopback(host):
+        # --auth here only refuses requests without a token; the mesh checks the token. A
+        # mesh that checks none would make any "Bearer x" a key to it: refuse that exposure.
+        try:
+            checks = await mesh_checks_tokens(pool, control_plane)
+        except BaseException:
+            await pool.close()
+            raise
+        if not checks:
+            await pool.close()
+            raise InsecureBind(
+                f"refusing to listen on {listen} (beyond loopback) with --auth: the mesh at "
+                f"{control_plane} answers calls without a token, so --auth would only check "
+                "that some token is sent; run the mesh with --auth, require client "
+                "certificates (--tls-require-client-cert), bind loopback, or pass --insecure"
+            )
     app = create_app(
         GatewaySettings(control_plane=control_plane, require_token=require_token, pool=pool)
     )
