@@ -93,7 +93,8 @@ async def run_control_plane(
         reconcile_grace: seconds a worker may be gone before its replicas move to live
             workers; None never moves them (pending replicas are still placed as room frees
             up).
-        startup_timeout: how long to wait for etcd before giving up with Unavailable.
+        startup_timeout: how long to wait for etcd and the initial load of the namespace
+            before giving up with Unavailable.
         job_reap_grace: seconds a trainer worker may be gone before its running training
             jobs are recorded FAILED.
         tls: TLS for its server and for the channels it opens to trainer workers.

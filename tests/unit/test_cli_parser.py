@@ -394,3 +394,9 @@ def test_unreachable_control_plane_is_exit_1(
 def test_format_table_aligns_columns() -> None:
     text = format_table(["A", "LONGER"], [["xxxx", "1"], ["y", ""]])
     assert text.splitlines() == ["A     LONGER", "xxxx  1", "y"]
+
+
+def test_control_plane_startup_timeout_is_a_flag() -> None:
+    # A large namespace takes about 2 s per 100,000 keys to load; the default is 10 s.
+    assert parse("control-plane").startup_timeout == 10.0
+    assert parse("control-plane", "--startup-timeout", "120").startup_timeout == 120.0

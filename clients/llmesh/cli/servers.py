@@ -416,6 +416,7 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
             auth=args.auth,
             token_file=args.token_file,
             metrics_listen=metrics_listen(args),
+            startup_timeout=args.startup_timeout,
         )
     )
     return 0
@@ -636,6 +637,16 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     cpl.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help=t("etcd key namespace", "etcd 键的命名空间")
+    )
+    cpl.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=10.0,
+        help=t(
+            "seconds to reach etcd and load the namespace before giving up (default 10; "
+            "about 2 s per 100,000 keys)",
+            "连接 etcd 并载入命名空间的最长秒数（默认 10；每 10 万个键约 2 秒）",
+        ),
     )
     add_tls_arguments(cpl)
     add_etcd_arguments(cpl)
