@@ -207,8 +207,13 @@ async def _up(args: argparse.Namespace) -> int:
                     auth=auth,
                     insecure=bool(security["insecure"]),
                 )
+                # Its own stdout only repeats the URL printed below once it accepts
+                # connections; its log (stderr) still reaches the terminal.
                 gateway = subprocess.Popen(  # noqa: ASYNC220 - only forks, at startup
-                    guarded(argv), start_new_session=True, env=child_env
+                    guarded(argv),
+                    start_new_session=True,
+                    env=child_env,
+                    stdout=subprocess.DEVNULL,
                 )
                 if await _wait_gateway(args.gateway_listen, gateway, stop):
                     scheme = "https" if tls is not None and tls.cert else "http"
