@@ -151,6 +151,11 @@ def test_a_queued_request_ends_at_its_deadline_or_the_queue_timeout(queued_mesh:
     s.start("run-0", 1500)
     s.start("run-1", 1500)
     s.until(lambda: {r for r, _ in s.events} >= {"run-0", "run-1"})
+    # Two more long requests wait ahead of the two below, so those cannot get a slot before a
+    # whole long request has run after the first two (1,500 tokens take 1.2-2 s here: the first
+    # two alone may end within the 2 s queue_timeout on a fast, idle machine).
+    s.start("next-0", 1500)
+    s.start("next-1", 1500)
     s.start("short-deadline", 4, timeout_ms=300)
     s.start("patient", 4)  # no deadline of its own: the queue_timeout (2 s) ends its wait
     s.until(lambda: {"short-deadline", "patient"} <= set(s.errors))
@@ -158,6 +163,11 @@ def test_a_queued_request_ends_at_its_deadline_or_the_queue_timeout(queued_mesh:
     patient = s.errors["patient"]
     assert patient.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert "waited 2 s in the queue" in patient.message
+    # The expired two left the queue: once the long ones behind the first two are gone
+    # (cancelled, or past their own 2 s in the queue), nothing waits.
+    s.cancel("next-0")
+    s.cancel("next-1")
+    s.until(lambda: {"next-0", "next-1"} <= set(s.finals) | set(s.errors))
     assert replica_stats(address, "chat")["queued_requests"] == "0"
     s.cancel("run-0")
     s.cancel("run-1")
