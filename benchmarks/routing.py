@@ -250,7 +250,9 @@ async def _revoke(endpoint: str, lease: int) -> None:
 # -- the control plane ----------------------------------------------------------------------------
 
 
-def start_control_plane(etcd: str, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_control_plane(
+    etcd: str, logs: Path, startup_timeout: float = 10
+) -> tuple[subprocess.Popen[bytes], str]:
     """``llmesh control-plane`` as a child; returns it once it answers for the last model."""
     address = f"127.0.0.1:{free_port()}"
     log_path = logs / "control-plane.log"
@@ -261,6 +263,7 @@ def start_control_plane(etcd: str, logs: Path) -> tuple[subprocess.Popen[bytes],
                 [
                     *(sys.executable, "-m", "llmesh", "control-plane"),
                     *("--listen", address, "--etcd", etcd),
+                    *("--startup-timeout", str(startup_timeout)),
                 ]
             ),
             stdout=log,
@@ -271,16 +274,30 @@ def start_control_plane(etcd: str, logs: Path) -> tuple[subprocess.Popen[bytes],
     return proc, address
 
 
-def cold_start(etcd: str, logs: Path, mesh: Mesh, workers: int) -> float:
-    """Seconds from starting a second control plane on the written namespace to its answering
-    for all of it (it lists and decodes every key at start, within ``--startup-timeout``)."""
+def cold_start(etcd: str, logs: Path, mesh: Mesh, workers: int) -> float | None:
+    """Seconds from starting a second control plane on the written namespace to its first
+    answer, or None (the error in its log) when it does not come up. It serves only once its
+    mirror holds the whole namespace, so its first answer is the end of the load."""
     cold_logs = logs / "cold-start"
     cold_logs.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    proc, address = start_control_plane(etcd, cold_logs)
+    proc, address = start_control_plane(etcd, cold_logs, startup_timeout=300)
     try:
-        wait_until(proc, cold_logs, lambda stub: caught_up(stub, mesh, workers), address=address)
-        return time.monotonic() - t0
+        while True:
+            if proc.poll() is not None or time.monotonic() - t0 > 300:
+                _say(f"the cold-started control plane did not come up; see {cold_logs}")
+                return None
+            # A fresh channel per try: a reused one waits out its reconnect backoff (up to
+            # seconds) after the port opens, which would count as load time.
+            with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+                stub = cp_grpc.ControlPlaneServiceStub(channel)
+                with contextlib.suppress(grpc.RpcError):
+                    stub.ListWorkers(cp.ListWorkersRequest(), timeout=1)
+                    elapsed = time.monotonic() - t0
+                    if not caught_up(stub, mesh, workers):
+                        raise RuntimeError("the cold-started control plane answered without all")
+                    return elapsed
+            time.sleep(0.05)
     finally:
         stop_child(proc, 30)
 
@@ -665,9 +682,12 @@ def markdown(report: dict[str, Any]) -> str:
         "watchers",
         f"- the SDK with {p['watch_threads']:,} watch threads and no changes uses "
         f"{100 * p['idle_cpu_share']:.0f} % of a core",
-        f"- a control plane started on all {report['meta']['keys_written']:,} keys answers for "
-        f"all of them {report['meta']['control_plane_cold_start_s']:.1f} s after it was started",
     ]
+    cold = report["meta"]["control_plane_cold_start_s"]
+    lines.append(
+        f"- a control plane started on all {report['meta']['keys_written']:,} keys first answers "
+        + (f"{cold:.1f} s after it was started" if cold is not None else "never (see its log)")
+    )
     for t in report["targets"]:
         verdict = "met" if t["met"] else "NOT met"
         lines.append(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,11 +235,14 @@ def _apply(state: MirrorState, keys: Keys, key: bytes, kv: KeyValue | None, batc
         log.warning("ignoring unreadable etcd key %s: %s", key.decode(errors="replace"), err)
 
 
-def _mirror(keys: Keys, kvs: Sequence[KeyValue]) -> MirrorState:
-    """A fresh state holding ``kvs``, a listing of the namespace."""
+def _mirror(keys: Keys, kvs: Sequence[KeyValue], abandon: threading.Event) -> MirrorState:
+    """A fresh state holding ``kvs``, a listing of the namespace; stops early (returning a
+    partial state nobody will use) once ``abandon`` is set."""
     state = MirrorState()
     batch = _Batch()  # what a listing changed is everything; nobody reads this batch
-    for kv in kvs:
+    for i, kv in enumerate(kvs):
+        if i % 1000 == 0 and abandon.is_set():
+            break
         _apply(state, keys, kv.key, kv, batch)
     return state
 
@@ -415,8 +419,8 @@ class EtcdRegistry(Registry):
             if self._listed_keys is not None and self._last_error is None:
                 raise Unavailable(
                     f"etcd at {self.kv.endpoint} answered with {self._listed_keys:,} keys, but "
-                    f"loading them took longer than {timeout:g} s; start the control plane with "
-                    "a larger --startup-timeout"
+                    f"loading them took longer than {timeout:g} s; give the control plane a "
+                    "longer startup timeout (llmesh control-plane --startup-timeout SECONDS)"
                 ) from None
             raise Unavailable(
                 f"could not load the registry from etcd at {self.kv.endpoint} within "
@@ -460,10 +464,17 @@ class EtcdRegistry(Registry):
     async def _list_and_watch(self) -> None:
         listing = await self.kv.range_prefix(self.keys.root)
         self._listed_keys = len(listing.kvs)
+        self._last_error = None  # etcd answered: a timeout from here on is slow loading
         # Decoding is ~20 µs a key (1.8 s for 100,000 keys on a 2-vCPU machine), and a re-list
         # after a compaction or an outage happens while serving: build the new state in a
         # thread so the event loop keeps answering from the old one meanwhile.
-        state = await asyncio.to_thread(_mirror, self.keys, listing.kvs)
+        abandon = threading.Event()
+        try:
+            state = await asyncio.to_thread(_mirror, self.keys, listing.kvs, abandon)
+        finally:
+            # Cancelled (close, a startup timeout): the thread stops at its next check instead
+            # of decoding the rest, which would hold up the process's exit.
+            abandon.set()
         start = listing.header.revision + 1
         async with self.kv.watch(self.keys.root, start_revision=start) as stream:
             # Swap the state in only once the watch is up, so a failed attempt keeps serving

@@ -400,3 +400,12 @@ def test_control_plane_startup_timeout_is_a_flag() -> None:
     # A large namespace takes about 2 s per 100,000 keys to load; the default is 10 s.
     assert parse("control-plane").startup_timeout == 10.0
     assert parse("control-plane", "--startup-timeout", "120").startup_timeout == 120.0
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "soon"])
+def test_control_plane_startup_timeout_must_be_positive_seconds(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse("control-plane", "--startup-timeout", bad)
+    assert "is not a positive number of seconds" in capsys.readouterr().err

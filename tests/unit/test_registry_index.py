@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 from llmesh.common.etcd_keys import Keys, encode
-from llmesh.control_plane.registry import MirrorState, _apply, _Batch
+from llmesh.control_plane.registry import MirrorState, _apply, _Batch, _mirror
 from llmesh.v1 import common_pb2
 
 KEYS = Keys("/llmesh-test")
@@ -42,8 +43,14 @@ def test_index_matches_a_full_scan_through_random_puts_and_deletes() -> None:
             generation = rng.randrange(1, 3)
             key = KEYS.replica(model, worker, generation, index)
             record = common_pb2.Replica(model=model, index=index, generation=generation)
-        # Deletes of keys that were never written happen too, as after a lost watch event.
-        kv = _KV(key, encode(record)) if rng.random() < 0.55 else None
+        roll = rng.random()
+        if roll < 0.05:
+            # An index that is not a number: the key is ignored.
+            key = key.rsplit(b"/", 1)[0] + b"/x"
+        # Deletes of keys that were never written happen too, as after a lost watch event; a
+        # value that does not decode drops the entry it replaces.
+        value = b"{not json" if roll > 0.95 else encode(record)
+        kv = _KV(key, value) if roll < 0.55 or roll > 0.95 else None
         _apply(state, KEYS, key, kv, _Batch())
         for w in workers:
             assert state.models_on_worker(w) == _scan(state, w)
@@ -63,3 +70,14 @@ def test_a_worker_key_change_names_the_models_on_that_worker_only() -> None:
     batch = _Batch()
     _apply(state, KEYS, KEYS.worker("b"), None, batch)
     assert batch.models == {"chat"}
+
+
+def test_an_abandoned_listing_stops_decoding() -> None:
+    kvs = []
+    for i in range(3000):
+        key = KEYS.assignment("w", f"m{i}", 0)
+        kvs.append(_KV(key, encode(common_pb2.Replica())))
+    assert len(_mirror(KEYS, kvs, threading.Event()).assignments) == 3000
+    abandon = threading.Event()
+    abandon.set()
+    assert not _mirror(KEYS, kvs, abandon).assignments
