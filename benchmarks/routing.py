@@ -841,7 +841,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Other work on the machine skews latency (not the CPU time per call).
             "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]},
             "control_plane_catch_up_s": load_s,
-            # A second `llmesh control-plane`, default flags, started on the full namespace.
+            # A second `llmesh control-plane` started on the full namespace (None: it never
+            # came up; its log says why).
             "control_plane_cold_start_s": cold_start_s,
         },
         "scale": asdict(scale),

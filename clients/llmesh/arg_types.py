@@ -7,6 +7,7 @@ argparse reports as a usage error (exit code 2) naming the option.
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -59,4 +60,19 @@ def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds greater than 0 (no nan, no inf).
+
+    Args:
+        text: the option's value as given.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value

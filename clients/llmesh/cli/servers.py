@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -25,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmesh.arg_types import positive_seconds
 from llmesh.cli.gateway import gateway_argv
 from llmesh.common.auth import auth_from_env
 from llmesh.common.etcd_keys import DEFAULT_NAMESPACE
@@ -410,17 +410,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
 
 
-def _seconds(text: str) -> float:
-    """A positive, finite number of seconds (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
 def _cmd_control_plane(args: argparse.Namespace) -> int:
     from llmesh.control_plane.server import serve_forever
 
@@ -657,7 +646,7 @@ def add_server_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     cpl.add_argument(
         "--startup-timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=10.0,
         help=t(
             "seconds to reach etcd and load the namespace before giving up (default 10; "
